@@ -1,0 +1,211 @@
+"""EnergyTrace: how energies drift along an attack or a sampling chain.
+
+A trace records, for every step s = 0..S and every sample i, the marginal energy E(x_s), the joint
+energy E(x_s, y) of the true label (and of the target label for targeted runs), the predicted
+class and the loss. Step 0 is always the natural point. Every figure of the Attack Lab (Fig. 1
+arrows, Fig. 1a step curve, Fig. 2 histograms) and every Delta E is derived from it.
+
+Recording is designed to reuse logits the attack already computed: ``record`` takes logits and
+keeps them on their device without synchronising; everything is moved to CPU once, in
+``finish``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .energy import joint_energy, marginal_energy
+from .errors import InputError
+
+__all__ = ["EnergyTrace", "TraceRecorder"]
+
+
+@dataclass
+class EnergyTrace:
+    """Per-step, per-sample energies. Arrays have shape (S+1, N); step 0 is natural."""
+
+    marginal: np.ndarray                 # E(x_s)
+    joint: np.ndarray                    # E(x_s, y) for the true label y
+    pred: np.ndarray                     # argmax f(x_s)
+    loss: np.ndarray                     # the attack's per-sample objective at x_s (NaN if n/a)
+    labels: np.ndarray                   # (N,) true labels
+    steps: np.ndarray                    # (S+1,) attack step index of every row
+    targets: np.ndarray | None = None    # (N,) target labels of a targeted run
+    joint_target: np.ndarray | None = None  # E(x_s, t) for the target label
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---- shape helpers -------------------------------------------------------------------
+    @property
+    def n_samples(self) -> int:
+        return int(self.marginal.shape[1])
+
+    @property
+    def n_steps(self) -> int:
+        """Number of attack steps S (rows minus the natural row)."""
+        return int(self.marginal.shape[0] - 1)
+
+    # ---- end points ----------------------------------------------------------------------
+    def natural(self) -> dict[str, np.ndarray]:
+        return {"marginal": self.marginal[0], "joint": self.joint[0], "pred": self.pred[0]}
+
+    def final(self) -> dict[str, np.ndarray]:
+        return {"marginal": self.marginal[-1], "joint": self.joint[-1], "pred": self.pred[-1]}
+
+    def delta_marginal(self) -> np.ndarray:
+        """Delta E(x) = E(x) - E(x*) per sample."""
+        return self.marginal[0] - self.marginal[-1]
+
+    def delta_joint(self) -> np.ndarray:
+        """Delta E(x, y) = E(x, y) - E(x*, y) per sample."""
+        return self.joint[0] - self.joint[-1]
+
+    def drift_length(self) -> np.ndarray:
+        """Euclidean length of each arrow in the (E(x), E(x,y)) plane (Fig. 1 colour)."""
+        return np.hypot(self.marginal[-1] - self.marginal[0], self.joint[-1] - self.joint[0])
+
+    def natural_accuracy(self) -> float:
+        return float((self.pred[0] == self.labels).mean()) if self.n_samples else float("nan")
+
+    def robust_accuracy(self) -> float:
+        return float((self.pred[-1] == self.labels).mean()) if self.n_samples else float("nan")
+
+    def target_success(self) -> float | None:
+        """Fraction of samples classified as their target at the end of a targeted run."""
+        if self.targets is None or not self.n_samples:
+            return None
+        return float((self.pred[-1] == self.targets).mean())
+
+    def step_statistics(self, which: str = "marginal") -> dict[str, np.ndarray]:
+        """Mean, std and quartiles of an energy over samples at every step (Fig. 1a)."""
+        a = {"marginal": self.marginal, "joint": self.joint}.get(which)
+        if a is None:
+            raise InputError(f"unknown energy '{which}': use 'marginal' or 'joint'")
+        return {
+            "step": self.steps,
+            "mean": a.mean(axis=1),
+            "std": a.std(axis=1),
+            "q25": np.quantile(a, 0.25, axis=1),
+            "q75": np.quantile(a, 0.75, axis=1),
+        }
+
+    def concat(self, other: "EnergyTrace") -> "EnergyTrace":
+        """Join two traces over samples (same steps), e.g. the batches of one run."""
+        if self.marginal.shape[0] != other.marginal.shape[0]:
+            raise InputError("cannot join traces with different numbers of steps")
+
+        def cat(a, b, axis=1):
+            return None if a is None or b is None else np.concatenate([a, b], axis=axis)
+
+        return EnergyTrace(
+            marginal=cat(self.marginal, other.marginal),
+            joint=cat(self.joint, other.joint),
+            pred=cat(self.pred, other.pred),
+            loss=cat(self.loss, other.loss),
+            labels=cat(self.labels, other.labels, 0),
+            steps=self.steps,
+            targets=cat(self.targets, other.targets, 0),
+            joint_target=cat(self.joint_target, other.joint_target),
+            meta=dict(self.meta),
+        )
+
+    # ---- export --------------------------------------------------------------------------
+    def to_rows(self) -> list[dict[str, Any]]:
+        """Long format: one row per (step, sample)."""
+        rows = []
+        for s in range(self.marginal.shape[0]):
+            for i in range(self.n_samples):
+                row = {
+                    "step": int(self.steps[s]),
+                    "sample": i,
+                    "label": int(self.labels[i]),
+                    "E_x": float(self.marginal[s, i]),
+                    "E_xy": float(self.joint[s, i]),
+                    "pred": int(self.pred[s, i]),
+                    "loss": float(self.loss[s, i]),
+                }
+                if self.targets is not None:
+                    row["target"] = int(self.targets[i])
+                    row["E_xt"] = float(self.joint_target[s, i]) if self.joint_target is not None else float("nan")
+                rows.append(row)
+        return rows
+
+    def to_csv(self) -> str:
+        rows = self.to_rows()
+        buf = io.StringIO()
+        if rows:
+            w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+        return buf.getvalue()
+
+    def to_npz_dict(self) -> dict[str, np.ndarray]:
+        d = {k: getattr(self, k) for k in ("marginal", "joint", "pred", "loss", "labels", "steps")}
+        if self.targets is not None:
+            d["targets"] = self.targets
+        if self.joint_target is not None:
+            d["joint_target"] = self.joint_target
+        return d
+
+    @classmethod
+    def from_npz_dict(cls, d: dict[str, np.ndarray], meta: dict | None = None) -> "EnergyTrace":
+        return cls(
+            marginal=np.asarray(d["marginal"]), joint=np.asarray(d["joint"]), pred=np.asarray(d["pred"]),
+            loss=np.asarray(d["loss"]), labels=np.asarray(d["labels"]), steps=np.asarray(d["steps"]),
+            targets=np.asarray(d["targets"]) if "targets" in d else None,
+            joint_target=np.asarray(d["joint_target"]) if "joint_target" in d else None,
+            meta=dict(meta or {}),
+        )
+
+
+class TraceRecorder:
+    """Accumulates logits step by step and builds an :class:`EnergyTrace` at the end.
+
+    ``record(step, logits, loss=None)`` stores detached energies on the logits' device (no host
+    sync); ``finish()`` stacks and copies them to numpy once.
+    """
+
+    def __init__(self, labels: torch.Tensor, targets: torch.Tensor | None = None, meta: dict | None = None):
+        self.labels = labels.detach().long()
+        self.targets = None if targets is None else targets.detach().long()
+        self.meta = dict(meta or {})
+        self._steps: list[int] = []
+        self._marg: list[torch.Tensor] = []
+        self._joint: list[torch.Tensor] = []
+        self._jt: list[torch.Tensor] = []
+        self._pred: list[torch.Tensor] = []
+        self._loss: list[torch.Tensor | None] = []
+
+    def record(self, step: int, logits: torch.Tensor, loss: torch.Tensor | None = None) -> None:
+        with torch.no_grad():
+            lg = logits.detach()
+            self._steps.append(int(step))
+            self._marg.append(marginal_energy(lg))
+            self._joint.append(joint_energy(lg, self.labels))
+            if self.targets is not None:
+                self._jt.append(joint_energy(lg, self.targets))
+            self._pred.append(lg.argmax(dim=1))
+            self._loss.append(None if loss is None else loss.detach().float().reshape(-1))
+
+    def finish(self) -> EnergyTrace:
+        if not self._steps:
+            raise InputError("no step was recorded")
+        n = self.labels.numel()
+        losses = [torch.full((n,), float("nan"), device=self._marg[0].device) if l is None else l for l in self._loss]
+        to_np = lambda ts, dt=np.float32: torch.stack(ts).cpu().numpy().astype(dt, copy=False)  # noqa: E731
+        return EnergyTrace(
+            marginal=to_np(self._marg),
+            joint=to_np(self._joint),
+            pred=to_np(self._pred, np.int64),
+            loss=to_np(losses),
+            labels=self.labels.cpu().numpy(),
+            steps=np.asarray(self._steps, dtype=np.int64),
+            targets=None if self.targets is None else self.targets.cpu().numpy(),
+            joint_target=to_np(self._jt) if self._jt else None,
+            meta=self.meta,
+        )
