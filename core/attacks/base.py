@@ -1,0 +1,179 @@
+"""One interface for every attack: ``run_attack(model, x, y, spec) -> AttackResult``.
+
+Guarantees, for every attack:
+* the model is in eval mode during the attack and its previous mode (and its parameters'
+  ``requires_grad``) is restored afterwards, even on error;
+* the result lies in the epsilon-ball around x (Linf or L2) and in the [0, 1] box;
+* an :class:`~core.drift.EnergyTrace` is returned, step 0 being the natural images;
+* work is batched; on an out-of-memory error the batch is halved and retried, and the caller's
+  ``progress`` callback is told so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..drift import EnergyTrace, TraceRecorder
+from ..errors import InputError
+
+__all__ = ["AttackSpec", "AttackResult", "AttackInfo", "eval_mode", "project", "choose_targets", "is_oom_error",
+           "Progress"]
+
+Progress = Callable[[float, str], None]
+
+NORMS = ("Linf", "L2")
+TARGET_MODES = ("random", "chosen", "least-likely")
+
+
+@dataclass
+class AttackSpec:
+    """What to run. ``step_size=None`` means 2.5 * eps / steps (Madry et al.)."""
+
+    name: str = "pgd"
+    norm: str = "Linf"
+    eps: float = 8 / 255
+    steps: int = 10
+    step_size: float | None = None
+    targeted: bool = False
+    target_mode: str = "random"          # random | chosen | least-likely
+    target_class: int | None = None      # for target_mode == 'chosen'
+    random_start: bool = True
+    seed: int | None = 0
+    batch_size: int = 256
+    kappa: float = 0.0                   # CW confidence margin
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.step_size) if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, num_classes: int | None = None) -> "AttackSpec":
+        from . import ATTACKS  # late import: registry lives in the package
+
+        if self.name not in ATTACKS:
+            raise InputError(f"unknown attack '{self.name}'. Choose one of: {', '.join(ATTACKS)}")
+        info = ATTACKS[self.name]
+        if self.norm not in NORMS:
+            raise InputError(f"norm must be one of {NORMS}, got '{self.norm}'")
+        if self.norm not in info.norms:
+            raise InputError(f"{info.label} supports only the {'/'.join(info.norms)} threat model")
+        for nm, v in (("eps", self.eps), ("step size", self.step_size), ("kappa", self.kappa)):
+            if v is not None and not math.isfinite(float(v)):
+                raise InputError(f"{nm} must be a finite number, got {v}")
+        if self.eps < 0:
+            raise InputError(f"epsilon must be >= 0, got {self.eps}")
+        limit = 1.0 if self.norm == "Linf" else 64.0
+        if self.eps > limit:
+            raise InputError(f"epsilon {self.eps:g} is absurd for {self.norm} on [0,1] images (max {limit:g})")
+        if int(self.steps) != self.steps or self.steps <= 0:
+            raise InputError(f"steps must be a positive integer, got {self.steps}")
+        if self.steps > info.max_steps:
+            raise InputError(f"steps={self.steps} is too many for {info.label} (max {info.max_steps})")
+        if self.step_size is not None and self.step_size <= 0:
+            raise InputError(f"step size must be > 0, got {self.step_size}")
+        if self.batch_size <= 0:
+            raise InputError(f"batch size must be positive, got {self.batch_size}")
+        if self.targeted:
+            if not info.targeted:
+                raise InputError(f"{info.label} has no targeted mode")
+            if self.target_mode not in TARGET_MODES:
+                raise InputError(f"target mode must be one of {TARGET_MODES}, got '{self.target_mode}'")
+            if self.target_mode == "chosen":
+                if self.target_class is None:
+                    raise InputError("choose a target class for a targeted attack with target mode 'chosen'")
+                if num_classes is not None and not 0 <= int(self.target_class) < num_classes:
+                    raise InputError(f"target class {self.target_class} does not exist (model has {num_classes} classes)")
+        elif info.requires_targeted:
+            raise InputError(f"{info.label} is a targeted attack: enable 'targeted'")
+        if num_classes is not None and num_classes < info.min_classes:
+            raise InputError(f"{info.label} needs a model with at least {info.min_classes} classes")
+        return self
+
+
+@dataclass
+class AttackResult:
+    x_adv: torch.Tensor
+    trace: EnergyTrace
+    spec: AttackSpec
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AttackInfo:
+    label: str
+    fn: Callable[..., torch.Tensor]
+    norms: tuple[str, ...] = NORMS
+    targeted: bool = True               # has a targeted mode
+    requires_targeted: bool = False     # only targeted
+    per_step_trace: bool = True         # records every step (else natural + final only)
+    min_classes: int = 2
+    max_steps: int = 10_000
+    description: str = ""
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put the model in eval mode and freeze its parameters; restore both afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project onto the eps-ball around x, then onto the [0, 1] box."""
+    delta = x_adv - x
+    if norm == "Linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        n = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+        delta = delta * (eps / n).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def choose_targets(logits: torch.Tensor, y: torch.Tensor, spec: AttackSpec, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Target labels != y: uniformly random, a chosen class, or the least likely class."""
+    k = logits.shape[1]
+    if spec.target_mode == "chosen":
+        return torch.full_like(y, int(spec.target_class))
+    if spec.target_mode == "least-likely":
+        lg = logits.detach().clone()
+        lg.scatter_(1, y.unsqueeze(1), float("inf"))
+        return lg.argmin(dim=1)
+    r = torch.randint(1, k, y.shape, generator=generator).to(y.device)
+    return (y + r) % k
+
+
+def is_oom_error(e: BaseException) -> bool:
+    if isinstance(e, getattr(torch.cuda, "OutOfMemoryError", ())):  # type: ignore[arg-type]
+        return True
+    if isinstance(e, MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def make_recorder(y: torch.Tensor, targets: torch.Tensor | None, spec: AttackSpec) -> TraceRecorder:
+    return TraceRecorder(y, targets, meta={"attack": spec.to_dict()})
+
+
+def timed() -> Callable[[], float]:
+    t0 = time.perf_counter()
+    return lambda: time.perf_counter() - t0

@@ -1,0 +1,115 @@
+"""Gradient attacks written here so that every step's energies can be recorded for free.
+
+* PGD (Linf / L2), cross-entropy: untargeted maximises CE(x*, y); targeted minimises CE(x*, t).
+* TRADES-KL: maximises KL(p(.|x) || p(.|x*)), the TRADES / WEAT inner maximisation
+  (start x + 0.001 * N(0, I), sign steps, Linf).
+* CW-Linf: the Carlini-Wagner margin loss max(max_{i!=y} f_i - f_y, ...) under an eps bound,
+  untargeted or targeted (f_t - max_{i!=t} f_i), capped at the confidence kappa.
+
+The trace reuses the logits of each step's gradient forward, so recording costs one extra
+natural forward (none without a random start) and the final forward needed for the result.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..drift import TraceRecorder
+from .base import AttackSpec, project
+
+__all__ = ["objective", "gradient_attack", "pgd", "trades_kl", "cw_margin"]
+
+
+def _other_max(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    masked = logits.scatter(1, cls.unsqueeze(1), float("-inf"))
+    return masked.max(dim=1).values
+
+
+def objective(kind: str, logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
+              logp_nat: torch.Tensor | None, kappa: float = 0.0) -> torch.Tensor:
+    """Per-sample quantity the attack MAXIMISES."""
+    logits = logits.float()
+    if kind == "ce":
+        if targets is None:
+            return F.cross_entropy(logits, y, reduction="none")
+        return -F.cross_entropy(logits, targets, reduction="none")
+    if kind == "kl":
+        assert logp_nat is not None
+        logp_adv = F.log_softmax(logits, dim=1)
+        return (logp_nat.exp() * (logp_nat - logp_adv)).sum(dim=1)
+    if kind == "margin":
+        if targets is None:
+            z_y = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+            return (_other_max(logits, y) - z_y).clamp(max=kappa) if kappa > 0 else _other_max(logits, y) - z_y
+        z_t = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+        m = z_t - _other_max(logits, targets)
+        return m.clamp(max=kappa) if kappa > 0 else m
+    raise ValueError(f"unknown objective {kind}")
+
+
+def _random_start(x: torch.Tensor, spec: AttackSpec, kind: str, generator: torch.Generator | None) -> torch.Tensor:
+    shape = x.shape
+    if kind == "kl":
+        delta = 0.001 * torch.randn(shape, generator=generator)
+    elif spec.norm == "Linf":
+        delta = (torch.rand(shape, generator=generator) * 2 - 1) * spec.eps
+    else:
+        d = torch.randn(shape, generator=generator)
+        d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        r = torch.rand(shape[0], generator=generator).view(-1, 1, 1, 1)
+        delta = d * r * spec.eps
+    return project(x + delta.to(x.device, x.dtype), x, spec.eps, spec.norm)
+
+
+def gradient_attack(model, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, kind: str,
+                    recorder: TraceRecorder | None, targets: torch.Tensor | None,
+                    generator: torch.Generator | None = None, nat_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Iterated steepest ascent on ``objective(kind)`` with projection on the ball and the box.
+
+    ``nat_logits`` (no-grad logits of x) may be passed in to avoid a second natural forward.
+    """
+    logp_nat = None
+    if kind == "kl" or (recorder is not None and spec.random_start):
+        if nat_logits is None:
+            with torch.no_grad():
+                nat_logits = model(x)
+        if kind == "kl":
+            logp_nat = F.log_softmax(nat_logits.float(), dim=1)
+    if recorder is not None and spec.random_start:
+        recorder.record(0, nat_logits, objective(kind, nat_logits, y, targets, logp_nat, spec.kappa))
+
+    x_adv = _random_start(x, spec, kind, generator) if spec.random_start and spec.eps > 0 else x.clone()
+    alpha = spec.alpha
+    for s in range(spec.steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits = model(x_adv)
+        obj = objective(kind, logits, y, targets, logp_nat, spec.kappa)
+        if recorder is not None and (s > 0 or not spec.random_start):
+            recorder.record(s, logits, obj)  # logits at x_s: free energies
+        (grad,) = torch.autograd.grad(obj.sum(), x_adv)
+        with torch.no_grad():
+            if spec.norm == "Linf":
+                x_adv = x_adv + alpha * grad.sign()
+            else:
+                gn = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+                x_adv = x_adv + alpha * grad / gn
+            x_adv = project(x_adv, x, spec.eps, spec.norm)
+    x_adv = x_adv.detach()
+    if recorder is not None:
+        with torch.no_grad():
+            logits = model(x_adv)
+        recorder.record(spec.steps, logits, objective(kind, logits, y, targets, logp_nat, spec.kappa))
+    return x_adv
+
+
+def pgd(model, x, y, spec, recorder, targets, generator=None, nat_logits=None):
+    return gradient_attack(model, x, y, spec, "ce", recorder, targets, generator, nat_logits)
+
+
+def trades_kl(model, x, y, spec, recorder, targets, generator=None, nat_logits=None):
+    return gradient_attack(model, x, y, spec, "kl", recorder, None, generator, nat_logits)
+
+
+def cw_margin(model, x, y, spec, recorder, targets, generator=None, nat_logits=None):
+    return gradient_attack(model, x, y, spec, "margin", recorder, targets, generator, nat_logits)

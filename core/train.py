@@ -1,0 +1,482 @@
+"""Adversarial training with energy probing: ``python -m core.train --method sat ...``.
+
+Per epoch it writes one JSON line to ``<out>/metrics.jsonl`` with natural and PGD accuracy on
+held-out data, Delta E(x) = E(x) - E(x*) and Delta E(x, y) on a fixed probe set of *training*
+samples (mean and quantiles; the full vectors go to ``<out>/probe/epoch_XXXX.npz`` for the arrow
+plots of Fig. 1 b-d), WEAT weight statistics, loss terms, learning rate and time. Checkpoints:
+``last.safetensors`` / ``best.safetensors`` (model + metadata, best = highest PGD accuracy) and
+``state.pt`` (optimizer, scheduler, epoch) for ``--resume``. All writes are atomic.
+
+Randomness is derived from (seed, epoch), so a run resumed from an epoch boundary reproduces an
+uninterrupted run exactly on the same device.
+
+Multi-process: ``torchrun --nproc_per_node N -m core.train ...`` splits every batch's samples over
+the processes and averages gradients with an all-reduce (gloo on CPU, nccl on GPU); rank 0 evaluates
+and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attacks import AttackSpec, run_attack
+from .attacks.base import eval_mode
+from .attacks.gradient import gradient_attack
+from .data import augment as augment_batch
+from .data import dataset_spec, load_dataset, probe_indices
+from .errors import EnergyLensError, InputError
+from .losses import method_config, outer_loss
+from .models import ModelMeta, build_model, save_checkpoint
+from .models.checkpoint import load_state_dict_checked
+from .storage import append_jsonl, atomic_torch_save, atomic_write_json, read_jsonl, safe_torch_load
+
+__all__ = ["TrainConfig", "train", "main", "TrainingStopped"]
+
+SCHEDULES = ("onecycle", "piecewise", "cosine", "constant")
+
+
+class TrainingStopped(EnergyLensError):
+    """Training stopped early (NaN loss, or a stop request)."""
+
+
+@dataclass
+class TrainConfig:
+    method: str = "sat"
+    dataset: str = "digits"
+    arch: str = "smallcnn"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    eps: float | None = None            # default: the dataset's (8/255 CIFAR, 16/255 digits)
+    step_size: float | None = None      # default: eps / 4
+    attack_steps: int = 10
+    beta: float | None = None           # default: the method's (6)
+    inner: str | None = None            # ablation overrides (Table 1c)
+    outer: str | None = None
+    weighting: str | None = None
+    weight_norm: str = "batch"
+    weight_logits: str = "train"
+    burn_in: int | None = None
+    eval_steps: int = 20
+    eval_samples: int = 512
+    probe_size: int = 256
+    snapshot_every: int = 1
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "runs/default"
+    data_root: str | None = None
+    val_fraction: float = 0.1           # held-out share of train when the dataset has no test split
+    train_limit: int | None = None
+    amp: bool = False                   # bf16 autocast (CUDA only)
+    channels_last: bool = False
+    resume: bool = False
+    name: str | None = None
+
+    def resolved_eps(self) -> float:
+        return float(self.eps) if self.eps is not None else dataset_spec(self.dataset).default_eps
+
+    def resolved_step(self) -> float:
+        return float(self.step_size) if self.step_size is not None else self.resolved_eps() / 4
+
+    def loss_config(self):
+        return method_config(self.method, beta=self.beta, inner=self.inner, outer=self.outer, weighting=self.weighting,
+                             weight_norm=self.weight_norm, weight_logits=self.weight_logits, burn_in=self.burn_in)
+
+    def validate(self, n_train: int | None = None) -> "TrainConfig":
+        self.loss_config()
+        num = {"lr": self.lr, "momentum": self.momentum, "weight decay": self.weight_decay}
+        for k, v in num.items():
+            if not math.isfinite(v) or v < 0:
+                raise InputError(f"{k} must be a finite number >= 0, got {v}")
+        if self.lr == 0:
+            raise InputError("learning rate must be > 0")
+        if self.eps is not None and (not math.isfinite(self.eps) or self.eps < 0 or self.eps > 1):
+            raise InputError(f"epsilon must lie in [0, 1], got {self.eps}")
+        if self.step_size is not None and not (self.step_size > 0):
+            raise InputError(f"step size must be > 0, got {self.step_size}")
+        if self.beta is not None and not (self.beta >= 0):
+            raise InputError(f"beta must be >= 0, got {self.beta}")
+        for k in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_samples", "probe_size", "snapshot_every"):
+            v = getattr(self, k)
+            if int(v) != v or v <= 0:
+                raise InputError(f"{k.replace('_', ' ')} must be a positive integer, got {v}")
+        if self.epochs > 10_000:
+            raise InputError(f"epochs={self.epochs} is absurd (max 10000)")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"schedule must be one of {SCHEDULES}")
+        if not 0 < self.val_fraction < 1:
+            raise InputError("val_fraction must lie in (0, 1)")
+        if n_train is not None and self.batch_size > n_train:
+            raise InputError(f"batch size {self.batch_size} is larger than the training set ({n_train} images)")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise InputError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got '{self.device}'")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError("CUDA was requested but no GPU is available: use device 'cpu' or 'auto'")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InputError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            return torch.device(f"cuda:{local}")
+        return torch.device("cpu")
+    return torch.device(cfg.device)
+
+
+def load_splits(cfg: TrainConfig):
+    """(train, held-out) datasets. Datasets without a test split give a fixed validation slice."""
+    train = load_dataset(cfg.dataset, "train", root=cfg.data_root)
+    if cfg.dataset.startswith("npz:"):
+        g = torch.Generator().manual_seed(12345)
+        perm = torch.randperm(len(train), generator=g)
+        n_val = max(1, int(len(train) * cfg.val_fraction))
+        val, train = train.subset(perm[:n_val], "val"), train.subset(perm[n_val:], "train")
+    else:
+        val = load_dataset(cfg.dataset, "test", root=cfg.data_root)
+    if cfg.train_limit:
+        train = train.subset(torch.arange(min(cfg.train_limit, len(train))))
+    return train, val
+
+
+def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if cfg.schedule == "piecewise":
+        m = [int(total * 0.5), int(total * 0.75)]
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=m, gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, batch_size: int = 256,
+             norm: str = "Linf") -> dict:
+    """Natural and PGD accuracy (eval mode)."""
+    if eps > 0:
+        spec = AttackSpec("pgd", norm=norm, eps=eps, step_size=step, steps=steps, batch_size=batch_size, seed=0)
+        tr = run_attack(model, x, y, spec).trace
+        return {"nat_acc": tr.natural_accuracy(), "pgd_acc": tr.robust_accuracy()}
+    with eval_mode(model), torch.no_grad():
+        dev = next(model.parameters()).device
+        pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+    acc = float((pred == y).float().mean())
+    return {"nat_acc": acc, "pgd_acc": acc}
+
+
+def probe_energies(model, x, y, eps: float, step: float, steps: int, inner: str) -> dict[str, np.ndarray]:
+    """Natural vs adversarial energies of the probe set under the training attack."""
+    name = "trades-kl" if inner == "kl" else "pgd"
+    spec = AttackSpec(name, eps=eps, step_size=step, steps=steps, seed=0, batch_size=256)
+    tr = run_attack(model, x, y, spec).trace
+    return {"e_nat": tr.marginal[0], "e_adv": tr.marginal[-1], "ej_nat": tr.joint[0], "ej_adv": tr.joint[-1],
+            "correct_nat": (tr.pred[0] == tr.labels), "correct_adv": (tr.pred[-1] == tr.labels)}
+
+
+def _stats(v: np.ndarray, prefix: str) -> dict:
+    q = np.quantile(v, [0.1, 0.25, 0.5, 0.75, 0.9])
+    return {f"{prefix}_mean": float(v.mean()), f"{prefix}_std": float(v.std()),
+            **{f"{prefix}_q{int(p * 100)}": float(x) for p, x in zip([0.1, 0.25, 0.5, 0.75, 0.9], q)}}
+
+
+def _allreduce_grads(model, world: int) -> None:
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    off = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[off:off + n].view_as(g))
+        off += n
+
+
+def _write_progress(out: Path, **kw) -> None:
+    try:
+        atomic_write_json(out / "progress.json", {**kw, "time": time.time()})
+    except EnergyLensError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run training; returns the last metrics record. Raises EnergyLensError subclasses on bad input."""
+    rank, world = _dist_info()
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+    device = _resolve_device(cfg)
+    train_ds, val_ds = load_splits(cfg)
+    cfg.validate(len(train_ds))
+    lcfg = cfg.loss_config()
+    eps, step = cfg.resolved_eps(), cfg.resolved_step()
+    out = Path(cfg.out_dir)
+    is_main = rank == 0
+    if is_main:
+        (out / "probe").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", cfg.to_dict())
+
+    torch.manual_seed(cfg.seed)
+    spec = dataset_spec(cfg.dataset)
+    model = build_model(cfg.arch, train_ds.num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    n = len(train_ds)
+    per_rank_bs = max(1, cfg.batch_size // world)
+    steps_per_epoch = n // cfg.batch_size  # drop the last partial batch (keeps BN statistics sane)
+    sched = _make_scheduler(opt, cfg, steps_per_epoch)
+
+    start_epoch, best = 0, -1.0
+    state_path = out / "state.pt"
+    if cfg.resume and state_path.exists():
+        st = safe_torch_load(state_path)
+        load_state_dict_checked(model, st["model"], where="state.pt")
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        start_epoch, best = int(st["epoch"]), float(st["best"])
+        if is_main:  # drop metrics written after the checkpoint we resume from
+            kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("epoch", 0) <= start_epoch]
+            from .storage import atomic_write_text
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    elif is_main and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    if world > 1:
+        import torch.distributed as dist
+
+        for p in model.state_dict().values():
+            dist.broadcast(p, 0)
+
+    val_idx = torch.arange(min(cfg.eval_samples, len(val_ds)))
+    xv, yv = val_ds.images(val_idx), val_ds.labels(val_idx)
+    pidx = probe_indices(train_ds, cfg.probe_size, seed=cfg.seed)
+    xp, yp = train_ds.images(pidx), train_ds.labels(pidx)
+    amp = cfg.amp and device.type == "cuda"
+    meta = ModelMeta(arch=cfg.arch, num_classes=train_ds.num_classes, dataset=cfg.dataset,
+                     input_shape=list(train_ds.input_shape), class_names=train_ds.class_names, method=cfg.method,
+                     hparams={**cfg.to_dict(), "eps": eps, "step_size": step, "loss": lcfg.to_dict()},
+                     name=cfg.name or out.name)
+    atk_spec = AttackSpec("pgd", eps=eps, step_size=step, steps=cfg.attack_steps, random_start=lcfg.inner == "ce")
+    kind = lcfg.inner
+    last_record: dict = {}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 7_919 + epoch)
+        perm = torch.randperm(n, generator=g)
+        model.train()
+        sums: dict[str, float] = {}
+        wvals = []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
+                   disable=not is_main or tqdm is None, leave=False) if tqdm else range(steps_per_epoch)
+        for b in bar:
+            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * per_rank_bs:(rank + 1) * per_rank_bs]
+            xb = train_ds.images(idx, device)
+            yb = train_ds.labels(idx, device)
+            if cfg.augment:
+                xb = augment_batch(xb, 4, spec.flip, generator=g)
+            if cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            x_adv = None
+            if kind != "none":
+                with eval_mode(model):
+                    x_adv = gradient_attack(model, xb, yb, atk_spec, kind, None, None, generator=g)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                need_nat = lcfg.outer == "nat" or lcfg.beta > 0 or lcfg.weighting in ("energy", "mart")
+                logits_nat = model(xb) if need_nat else None
+                logits_adv = model(x_adv) if x_adv is not None else None
+            wsrc = None
+            if lcfg.weighting == "energy" and lcfg.weight_logits == "eval":
+                with eval_mode(model), torch.no_grad():
+                    wsrc = model(xb)
+            lt = outer_loss(lcfg, logits_nat, logits_adv, yb, epoch=epoch, weight_source_logits=wsrc)
+            if not torch.isfinite(lt.loss):
+                raise TrainingStopped(
+                    f"the loss became {float(lt.loss)} at epoch {epoch + 1}, batch {b + 1}: training stopped. "
+                    "The last good checkpoint is kept; try a smaller learning rate.")
+            opt.zero_grad(set_to_none=True)
+            lt.loss.backward()
+            if world > 1:
+                _allreduce_grads(model, world)
+            opt.step()
+            sched.step()
+            for k, v in lt.terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if lt.weights is not None:
+                wvals.append(lt.weights.float().cpu())
+            if is_main and (b % 5 == 0 or b == steps_per_epoch - 1):
+                frac = (epoch + (b + 1) / steps_per_epoch) / cfg.epochs
+                _write_progress(out, epoch=epoch + 1, epochs=cfg.epochs, batch=b + 1, batches=steps_per_epoch,
+                                fraction=frac, phase="train")
+                if progress:
+                    progress({"epoch": epoch + 1, "batch": b + 1, "fraction": frac})
+            if should_stop and should_stop():
+                raise TrainingStopped("stopped on request")
+        train_time = time.time() - t0
+
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if not is_main:
+            continue
+        _write_progress(out, epoch=epoch + 1, epochs=cfg.epochs, batch=steps_per_epoch, batches=steps_per_epoch,
+                        fraction=(epoch + 1) / cfg.epochs, phase="evaluate")
+        t1 = time.time()
+        ev = evaluate(model, xv, yv, eps, max(step, eps / 4) if cfg.eval_steps else step, cfg.eval_steps)
+        pe = probe_energies(model, xp, yp, eps, step, cfg.attack_steps, "kl" if kind == "kl" else "ce")
+        d_marg, d_joint = pe["e_nat"] - pe["e_adv"], pe["ej_nat"] - pe["ej_adv"]
+        # WEAT weights of the probe set, whatever the method (for the weight histogram)
+        from .energy import weat_weight
+        w_probe = weat_weight(torch.from_numpy(-pe["e_nat"][:, None].astype(np.float32))).numpy()  # w depends on E(x) only
+        probe_time = time.time() - t1
+        rec = {
+            "epoch": epoch + 1, "lr": float(opt.param_groups[0]["lr"]),
+            "nat_acc": ev["nat_acc"], "pgd_acc": ev["pgd_acc"],
+            "nat_err": 1 - ev["nat_acc"], "rob_err": 1 - ev["pgd_acc"],
+            "train_time": train_time, "probe_time": probe_time,
+            **{f"train_{k}": v / max(steps_per_epoch, 1) for k, v in sums.items()},
+            **_stats(d_marg, "dE"), **_stats(d_joint, "dEy"),
+            "E_nat_mean": float(pe["e_nat"].mean()), "E_adv_mean": float(pe["e_adv"].mean()),
+            "probe_nat_acc": float(pe["correct_nat"].mean()), "probe_adv_acc": float(pe["correct_adv"].mean()),
+        }
+        if wvals:
+            wv = torch.cat(wvals).numpy()
+            rec.update({"w_mean": float(wv.mean()), "w_std": float(wv.std()), "w_min": float(wv.min()), "w_max": float(wv.max())})
+        if (epoch + 1) % cfg.snapshot_every == 0 or epoch + 1 == cfg.epochs:
+            from .storage import atomic_write
+
+            arrays = {**pe, "labels": yp.numpy(), "indices": pidx.numpy(), "w_probe": w_probe}
+            atomic_write(out / "probe" / f"epoch_{epoch + 1:04d}.npz", lambda f: np.savez_compressed(f, **arrays))
+        append_jsonl(out / "metrics.jsonl", rec)
+        meta.epoch = epoch + 1
+        meta.metrics = {k: rec[k] for k in ("nat_acc", "pgd_acc", "dE_mean", "dEy_mean")}
+        save_checkpoint(out / "last.safetensors", model, meta)
+        if ev["pgd_acc"] > best:
+            best = ev["pgd_acc"]
+            save_checkpoint(out / "best.safetensors", model, meta)
+        atomic_torch_save(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                       "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best})
+        last_record = rec
+        if progress:
+            progress({"epoch": epoch + 1, "fraction": (epoch + 1) / cfg.epochs, "metrics": rec})
+    if is_main:
+        _write_progress(out, epoch=cfg.epochs, epochs=cfg.epochs, fraction=1.0, phase="done")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return last_record
+
+
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="JSON file with TrainConfig fields (command-line flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0].replace("|", "").strip(), None)
+            if "float" in str(f.type):
+                typ = float
+            elif "int" in str(f.type):
+                typ = int
+            else:
+                typ = str
+            p.add_argument(flag, dest=f.name, type=typ, default=None)
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    base: dict = {}
+    if args.config:
+        try:
+            base = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"cannot read config file {args.config}: {e}") from e
+    over = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    return TrainConfig.from_dict({**base, **over})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = config_from_args(argv)
+        rec = train(cfg)
+    except EnergyLensError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rec:
+        print(json.dumps({k: rec[k] for k in ("epoch", "nat_acc", "pgd_acc", "dE_mean", "dEy_mean")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run_job(config: dict, run_dir, report: Callable[[float, str], None]) -> dict:
+    """Entry point for background jobs (core.jobs): train into ``run_dir``.
+
+    ``config`` holds TrainConfig fields; ``out_dir`` is forced to the job folder and ``resume``
+    is honoured so a stopped or crashed job continues from its last completed epoch.
+    """
+    cfg = TrainConfig.from_dict({**{k: v for k, v in config.items() if k != "out_dir"}, "out_dir": str(run_dir)})
+
+    def prog(p: dict) -> None:
+        msg = f"epoch {p.get('epoch')}/{cfg.epochs}"
+        if "metrics" in p:
+            m = p["metrics"]
+            msg += f" — nat {m['nat_acc']:.1%}, PGD {m['pgd_acc']:.1%}, ΔE(x) {m['dE_mean']:+.3f}"
+        report(float(p.get("fraction", 0.0)), msg)
+
+    return train(cfg, progress=prog)

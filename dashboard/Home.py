@@ -1,0 +1,32 @@
+"""EnergyLens entry point: `streamlit run dashboard/Home.py`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common` when run by file path
+import common  # noqa: E402  (also puts the repo root on sys.path for `core`)
+
+import streamlit as st  # noqa: E402
+
+st.set_page_config(page_title="EnergyLens", page_icon="🔭", layout="wide")
+
+HERE = Path(__file__).resolve().parent
+PAGES = [
+    ("home", "Home", "🏠", True),
+    ("models", "Models", "📦", False),
+    ("attack", "Attack Lab", "🎯", False),
+    ("training", "Training studio", "🏋️", False),
+    ("sgld", "SGLD studio", "🎨", False),
+    ("landscape", "Energy landscape", "⛰️", False),
+    ("analysis", "Sample analysis", "🔬", False),
+    ("embeddings", "Embedding explorer", "🗺️", False),
+    ("evaluation", "Evaluation", "📊", False),
+]
+
+pages = [st.Page(common.PAGE_FILES[k], title=t, icon=i, default=d) for k, t, i, d in PAGES
+         if (HERE / common.PAGE_FILES[k]).resolve().is_file()]
+nav = st.navigation(pages)
+common.model_picker()
+nav.run()

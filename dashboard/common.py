@@ -1,0 +1,244 @@
+"""Shared UI pieces: path set-up, error guard, background tasks, model picker, cached loaders."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `streamlit run dashboard/Home.py` only puts dashboard/ on sys.path
+    sys.path.insert(0, str(REPO_ROOT))
+
+import streamlit as st  # noqa: E402
+
+from core.errors import EnergyLensError  # noqa: E402
+
+log = logging.getLogger("energylens.dashboard")
+
+PAGE_FILES = {
+    "home": "../pages/home.py",
+    "models": "../pages/models.py",
+    "attack": "../pages/attack_lab.py",
+    "training": "../pages/training.py",
+    "sgld": "../pages/sgld.py",
+    "landscape": "../pages/landscape.py",
+    "analysis": "../pages/analysis.py",
+    "embeddings": "../pages/embeddings.py",
+    "evaluation": "../pages/evaluation.py",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def guard(what: str = "this action"):
+    """Show a clear message instead of a traceback; earlier results stay in session state."""
+    try:
+        yield
+    except EnergyLensError as e:
+        st.error(str(e))
+    except Exception as e:  # noqa: BLE001 - the UI must never show a traceback
+        log.error("unexpected error during %s\n%s", what, traceback.format_exc())
+        st.error(f"Unexpected error during {what}: {type(e).__name__}: {e}. Earlier results are kept.")
+
+
+# ---------------------------------------------------------------------------------------------
+class Cancelled(EnergyLensError):
+    """The user cancelled a background task."""
+
+
+@dataclass
+class Task:
+    """Work running in a background thread of the server; the page polls it."""
+
+    label: str
+    fraction: float = 0.0
+    message: str = "starting..."
+    result: Any = None
+    error: str | None = None
+    done: bool = False
+    started: float = field(default_factory=time.time)
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        if self.cancel_event.is_set():
+            raise Cancelled("cancelled")
+        self.fraction = max(0.0, min(1.0, float(fraction)))
+        if message:
+            self.message = message
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+
+def start_task(key: str, label: str, fn: Callable[[Task], Any]) -> Task:
+    """Run ``fn(task)`` in a daemon thread; its return value becomes ``task.result``."""
+    old = st.session_state.get(key)
+    if isinstance(old, Task) and not old.done:
+        return old
+    task = Task(label)
+
+    def body():
+        try:
+            task.result = fn(task)
+        except Cancelled:
+            task.error = "Cancelled."
+        except EnergyLensError as e:
+            task.error = str(e)
+        except Exception as e:  # noqa: BLE001
+            log.error("task %s failed\n%s", label, traceback.format_exc())
+            task.error = f"{type(e).__name__}: {e}"
+        finally:
+            task.done = True
+
+    task.thread = threading.Thread(target=body, name=f"energylens-{key}", daemon=True)
+    st.session_state[key] = task
+    task.thread.start()
+    return task
+
+
+def wait_briefly(task: Task, seconds: float = 1.5) -> None:
+    """Let short tasks finish within the same rerun, so quick actions feel instant."""
+    if task.thread is not None:
+        task.thread.join(timeout=seconds)
+
+
+def task_panel(key: str, on_done: Callable[[Task], None]) -> None:
+    """Show progress of a running task (polled every 0.5 s); call ``on_done`` once when finished."""
+    task = st.session_state.get(key)
+    if not isinstance(task, Task):
+        return
+
+    @st.fragment(run_every=0.5 if not task.done else None)
+    def _poll():
+        t = st.session_state.get(key)
+        if not isinstance(t, Task):
+            return
+        if not t.done:
+            c1, c2 = st.columns([5, 1])
+            c1.progress(t.fraction, text=f"{t.label}: {t.message} ({t.elapsed:.0f} s)")
+            if c2.button("Cancel", key=f"{key}-cancel"):
+                t.cancel_event.set()
+            return
+        if not getattr(t, "_handled", False):
+            t._handled = True  # type: ignore[attr-defined]
+            if t.error:
+                st.session_state[f"{key}-error"] = t.error
+            else:
+                st.session_state.pop(f"{key}-error", None)
+                on_done(t)
+            st.rerun()
+
+    _poll()
+    err = st.session_state.get(f"{key}-error")
+    if err and task.done:
+        st.error(err)
+
+
+# ---------------------------------------------------------------------------------------------
+def resolve_device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+@st.cache_resource(show_spinner="Loading model...", max_entries=4)
+def _load_model_cached(ref_key: str, _ref, device: str, allow_download: bool, mtime: float):
+    from core.models.registry import load_model_ref
+
+    return load_model_ref(_ref, device=device, allow_download=allow_download)
+
+
+@st.cache_resource(show_spinner="Loading dataset...", max_entries=4)
+def load_dataset_cached(name: str, split: str):
+    from core.data import load_dataset
+
+    return load_dataset(name, split)
+
+
+def current_model():
+    """The LoadedModel chosen in the sidebar, or None (with a message shown)."""
+    ref = st.session_state.get("model_ref")
+    if ref is None:
+        st.info("Choose a model in the sidebar.")
+        return None
+    device = resolve_device(st.session_state.get("device", "auto"))
+    mtime = 0.0
+    if ref.path:
+        p = Path(ref.path)
+        mtime = p.stat().st_mtime if p.exists() else -1.0
+    try:
+        return _load_model_cached(ref.key, ref, device, bool(st.session_state.get("allow_download", False)), mtime)
+    except EnergyLensError as e:
+        st.error(f"Could not load model **{ref.name}**: {e}")
+    except Exception as e:  # noqa: BLE001
+        log.error("model load failed\n%s", traceback.format_exc())
+        st.error(f"Could not load model **{ref.name}**: {type(e).__name__}: {e}")
+    return None
+
+
+def model_dataset(lm, split: str = "test"):
+    """The model's dataset split, or None with instructions when it is not available."""
+    name = lm.meta.dataset
+    try:
+        return load_dataset_cached(name, split)
+    except EnergyLensError as e:
+        st.warning(f"The {split} images of dataset '{name}' are not available: {e}  "
+                   "You can still upload your own images.")
+    return None
+
+
+def model_picker() -> None:
+    """Sidebar: source, model, device. Stores a ModelRef in st.session_state['model_ref']."""
+    from core.models.registry import ModelRef, list_bundled, list_local
+
+    sb = st.sidebar
+    sb.markdown("### Model")
+    source = sb.radio("Source", ["Bundled", "Local checkpoints", "RobustBench zoo"], key="model_source",
+                      horizontal=False, label_visibility="collapsed")
+    ref = None
+    if source in ("Bundled", "Local checkpoints"):
+        entries = list_bundled() if source == "Bundled" else list_local()
+        good = [(r, m) for r, m, err in entries if m is not None]
+        bad = [(r, err) for r, m, err in entries if m is None]
+        if not good:
+            sb.info("No checkpoints here yet." + (" Train one on the Training page." if source != "Bundled" else ""))
+        else:
+            labels = [f"{r.name} ({m.method}, {m.dataset})" for r, m in good]
+            i = sb.selectbox("Checkpoint", range(len(good)), format_func=lambda k: labels[k], key=f"pick-{source}")
+            ref = good[i][0]
+        for r, err in bad:
+            sb.caption(f"⚠ skipped {Path(r.path).name}: {err}")
+    else:
+        from core import zoo
+
+        ds = sb.selectbox("Dataset", ["cifar10", "cifar100"], key="zoo_ds")
+        tm = sb.selectbox("Threat model", ["Linf", "L2"], key="zoo_tm")
+        try:
+            entries = zoo.list_zoo(ds, tm)
+        except EnergyLensError as e:
+            sb.error(str(e))
+            entries = []
+        entries = sorted(entries, key=lambda e: (not e.paper_model, e.name))
+        if entries:
+            names = [e.name for e in entries]
+            fmt = {e.name: ("★ " if e.paper_model else "") + e.name + (" ✓" if getattr(e, "downloaded", False) else "")
+                   for e in entries}
+            name = sb.selectbox("Model (★ = in the paper, ✓ = downloaded)", names, format_func=lambda n: fmt[n], key="zoo_name")
+            ref = ModelRef("zoo", name, dataset=ds, threat_model=tm)
+        sb.checkbox("Allow download (needs internet)", key="allow_download")
+    import torch
+
+    opts = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    sb.selectbox("Device", opts, key="device", help="auto = CUDA when a GPU is present, else CPU")
+    st.session_state["model_ref"] = ref

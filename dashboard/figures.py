@@ -1,0 +1,134 @@
+"""Plotly figures for the paper's views. Inputs are numpy arrays / EnergyTrace objects; no maths
+beyond layout (all quantities come from core)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+NAT_COLOR = "#1f77b4"
+ADV_COLOR = "#d62728"
+PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2, "filename": "energylens"}}
+
+
+def energy_arrows(e_nat: np.ndarray, ey_nat: np.ndarray, e_adv: np.ndarray, ey_adv: np.ndarray,
+                  title: str = "Energy drift: natural → adversarial", max_arrows: int = 2000, labels=None) -> go.Figure:
+    """Fig. 1 b-d: arrows in the (E(x), E(x,y)) plane, base natural, tip adversarial, coloured by
+    drift length; dashed line E(x,y) = E(x) is zero cross-entropy (points live above it)."""
+    n = min(len(e_nat), max_arrows)
+    e_nat, ey_nat, e_adv, ey_adv = (np.asarray(a[:n], dtype=float) for a in (e_nat, ey_nat, e_adv, ey_adv))
+    length = np.hypot(e_adv - e_nat, ey_adv - ey_nat)
+    fig = go.Figure()
+    if n:
+        qs = np.quantile(length, [0, 0.5, 0.8, 0.95, 1.0])
+        shades = ["#c6dbef", "#6baed6", "#2171b5", "#08306b"]
+        for k in range(4):
+            sel = (length >= qs[k]) & ((length <= qs[k + 1]) if k == 3 else (length < qs[k + 1]))
+            if not sel.any():
+                continue
+            xs = np.column_stack([e_nat[sel], e_adv[sel], np.full(sel.sum(), np.nan)]).ravel()
+            ys = np.column_stack([ey_nat[sel], ey_adv[sel], np.full(sel.sum(), np.nan)]).ravel()
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=shades[k], width=1.2), hoverinfo="skip",
+                                     showlegend=False))
+        xs = np.column_stack([e_nat, e_adv]).ravel()
+        ys = np.column_stack([ey_nat, ey_adv]).ravel()
+        sym = np.tile(["circle", "arrow"], n)
+        size = np.tile([4, 10], n)
+        col = np.repeat(length, 2)
+        text = [f"sample {i}<br>E(x): {e_nat[i]:.2f} → {e_adv[i]:.2f}<br>E(x,y): {ey_nat[i]:.2f} → {ey_adv[i]:.2f}"
+                + (f"<br>label {labels[i]}" if labels is not None else "") for i in np.repeat(np.arange(n), 2)]
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="markers", name="drift",
+            marker=dict(symbol=sym, size=size, angleref="previous", color=col, colorscale="Blues", cmin=0,
+                        colorbar=dict(title="drift"), line=dict(width=0)),
+            text=text, hoverinfo="text", showlegend=False))
+        lo = float(np.nanmin([e_nat.min(), e_adv.min(), ey_nat.min(), ey_adv.min()]))
+        hi = float(np.nanmax([e_nat.max(), e_adv.max(), ey_nat.max(), ey_adv.max()]))
+        pad = 0.05 * (hi - lo + 1e-6)
+        fig.add_trace(go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="zero loss: E(x,y) = E(x)",
+                                 line=dict(color="black", dash="dash", width=1)))
+    fig.update_layout(title=title, xaxis_title="marginal energy E(x)", yaxis_title="joint energy E(x, y)",
+                      height=480, margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.15))
+    return fig
+
+
+def step_curve(series: dict[str, dict[str, np.ndarray]], energy: str = "E(x)") -> go.Figure:
+    """Fig. 1a: mean energy (band = ±1 std) against the attack step, one line per run/model."""
+    fig = go.Figure()
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    for i, (name, s) in enumerate(series.items()):
+        c = palette[i % len(palette)]
+        x, m, sd = s["step"], s["mean"], s["std"]
+        fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([m + sd, (m - sd)[::-1]]),
+                                 fill="toself", fillcolor=c, opacity=0.15, line=dict(width=0), hoverinfo="skip",
+                                 showlegend=False))
+        fig.add_trace(go.Scatter(x=x, y=m, mode="lines+markers", name=name, line=dict(color=c)))
+    fig.update_layout(title=f"{energy} along the attack (mean ± std)", xaxis_title="attack step",
+                      yaxis_title=f"mean {energy}", height=380, margin=dict(l=10, r=10, t=50, b=10),
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def energy_histograms(nat: dict[str, np.ndarray], adv: dict[str, np.ndarray], bins: int = 40) -> go.Figure:
+    """Fig. 2: natural vs adversarial distributions of E(x) (left) and E(x, y) (right)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("marginal energy E(x)", "joint energy E(x, y)"))
+    for col, key in ((1, "marginal"), (2, "joint")):
+        a, b = np.asarray(nat[key], float), np.asarray(adv[key], float)
+        lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
+        size = (hi - lo) / bins if hi > lo else 1.0
+        xb = dict(start=lo, end=hi + size, size=size)
+        fig.add_trace(go.Histogram(x=a, name="natural", marker_color=NAT_COLOR, opacity=0.6, xbins=xb,
+                                   legendgroup="nat", showlegend=col == 1), row=1, col=col)
+        fig.add_trace(go.Histogram(x=b, name="adversarial", marker_color=ADV_COLOR, opacity=0.6, xbins=xb,
+                                   legendgroup="adv", showlegend=col == 1), row=1, col=col)
+    fig.update_layout(barmode="overlay", height=360, margin=dict(l=10, r=10, t=50, b=10),
+                      legend=dict(orientation="h", y=-0.2))
+    fig.update_yaxes(title_text="count", row=1, col=1)
+    return fig
+
+
+def class_energy_bars(joint: np.ndarray, class_names: list[str], marginal: float, title: str) -> go.Figure:
+    """Per-class joint energies E(x, k) of one image, with E(x) as a reference line."""
+    fig = go.Figure(go.Bar(x=[str(c) for c in class_names], y=joint, marker_color=NAT_COLOR, name="E(x, k)"))
+    fig.add_hline(y=marginal, line_dash="dash", annotation_text=f"E(x) = {marginal:.2f}")
+    fig.update_layout(title=title, yaxis_title="joint energy E(x, k)", height=300, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def to_uint8_image(x: np.ndarray) -> np.ndarray:
+    """C x H x W float [0,1] -> H x W x C uint8."""
+    x = np.asarray(x)
+    if x.ndim == 3 and x.shape[0] in (1, 3):
+        x = x.transpose(1, 2, 0)
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+def amplify(delta: np.ndarray) -> np.ndarray:
+    """Perturbation scaled to fill [0, 1] for display (0.5 = no change)."""
+    m = float(np.abs(delta).max()) or 1.0
+    return 0.5 + 0.5 * delta / m
+
+
+def image_grid_png(images: np.ndarray, ncol: int = 8, scale: int = 2) -> bytes:
+    """N x C x H x W float [0,1] -> PNG bytes of a grid."""
+    from PIL import Image
+
+    n = len(images)
+    if n == 0:
+        return b""
+    c, h, w = images.shape[1:]
+    nrow = (n + ncol - 1) // ncol
+    grid = np.ones((nrow * (h + 2), ncol * (w + 2), 3), dtype=np.uint8) * 255
+    for i, im in enumerate(images):
+        r, q = divmod(i, ncol)
+        u = to_uint8_image(im)
+        if u.shape[2] == 1:
+            u = np.repeat(u, 3, axis=2)
+        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, q * (w + 2) + 1:q * (w + 2) + 1 + w] = u
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,379 @@
+"""RobustBench zoo: catalogue parsing, offline loading through robustbench, and bad files.
+
+Everything runs offline: weights are random tensors saved in the exact layout robustbench reads,
+and the download function is either blocked by core.zoo or monkeypatched here.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import zoo
+from core.compat import ensure_autoattack_alias, import_robustbench_utils
+from core.errors import ZooError
+from core.models.checkpoint import LoadedModel
+
+SMALL = ("Rice2020Overfitting", "cifar10", "L2")  # PreAct-ResNet-18, 11M parameters
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rb_utils():
+    return import_robustbench_utils()
+
+
+@pytest.fixture(scope="module")
+def reference(rb_utils):
+    """The small zoo architecture built exactly as robustbench builds it, randomised, plus a batch."""
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    from robustbench.model_zoo.models import model_dicts
+
+    name, ds, tm = SMALL
+    torch.manual_seed(1234)
+    model = model_dicts[BenchmarkDataset(ds)][ThreatModel(tm)][name]["model"]()
+    with torch.no_grad():  # make BN statistics non-trivial so that a wrong load would show
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        y = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return state, x, y
+
+
+def _target(tmp_path: Path, name=SMALL[0], ds=SMALL[1], tm=SMALL[2]) -> Path:
+    p = tmp_path / ds / tm / f"{name}.pt"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _assert_same_outputs(loaded: LoadedModel, reference) -> None:
+    _, x, y = reference
+    assert not loaded.model.training
+    with torch.no_grad():
+        out = loaded.model(x)
+    torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-5)
+
+
+class _Evil:
+    """Unpickling this object opens (creates) a marker file: a stand-in for arbitrary code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# --------------------------------------------------------------------------------------------
+# catalogue
+# --------------------------------------------------------------------------------------------
+
+def test_catalogue_parsed_from_installed_robustbench():
+    assert zoo.catalogue_source().startswith("robustbench")
+    linf = {e.name: e for e in zoo.list_zoo("cifar10", "Linf")}
+    l2 = {e.name: e for e in zoo.list_zoo("cifar10", "L2")}
+    c100 = zoo.list_zoo("cifar100", "Linf")
+    assert len(linf) >= 40 and len(l2) >= 10 and len(c100) >= 20
+    assert zoo.list_zoo("cifar100", "L2") == []  # robustbench has no CIFAR-100 L2 track
+    for n in ("Standard", "Engstrom2019Robustness", "Zhang2019Theoretically", "Wang2020Improving",
+              "Wu2020Adversarial", "Wu2020Adversarial_extra", "Wang2023Better_WRN-28-10", "Carmon2019Unlabeled",
+              "Zhang2020Geometry", "Rice2020Overfitting"):
+        assert n in linf, n
+    for n in ("Engstrom2019Robustness", "Wang2023Better_WRN-28-10", "Wu2020Adversarial", "Rice2020Overfitting"):
+        assert n in l2, n
+    assert "Zhang2019Theoretically" not in l2
+    assert all(e.dataset == "cifar10" and e.threat_model == "Linf" for e in linf.values())
+    assert all(e.dataset == "cifar100" and e.num_classes == 100 for e in c100)
+    # gdrive ids are read from the literals
+    assert linf["Standard"].gdrive_id == "1t98aEuzeTL8P7Kpd5DIrCoCL21BNZUhC"
+    assert linf["Standard"].urls == ["https://drive.google.com/uc?id=1t98aEuzeTL8P7Kpd5DIrCoCL21BNZUhC"]
+    assert linf["Chen2020Adversarial"].is_ensemble
+    assert linf["Debenedetti2022Light_XCiT-S12"].hosted_on_hub
+    assert len(zoo.list_zoo()) == len(linf) + len(l2) + len(c100)
+
+
+def test_catalogue_accuracies_architectures_and_paper_flags():
+    linf = {e.name: e for e in zoo.list_zoo("cifar10", "Linf")}
+    l2 = {e.name: e for e in zoo.list_zoo("cifar10", "L2")}
+    assert (linf["Standard"].clean_acc, linf["Standard"].aa_acc) == (94.78, 0.0)
+    assert (linf["Engstrom2019Robustness"].clean_acc, linf["Engstrom2019Robustness"].aa_acc) == (87.03, 49.25)
+    assert (l2["Engstrom2019Robustness"].clean_acc, l2["Engstrom2019Robustness"].aa_acc) == (90.83, 69.24)
+    assert (l2["Wang2023Better_WRN-28-10"].clean_acc, l2["Wang2023Better_WRN-28-10"].aa_acc) == (95.16, 83.68)
+    assert linf["Wu2020Adversarial_extra"].aa_acc == 60.04
+    assert linf["Engstrom2019Robustness"].architecture == "ResNet-50"
+    assert linf["Rice2020Overfitting"].architecture == "WideResNet-34-20"
+    assert l2["Rice2020Overfitting"].architecture == "PreActResNet-18"
+    # architectures of entries without hand-written facts are derived from the constructors
+    assert linf["Gowal2020Uncovering_70_16"].architecture == "WideResNet-70-16"
+    assert linf["Andriushchenko2020Understanding"].architecture == "PreActResNet-18"
+    assert linf["Hendrycks2019Using"].architecture == "WideResNet-28-10"
+    unknown = [e for e in linf.values() if e.clean_acc is None]
+    assert unknown and all(e.aa_acc is None for e in unknown)
+
+    paper_linf = {n for n, e in linf.items() if e.paper_model}
+    assert paper_linf == {"Standard", "Engstrom2019Robustness", "Zhang2019Theoretically", "Wang2020Improving",
+                          "Wu2020Adversarial", "Wang2023Better_WRN-28-10", "Carmon2019Unlabeled",
+                          "Zhang2020Geometry", "Rice2020Overfitting"}
+    assert {n for n, e in l2.items() if e.paper_model} == {"Engstrom2019Robustness", "Wang2023Better_WRN-28-10"}
+    assert not any(e.paper_model for e in zoo.list_zoo("cifar100"))
+    assert linf["Standard"].eps == pytest.approx(8 / 255) and l2["Standard"].eps == 0.5
+
+
+def test_fallback_catalogue_when_robustbench_files_unparseable(monkeypatch):
+    monkeypatch.setattr(zoo, "_robustbench_zoo_dir", lambda: Path("/nonexistent/robustbench/model_zoo"))
+    zoo._catalogue.cache_clear()
+    try:
+        assert zoo.catalogue_source().startswith("built-in")
+        names = {e.name for e in zoo.list_zoo("cifar10", "Linf")}
+        assert {"Standard", "Engstrom2019Robustness", "Wang2023Better_WRN-28-10"} <= names
+        assert zoo.get_zoo_entry("Standard").clean_acc == 94.78
+    finally:
+        monkeypatch.undo()
+        zoo._catalogue.cache_clear()
+    assert zoo.catalogue_source().startswith("robustbench")
+
+
+def test_lookup_is_case_insensitive_and_suggests(tmp_path):
+    e = zoo.get_zoo_entry("standard", "CIFAR10", "linf")
+    assert (e.name, e.dataset, e.threat_model) == ("Standard", "cifar10", "Linf")
+    assert zoo.zoo_path("engstrom2019robustness", "Cifar10", "l2", tmp_path) == \
+        tmp_path / "cifar10" / "L2" / "Engstrom2019Robustness.pt"
+    with pytest.raises(ZooError, match="Did you mean: Engstrom2019Robustness"):
+        zoo.get_zoo_entry("Engstrom2019Robustnes")
+    with pytest.raises(ZooError, match="exists for: cifar10/Linf"):
+        zoo.get_zoo_entry("Zhang2019Theoretically", "cifar10", "L2")
+    with pytest.raises(ZooError, match="unknown dataset"):
+        zoo.list_zoo("mnist")
+    with pytest.raises(ZooError, match="unknown threat model"):
+        zoo.load_zoo_model("Standard", threat_model="L1", model_dir=tmp_path)
+    with pytest.raises(ZooError, match="Did you mean"):
+        zoo.load_zoo_model("Wang2023Better_WRN28-10", model_dir=tmp_path)
+
+
+def test_import_is_light():
+    code = ("import sys, core.zoo as z; z.list_zoo(); z.zoo_path('Standard');"
+            "assert 'robustbench' not in sys.modules and 'timm' not in sys.modules, 'heavy import'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# AutoAttack alias
+# --------------------------------------------------------------------------------------------
+
+def test_autoattack_alias_is_idempotent():
+    first = ensure_autoattack_alias()
+    assert first in ("pyautoattack", "autoattack")
+    assert ensure_autoattack_alias() == first
+    import autoattack
+    from autoattack import AutoAttack
+    from autoattack.state import EvaluationState
+    import autoattack.autopgd_base
+    import autoattack.fab_pt
+    import autoattack.other_utils
+    import autoattack.square
+
+    assert AutoAttack is autoattack.AutoAttack and EvaluationState is not None
+    if first == "pyautoattack":
+        import pyautoattack
+        import pyautoattack.state
+
+        assert autoattack is pyautoattack
+        assert EvaluationState is pyautoattack.state.EvaluationState
+        assert sys.modules["autoattack.square"] is sys.modules["pyautoattack.square"]
+        assert sum(1 for f in sys.meta_path if type(f).__name__ == "_AliasFinder") == 1
+    with pytest.raises(ImportError):
+        import autoattack.no_such_module  # noqa: F401
+
+
+def test_robustbench_imports_after_alias(rb_utils):
+    assert callable(rb_utils.load_model)
+    import robustbench.eval  # the module that needs `autoattack`
+
+    assert robustbench.eval.AutoAttack is sys.modules["autoattack"].AutoAttack
+
+
+# --------------------------------------------------------------------------------------------
+# offline loading through robustbench.utils.load_model
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict+module"])
+def test_load_real_zoo_model_offline(tmp_path, reference, wrap):
+    state, _, _ = reference
+    if wrap == "state_dict+module":
+        obj = {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 99}
+    else:
+        obj = state
+    torch.save(obj, _target(tmp_path))
+    assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None
+
+    loaded = zoo.load_zoo_model("rice2020overfitting", "CIFAR10", "l2", model_dir=tmp_path)
+
+    _assert_same_outputs(loaded, reference)
+    meta = loaded.meta
+    assert (meta.arch, meta.num_classes, meta.dataset, meta.source, meta.method, meta.name) == \
+        ("PreActResNet-18", 10, "cifar10", "zoo", "zoo", "Rice2020Overfitting")
+    assert meta.hparams["threat_model"] == "L2" and meta.hparams["eps"] == 0.5
+    assert meta.metrics == {"clean_acc": 88.67, "aa_acc": 67.68}
+    assert meta.class_names[0] == "airplane"
+    assert loaded.path == _target(tmp_path)
+    assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # restored
+    status = {e.name: e for e in zoo.list_zoo("cifar10", "L2", model_dir=tmp_path)}
+    assert status["Rice2020Overfitting"].downloaded and status["Rice2020Overfitting"].file_status == "ok"
+    assert status["Standard"].downloaded is False and status["Standard"].file_status == "missing"
+
+
+def test_checkpoint_without_normalisation_buffers_keeps_defaults(tmp_path, reference):
+    """robustbench quirk: Rice/Engstrom checkpoints lack mu/sigma; the constructor values are kept."""
+    state, _, _ = reference
+    torch.save({k: v for k, v in state.items() if k not in ("mu", "sigma")}, _target(tmp_path))
+    _assert_same_outputs(zoo.load_zoo_model(*SMALL, model_dir=tmp_path), reference)
+
+
+def test_download_branch_uses_robustbench_downloader(tmp_path, reference, rb_utils, monkeypatch):
+    state, _, _ = reference
+    calls = []
+
+    def fake_download(gdrive_id, fname_save):
+        calls.append(gdrive_id)
+        torch.save(state, fname_save)
+
+    monkeypatch.setattr(rb_utils, "download_gdrive_new", fake_download)
+    loaded = zoo.load_zoo_model(*SMALL, model_dir=tmp_path, allow_download=True)
+    assert calls == [zoo.get_zoo_entry(*SMALL).gdrive_id]
+    _assert_same_outputs(loaded, reference)
+
+
+def test_download_returning_html_is_quarantined(tmp_path, rb_utils, monkeypatch):
+    def fake_download(gdrive_id, fname_save):
+        Path(fname_save).write_text("<!DOCTYPE html><html><body>Quota exceeded</body></html>")
+
+    monkeypatch.setattr(rb_utils, "download_gdrive_new", fake_download)
+    with pytest.raises(ZooError, match="HTML") as ei:
+        zoo.load_zoo_model(*SMALL, model_dir=tmp_path, allow_download=True)
+    assert "moved to" in str(ei.value)
+    folder = _target(tmp_path).parent
+    assert not _target(tmp_path).exists()
+    assert len(list(folder.glob("Rice2020Overfitting.pt.bad-*"))) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# failures
+# --------------------------------------------------------------------------------------------
+
+def test_missing_file_offline_names_exact_path(tmp_path, rb_utils, monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("network used")
+
+    monkeypatch.setattr(rb_utils, "download_gdrive_new", no_network)
+    with pytest.raises(ZooError) as ei:
+        zoo.load_zoo_model("Standard", "cifar10", "Linf", model_dir=tmp_path)
+    msg = str(ei.value)
+    assert str(tmp_path / "cifar10" / "Linf" / "Standard.pt") in msg
+    assert "https://drive.google.com/uc?id=1t98aEuzeTL8P7Kpd5DIrCoCL21BNZUhC" in msg
+    assert "enable downloads" in msg
+    assert not (tmp_path / "cifar10").exists()
+
+
+def test_hub_hosted_model_needs_downloads(tmp_path):
+    with pytest.raises(ZooError, match="Hugging Face"):
+        zoo.load_zoo_model("Debenedetti2022Light_XCiT-S12", model_dir=tmp_path)
+
+
+@pytest.mark.parametrize("content,kind", [(b"<!DOCTYPE html>\n<html><head><title>Google Drive</title>", "HTML"),
+                                          (b"", "empty")])
+def test_failed_download_is_refused_and_left_alone(tmp_path, content, kind):
+    p = _target(tmp_path)
+    p.write_bytes(content)
+    with pytest.raises(ZooError, match=kind) as ei:
+        zoo.load_zoo_model(*SMALL, model_dir=tmp_path)
+    assert "quarantine" in str(ei.value) and str(p) in str(ei.value)
+    assert p.read_bytes() == content  # untouched
+    entry = {e.name: e for e in zoo.list_zoo("cifar10", "L2", model_dir=tmp_path)}["Rice2020Overfitting"]
+    assert entry.downloaded is False and entry.file_status == ("html" if kind == "HTML" else "empty")
+
+    moved = zoo.quarantine(p)
+    assert not p.exists() and moved.parent == p.parent
+    assert moved.name.startswith("Rice2020Overfitting.pt.bad-") and moved.read_bytes() == content
+    p.write_bytes(content)  # a second bad file in the same second gets its own name
+    assert zoo.quarantine(p) != moved
+    with pytest.raises(ZooError, match="no such file"):
+        zoo.quarantine(p)
+
+
+def test_wrong_architecture_is_a_zoo_error(tmp_path):
+    torch.manual_seed(0)
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 10))
+    torch.save(other.state_dict(), _target(tmp_path))
+    with pytest.raises(ZooError, match="does not match architecture PreActResNet-18") as ei:
+        zoo.load_zoo_model(*SMALL, model_dir=tmp_path)
+    assert not isinstance(ei.value, RuntimeError)
+
+
+def test_wrong_shapes_is_a_zoo_error(tmp_path, reference):
+    state, _, _ = reference
+    bad = dict(state)
+    key = next(k for k, v in state.items() if v.ndim == 2)  # the final linear layer
+    bad[key] = torch.zeros(100, state[key].shape[1])
+    torch.save(bad, _target(tmp_path))
+    with pytest.raises(ZooError, match="does not match architecture") as ei:
+        zoo.load_zoo_model(*SMALL, model_dir=tmp_path)
+    assert "wrong shape" in str(ei.value) and "different number of classes" in str(ei.value)
+
+
+def test_truncated_checkpoint_is_a_zoo_error(tmp_path, reference):
+    state, _, _ = reference
+    p = _target(tmp_path)
+    torch.save(state, p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ZooError, match="corrupt or truncated"):
+        zoo.load_zoo_model(*SMALL, model_dir=tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "raw-pickle"])
+def test_code_executing_pickle_is_refused(tmp_path, monkeypatch, fmt):
+    marker = tmp_path / "PWNED"
+    p = _target(tmp_path)
+    evil = {"state_dict": _Evil(marker)}
+    if fmt == "torch.save":
+        torch.save(evil, p)
+    else:
+        with open(p, "wb") as f:
+            pickle.dump(evil, f, protocol=2)
+    # even a user-level request to disable weights-only loading must not apply to zoo loads
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ZooError) as ei:
+        zoo.load_zoo_model(*SMALL, model_dir=tmp_path)
+    assert not marker.exists()
+    assert "run code" in str(ei.value) and "weights_only" in str(ei.value)
+    assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") == "1"  # restored
+    assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None
+
+
+def test_ensemble_files_follow_robustbench_naming(tmp_path):
+    e = zoo.get_zoo_entry("Chen2020Adversarial", "cifar10", "Linf")
+    files = zoo.zoo_files(e, tmp_path)
+    assert [f.name for f in files] == [f"Chen2020Adversarial.pt_m{i}.pt" for i in range(3)]
+    with pytest.raises(ZooError, match="Chen2020Adversarial.pt_m0.pt"):
+        zoo.load_zoo_model("Chen2020Adversarial", model_dir=tmp_path)
+
+
+def test_bad_device_is_a_zoo_error(tmp_path):
+    with pytest.raises(ZooError, match="invalid device"):
+        zoo.load_zoo_model(*SMALL, model_dir=tmp_path, device="not-a-device")
