@@ -503,6 +503,32 @@ def test_tinyimagenet_cache_created_and_reused(tmp_path, monkeypatch):
     assert torch.equal(fourth.x, third.x)
 
 
+def test_tinyimagenet_unwritable_cache_only_warns(tmp_path, monkeypatch):
+    from core.storage import StorageError
+
+    write_tinyimagenet(tmp_path)
+
+    def read_only(path, *a, **k):
+        raise StorageError(f"could not write {path}: Read-only file system")
+
+    monkeypatch.setattr(disk, "atomic_write", read_only)
+    with pytest.warns(RuntimeWarning, match="Read-only"):
+        ds = load_dataset("tinyimagenet", "test", root=tmp_path)
+    assert len(ds) == 4
+    assert not (tmp_path / "tiny-imagenet-200" / ".energylens-cache-test.npz").exists()
+
+
+def test_parallel_decoding(tmp_path):
+    good, bad = tmp_path / "good.JPEG", tmp_path / "bad.JPEG"
+    save_jpeg(good, smooth_image(1))
+    bad.write_bytes(b"nope")
+    x = disk._decode_images([good] * 300, workers=2)  # more than one chunk: the thread pool is used
+    assert tuple(x.shape) == (300, 3, 64, 64) and bool((x == x[0]).all())
+    assert_close_jpeg(x[-1], smooth_image(1))
+    with pytest.raises(DataError, match="bad.JPEG"):
+        disk._decode_images([good] * 280 + [bad] + [good] * 30, workers=2)
+
+
 def test_tinyimagenet_missing_and_corrupt(tmp_path):
     for download in (False, True):
         with pytest.raises(DataError) as err:
