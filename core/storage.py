@@ -26,6 +26,15 @@ class StorageError(EnergyLensError, OSError):
     """A file could not be written or read (disk full, permissions, missing folder...)."""
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[Any], None], mode: str = "wb") -> Path:
     """Write ``path`` atomically: ``writer(fileobj)`` fills a temp file that is then renamed."""
     path = Path(path)
@@ -39,6 +48,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Any], None], mode: s
             writer(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except OSError as e:
         _silent_unlink(tmp)

@@ -10,19 +10,19 @@ import common  # noqa: E402  (also puts the repo root on sys.path for `core`)
 
 import streamlit as st  # noqa: E402
 
-st.set_page_config(page_title="EnergyLens", page_icon="🔭", layout="wide")
+st.set_page_config(page_title="EnergyLens", page_icon=":material/flare:", layout="wide")
 
 HERE = Path(__file__).resolve().parent
 PAGES = [
-    ("home", "Home", "🏠", True),
-    ("models", "Models", "📦", False),
-    ("attack", "Attack Lab", "🎯", False),
-    ("training", "Training studio", "🏋️", False),
-    ("sgld", "SGLD studio", "🎨", False),
-    ("landscape", "Energy landscape", "⛰️", False),
-    ("analysis", "Sample analysis", "🔬", False),
-    ("embeddings", "Embedding explorer", "🗺️", False),
-    ("evaluation", "Evaluation", "📊", False),
+    ("home", "Home", ":material/home:", True),
+    ("models", "Models", ":material/inventory_2:", False),
+    ("attack", "Attack Lab", ":material/target:", False),
+    ("training", "Training studio", ":material/fitness_center:", False),
+    ("sgld", "SGLD studio", ":material/palette:", False),
+    ("landscape", "Energy landscape", ":material/landscape:", False),
+    ("analysis", "Sample analysis", ":material/biotech:", False),
+    ("embeddings", "Embedding explorer", ":material/scatter_plot:", False),
+    ("evaluation", "Evaluation", ":material/table_chart:", False),
 ]
 
 pages = [st.Page(common.PAGE_FILES[k], title=t, icon=i, default=d) for k, t, i, d in PAGES

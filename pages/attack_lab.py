@@ -11,7 +11,7 @@ from core.drift import EnergyTrace
 from core.energy import joint_energies, marginal_energy
 from core.errors import InputError
 
-st.title("🎯 Attack Lab")
+st.title("Attack Lab")
 lm = common.current_model()
 if lm is None:
     st.stop()

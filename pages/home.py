@@ -3,7 +3,7 @@
 import common  # noqa: F401
 import streamlit as st
 
-st.title("🔭 EnergyLens")
+st.title("EnergyLens")
 st.markdown(
     """
 Look at adversarially robust image classifiers **as energy-based models**, following
@@ -26,14 +26,14 @@ TRADES keeps it small, and WEAT weights samples by $1/\log(1+e^{|E(x)|})$.
 """
 )
 c = st.columns(3)
-links = [("../pages/models.py", "📦 Models", "Bundled checkpoints, your runs and the RobustBench zoo."),
-         ("../pages/attack_lab.py", "🎯 Attack Lab", "Attack a model and watch energies drift (Fig. 1, Fig. 2)."),
-         ("../pages/training.py", "🏋️ Training studio", "SAT / TRADES / MART / MAIL / WEAT jobs with live ΔE (Fig. 3)."),
-         ("../pages/sgld.py", "🎨 SGLD studio", "Generate images from a robust classifier (Eq. 7, Fig. 5e)."),
-         ("../pages/landscape.py", "⛰️ Energy landscape", "ΔE across models (Fig. 4)."),
-         ("../pages/analysis.py", "🔬 Sample analysis", "Margins, entropy and energy per class (Fig. 5)."),
-         ("../pages/embeddings.py", "🗺️ Embedding explorer", "PCA / UMAP of features coloured by energy."),
-         ("../pages/evaluation.py", "📊 Evaluation", "Natural / PGD / AutoAttack tables (Table 1).")]
+links = [("../pages/models.py", "Models", "Bundled checkpoints, your runs and the RobustBench zoo."),
+         ("../pages/attack_lab.py", "Attack Lab", "Attack a model and watch energies drift (Fig. 1, Fig. 2)."),
+         ("../pages/training.py", "Training studio", "SAT / TRADES / MART / MAIL / WEAT jobs with live ΔE (Fig. 3)."),
+         ("../pages/sgld.py", "SGLD studio", "Generate images from a robust classifier (Eq. 7, Fig. 5e)."),
+         ("../pages/landscape.py", "Energy landscape", "ΔE across models (Fig. 4)."),
+         ("../pages/analysis.py", "Sample analysis", "Margins, entropy and energy per class (Fig. 5)."),
+         ("../pages/embeddings.py", "Embedding explorer", "PCA / UMAP of features coloured by energy."),
+         ("../pages/evaluation.py", "Evaluation", "Natural / PGD / AutoAttack tables (Table 1).")]
 from pathlib import Path  # noqa: E402
 
 here = Path(common.__file__).resolve().parent

@@ -6,7 +6,7 @@ import streamlit as st
 from core.errors import EnergyLensError
 from core.models.registry import BUNDLED_DIR, LOCAL_DIR, list_bundled, list_local
 
-st.title("📦 Models")
+st.title("Models")
 
 
 def meta_rows(entries):
