@@ -36,11 +36,19 @@ __all__ = [
 
 
 def _as_float(logits: torch.Tensor) -> torch.Tensor:
-    if logits.dim() != 2:
-        raise InputError(f"logits must have shape (N, K); got {tuple(logits.shape)}")
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise InputError(f"logits must have shape (N, K) with K >= 1; got {tuple(logits.shape)}")
     if logits.dtype in (torch.float16, torch.bfloat16):
         return logits.float()
     return logits
+
+
+def _pair(logits_nat: torch.Tensor, logits_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logit tensors as float, refusing shapes that differ (broadcasting would hide the error)."""
+    ln, la = _as_float(logits_nat), _as_float(logits_adv)
+    if ln.shape != la.shape:
+        raise InputError(f"natural and adversarial logits differ in shape: {tuple(ln.shape)} vs {tuple(la.shape)}")
+    return ln, la
 
 
 def _labels(y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -89,9 +97,7 @@ def kl_decomposition(logits_nat: torch.Tensor, logits_adv: torch.Tensor) -> tupl
     conditional = E_{k ~ p(.|x)} [E(x*, k) - E(x, k)]
     marginal    = E(x) - E(x*)
     """
-    ln, la = _as_float(logits_nat), _as_float(logits_adv)
-    if ln.shape != la.shape:
-        raise InputError(f"natural and adversarial logits differ in shape: {tuple(ln.shape)} vs {tuple(la.shape)}")
+    ln, la = _pair(logits_nat, logits_adv)
     p = F.softmax(ln, dim=1)
     conditional = (p * (joint_energies(la) - joint_energies(ln))).sum(dim=1)
     marginal = energy_drift(marginal_energy(ln), marginal_energy(la))
@@ -108,7 +114,7 @@ def trades_objective_from_energies(
     logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float
 ) -> torch.Tensor:
     """Cor. 1 (Eq. 6): the TRADES objective written with energies, per sample."""
-    ln, la = _as_float(logits_nat), _as_float(logits_adv)
+    ln, la = _pair(logits_nat, logits_adv)
     p = F.softmax(ln, dim=1)
     expected_gap = (p * (joint_energies(ln) - joint_energies(la))).sum(dim=1)
     return (
@@ -120,7 +126,7 @@ def trades_objective_from_energies(
 
 def trades_objective(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
     """CE(f(x), y) + beta * KL(p(.|x) || p(.|x*)) per sample, computed the usual way (Eq. 4)."""
-    ln, la = _as_float(logits_nat), _as_float(logits_adv)
+    ln, la = _pair(logits_nat, logits_adv)
     ce = F.cross_entropy(ln, _labels(y, ln), reduction="none")
     kl = F.kl_div(F.log_softmax(la, dim=1), F.log_softmax(ln, dim=1), reduction="none", log_target=True).sum(dim=1)
     return ce + beta * kl

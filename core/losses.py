@@ -4,7 +4,7 @@ A method is a choice of
 * inner loss (how x* is found):  'ce' (PGD on cross-entropy) | 'kl' (TRADES KL) | 'none'
 * outer CE term:                  'nat' CE(x) | 'adv' CE(x*) | 'bce-adv' MART's boosted CE(x*)
 * beta for the KL(p(.|x) || p(.|x*)) term (0 disables it)
-* sample weighting:               'none' | 'mart' (1 - p_y(x) on KL) | 'pm' (probabilistic
+* sample weighting:               'none' | 'mart' (1 - p_y(x) on KL, not detached) | 'pm' (probabilistic
                                   margin of x*, MAIL) | 'energy' (WEAT: 1/softplus(|E(x)|))
 
 | method       | inner | outer    | beta | weighting |
@@ -152,9 +152,9 @@ def outer_loss(cfg: LossConfig, logits_nat: torch.Tensor | None, logits_adv: tor
         denom = w.sum().clamp_min(1e-12) if cfg.weight_norm == "sum" else torch.tensor(float(b), device=y.device)
         loss = (w * ce).sum() / denom + cfg.beta * (w * kl).sum() / denom
     elif cfg.weighting == "mart":
-        with torch.no_grad():
-            p_y = F.softmax(ln, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
-            w = 1.0 - p_y
+        # not detached: MART's objective BCE + beta * KL * (1 - p_y(x)) is differentiated through p_y(x) too
+        p_y = F.softmax(ln, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+        w = 1.0 - p_y
         loss = ce.mean() + cfg.beta * (kl * w).mean()
     elif cfg.weighting == "pm":
         with torch.no_grad():
@@ -170,5 +170,6 @@ def outer_loss(cfg: LossConfig, logits_nat: torch.Tensor | None, logits_adv: tor
 
     terms = {"ce": float(ce.detach().mean()), "kl": float(kl.detach().mean()), "loss": float(loss.detach())}
     if w is not None:
+        w = w.detach()
         terms.update({"w_mean": float(w.mean()), "w_min": float(w.min()), "w_max": float(w.max())})
     return LossTerms(loss=loss, terms=terms, weights=None if w is None else w.detach(), energy_nat=e_nat)

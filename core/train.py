@@ -43,7 +43,7 @@ from .models import ModelMeta, build_model, save_checkpoint
 from .models.checkpoint import load_state_dict_checked
 from .storage import append_jsonl, atomic_torch_save, atomic_write_json, read_jsonl, safe_torch_load
 
-__all__ = ["TrainConfig", "train", "main", "TrainingStopped"]
+__all__ = ["TrainConfig", "train", "train_step", "main", "TrainingStopped"]
 
 SCHEDULES = ("onecycle", "piecewise", "cosine", "constant")
 
@@ -84,6 +84,7 @@ class TrainConfig:
     data_root: str | None = None
     val_fraction: float = 0.1           # held-out share of train when the dataset has no test split
     train_limit: int | None = None
+    exclude_indices_file: str | None = None  # JSON list of training-set indices to leave out (Fig. 5a)
     amp: bool = False                   # bf16 autocast (CUDA only)
     channels_last: bool = False
     resume: bool = False
@@ -169,7 +170,27 @@ def load_splits(cfg: TrainConfig):
         val = load_dataset(cfg.dataset, "test", root=cfg.data_root)
     if cfg.train_limit:
         train = train.subset(torch.arange(min(cfg.train_limit, len(train))))
+    if cfg.exclude_indices_file:
+        train = train.subset(_kept_indices(cfg.exclude_indices_file, len(train)))
     return train, val
+
+
+def _kept_indices(path: str, n: int) -> torch.Tensor:
+    """Indices of the training set minus those listed in ``path`` (a JSON list, or {"indices": [...]})."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read the exclusion file {path}: {e}") from e
+    idx = data.get("indices") if isinstance(data, dict) else data
+    if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+        raise InputError(f"{path} must hold a JSON list of integer training-set indices")
+    if idx and (min(idx) < 0 or max(idx) >= n):
+        raise InputError(f"{path} lists indices outside the training set (0..{n - 1})")
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[torch.as_tensor(idx, dtype=torch.long)] = False
+    if not bool(keep.any()):
+        raise InputError(f"{path} excludes every training sample")
+    return torch.nonzero(keep).squeeze(1)
 
 
 def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
@@ -213,13 +234,17 @@ def _stats(v: np.ndarray, prefix: str) -> dict:
             **{f"{prefix}_q{int(p * 100)}": float(x) for p, x in zip([0.1, 0.25, 0.5, 0.75, 0.9], q)}}
 
 
-def _allreduce_grads(model, world: int) -> None:
+def _allreduce_grads(model, world: int, loss: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Average the gradients (and ``loss``, returned) over the processes in one all-reduce."""
     import torch.distributed as dist
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    parts = [g.reshape(-1) for g in grads]
+    if loss is not None:
+        parts.append(loss.detach().float().reshape(1).to(parts[0].dtype if parts else torch.float32))
+    if not parts:
+        return None
+    flat = torch.cat(parts)
     dist.all_reduce(flat)
     flat /= world
     off = 0
@@ -227,6 +252,43 @@ def _allreduce_grads(model, world: int) -> None:
         n = g.numel()
         g.copy_(flat[off:off + n].view_as(g))
         off += n
+    return flat[off] if loss is not None else None
+
+
+def train_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: AttackSpec, *, epoch: int = 0,
+               generator: torch.Generator | None = None, amp: bool = False, world: int = 1, where: str = ""):
+    """One optimisation step: inner attack (eval mode), train-mode forwards, outer loss, backward,
+    gradient average over processes (``world > 1``), optimizer step. Returns the LossTerms.
+
+    A non-finite loss (on any process) raises TrainingStopped before the weights change.
+    """
+    x_adv = None
+    if lcfg.inner != "none":
+        with eval_mode(model):
+            x_adv = gradient_attack(model, xb, yb, atk_spec, lcfg.inner, None, None, generator=generator)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        need_nat = lcfg.outer == "nat" or lcfg.beta > 0 or lcfg.weighting in ("energy", "mart")
+        logits_nat = model(xb) if need_nat else None
+        logits_adv = model(x_adv) if x_adv is not None else None
+    wsrc = None
+    if lcfg.weighting == "energy" and lcfg.weight_logits == "eval":
+        with eval_mode(model), torch.no_grad():
+            wsrc = model(xb)
+    lt = outer_loss(lcfg, logits_nat, logits_adv, yb, epoch=epoch, weight_source_logits=wsrc)
+    opt.zero_grad(set_to_none=True)
+    loss_value = lt.loss.detach()
+    if world > 1:  # backward first so that every process takes part in the all-reduce, then all decide alike
+        lt.loss.backward()
+        loss_value = _allreduce_grads(model, world, loss_value)
+    if not torch.isfinite(loss_value):
+        opt.zero_grad(set_to_none=True)
+        raise TrainingStopped(
+            f"the loss became {float(loss_value)}{where}: training stopped. "
+            "The last good checkpoint is kept; try a smaller learning rate.")
+    if world == 1:
+        lt.loss.backward()
+    opt.step()
+    return lt
 
 
 def _write_progress(out: Path, **kw) -> None:
@@ -241,12 +303,14 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> dict:
     """Run training; returns the last metrics record. Raises EnergyLensError subclasses on bad input."""
     rank, world = _dist_info()
+    device = _resolve_device(cfg)
     if world > 1:
         import torch.distributed as dist
 
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    device = _resolve_device(cfg)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     train_ds, val_ds = load_splits(cfg)
     cfg.validate(len(train_ds))
     lcfg = cfg.loss_config()
@@ -264,7 +328,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(train_ds)
-    per_rank_bs = max(1, cfg.batch_size // world)
+    if cfg.batch_size % world:
+        raise InputError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    per_rank_bs = cfg.batch_size // world
     steps_per_epoch = n // cfg.batch_size  # drop the last partial batch (keeps BN statistics sane)
     sched = _make_scheduler(opt, cfg, steps_per_epoch)
 
@@ -297,7 +363,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
                      input_shape=list(train_ds.input_shape), class_names=train_ds.class_names, method=cfg.method,
                      hparams={**cfg.to_dict(), "eps": eps, "step_size": step, "loss": lcfg.to_dict()},
                      name=cfg.name or out.name)
-    atk_spec = AttackSpec("pgd", eps=eps, step_size=step, steps=cfg.attack_steps, random_start=lcfg.inner == "ce")
+    atk_spec = AttackSpec("pgd", eps=eps, step_size=step, steps=cfg.attack_steps, random_start=True)
     kind = lcfg.inner
     last_record: dict = {}
     try:
@@ -315,36 +381,22 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         wvals = []
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
                    disable=not is_main or tqdm is None, leave=False) if tqdm else range(steps_per_epoch)
+        # several processes: every one augments the whole global batch with the same generator and keeps its
+        # slice (so augmentation does not depend on the number of processes); attack noise comes from a
+        # per-process generator (otherwise every process would draw the same noise for its slice)
+        g_atk = g if world == 1 else torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * (rank + 1))
         for b in bar:
-            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * per_rank_bs:(rank + 1) * per_rank_bs]
-            xb = train_ds.images(idx, device)
-            yb = train_ds.labels(idx, device)
+            gidx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            mine = slice(rank * per_rank_bs, (rank + 1) * per_rank_bs)
             if cfg.augment:
-                xb = augment_batch(xb, 4, spec.flip, generator=g)
+                xb = augment_batch(train_ds.images(gidx, device), 4, spec.flip, generator=g)[mine]
+            else:
+                xb = train_ds.images(gidx[mine], device)
+            yb = train_ds.labels(gidx[mine], device)
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            x_adv = None
-            if kind != "none":
-                with eval_mode(model):
-                    x_adv = gradient_attack(model, xb, yb, atk_spec, kind, None, None, generator=g)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                need_nat = lcfg.outer == "nat" or lcfg.beta > 0 or lcfg.weighting in ("energy", "mart")
-                logits_nat = model(xb) if need_nat else None
-                logits_adv = model(x_adv) if x_adv is not None else None
-            wsrc = None
-            if lcfg.weighting == "energy" and lcfg.weight_logits == "eval":
-                with eval_mode(model), torch.no_grad():
-                    wsrc = model(xb)
-            lt = outer_loss(lcfg, logits_nat, logits_adv, yb, epoch=epoch, weight_source_logits=wsrc)
-            if not torch.isfinite(lt.loss):
-                raise TrainingStopped(
-                    f"the loss became {float(lt.loss)} at epoch {epoch + 1}, batch {b + 1}: training stopped. "
-                    "The last good checkpoint is kept; try a smaller learning rate.")
-            opt.zero_grad(set_to_none=True)
-            lt.loss.backward()
-            if world > 1:
-                _allreduce_grads(model, world)
-            opt.step()
+            lt = train_step(model, opt, lcfg, xb, yb, atk_spec, epoch=epoch, generator=g_atk, amp=amp, world=world,
+                            where=f" at epoch {epoch + 1}, batch {b + 1}")
             sched.step()
             for k, v in lt.terms.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -359,6 +411,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             if should_stop and should_stop():
                 raise TrainingStopped("stopped on request")
         train_time = time.time() - t0
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # identical on every process
+            raise TrainingStopped(f"the weights became non-finite during epoch {epoch + 1}: training stopped. "
+                                  "The last good checkpoint is kept; try a smaller learning rate.")
 
         if world > 1:
             import torch.distributed as dist

@@ -49,18 +49,35 @@ with t3:
     except EnergyLensError as e:
         st.error(str(e))
         entries = []
+    status_text = {"ok": "✓ downloaded", "missing": "", "html": "⚠ HTML page, not weights", "empty": "⚠ empty file",
+                   "unknown": "⚠ not a torch file", "safetensors": "⚠ unexpected format", "hub": "hub (download only)"}
     rows = [{"★ paper": "★" if e.paper_model else "", "name": e.name, "architecture": e.architecture,
-             "clean acc": e.clean_acc, "AutoAttack acc": e.aa_acc, "downloaded": "✓" if e.downloaded else "",
-             "note": e.note} for e in entries if e.paper_model or not only_paper]
+             "clean acc": e.clean_acc, "AutoAttack acc": e.aa_acc,
+             "file": status_text.get(e.file_status, e.file_status), "note": e.note}
+            for e in entries if e.paper_model or not only_paper]
     st.dataframe(rows, width="stretch", hide_index=True)
     st.markdown("**Get a zoo model**")
-    names = [e.name for e in entries]
-    if names:
-        name = st.selectbox("Model", names, key="models_zoo_name")
-        path = zoo.zoo_path(name, ds, tm)
+    by_name = {e.name: e for e in entries}
+    if by_name:
+        name = st.selectbox("Model", list(by_name), key="models_zoo_name")
+        entry = by_name[name]
+        files = zoo.zoo_files(entry)
+        where = "\n".join(f"`{f}`" for f in files)
         st.markdown(
-            f"*Online:* pick it in the sidebar under **RobustBench zoo**, tick **Allow download**, and it is fetched into "
-            f"`{path.parent}`.  \n*Offline:* put the weights file at exactly\n\n`{path}`")
+            f"*Online:* pick it in the sidebar under **RobustBench zoo**, tick **Allow download**, or press the button "
+            f"below; it is fetched into `{files[0].parent}`.  \n*Offline:* put the weights file"
+            f"{'s' if len(files) > 1 else ''} at exactly:\n\n{where}")
+        if entry.urls:
+            st.caption("Download link(s): " + ", ".join(entry.urls))
+        bad = [f for f in files if f.exists() and entry.file_status in ("html", "empty", "unknown")]
+        if bad:
+            st.warning(f"`{bad[0].name}` is not a valid weights file ({status_text.get(entry.file_status)}): "
+                       "usually a failed Google-Drive download. Move it aside and download again.")
+            if st.button("Move the bad file aside", key="models_zoo_quarantine"):
+                with common.guard("moving the bad file aside"):
+                    for f in bad:
+                        moved = zoo.quarantine(f)
+                        st.success(f"Moved to `{moved.name}`; nothing was deleted.")
         if st.button("Download now", key="models_zoo_download", help="Needs internet access"):
             with common.guard(f"downloading {name}"), st.spinner(f"Downloading {name}..."):
                 zoo.load_zoo_model(name, ds, tm, allow_download=True)

@@ -125,7 +125,9 @@ class AttackInfo:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """Put the model in eval mode and freeze its parameters; restore both afterwards."""
-    was_training = model.training
+    # Every submodule's own flag is saved: model.train(was_training) alone would flip submodules that
+    # were deliberately in the other mode (e.g. frozen BatchNorm inside a model being fine-tuned).
+    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in flags:
@@ -135,7 +137,8 @@ def eval_mode(model: nn.Module):
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-        model.train(was_training)
+        for m, t in modes:
+            m.training = t
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""Shared helpers for the benchmarks: timing, environment record, result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+RESULTS = REPO / "bench" / "results"
+
+
+def median_time(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def environment() -> dict:
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    return {"device": dev, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_result(name: str, rows: list[dict], extra: dict | None = None) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "environment": environment(), "rows": rows, **(extra or {})}, indent=2))
+    return path
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    cols = list(rows[0].keys())
+    width = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
+    print(f"\n{title}")
+    print("  ".join(c.ljust(width[c]) for c in cols))
+    print("  ".join("-" * width[c] for c in cols))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(width[c]) for c in cols))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

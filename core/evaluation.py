@@ -1,0 +1,434 @@
+"""Robustness evaluation jobs (paper Table 1): natural accuracy, PGD-20 and AutoAttack.
+
+``run_job(config, run_dir, report)`` is the job runner of kind 'eval'. ``config``:
+
+=================  ==========================================================================
+``model``          ModelRef fields: {"source", "name", "path", "dataset", "threat_model"}
+                   (the same keys at the top level are accepted too)
+``n``              number of test images (the first ``n`` of the split, as RobustBench does)
+``split``          'test' (default) or 'train'
+``norm``           'Linf' (default) or 'L2'
+``eps``            budget; default: the dataset's (8/255 CIFAR, 16/255 digits), 0.5 for L2,
+                   the threat model's for zoo models
+``pgd_steps``      20;  ``pgd_step_size``: default eps / 4 (2/255 at eps 8/255)
+``autoattack``     true; ``aa_version``: 'standard' (APGD-CE, APGD-T, FAB-T, Square) or 'custom'
+                   with ``aa_attacks`` (a list of pyautoattack attack names)
+``chunk_size``     images per chunk (resumability unit); ``batch_size`` for attacks
+``seed``           seeds the attacks (chunk k uses seed * 1000 + k)
+``device``         'auto' | 'cpu' | 'cuda[:N]'
+=================  ==========================================================================
+
+Resumable: images are processed in chunks; after every chunk the per-image results go to
+``<run_dir>/partial.json`` (atomic write). A resumed job whose configuration and model file
+are unchanged skips the finished chunks. The final record goes to ``<run_dir>/result.json``.
+
+A point counts as robust only when it is correctly classified both naturally and after the
+attack (as AutoAttack counts), so PGD and AA accuracy never exceed natural accuracy.
+
+:func:`results_table` turns evaluation records into Table-1 rows (one per method; runs sharing a
+configuration except the seed are grouped, mean ± std over seeds) with CSV / Markdown export.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .attacks import AttackSpec, run_attack
+from .attacks.base import eval_mode
+from .errors import EnergyLensError, InputError
+from .storage import atomic_write_json
+
+__all__ = ["EVAL_DEFAULTS", "resolve_config", "evaluate", "run_job", "load_partial", "results_table",
+           "ResultsTable", "AA_ATTACKS", "default_eps"]
+
+logging.getLogger("auto-attack").setLevel(logging.WARNING)
+
+Progress = Callable[[float, str], None]
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+AA_VERSIONS = ("standard", "plus", "rand", "custom")
+
+EVAL_DEFAULTS: dict[str, Any] = {
+    "n": 1000, "split": "test", "norm": "Linf", "eps": None, "pgd_steps": 20, "pgd_step_size": None,
+    "autoattack": True, "aa_version": "standard", "aa_attacks": None, "chunk_size": 200, "batch_size": 200,
+    "seed": 0, "device": "auto",
+}
+# keys that do not change the numbers (ignored when checking whether partial results can be resumed)
+_NOT_RESULT_KEYS = {"device", "batch_size"}
+
+
+def _noop(_f: float, _m: str = "") -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+def _model_ref_dict(config: dict) -> dict:
+    from .models.registry import ModelRef
+
+    names = [f.name for f in fields(ModelRef)]
+    src = config.get("model") if isinstance(config.get("model"), dict) else config
+    ref = {k: src.get(k) for k in names if src.get(k) is not None}
+    if not ref.get("source") or not ref.get("name"):
+        raise InputError("the evaluation config needs a model: {'model': {'source': ..., 'name': ..., 'path': ...}}")
+    return ref
+
+
+def resolve_config(config: dict, meta=None) -> dict:
+    """Fill defaults (eps from the dataset / threat model, PGD step eps/4) and validate."""
+    unknown = sorted(set(config) - set(EVAL_DEFAULTS) - {"model", "source", "name", "path", "dataset", "threat_model"})
+    if unknown:
+        raise InputError(f"unknown evaluation option(s): {', '.join(unknown)}")
+    cfg = {**EVAL_DEFAULTS, **{k: v for k, v in config.items() if k in EVAL_DEFAULTS and v is not None}}
+    if cfg["norm"] not in ("Linf", "L2"):
+        raise InputError(f"norm must be 'Linf' or 'L2', got '{cfg['norm']}'")
+    if cfg["split"] not in ("test", "train"):
+        raise InputError(f"split must be 'test' or 'train', got '{cfg['split']}'")
+    for k in ("n", "pgd_steps", "chunk_size", "batch_size"):
+        v = cfg[k]
+        if isinstance(v, bool) or int(v) != v or v <= 0:
+            raise InputError(f"{k.replace('_', ' ')} must be a positive integer, got {v}")
+        cfg[k] = int(v)
+    cfg["seed"] = int(cfg["seed"])
+    if cfg["eps"] is None:
+        cfg["eps"] = default_eps(meta, cfg["norm"])
+    cfg["eps"] = float(cfg["eps"])
+    if not math.isfinite(cfg["eps"]) or cfg["eps"] < 0:
+        raise InputError(f"epsilon must be a finite number >= 0, got {cfg['eps']}")
+    if cfg["pgd_step_size"] is None:
+        cfg["pgd_step_size"] = cfg["eps"] / 4
+    cfg["pgd_step_size"] = float(cfg["pgd_step_size"])
+    if cfg["autoattack"]:
+        if cfg["aa_version"] not in AA_VERSIONS:
+            raise InputError(f"AutoAttack version must be one of {AA_VERSIONS}")
+        if cfg["aa_version"] == "custom":
+            atk = list(cfg["aa_attacks"] or [])
+            bad = [a for a in atk if a not in AA_ATTACKS]
+            if not atk or bad:
+                raise InputError(f"custom AutoAttack needs a list of attacks from {AA_ATTACKS}"
+                                 + (f"; unknown: {', '.join(bad)}" if bad else ""))
+            cfg["aa_attacks"] = atk
+        else:
+            cfg["aa_attacks"] = None
+    return cfg
+
+
+def default_eps(meta, norm: str = "Linf") -> float:
+    """The evaluation budget: 0.5 for L2, the zoo threat model's, else the dataset's default."""
+    if norm == "L2":
+        return 0.5
+    if meta is not None and getattr(meta, "source", None) == "zoo":
+        e = (meta.hparams or {}).get("eps")
+        if e:
+            return float(e)
+    from .data import dataset_spec
+
+    try:
+        return float(dataset_spec(meta.dataset).default_eps) if meta is not None else 8 / 255
+    except EnergyLensError:
+        return 8 / 255
+
+
+def _fingerprint(cfg: dict, model_sha: str, n_images: int) -> str:
+    blob = json.dumps({"cfg": {k: v for k, v in cfg.items() if k not in _NOT_RESULT_KEYS}, "model": model_sha,
+                       "n_images": n_images, "v": 1}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_partial(run_dir: str | Path) -> dict | None:
+    p = Path(run_dir) / "partial.json"
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("chunks"), dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+def _natural_correct(model, x, y, batch_size: int) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    preds = []
+    with eval_mode(model), torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            preds.append(model(x[i:i + batch_size].to(dev)).argmax(1).cpu())
+    return torch.cat(preds) == y
+
+
+def _autoattack_correct(model, x, y, cfg: dict, seed: int) -> torch.Tensor:
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as e:  # pragma: no cover - installed with the project
+        raise InputError("pyautoattack is not installed: disable AutoAttack or install it") from e
+    dev = next(model.parameters()).device
+    version = cfg["aa_version"]
+    kw = {"attacks": list(cfg["aa_attacks"])} if version == "custom" else {}
+    with eval_mode(model):
+        aa = AutoAttack(model, norm=cfg["norm"], eps=cfg["eps"], version=version, device=dev, seed=seed, **kw)
+        if version == "custom":  # constructor defaults are 5 restarts; standard uses 1
+            aa.apgd.n_restarts = 1
+            aa.fab.n_restarts = 1
+        aa.verbose = False
+        _, y_adv = aa.run_standard_evaluation(x.to(dev), y.to(dev), batch_size=min(cfg["batch_size"], len(x)))
+    return y_adv.cpu() == y
+
+
+def evaluate(lm, x: torch.Tensor, y: torch.Tensor, config: dict, *, run_dir: str | Path | None = None,
+             progress: Progress | None = None, model_sha: str | None = None) -> dict:
+    """Evaluate ``lm`` (a LoadedModel) on images ``x`` / labels ``y`` chunk by chunk.
+
+    With ``run_dir`` the per-chunk results go to ``partial.json`` after every chunk and finished chunks
+    are skipped when called again with the same configuration and model. Returns the accuracies and
+    the per-image correctness vectors.
+    """
+    from .analysis import model_sha256
+
+    from .data import validate_images
+
+    progress = progress or _noop
+    cfg = resolve_config(config, lm.meta)
+    x = validate_images(x)
+    y = torch.as_tensor(y).long().reshape(-1)
+    if y.numel() != x.shape[0]:
+        raise InputError(f"got {y.numel()} labels for {x.shape[0]} images")
+    n = len(y)
+    sha = model_sha or model_sha256(lm)
+    fp = _fingerprint(cfg, sha, n)
+    chunks: dict[str, dict] = {}
+    resumed = 0
+    if run_dir is not None:
+        part = load_partial(run_dir)
+        if part is not None and part.get("fingerprint") == fp:
+            chunks = dict(part["chunks"])
+            resumed = len(chunks)
+    bounds = [(s, min(s + cfg["chunk_size"], n)) for s in range(0, n, cfg["chunk_size"])]
+    t_start = time.time()
+    model = lm.model
+    for k, (s, e) in enumerate(bounds):
+        key = str(k)
+        if key in chunks and chunks[key].get("start") == s and chunks[key].get("end") == e:
+            continue
+        t0 = time.time()
+        xb, yb = x[s:e], y[s:e]
+        base = k / len(bounds)
+        width = 1 / len(bounds)
+
+        def sub(f, msg="", base=base, width=width, k=k):
+            progress(base + width * (0.05 + 0.45 * min(max(f, 0.0), 1.0)), f"chunk {k + 1}/{len(bounds)}: {msg}")
+
+        nat = _natural_correct(model, xb, yb, cfg["batch_size"])
+        spec = AttackSpec("pgd", norm=cfg["norm"], eps=cfg["eps"], steps=cfg["pgd_steps"],
+                          step_size=cfg["pgd_step_size"], random_start=True, seed=cfg["seed"] * 1000 + k,
+                          batch_size=cfg["batch_size"])
+        if cfg["eps"] > 0:
+            tr = run_attack(model, xb, yb, spec, progress=sub, num_classes=int(lm.meta.num_classes)).trace
+            pgd = nat & torch.from_numpy(tr.pred[-1] == tr.labels)
+        else:
+            pgd = nat.clone()
+        aa = None
+        if cfg["autoattack"]:
+            progress(base + width * 0.55, f"chunk {k + 1}/{len(bounds)}: AutoAttack ({cfg['aa_version']})")
+            aa = (nat & _autoattack_correct(model, xb, yb, cfg, cfg["seed"] * 1000 + k)) if cfg["eps"] > 0 else nat
+        chunks[key] = {"start": s, "end": e, "nat": nat.int().tolist(), "pgd": pgd.int().tolist(),
+                       "aa": None if aa is None else aa.int().tolist(), "seconds": time.time() - t0}
+        if run_dir is not None:
+            atomic_write_json(Path(run_dir) / "partial.json",
+                              {"fingerprint": fp, "config": cfg, "model_sha": sha, "n": n, "chunks": chunks})
+        done = sum(c["end"] - c["start"] for c in chunks.values())
+        nat_so_far = sum(sum(c["nat"]) for c in chunks.values()) / max(done, 1)
+        pgd_so_far = sum(sum(c["pgd"]) for c in chunks.values()) / max(done, 1)
+        progress((k + 1) / len(bounds), f"{done}/{n} images: natural {nat_so_far:.1%}, PGD-{cfg['pgd_steps']} "
+                 f"{pgd_so_far:.1%}")
+    order = [chunks[str(k)] for k in range(len(bounds))]
+    nat_v = np.concatenate([c["nat"] for c in order]).astype(bool)
+    pgd_v = np.concatenate([c["pgd"] for c in order]).astype(bool)
+    aa_v = np.concatenate([c["aa"] for c in order]).astype(bool) if cfg["autoattack"] else None
+    return {
+        "config": cfg, "model_sha": sha, "n": n, "natural_acc": float(nat_v.mean()), "pgd_acc": float(pgd_v.mean()),
+        "aa_acc": None if aa_v is None else float(aa_v.mean()), "natural_correct": nat_v, "pgd_correct": pgd_v,
+        "aa_correct": aa_v, "chunks": len(bounds), "chunks_resumed": resumed,
+        "seconds": float(sum(c.get("seconds", 0.0) for c in order)), "wall_seconds": time.time() - t_start,
+    }
+
+
+_TRAIN_KEYS_IGNORED = {"seed", "out_dir", "name", "resume", "device", "data_root", "amp", "channels_last",
+                       "snapshot_every", "eval_samples", "probe_size", "eval_steps", "exclude_indices_file"}
+
+
+def run_job(config: dict, run_dir: Path, report: Progress) -> dict:
+    """Job runner (kind 'eval'). Returns the evaluation record (also written to ``result.json``)."""
+    from .analysis import model_sha256
+    from .data import load_dataset
+    from .models.registry import ModelRef, load_model_ref
+
+    ref = ModelRef(**_model_ref_dict(config))
+    device = config.get("device") or "auto"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    report(0.0, f"loading {ref.name}")
+    lm = load_model_ref(ref, device=device)
+    cfg = resolve_config({k: v for k, v in config.items() if k in EVAL_DEFAULTS}, lm.meta)
+    ds = load_dataset(lm.meta.dataset, cfg["split"])
+    if cfg["n"] > len(ds):
+        raise InputError(f"asked for {cfg['n']} images but the {cfg['split']} set of '{lm.meta.dataset}' has only "
+                         f"{len(ds)}")
+    idx = torch.arange(cfg["n"])
+    x, y = ds.images(idx), ds.labels(idx)
+    sha = model_sha256(lm)
+    res = evaluate(lm, x, y, cfg, run_dir=run_dir, progress=report, model_sha=sha)
+    hp = dict(lm.meta.hparams or {})
+    record = {
+        "model": asdict(ref), "model_name": lm.meta.name or ref.name, "method": lm.meta.method,
+        "source": ref.source, "dataset": lm.meta.dataset, "arch": lm.meta.arch, "model_sha": sha,
+        "train_config": {k: v for k, v in hp.items() if k not in ("loss",)},
+        "train_seed": hp.get("seed"), "config": res["config"], "n": res["n"],
+        "natural_acc": res["natural_acc"], "pgd_acc": res["pgd_acc"], "aa_acc": res["aa_acc"],
+        "seconds": res["seconds"], "chunks_resumed": res["chunks_resumed"], "finished": time.time(),
+    }
+    atomic_write_json(Path(run_dir) / "result.json", record)
+    report(1.0, f"natural {record['natural_acc']:.1%}, PGD-{cfg['pgd_steps']} {record['pgd_acc']:.1%}"
+           + (f", AA {record['aa_acc']:.1%}" if record["aa_acc"] is not None else ""))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1
+# ---------------------------------------------------------------------------------------------
+PRETTY_METHODS = {"plain": "Standard (no AT)", "sat": "SAT", "trades": "TRADES", "mart": "MART",
+                  "mail-trades": "MAIL-TRADES", "weat-nat": "WEAT-NAT", "weat-adv": "WEAT-ADV"}
+
+
+def _method_label(rec: dict) -> str:
+    m = str(rec.get("method") or "unknown")
+    if m in ("zoo", "unknown", "uploaded"):
+        return str(rec.get("model_name") or (rec.get("model") or {}).get("name") or m)
+    return PRETTY_METHODS.get(m, m.upper())
+
+
+def _group_key(rec: dict) -> str:
+    cfg = {k: v for k, v in (rec.get("config") or {}).items() if k not in _NOT_RESULT_KEYS | {"seed", "chunk_size"}}
+    train = {k: v for k, v in (rec.get("train_config") or {}).items() if k not in _TRAIN_KEYS_IGNORED}
+    ident = {"label": _method_label(rec), "dataset": rec.get("dataset"), "arch": rec.get("arch"), "eval": cfg,
+             "train": train}
+    if not train and rec.get("method") not in ("zoo",):
+        ident["model_sha"] = rec.get("model_sha")  # unknown provenance: only the same weights group together
+    return json.dumps(ident, sort_keys=True, default=str)
+
+
+def _fmt(mean: float | None, std: float | None, runs: int) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if runs > 1 else "")
+
+
+@dataclass
+class ResultsTable:
+    """Table-1 rows: ``rows`` hold numbers (fractions) and formatted strings (percent, mean ± std)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    COLUMNS = ("method", "dataset", "arch", "eps", "runs", "natural", "pgd", "aa")
+    NUMERIC = ("natural_mean", "natural_std", "pgd_mean", "pgd_std", "aa_mean", "aa_std")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        cols = list(self.COLUMNS) + list(self.NUMERIC) + ["seeds"]
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({**r, "seeds": " ".join(str(s) for s in r.get("seeds", []))})
+        return buf.getvalue()
+
+    def to_markdown(self) -> str:
+        head = ["Method", "Dataset", "Arch", "ε", "Runs", "Natural", "PGD", "AA"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["--:"] * 4) + "|"]
+        for r in self.rows:
+            cells = [str(r["method"]), str(r["dataset"]), str(r["arch"]), str(r["eps"]), str(r["runs"]),
+                     r["natural"], r["pgd"], r["aa"]]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def _eps_label(cfg: dict) -> str:
+    e = cfg.get("eps")
+    if e is None:
+        return "—"
+    if cfg.get("norm", "Linf") == "Linf":
+        v = e * 255
+        return f"{v:.4g}/255"
+    return f"{e:g} (L2)"
+
+
+def results_table(records: Sequence[dict]) -> ResultsTable:
+    """Group evaluation records sharing a configuration except the seed(s); one row per group with the
+    mean ± std (over runs) of natural, PGD and AA accuracy. Rows are sorted by dataset, then AA (or PGD)
+    accuracy. Labels that occur in several groups get the differing settings appended."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if not isinstance(r, dict) or r.get("natural_acc") is None:
+            continue
+        groups.setdefault(_group_key(r), []).append(r)
+    rows = []
+    for key, recs in groups.items():
+        ident = json.loads(key)
+
+        def stat(k):
+            v = [float(x[k]) for x in recs if x.get(k) is not None]
+            if not v:
+                return None, None
+            return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+        nm, ns = stat("natural_acc")
+        pm, ps = stat("pgd_acc")
+        am, as_ = stat("aa_acc")
+        cfg = recs[0].get("config") or {}
+        k = len(recs)
+        rows.append({
+            "method": ident["label"], "dataset": ident.get("dataset") or "—", "arch": ident.get("arch") or "—",
+            "eps": _eps_label(cfg), "runs": k, "natural": _fmt(nm, ns, k), "pgd": _fmt(pm, ps, k), "aa": _fmt(am, as_, k),
+            "natural_mean": nm, "natural_std": ns, "pgd_mean": pm, "pgd_std": ps, "aa_mean": am, "aa_std": as_,
+            "seeds": sorted({x.get("train_seed") for x in recs if x.get("train_seed") is not None}),
+            "_train": ident.get("train") or {}, "_eval": ident.get("eval") or {},
+        })
+    # disambiguate duplicate labels with the settings that differ between them
+    by_label: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_label.setdefault((r["method"], r["dataset"]), []).append(r)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        keys = sorted({k for r in same for k in list(r["_train"]) + list(r["_eval"])})
+        for r in same:
+            diff = []
+            for k in keys:
+                vals = {json.dumps(x["_train"].get(k, x["_eval"].get(k)), default=str) for x in same}
+                if len(vals) > 1:
+                    diff.append(f"{k}={r['_train'].get(k, r['_eval'].get(k))}")
+            if diff:
+                r["method"] = f"{r['method']} ({', '.join(diff[:3])})"
+    for r in rows:
+        r.pop("_train")
+        r.pop("_eval")
+    rows.sort(key=lambda r: (r["dataset"], -(r["aa_mean"] if r["aa_mean"] is not None else r["pgd_mean"] or 0.0),
+                             r["method"]))
+    return ResultsTable(rows)

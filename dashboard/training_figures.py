@@ -1,0 +1,154 @@
+"""Plotly figures of the Training studio: Fig. 3 (ΔE per epoch with the three phases), WEAT weights,
+and run comparisons (Table 2a). Inputs are numpy arrays and a core.phase.PhaseResult; no maths
+beyond layout (smoothing and phase detection happen in core.phase)."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+DE_COLOR = "#2ca02c"        # ΔE(x), green as in the paper's figure
+DEY_COLOR = "#98df8a"       # ΔE(x, y), light green
+ROB_COLOR = "#1f77b4"       # robust test error, blue as in the paper's figure
+NAT_COLOR = "#7f7f7f"       # natural test error
+PHASE_COLORS = ("rgba(31,119,180,0.07)", "rgba(44,160,44,0.07)", "rgba(214,39,40,0.10)")
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+LAYOUT = dict(margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.2))
+
+
+def _finite(a) -> bool:
+    a = np.asarray(a, dtype=float)
+    return bool(a.size) and bool(np.isfinite(a).any())
+
+
+def phase_figure(epochs: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray | None]],
+                 errors: dict[str, np.ndarray], phase=None, title: str = "ΔE(x) during training (Fig. 3)",
+                 height: int = 460) -> go.Figure:
+    """Fig. 3: energy gaps per epoch (left axis) and test errors (right axis), phases shaded.
+
+    ``curves``: label -> (raw, smoothed or None); the raw line is drawn faint when a smoothed one
+    is given. ``errors``: label -> values in [0, 1]. ``phase``: a core.phase.PhaseResult or None.
+    """
+    epochs = np.asarray(epochs, dtype=float)
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    colors = [DE_COLOR, DEY_COLOR, "#17becf", "#bcbd22"]
+    for i, (label, (raw, smoothed)) in enumerate(curves.items()):
+        c = colors[i % len(colors)]
+        raw = np.asarray(raw, dtype=float)
+        if smoothed is not None:
+            fig.add_trace(go.Scatter(x=epochs, y=raw, mode="lines", name=f"{label} (raw)", line=dict(color=c, width=1),
+                                     opacity=0.3, legendgroup=label, showlegend=False,
+                                     hovertemplate=f"{label} raw: %{{y:.4g}}<extra></extra>"), secondary_y=False)
+            fig.add_trace(go.Scatter(x=epochs, y=np.asarray(smoothed, dtype=float), mode="lines+markers", name=label,
+                                     line=dict(color=c, width=2.5), marker=dict(size=4), legendgroup=label),
+                          secondary_y=False)
+        else:
+            fig.add_trace(go.Scatter(x=epochs, y=raw, mode="lines+markers", name=label, line=dict(color=c, width=2.5),
+                                     marker=dict(size=4)), secondary_y=False)
+    if phase is not None and getattr(phase, "fit_epochs", None):
+        fig.add_trace(go.Scatter(x=phase.fit_epochs, y=phase.fit_values, mode="lines", name="phase fit",
+                                 line=dict(color="black", width=1, dash="dot"), hoverinfo="skip"), secondary_y=False)
+    for j, (label, vals) in enumerate(errors.items()):
+        vals = np.asarray(vals, dtype=float)
+        if not _finite(vals):
+            continue
+        c = ROB_COLOR if j == 0 else NAT_COLOR
+        fig.add_trace(go.Scatter(x=epochs, y=vals, mode="lines", name=label,
+                                 line=dict(color=c, width=1.8, dash="solid" if j == 0 else "dash"),
+                                 hovertemplate=f"{label}: %{{y:.1%}}<extra></extra>"), secondary_y=True)
+    if epochs.size and phase is not None:
+        x0, x1 = float(epochs.min()), float(epochs.max())
+        p1 = phase.phase1_end if phase.phase1_end is not None else x0
+        p3 = phase.phase3_start if phase.phase3_start is not None else x1
+        spans = [("phase 1", x0, p1), ("phase 2", p1, p3), ("phase 3", p3, x1)]
+        for (label, a, b), color in zip(spans, PHASE_COLORS):
+            if b > a:
+                fig.add_vrect(x0=a, x1=b, fillcolor=color, line_width=0, layer="below",
+                              annotation_text=label, annotation_position="top left",
+                              annotation=dict(font_size=11, font_color="#555"))
+        if phase.phase3_start is not None:
+            fig.add_vline(x=phase.phase3_start, line=dict(color="#d62728", width=2, dash="dash"),
+                          annotation_text=f"overfitting from epoch {phase.phase3_start:g}",
+                          annotation_position="bottom right", annotation_font_color="#d62728")
+    fig.update_layout(title=title, height=height, hovermode="x unified", **LAYOUT)
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text="energy gap (training probe set)", secondary_y=False)
+    fig.update_yaxes(title_text="test error", tickformat=".0%", secondary_y=True, showgrid=False)
+    return fig
+
+
+def weight_figure(w_probe: np.ndarray | None, epoch: int | None, epochs: np.ndarray | None = None,
+                  stats: dict[str, np.ndarray] | None = None, height: int = 360) -> go.Figure:
+    """WEAT weights: histogram of w = 1/softplus(|E(x)|) on the probe set at one epoch (left) and,
+    when the method weights its loss, the per-epoch mean/min/max of the training weights (right)."""
+    has_stats = stats is not None and epochs is not None and any(_finite(v) for v in stats.values())
+    fig = make_subplots(rows=1, cols=2 if has_stats else 1, subplot_titles=(
+        (f"WEAT weight of the probe samples, epoch {epoch}" if epoch is not None else "WEAT weight of the probe samples",)
+        + (("training-batch weights per epoch",) if has_stats else ())))
+    if w_probe is not None and len(w_probe):
+        fig.add_trace(go.Histogram(x=np.asarray(w_probe, dtype=float), nbinsx=40, marker_color=DE_COLOR, opacity=0.8,
+                                   name="w(x) = 1/softplus(|E(x)|)"), row=1, col=1)
+    if has_stats:
+        ep = np.asarray(epochs, dtype=float)
+        if "w_min" in stats and "w_max" in stats and _finite(stats["w_min"]):
+            lo, hi = np.asarray(stats["w_min"], float), np.asarray(stats["w_max"], float)
+            fig.add_trace(go.Scatter(x=np.concatenate([ep, ep[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
+                                     fillcolor="rgba(44,160,44,0.15)", line=dict(width=0), name="min–max",
+                                     hoverinfo="skip"), row=1, col=2)
+        if "w_mean" in stats and _finite(stats["w_mean"]):
+            m = np.asarray(stats["w_mean"], float)
+            fig.add_trace(go.Scatter(x=ep, y=m, mode="lines+markers", name="mean", line=dict(color=DE_COLOR)),
+                          row=1, col=2)
+            if "w_std" in stats and _finite(stats["w_std"]):
+                sd = np.asarray(stats["w_std"], float)
+                fig.add_trace(go.Scatter(x=ep, y=m + sd, mode="lines", name="mean ± std",
+                                         line=dict(color=DE_COLOR, dash="dot", width=1)), row=1, col=2)
+                fig.add_trace(go.Scatter(x=ep, y=m - sd, mode="lines", showlegend=False,
+                                         line=dict(color=DE_COLOR, dash="dot", width=1)), row=1, col=2)
+        fig.update_xaxes(title_text="epoch", row=1, col=2)
+        fig.update_yaxes(title_text="weight", row=1, col=2)
+    fig.update_xaxes(title_text="weight w(x)", row=1, col=1)
+    fig.update_yaxes(title_text="count", row=1, col=1)
+    fig.update_layout(height=height, bargap=0.02, **LAYOUT)
+    return fig
+
+
+def compare_curves(series: dict[str, tuple[np.ndarray, np.ndarray]], phases: dict | None = None,
+                   ylabel: str = "ΔE(x) = E(x) − E(x*)", title: str = "ΔE(x) per epoch, several runs") -> go.Figure:
+    """ΔE curves of several runs overlaid (label -> (epochs, values)); a run's detected phase-3
+    epoch (``phases[label]``) is marked with a diamond on its curve."""
+    fig = go.Figure()
+    for i, (label, (ep, val)) in enumerate(series.items()):
+        c = PALETTE[i % len(PALETTE)]
+        ep, val = np.asarray(ep, float), np.asarray(val, float)
+        fig.add_trace(go.Scatter(x=ep, y=val, mode="lines+markers", name=label, line=dict(color=c, width=2),
+                                 marker=dict(size=3)))
+        p3 = (phases or {}).get(label)
+        if p3 is not None and ep.size:
+            k = int(np.argmin(np.abs(ep - p3)))
+            fig.add_trace(go.Scatter(x=[ep[k]], y=[val[k]], mode="markers", showlegend=False,
+                                     marker=dict(symbol="diamond", size=12, color=c, line=dict(color="black", width=1)),
+                                     hovertemplate=f"{label}: phase 3 from epoch {p3:g}<extra></extra>"))
+    fig.add_hline(y=0, line=dict(color="black", width=1, dash="dot"))
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title=ylabel, height=420, hovermode="x unified", **LAYOUT)
+    return fig
+
+
+def final_bars(rows: list[dict], key: str = "dE_mean", label: str = "final ΔE(x)") -> go.Figure:
+    """Table 2a as bars: one bar per run (``rows``: dicts with 'run', 'method' and ``key``),
+    coloured by method, with the robust accuracy in the hover text when present."""
+    fig = go.Figure()
+    methods = list(dict.fromkeys(r.get("method", "?") for r in rows))
+    for i, m in enumerate(methods):
+        sel = [r for r in rows if r.get("method", "?") == m]
+        fig.add_trace(go.Bar(
+            x=[r["run"] for r in sel], y=[r.get(key) for r in sel], name=m, marker_color=PALETTE[i % len(PALETTE)],
+            text=[f"{r.get(key):+.4f}" if r.get(key) is not None else "" for r in sel], textposition="outside",
+            hovertext=[f"{r['run']} ({m})<br>{label} {r.get(key):+.4f}" + (f"<br>PGD acc {r['pgd_acc']:.1%}" if
+                       r.get("pgd_acc") is not None else "") if r.get(key) is not None else r["run"] for r in sel],
+            hoverinfo="text"))
+    fig.add_hline(y=0, line=dict(color="black", width=1))
+    fig.update_layout(title=f"{label} at the last epoch (Table 2a)", yaxis_title=label, height=380, barmode="group",
+                      **LAYOUT)
+    return fig

@@ -1,0 +1,90 @@
+"""Tiny job runners for tests/test_jobs.py (loaded by file path inside job processes).
+
+Each follows the runner contract ``run(config, run_dir, report) -> dict | None`` and leaves a
+``marker.json`` in its folder so tests can see what happened inside the job process. None of them
+imports torch, so a job process starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from core.errors import InputError
+
+
+def _marker(run_dir: Path, **kw) -> None:
+    path = Path(run_dir) / "marker.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(kw)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def quick(config, run_dir, report):
+    """Reports a few steps, writes metrics.jsonl and returns a result."""
+    _marker(run_dir, pid=os.getpid(), start=time.time(), config=config)
+    steps = int(config.get("steps", 3))
+    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+        for i in range(steps):
+            f.write(json.dumps({"epoch": i + 1, "value": config.get("value", 0)}) + "\n")
+            report((i + 1) / steps, f"step {i + 1}/{steps}")
+    print("quick runner done", flush=True)
+    _marker(run_dir, end=time.time())
+    return {"answer": 42, "value": config.get("value", 0), "steps": steps}
+
+
+def sleepy(config, run_dir, report):
+    """Sleeps ``steps`` x ``dt`` seconds, checkpointing the step; with resume=True it continues."""
+    run_dir = Path(run_dir)
+    steps, dt = int(config.get("steps", 10)), float(config.get("dt", 0.1))
+    state = run_dir / "state.json"
+    first = json.loads(state.read_text())["step"] if config.get("resume") and state.exists() else 0
+    _marker(run_dir, pid=os.getpid(), start=time.time(), first_step=first, resume=bool(config.get("resume")))
+    try:
+        for i in range(first, steps):
+            print(f"sleepy step {i + 1}/{steps}", flush=True)
+            time.sleep(dt)
+            state.write_text(json.dumps({"step": i + 1}))
+            report((i + 1) / steps, f"step {i + 1}/{steps}")
+    finally:
+        _marker(run_dir, cleanup=time.time())  # proves the runner unwinds on a stop request
+    _marker(run_dir, end=time.time())
+    return {"steps": steps, "first_step": first}
+
+
+def failing(config, run_dir, report):
+    """Prints some lines, then crashes with an unexpected exception."""
+    for i in range(3):
+        print(f"working on part {i}", flush=True)
+    report(0.3, "about to fail")
+    raise RuntimeError("boom: the runner crashed")
+
+
+def user_error(config, run_dir, report):
+    """Fails with a user-facing EnergyLensError."""
+    raise InputError("epsilon must lie in [0, 1], got 3")
+
+
+def chatty(config, run_dir, report):
+    """Reports progress far more often than the registry accepts writes."""
+    n, t_end = int(config.get("reports", 2000)), time.time() + float(config.get("seconds", 2.0))
+    i = 0
+    while time.time() < t_end or i < n:
+        i += 1
+        report(min(1.0, i / n), f"report {i}")
+        time.sleep(0.001)
+    return {"reports": i}
+
+
+def stubborn(config, run_dir, report):
+    """Ignores SIGTERM, so stopping it needs SIGKILL."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _marker(run_dir, pid=os.getpid(), start=time.time())
+    report(0.1, "ignoring stop requests")
+    time.sleep(float(config.get("seconds", 60)))
+    return {}
