@@ -315,17 +315,21 @@ def test_registry_is_consistent_while_a_job_writes(runs):
     running = [s for s in seen if s[2] == "running"]
     assert len(running) > 20
     # progress writes are throttled to ~2/s: a 2 s job shows only a handful of distinct versions
-    assert len({s[1] for s in running}) <= 10
+    budget = (done.finished - done.started) / jobs.REPORT_INTERVAL_S + 5  # + launch, claim, first report
+    assert len({s[1] for s in running}) <= budget
 
 
 def test_reporter_throttles_writes(tmp_path, monkeypatch):
     writes = []
     monkeypatch.setattr(jobs._Reporter, "_write", lambda self, f, m: writes.append((f, m)))
     rep = jobs._Reporter(tmp_path, "x", os.getpid())
+    t0 = time.monotonic()
     for i in range(500):
         rep(i / 499, f"m{i}")
+    elapsed = time.monotonic() - t0
     rep.close()
-    assert 2 <= len(writes) <= 4  # the first report, maybe one flush, and the final state
+    # the first report at once, then at most one write per interval, and the final state on close
+    assert 2 <= len(writes) <= 2 + elapsed / jobs.REPORT_INTERVAL_S + 1
     assert writes[-1] == (1.0, "m499")
     rep2 = jobs._Reporter(tmp_path, "x", os.getpid())
     writes.clear()
