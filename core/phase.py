@@ -282,7 +282,11 @@ def detect_phases(values: Iterable[float], epochs: Iterable[float] | None = None
     ``values``: ΔE(x) per epoch (NaN/inf allowed: skipped). ``epochs``: their epoch numbers
     (default 1..n). ``smoothing``: weight of the zero-phase EMA applied before fitting (0 = none).
     ``direction``: 'down' (ΔE = E(x) − E(x*) falls, the paper's convention) or 'up'.
-    See the module docstring for the rule and the meaning of the thresholds.
+    ``despike_values``: Hampel-filter isolated outliers first. ``curved``: allow a decelerating
+    bend of the last piece. ``min_*``: fewest epochs per phase; ``steep_ratio``, ``noise_mult``,
+    ``f_min``: the acceptance thresholds. See the module docstring for the rule.
+    Never raises on data (short, constant or non-finite series give a result with an
+    explanation); raises InputError only for invalid arguments.
     """
     v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float).ravel()
     x = np.arange(1, v.size + 1, dtype=float) if epochs is None else \
@@ -422,7 +426,7 @@ def detect_phases(values: Iterable[float], epochs: Iterable[float] | None = None
                "steep": f"it is not {steep_ratio:g}× steeper than the plateau",
                "sustained": f"its extra drop is {c['z']:.1f}σ (needs {noise_mult:g}σ) or lasts < {min_phase3} epochs",
                "significant": f"its kink is not significant (F = {c['f']:.1f} < {f_min:g})"}
-        reasons = [why[k] for k, good_ in c["conds"].items() if not good_]
+        reasons = [why[k] for k, good_ in c["conds"].items() if not good_][:1]   # the first failed test
 
     # ---- no phase 3: the one-kink model gives the phase-1 boundary
     if m1 is None:

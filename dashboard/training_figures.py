@@ -138,16 +138,25 @@ def compare_curves(series: dict[str, tuple[np.ndarray, np.ndarray]], phases: dic
 def final_bars(rows: list[dict], key: str = "dE_mean", label: str = "final ΔE(x)") -> go.Figure:
     """Table 2a as bars: one bar per run (``rows``: dicts with 'run', 'method' and ``key``),
     coloured by method, with the robust accuracy in the hover text when present."""
+
+    def val(r, k):
+        v = r.get(k)
+        return float(v) if isinstance(v, (int, float)) and np.isfinite(v) else None
+
     fig = go.Figure()
     methods = list(dict.fromkeys(r.get("method", "?") for r in rows))
     for i, m in enumerate(methods):
         sel = [r for r in rows if r.get("method", "?") == m]
-        fig.add_trace(go.Bar(
-            x=[r["run"] for r in sel], y=[r.get(key) for r in sel], name=m, marker_color=PALETTE[i % len(PALETTE)],
-            text=[f"{r.get(key):+.4f}" if r.get(key) is not None else "" for r in sel], textposition="outside",
-            hovertext=[f"{r['run']} ({m})<br>{label} {r.get(key):+.4f}" + (f"<br>PGD acc {r['pgd_acc']:.1%}" if
-                       r.get("pgd_acc") is not None else "") if r.get(key) is not None else r["run"] for r in sel],
-            hoverinfo="text"))
+        ys = [val(r, key) for r in sel]
+        hover = []
+        for r, y in zip(sel, ys):
+            h = f"{r['run']} ({m})<br>{label} " + ("–" if y is None else f"{y:+.4f}")
+            if val(r, "pgd_acc") is not None:
+                h += f"<br>PGD acc {val(r, 'pgd_acc'):.1%}"
+            hover.append(h)
+        fig.add_trace(go.Bar(x=[r["run"] for r in sel], y=ys, name=m, marker_color=PALETTE[i % len(PALETTE)],
+                             text=["" if y is None else f"{y:+.4f}" for y in ys], textposition="outside",
+                             hovertext=hover, hoverinfo="text"))
     fig.add_hline(y=0, line=dict(color="black", width=1))
     fig.update_layout(title=f"{label} at the last epoch (Table 2a)", yaxis_title=label, height=380, barmode="group",
                       **LAYOUT)

@@ -38,7 +38,7 @@ CASES = [(100, 77), (60, 45), (40, 28), (30, 20)]   # (epochs, true phase-3 star
 @pytest.mark.parametrize("noise", [0.005, 0.02, 0.04])
 @pytest.mark.parametrize("shape", ["linear", "saturating"])
 def test_sat_like_phase3_located(n, t3, noise, shape):
-    for seed in range(6):
+    for seed in range(5):
         r = detect_phases(sat_curve(n, max(3, n // 10), t3, noise, seed, shape))
         assert r.phase3_start is not None, (seed, r.explanation)
         assert abs(r.phase3_start - t3) <= (2 if shape == "linear" else 3), (seed, r.phase3_start, r.explanation)
@@ -87,7 +87,7 @@ def test_epochs_argument_and_direction_up():
 @pytest.mark.parametrize("noise", [0.001, 0.01, 0.05])
 @pytest.mark.parametrize("drift", [0.0, 0.03])
 def test_trades_like_flat_curves_have_no_phase3(n, noise, drift):
-    for seed in range(8):
+    for seed in range(6):
         r = detect_phases(trades_curve(n, noise, seed, drift))
         assert r.phase3_start is None, (seed, r.explanation)
         assert r.confidence == 0.0
@@ -210,15 +210,23 @@ def test_zero_phase_smoothing_has_no_lag_and_despike_keeps_kinks():
 
 
 # ------------------------------------------------------------------------------------ real data
+@pytest.mark.slow
 def test_real_tiny_sat_run(tmp_path):
     """A real (tiny) SAT run on the embedded digits: the detector runs on its metrics.jsonl."""
+    import torch
+
     from core.storage import read_jsonl
     from core.train import TrainConfig, train
 
     cfg = TrainConfig(method="sat", dataset="digits", arch="smallcnn", epochs=3, batch_size=64, train_limit=192,
                       attack_steps=2, eval_steps=2, eval_samples=48, probe_size=32, device="cpu",
                       out_dir=str(tmp_path / "run"))
-    train(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # tiny batches: extra threads only contend on a shared CPU
+    try:
+        train(cfg)
+    finally:
+        torch.set_num_threads(threads)
     recs = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(recs) == 3
     for key in ("dE_mean", "dEy_mean", "dE_q50"):

@@ -1,0 +1,541 @@
+"""Training studio: adversarial-training jobs with live ΔE(x) (paper Sec. 3.2: Fig. 3, Fig. 1 b-d, Table 2a)."""
+
+import json
+import shlex
+
+import common
+import numpy as np
+import streamlit as st
+
+import figures as fig
+import training_figures as tfig
+from core import jobs, phase
+from core.data import DATASETS
+from core.errors import EnergyLensError, InputError
+from core.losses import INNERS, METHODS, OUTERS, WEIGHTINGS
+from core.models import ARCHITECTURES
+from core.train import SCHEDULES, TrainConfig
+
+st.title("🏋️ Training studio")
+st.caption("Train SAT / TRADES / MART / MAIL / WEAT models as background jobs and watch the energy gap "
+           "ΔE(x) = E(x) − E(x*) of training samples: its steep fall marks robust overfitting (paper Fig. 3).")
+
+with st.expander("What am I looking at?", expanded=False):
+    st.markdown(
+        r"""
+Every epoch the trainer attacks a fixed **probe set of training images** with the training attack and records the
+natural and adversarial energies. $\Delta E(x) = E(x) - E(x^*)$ is the marginal-energy gap and
+$\Delta E(x,y) = E(x,y) - E(x^*,y)$ the joint one (their means are plotted; quantiles are in `metrics.jsonl`).
+
+* **Three phases (Fig. 3):** with SAT, $\Delta E(x)$ first settles (phase 1), stays on a plateau (phase 2), then falls
+  steeply (phase 3) while the robust test error rises: **robust overfitting**. TRADES keeps it almost flat. The
+  phases are found by `core.phase.detect_phases`: a piecewise-linear change-point fit of the raw series with
+  noise-relative tests (steep, sustained, significant); the smoothing slider only changes the display.
+* **Arrow snapshots (Fig. 1 b–d):** the probe samples in the $(E(x), E(x,y))$ plane at one epoch, arrow from the
+  natural to the adversarial point.
+* **WEAT weights:** $w(x) = 1/\log(1+e^{|E(x)|})$ of the probe samples at that epoch, and the mean/min/max of the
+  weights the loss actually used (WEAT and the other weighting methods).
+* **Compare runs (Table 2a):** ΔE curves of several runs overlaid and the final ΔE per run.
+
+Jobs run in their own processes and keep running when you close the tab; this page re-attaches to them from the
+job registry on disk. Plots refresh every 2 s while a run is running.
+"""
+    )
+
+DATASET_DEFAULTS = {
+    "digits": dict(arch="smallcnn", epochs=15, lr=0.1, batch_size=128),
+    "cifar10": dict(arch="resnet18", epochs=100, lr=0.1, batch_size=128),
+    "cifar100": dict(arch="resnet18", epochs=100, lr=0.1, batch_size=128),
+    "svhn": dict(arch="resnet18", epochs=100, lr=0.01, batch_size=128),
+    "tinyimagenet": dict(arch="resnet18", epochs=100, lr=0.1, batch_size=128),
+}
+DEFAULT = "(method default)"
+BASE = TrainConfig()
+
+
+def dataset_defaults(name: str) -> dict:
+    d = dict(DATASET_DEFAULTS.get(name, DATASET_DEFAULTS["cifar10"]))
+    d["eps255"] = round(DATASETS[name].default_eps * 255, 2) if name in DATASETS else 8.0
+    return d
+
+
+def device_options() -> list[str]:
+    import torch
+
+    return ["auto", "cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def cli_text(cfg: dict, name: str | None, device: str) -> str:
+    body = json.dumps(cfg, indent=2)
+    folder = "runs/" + "".join(c if c.isalnum() or c in "-_" else "-" for c in (name or "my-run")).strip("-")
+    name_flag = f" --name {shlex.quote(name)}" if name else ""
+    return (f"cat > train_config.json <<'EOF'\n{body}\nEOF\n"
+            f"# as a background job (same registry as this page):\n"
+            f"python -m core.jobs submit train --config train_config.json{name_flag} --device {device}\n"
+            f"# or in the foreground, without the job registry:\n"
+            f"python -m core.train --config train_config.json --out-dir {shlex.quote(folder)}")
+
+
+# ============================================================================= launch form
+st.subheader("New training run")
+ver = st.session_state.setdefault("tr_form_ver", 0)
+pre: dict = st.session_state.get("tr_prefill") or {}
+if pre:
+    st.info(f"Form prefilled from run **{st.session_state.get('tr_prefill_name', '?')}**: change what you want and "
+            "launch. The copy starts from scratch in a new folder.")
+    if st.button("Clear the prefilled values", key=f"tr_clear_prefill_{ver}"):
+        st.session_state.pop("tr_prefill", None)
+        st.session_state["tr_form_ver"] = ver + 1
+        st.rerun()
+
+methods, datasets = list(METHODS), list(DATASETS)
+c1, c2 = st.columns(2)
+method = c1.selectbox("Method", methods, index=methods.index(pre["method"]) if pre.get("method") in methods else
+                      methods.index("sat"), key=f"tr_method_{ver}",
+                      help="Table 1c: SAT = PGD-CE, TRADES = CE + β·KL, MART, MAIL-TRADES, WEAT (energy weights)")
+dataset = c2.selectbox("Dataset", datasets, index=datasets.index(pre["dataset"]) if pre.get("dataset") in datasets
+                       else 0, key=f"tr_dataset_{ver}",
+                       format_func=lambda d: f"{d} — {DATASETS[d].description}")
+dd = dataset_defaults(dataset)
+P = pre if pre.get("dataset") == dataset else {}    # prefill only applies to the run's own dataset
+
+
+def pv(name, default):
+    """Prefilled value of a config field, else the default."""
+    v = P.get(name)
+    return default if v is None else v
+
+
+sfx = f"{ver}_{dataset}"
+lcfg = METHODS[method]
+with st.form(f"tr_form_{ver}"):
+    a1, a2, a3 = st.columns([2, 1, 1])
+    run_name = a1.text_input("Run name (optional)", value=str(P.get("name") or ""), key=f"tr_name_{sfx}")
+    archs = list(ARCHITECTURES)
+    arch = a2.selectbox("Architecture", archs, index=archs.index(pv("arch", dd["arch"])) if pv("arch", dd["arch"]) in
+                        archs else 0, key=f"tr_arch_{sfx}")
+    devs = device_options()
+    device = a3.selectbox("Device", devs, index=devs.index(P["device"]) if P.get("device") in devs else 0,
+                          key=f"tr_device_{sfx}", help="auto = CUDA when a GPU is present, else CPU")
+    b1, b2, b3, b4 = st.columns(4)
+    eps255 = b1.number_input("ε (× 1/255, L∞)", value=float(round(pv("eps", dd["eps255"] / 255) * 255, 2)), step=1.0,
+                             key=f"tr_eps_{sfx}")
+    steps = b2.number_input("Attack steps", value=int(pv("attack_steps", BASE.attack_steps)), step=1,
+                            key=f"tr_steps_{sfx}")
+    beta = b3.number_input("β (KL weight)", value=float(pv("beta", lcfg.beta) if P.get("method") == method else lcfg.beta),
+                           step=0.5, key=f"tr_beta_{sfx}_{method}",
+                           help="TRADES / MART / MAIL / WEAT weight of the KL term; 0 disables it")
+    seed = b4.number_input("Seed", value=int(pv("seed", 0)), step=1, key=f"tr_seed_{sfx}")
+    d1, d2, d3, d4 = st.columns(4)
+    epochs = d1.number_input("Epochs", value=int(pv("epochs", dd["epochs"])), step=1, key=f"tr_epochs_{sfx}")
+    lr = d2.number_input("Learning rate", value=float(pv("lr", dd["lr"])), step=0.01, format="%.4f", key=f"tr_lr_{sfx}")
+    schedule = d3.selectbox("LR schedule", SCHEDULES, index=SCHEDULES.index(pv("schedule", "onecycle")) if
+                            pv("schedule", "onecycle") in SCHEDULES else 0, key=f"tr_sched_{sfx}")
+    batch = d4.number_input("Batch size", value=int(pv("batch_size", dd["batch_size"])), step=16, key=f"tr_bs_{sfx}")
+
+    with st.expander("Advanced: ablations (Table 1c), evaluation and probe sizes", expanded=False):
+        e1, e2, e3 = st.columns(3)
+        inner = e1.selectbox("Inner loss (attack)", [DEFAULT, *INNERS], index=([DEFAULT, *INNERS].index(P["inner"]) if
+                             P.get("inner") in INNERS else 0), key=f"tr_inner_{sfx}",
+                             help=f"'{method}' uses {lcfg.inner}")
+        outer = e2.selectbox("Outer CE term", [DEFAULT, *OUTERS], index=([DEFAULT, *OUTERS].index(P["outer"]) if
+                             P.get("outer") in OUTERS else 0), key=f"tr_outer_{sfx}",
+                             help=f"'{method}' uses {lcfg.outer}")
+        weighting = e3.selectbox("Sample weighting", [DEFAULT, *WEIGHTINGS],
+                                 index=([DEFAULT, *WEIGHTINGS].index(P["weighting"]) if P.get("weighting") in WEIGHTINGS
+                                        else 0), key=f"tr_weighting_{sfx}", help=f"'{method}' uses {lcfg.weighting}")
+        f1, f2, f3, f4 = st.columns(4)
+        wnorm = f1.selectbox("Weight normalisation", ["batch", "sum"], index=["batch", "sum"].index(pv("weight_norm", "batch"))
+                             if pv("weight_norm", "batch") in ("batch", "sum") else 0, key=f"tr_wnorm_{sfx}",
+                             help="energy weights: divide by the batch size (official WEAT code) or by Σw")
+        wlog = f2.selectbox("Weight logits", ["train", "eval"], index=["train", "eval"].index(pv("weight_logits", "train"))
+                            if pv("weight_logits", "train") in ("train", "eval") else 0, key=f"tr_wlog_{sfx}",
+                            help="energy weights from the train-mode forward (official) or an extra eval-mode forward")
+        step255 = f3.number_input("Attack step size (× 1/255; 0 = ε/4)", value=float(round((P.get("step_size") or 0) * 255, 3)),
+                                  step=0.5, key=f"tr_step_{sfx}")
+        burn_in = f4.number_input("Burn-in epochs (MAIL; 0 = none)", value=int(P.get("burn_in") or 0), step=1,
+                                  key=f"tr_burn_{sfx}")
+        g1, g2, g3, g4 = st.columns(4)
+        eval_samples = g1.number_input("Test images per evaluation", value=int(pv("eval_samples", BASE.eval_samples)),
+                                       step=64, key=f"tr_evaln_{sfx}")
+        eval_steps = g2.number_input("PGD steps of the evaluation", value=int(pv("eval_steps", BASE.eval_steps)), step=1,
+                                     key=f"tr_evals_{sfx}")
+        probe_size = g3.number_input("Probe set (training images)", value=int(pv("probe_size", BASE.probe_size)),
+                                     step=64, key=f"tr_probe_{sfx}")
+        snap = g4.number_input("Arrow snapshot every N epochs", value=int(pv("snapshot_every", 1)), step=1,
+                               key=f"tr_snap_{sfx}")
+        h1, h2, h3, h4 = st.columns(4)
+        train_limit = h1.number_input("Training images (0 = all)", value=int(P.get("train_limit") or 0), step=256,
+                                      key=f"tr_limit_{sfx}")
+        wd = h2.number_input("Weight decay", value=float(pv("weight_decay", BASE.weight_decay)), format="%.5f",
+                             step=1e-4, key=f"tr_wd_{sfx}")
+        momentum = h3.number_input("Momentum", value=float(pv("momentum", BASE.momentum)), step=0.05, key=f"tr_mom_{sfx}")
+        augment = h4.checkbox("Augment (crop, flip)", value=bool(pv("augment", True)), key=f"tr_aug_{sfx}")
+        amp = h4.checkbox("bf16 autocast (CUDA)", value=bool(pv("amp", False)), key=f"tr_amp_{sfx}")
+    s1, s2, _ = st.columns([1, 1, 3])
+    launch = s1.form_submit_button("Launch", type="primary", key=f"tr_launch_{ver}")
+    check = s2.form_submit_button("Check & show CLI", key=f"tr_check_{ver}")
+
+
+def form_config() -> dict:
+    cfg = {"method": method, "dataset": dataset, "arch": arch, "epochs": int(epochs), "batch_size": int(batch),
+           "lr": float(lr), "momentum": float(momentum), "weight_decay": float(wd), "schedule": schedule,
+           "eps": float(eps255) / 255, "attack_steps": int(steps), "seed": int(seed), "device": device,
+           "weight_norm": wnorm, "weight_logits": wlog, "eval_steps": int(eval_steps), "eval_samples": int(eval_samples),
+           "probe_size": int(probe_size), "snapshot_every": int(snap), "augment": bool(augment), "amp": bool(amp)}
+    if float(beta) != lcfg.beta:
+        cfg["beta"] = float(beta)
+    for k, v in (("inner", inner), ("outer", outer), ("weighting", weighting)):
+        if v != DEFAULT:
+            cfg[k] = v
+    if float(step255) != 0:
+        cfg["step_size"] = float(step255) / 255
+    if int(burn_in) != 0:
+        cfg["burn_in"] = int(burn_in)
+    if int(train_limit) != 0:
+        cfg["train_limit"] = int(train_limit)
+    if run_name.strip():
+        cfg["name"] = run_name.strip()
+    return cfg
+
+
+def validate(cfg: dict) -> TrainConfig:
+    """TrainConfig.validate with the real training-set size; raises EnergyLensError with the message."""
+    if cfg["eps"] < 0:
+        raise InputError(f"ε must be >= 0, got {cfg['eps'] * 255:g}/255")
+    if cfg.get("train_limit", 1) < 0:
+        raise InputError("the number of training images must be >= 0 (0 = all)")
+    if cfg.get("burn_in", 0) < 0:
+        raise InputError("burn-in epochs must be >= 0")
+    tc = TrainConfig.from_dict({**cfg, "out_dir": "runs/check"})
+    tc.validate()                       # cheap checks first: no dataset load for an obviously bad form
+    ds = common.load_dataset_cached(dataset, "train")
+    n_train = min(len(ds), cfg["train_limit"]) if cfg.get("train_limit") else len(ds)
+    return tc.validate(n_train)
+
+
+if launch or check:
+    with common.guard("checking the training settings"):
+        cfg = form_config()
+        validate(cfg)
+        name = cfg.get("name")
+        if launch:
+            info = jobs.submit("train", cfg, name=name, device=device)
+            st.session_state["tr_view_request"] = info.id
+            st.session_state.pop("tr_prefill", None)
+            st.success(f"Started training job **{info.name}** ({info.id}, status {info.status}). It runs in the "
+                       f"background; its progress and plots show below.")
+        else:
+            st.success("The settings are valid.")
+        with st.expander("Equivalent command line", expanded=bool(check)):
+            st.code(cli_text(cfg, name, device), language="bash")
+
+# ============================================================================= run list
+st.divider()
+st.subheader("Runs")
+
+
+def list_train_jobs():
+    try:
+        return jobs.list_jobs(kind="train")
+    except EnergyLensError as e:
+        st.error(f"Cannot read the job registry: {e}")
+        return []
+
+
+all_jobs = list_train_jobs()
+active_ids = sorted(j.id for j in all_jobs if j.active)
+
+
+def fmt_time(seconds) -> str:
+    if seconds is None:
+        return "–"
+    s = int(seconds)
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+STATUS_ICON = {"queued": "⏳", "running": "🏃", "done": "✅", "failed": "❌", "stopped": "⏹️"}
+
+
+def run_actions(info) -> None:
+    """Buttons of one run: stop / resume / duplicate / delete (with confirmation)."""
+    confirming = st.session_state.get("tr_confirm_delete") == info.id and info.status != "running"
+    cols = iter(st.columns([1, 1, 1, 1, 3] if not confirming else [1, 1, 2, 1, 1, 1]))
+    if info.active:
+        if next(cols).button("Stop", key=f"tr_stop_{info.id}"):
+            with common.guard(f"stopping {info.id}"):
+                jobs.stop_job(info.id, grace=5.0)
+                st.rerun(scope="app")
+    elif info.status in ("stopped", "failed"):
+        if next(cols).button("Resume", key=f"tr_resume_{info.id}", help="continue from the last completed epoch"):
+            with common.guard(f"resuming {info.id}"):
+                jobs.resume_job(info.id)
+                st.session_state["tr_view_request"] = info.id
+                st.rerun(scope="app")
+    if next(cols).button("Duplicate", key=f"tr_dup_{info.id}", help="open the form prefilled with this run's settings"):
+        st.session_state["tr_prefill"] = {k: v for k, v in (info.config or {}).items() if k not in ("resume", "out_dir")}
+        st.session_state["tr_prefill_name"] = info.name
+        st.session_state["tr_form_ver"] = st.session_state.get("tr_form_ver", 0) + 1
+        st.rerun(scope="app")
+    if info.status == "running":
+        return
+    if confirming:
+        next(cols).warning("Delete the run and its folder?")
+        if next(cols).button("Yes, delete", key=f"tr_del_yes_{info.id}", type="primary"):
+            with common.guard(f"deleting {info.id}"):
+                jobs.delete_job(info.id)
+                st.session_state.pop("tr_confirm_delete", None)
+                st.rerun(scope="app")
+        if next(cols).button("Cancel", key=f"tr_del_no_{info.id}"):
+            st.session_state.pop("tr_confirm_delete", None)
+            st.rerun(scope="app")
+    elif next(cols).button("Delete", key=f"tr_del_{info.id}"):
+        st.session_state["tr_confirm_delete"] = info.id
+        st.rerun(scope="app")
+
+
+@st.fragment(run_every=2.0 if active_ids else None)
+def runs_panel() -> None:
+    with common.guard("listing the runs"):
+        cur = list_train_jobs()
+        if sorted(j.id for j in cur if j.active) != active_ids:
+            st.rerun(scope="app")          # a run started or ended: refresh everything (and stop polling)
+        if not cur:
+            st.info("No training runs yet. Launch one above — the defaults train a small CNN on the embedded digits "
+                    "in well under a minute per epoch on CPU.")
+            return
+        for info in cur[:30]:
+            with st.container(border=True):
+                cfg = info.config or {}
+                c1 = st.container()
+                c1.markdown(f"{STATUS_ICON.get(info.status, '')} **{info.name}** · `{info.id}` · {info.status}  \n"
+                            f"{cfg.get('method', '?')} · {cfg.get('dataset', '?')} · {cfg.get('arch', '?')} · "
+                            f"{cfg.get('epochs', '?')} epochs · device {info.device} · "
+                            f"running time {fmt_time(info.duration)}")
+                c1.progress(max(0.0, min(1.0, float(info.progress or 0.0))), text=info.message or info.status)
+                run_actions(info)
+                if info.status == "failed" and info.error:
+                    st.error(f"Failed: {info.error.splitlines()[0] if info.error else ''}")
+                    with st.expander("Error and log tail"):
+                        st.code(info.error)
+                        st.code(jobs.read_log_tail(info.id, 30) or "(empty log)")
+        if len(cur) > 30:
+            st.caption(f"{len(cur) - 30} older runs are not shown (delete some, or use `python -m core.jobs list`).")
+
+
+runs_panel()
+
+# ============================================================================= live plots of one run
+viewable = [j for j in all_jobs]
+if not viewable:
+    st.stop()
+st.divider()
+st.subheader("Energy dynamics of a run")
+ids = [j.id for j in viewable]
+by_id = {j.id: j for j in viewable}
+# widget keys are only written here, before their widgets exist in this run (buttons inside the
+# fragments leave a request instead)
+req = st.session_state.pop("tr_view_request", None)
+if req in ids:
+    st.session_state["tr_view"] = req
+if "tr_compare" in st.session_state:
+    st.session_state["tr_compare"] = [i for i in st.session_state["tr_compare"] if i in ids]
+if st.session_state.get("tr_view") not in ids:
+    st.session_state["tr_view"] = next((j.id for j in viewable if j.active), ids[0])
+view_id = st.selectbox("Run", ids, key="tr_view",   # no status in the label: a keyed widget keeps its old labels
+                       format_func=lambda i: f"{by_id[i].name} ({(by_id[i].config or {}).get('method', '?')}, {i})")
+v1, v2, v3 = st.columns([2, 1, 1])
+smooth_w = v1.slider("Smoothing (display only; the raw line stays faint)", 0.0, 0.95, 0.0, 0.05, key="tr_smooth")
+stat = v2.radio("Statistic over the probe set", ["mean", "median"], horizontal=True, key="tr_stat")
+show_joint = v3.checkbox("Also ΔE(x, y)", value=True, key="tr_joint")
+skey = "q50" if stat == "median" else "mean"
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def detect_cached(epochs: tuple, values: tuple) -> phase.PhaseResult:
+    return phase.detect_phases(np.asarray(values, float), np.asarray(epochs, float))
+
+
+def series(recs, key):
+    return phase.metric_series(recs, key)
+
+
+def num(rec: dict, key: str) -> float | None:
+    """A finite number from a metrics record, else None (missing, text, NaN)."""
+    try:
+        v = float(rec.get(key))
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
+def fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def fig3_block(info, recs) -> None:
+    ep, de = series(recs, f"dE_{skey}")
+    _, dey = series(recs, f"dEy_{skey}")
+    _, rob = series(recs, "rob_err")
+    _, nat = series(recs, "nat_err")
+    res = detect_cached(tuple(ep.tolist()), tuple(de.tolist()))
+    sm = (lambda v: phase.smooth(v, smooth_w)) if smooth_w > 0 else (lambda v: None)
+    curves = {"ΔE(x)": (de, sm(de))}
+    if show_joint:
+        curves["ΔE(x, y)"] = (dey, sm(dey))
+    good = [r for r in recs if isinstance(r, dict) and num(r, f"dE_{skey}") is not None]
+    last = good[-1] if good else recs[-1]
+    m1, m2, m3, m4 = st.columns(4)
+    cfg = info.config or {}
+    m1.metric("Epoch", f"{fmt(num(last, 'epoch') or len(recs), '.0f')} / {cfg.get('epochs', '?')}")
+    m2.metric("Natural accuracy", fmt(num(last, "nat_acc"), ".1%"))
+    m3.metric("PGD accuracy", fmt(num(last, "pgd_acc"), ".1%"))
+    m4.metric(f"ΔE(x) ({stat})", fmt(num(last, f"dE_{skey}"), "+.4f"))
+    st.plotly_chart(tfig.phase_figure(ep, curves, {"robust test error": rob, "natural test error": nat}, res,
+                                      title=f"ΔE during training — {info.name} ({cfg.get('method', '?')})"),
+                    width="stretch", config=fig.PLOT_CONFIG, key="tr_fig3")
+    if res.phase3_start is not None:
+        _, pgd = series(recs, "pgd_acc")
+        best = int(ep[int(np.nanargmax(pgd))]) if np.isfinite(pgd).any() else None
+        st.warning(f"**{res.explanation}** Confidence {res.confidence:.0%}."
+                   + (f" The best checkpoint (`best.safetensors`, highest PGD accuracy) is from epoch {best}." if best else ""))
+    else:
+        st.caption(f"{res.explanation}")
+
+
+def arrows_block(info, recs) -> None:
+    eps_avail = phase.probe_epochs(info.run_dir)
+    if not eps_avail:
+        st.info("No probe snapshot yet: they are written at the end of each snapshot epoch.")
+        return
+    follow = info.active and st.checkbox("Follow the latest epoch", value=True, key=f"tr_follow_{info.id}")
+    if follow or len(eps_avail) == 1:
+        epoch = eps_avail[-1]
+        st.caption(f"Epoch {epoch}" + (" (latest)" if follow else ""))
+    else:
+        epoch = st.select_slider("Epoch of the snapshot", options=eps_avail, value=eps_avail[-1],
+                                 key=f"tr_arrow_epoch_{info.id}")
+    pr = phase.load_probe(info.run_dir, epoch)
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        st.plotly_chart(fig.energy_arrows(pr["e_nat"], pr["ej_nat"], pr["e_adv"], pr["ej_adv"],
+                                          title=f"Probe samples, epoch {epoch}: natural → adversarial (Fig. 1 b–d)",
+                                          labels=pr.get("labels")),
+                        width="stretch", config=fig.PLOT_CONFIG, key="tr_arrows")
+    with c2:
+        d = pr["e_nat"] - pr["e_adv"]
+        dj = pr["ej_nat"] - pr["ej_adv"]
+        st.metric("mean ΔE(x) at this epoch", f"{float(np.mean(d)):+.4f}")
+        st.metric("mean ΔE(x, y) at this epoch", f"{float(np.mean(dj)):+.4f}")
+        if "correct_nat" in pr and "correct_adv" in pr:
+            st.metric("probe accuracy natural → adversarial",
+                      f"{float(np.mean(pr['correct_nat'])):.1%} → {float(np.mean(pr['correct_adv'])):.1%}")
+        st.caption("Short arrows = natural and adversarial energies stay aligned (what TRADES and WEAT aim for); "
+                   "long leftward arrows = adversarial points look *more* likely to the model than the data.")
+    st.session_state["tr_probe_epoch"] = epoch
+
+
+def weights_block(info, recs) -> None:
+    eps_avail = phase.probe_epochs(info.run_dir)
+    epoch = st.session_state.get("tr_probe_epoch")
+    if epoch not in eps_avail:
+        epoch = eps_avail[-1] if eps_avail else None
+    w = phase.load_probe(info.run_dir, epoch).get("w_probe") if epoch is not None else None
+    ep, _ = series(recs, "epoch")
+    stats = {k: series(recs, k)[1] for k in ("w_mean", "w_std", "w_min", "w_max")}
+    st.plotly_chart(tfig.weight_figure(w, epoch, ep, stats), width="stretch", config=fig.PLOT_CONFIG, key="tr_weights")
+    if not any(np.isfinite(v).any() for v in stats.values()):
+        st.caption(f"'{(info.config or {}).get('method', '?')}' does not weight its loss: only the probe weights (what "
+                   "WEAT would use) are shown.")
+
+
+@st.fragment(run_every=2.0 if by_id[view_id].active else None)
+def live_view(job_id: str, was_active: bool) -> None:
+    with common.guard("drawing the run"):
+        info = jobs.get_job(job_id)
+        if was_active and not info.active:
+            st.rerun(scope="app")
+        recs = jobs.read_metrics(job_id)
+        if info.active:
+            st.progress(max(0.0, min(1.0, float(info.progress or 0))), text=f"{info.status}: {info.message}")
+        if not recs:
+            st.info("Waiting for the first epoch to finish…" if info.active else
+                    "This run has no recorded epoch.")
+            return
+        # stacked, not in tabs: a fragment that re-renders every 2 s would reset the selected tab
+        fig3_block(info, recs)
+        st.markdown("##### Arrow snapshots of the probe set (Fig. 1 b–d)")
+        with common.guard("drawing the arrow snapshot"):
+            arrows_block(info, recs)
+        st.markdown("##### WEAT weights")
+        with common.guard("drawing the weights"):
+            weights_block(info, recs)
+        with st.expander("Log tail"):
+            st.code(jobs.read_log_tail(job_id, 30) or "(empty log)")
+        st.download_button("Download metrics (JSON lines)", "".join(json.dumps(r) + "\n" for r in recs),
+                           file_name=f"{job_id}_metrics.jsonl", mime="application/json", key="tr_dl_metrics")
+
+
+live_view(view_id, by_id[view_id].active)
+
+# ============================================================================= comparison
+st.divider()
+st.subheader("Compare runs (Table 2a)")
+default_cmp = [j.id for j in viewable if j.status == "done"][:4] or ids[:2]
+chosen = st.multiselect("Runs to compare", ids, key="tr_compare",
+                        default=None if "tr_compare" in st.session_state else [i for i in default_cmp if i in ids],
+                        format_func=lambda i: f"{by_id[i].name} ({(by_id[i].config or {}).get('method', '?')}, {i})")
+
+
+@st.fragment(run_every=2.0 if any(by_id[i].active for i in chosen) else None)
+def compare_view(chosen_ids: list) -> None:
+    if not chosen_ids:
+        st.info("Pick runs to overlay their ΔE curves.")
+        return
+    with common.guard("comparing runs"):
+        curves, marks, rows = {}, {}, []
+        for i in chosen_ids:
+            info = by_id[i]
+            recs = jobs.read_metrics(i)
+            if not recs:
+                continue
+            method = (info.config or {}).get("method", "?")
+            label = f"{info.name} ({method})"
+            ep, de = series(recs, f"dE_{skey}")
+            curves[label] = (ep, phase.smooth(de, smooth_w) if smooth_w > 0 else de)
+            res = detect_cached(tuple(ep.tolist()), tuple(de.tolist()))
+            if res.phase3_start is not None:
+                marks[label] = res.phase3_start
+            # the final value = the last finite one (a torn or partial last record is skipped)
+            fin = np.isfinite(de)
+            k = int(np.nonzero(fin)[0][-1]) if fin.any() else len(recs) - 1
+            _, dey = series(recs, f"dEy_{skey}")
+            _, nat = series(recs, "nat_acc")
+            _, pgd = series(recs, "pgd_acc")
+
+            def at(v):
+                return float(v[k]) if k < len(v) and np.isfinite(v[k]) else None
+
+            rows.append({"run": label, "method": method, "epochs": int(ep[k]) if len(ep) else 0,
+                         "dE_mean": at(de), "dEy_mean": at(dey), "nat_acc": at(nat), "pgd_acc": at(pgd),
+                         "phase 3 from": res.phase3_start})
+        if not curves:
+            st.info("The chosen runs have no recorded epoch yet.")
+            return
+        a, b = st.columns([3, 2])
+        with a:
+            st.plotly_chart(tfig.compare_curves(curves, marks, ylabel=f"ΔE(x) ({stat})"), width="stretch",
+                            config=fig.PLOT_CONFIG, key="tr_cmp_curves")
+        with b:
+            st.plotly_chart(tfig.final_bars(rows, "dE_mean", f"final ΔE(x) ({stat})"), width="stretch",
+                            config=fig.PLOT_CONFIG, key="tr_cmp_bars")
+        st.dataframe([{"run": r["run"], "epochs": r["epochs"], f"ΔE(x) {stat}": r["dE_mean"],
+                       f"ΔE(x,y) {stat}": r["dEy_mean"], "natural acc.": fmt(r["nat_acc"], ".1%"),
+                       "PGD acc.": fmt(r["pgd_acc"], ".1%"),
+                       "phase 3 from epoch": "–" if r["phase 3 from"] is None else f"{r['phase 3 from']:g}"}
+                      for r in rows], width="stretch", hide_index=True)
+        st.caption("Diamonds mark a detected phase-3 start. In the paper's Table 2a the final ΔE(x) of WEAT stays closest "
+                   "to 0, then MAIL-TRADES and TRADES, with SAT far below.")
+
+
+compare_view(chosen)

@@ -1,0 +1,274 @@
+"""Training studio page (pages/training.py) under Streamlit's AppTest.
+
+Every test points ENERGYLENS_RUNS at its own tmp_path, so the real runs/ folder is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HOME = str(REPO / "dashboard" / "Home.py")
+PAGE = "../pages/training.py"
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    d = tmp_path / "runs"
+    monkeypatch.setenv("ENERGYLENS_RUNS", str(d))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("ENERGYLENS_EXTRA_KINDS", raising=False)
+    import streamlit as st
+
+    st.cache_data.clear()
+    return d
+
+
+def open_page():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(HOME, default_timeout=60).run()
+    at.switch_page(PAGE).run()
+    no_crash(at)
+    return at
+
+
+def no_crash(at):
+    """No exception element and no 'Unexpected error' from common.guard (a bug caught by the guard)."""
+    assert not at.exception, [e.message for e in at.exception]
+    assert not [e.value for e in at.error if "Unexpected error" in e.value]
+
+
+def wait_done(job_id: str, timeout: float = 300.0):
+    from core import jobs
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        info = jobs.get_job(job_id)
+        if not info.active:
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish in {timeout:.0f} s: {jobs.read_log_tail(job_id, 30)}")
+
+
+def chart_specs(at) -> list[str]:
+    return [el.proto.spec for el in at.get("plotly_chart")]
+
+
+def set_form(at, **values):
+    """Set number inputs of the launch form by key prefix (keys are tr_<name>_<version>_<dataset>)."""
+    for name, v in values.items():
+        hits = [n for n in at.number_input if n.key.startswith(f"tr_{name}_")]
+        assert hits, f"no number input tr_{name}_*"
+        hits[0].set_value(v)
+
+
+def launch_button(at):
+    return next(b for b in at.button if b.key.startswith("tr_launch_"))
+
+
+# -------------------------------------------------------------------------------------------------
+def test_page_renders_without_runs(runs):
+    at = open_page()
+    assert any("Training studio" in t.value for t in at.title)
+    assert any("No training runs yet" in i.value for i in at.info)
+    assert not at.error
+    assert not runs.exists() or not any(p.is_dir() for p in runs.iterdir())
+    # dataset-dependent defaults (digits: smallcnn, 16/255, 15 epochs)
+    keys = {n.key.split("_")[1]: n.value for n in at.number_input}
+    assert keys["eps"] == 16.0 and keys["epochs"] == 15
+    assert next(s for s in at.selectbox if s.key.startswith("tr_arch_")).value == "smallcnn"
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("epochs", 0, "epochs must be a positive integer"),
+    ("eps", -4.0, "ε must be >= 0"),
+    ("lr", -0.1, "lr must be a finite number >= 0"),
+    ("beta", -1.0, "beta must be >= 0"),
+    ("bs", 5000, "larger than the training set"),
+])
+def test_invalid_settings_show_an_error_and_submit_nothing(runs, field, value, needle):
+    from core import jobs
+
+    at = open_page()
+    set_form(at, **{field: value})
+    launch_button(at).click().run()
+    no_crash(at)
+    errors = [e.value for e in at.error]
+    assert any(needle in e for e in errors), errors
+    assert jobs.list_jobs(runs) == []
+
+
+def test_cifar_defaults_and_missing_data_is_an_error(runs, tmp_path, monkeypatch):
+    from core import jobs
+
+    monkeypatch.setenv("ENERGYLENS_DATA", str(tmp_path / "no-data"))
+    at = open_page()
+    next(s for s in at.selectbox if s.key.startswith("tr_dataset_")).select("cifar10").run()
+    no_crash(at)
+    vals = {n.key.split("_")[1]: n.value for n in at.number_input}
+    assert vals["eps"] == 8.0 and vals["epochs"] == 100 and vals["lr"] == pytest.approx(0.1)
+    assert next(s for s in at.selectbox if s.key.startswith("tr_arch_")).value == "resnet18"
+    launch_button(at).click().run()
+    no_crash(at)
+    assert at.error and "cifar" in at.error[0].value.lower()
+    assert jobs.list_jobs(runs) == []
+
+
+def test_check_button_shows_the_cli(runs):
+    from core import jobs
+
+    at = open_page()
+    next(b for b in at.button if b.key.startswith("tr_check_")).click().run()
+    no_crash(at)
+    code = "\n".join(c.value for c in at.code)
+    assert "python -m core.jobs submit train --config train_config.json" in code
+    assert "python -m core.train --config train_config.json" in code
+    cfg = json.loads(code.split("<<'EOF'\n", 1)[1].split("\nEOF", 1)[0])
+    assert cfg["method"] == "sat" and cfg["dataset"] == "digits" and abs(cfg["eps"] - 16 / 255) < 1e-9
+    from core.train import config_from_args
+
+    path = runs.parent / "train_config.json"
+    path.write_text(json.dumps(cfg))
+    assert config_from_args(["--config", str(path), "--out-dir", str(runs.parent / "x")]).validate().epochs == 15
+    assert jobs.list_jobs(runs) == []
+
+
+@pytest.mark.slow
+def test_tiny_launch_runs_and_shows_the_plots(runs):
+    from core import jobs
+
+    at = open_page()
+    set_form(at, epochs=2, bs=64, limit=128, evaln=32, probe=32, steps=2, evals=2)
+    next(s for s in at.selectbox if s.key.startswith("tr_device_")).set_value("cpu")
+    next(t for t in at.text_input if t.key.startswith("tr_name_")).input("tiny sat")
+    launch_button(at).click().run()
+    no_crash(at)
+    assert not at.error, [e.value for e in at.error]
+    listed = jobs.list_jobs(runs, kind="train")
+    assert len(listed) == 1
+    job = listed[0]
+    assert job.name == "tiny sat" and job.config["epochs"] == 2 and job.config["train_limit"] == 128
+    assert any("CLI" in e.label or "command line" in e.label for e in at.expander)
+
+    info = wait_done(job.id)
+    assert info.status == "done", (info.error, jobs.read_log_tail(job.id, 40))
+    assert len(jobs.read_metrics(job.id)) == 2
+
+    at = open_page()      # a fresh session re-attaches from the registry on disk
+    assert not at.error, [e.value for e in at.error]
+    specs = chart_specs(at)
+    assert any("ΔE during training" in s and "robust test error" in s for s in specs)      # Fig. 3
+    assert any("natural → adversarial (Fig. 1 b–d)" in s for s in specs)                 # arrow snapshot
+    assert any("WEAT weight of the probe samples" in s for s in specs)
+    assert any("Table 2a" in s for s in specs)
+    assert any("tiny sat" in m.value for m in at.markdown)
+
+    # duplicate-with-changes opens the prefilled form
+    next(b for b in at.button if b.key == f"tr_dup_{job.id}").click().run()
+    no_crash(at)
+    assert any("prefilled" in i.value for i in at.info)
+    vals = {n.key.split("_")[1]: n.value for n in at.number_input}
+    assert vals["epochs"] == 2 and vals["limit"] == 128 and vals["probe"] == 32
+
+    # delete asks for confirmation first
+    next(b for b in at.button if b.key == f"tr_del_{job.id}").click().run()
+    assert jobs.list_jobs(runs)                                     # not yet
+    next(b for b in at.button if b.key == f"tr_del_yes_{job.id}").click().run()
+    no_crash(at)
+    assert jobs.list_jobs(runs) == []
+
+
+# -------------------------------------------------------------------------------------------------
+def fake_train_runner(config, run_dir, report):
+    """Stands in for core.train.run_job: writes a precomputed SAT-like run (40 epochs, phase 3 from
+    epoch 28, WEAT weight statistics) with the trainer's file layout, without torch."""
+    run_dir = Path(run_dir)
+    (run_dir / "probe").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    n, t3 = int(config.get("epochs", 40)), 28
+    lines = []
+    for e in range(1, n + 1):
+        de = -0.17 * min(1.0, (e - 1) / 4) - 0.5 * max(0, e - t3) / (n - t3) + 0.005 * rng.standard_normal()
+        rob = 0.7 - 0.2 * min(1.0, e / 20) + 0.15 * max(0, e - t3) / (n - t3)
+        rec = {"epoch": e, "lr": 0.1, "nat_acc": 0.6 + 0.01 * e / n, "pgd_acc": 1 - rob, "nat_err": 0.4 - 0.01 * e / n,
+               "rob_err": rob, "dE_mean": de, "dE_q50": de * 0.9, "dEy_mean": de * 1.5, "dEy_q50": de * 1.4,
+               "E_nat_mean": -5.0, "E_adv_mean": -5.0 - de, "w_mean": 0.3, "w_std": 0.05, "w_min": 0.2, "w_max": 0.5,
+               "train_loss": 1.0, "train_time": 1.0, "probe_time": 0.1}
+        lines.append(json.dumps(rec) + "\n")
+        if e % 10 == 0 or e == n:
+            m = 64
+            e_nat = -5 + rng.standard_normal(m)
+            arrays = {"e_nat": e_nat, "e_adv": e_nat - 0.3 * rng.random(m), "ej_nat": e_nat + rng.random(m),
+                      "ej_adv": e_nat + 2 * rng.random(m), "correct_nat": rng.random(m) > 0.3,
+                      "correct_adv": rng.random(m) > 0.6, "labels": rng.integers(0, 10, m), "indices": np.arange(m),
+                      "w_probe": 1 / np.log1p(np.exp(np.abs(e_nat)))}
+            np.savez_compressed(run_dir / "probe" / f"epoch_{e:04d}.npz", **arrays)
+        report(e / n, f"epoch {e}/{n}")
+    (run_dir / "metrics.jsonl").write_text("".join(lines))
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return {"epoch": n}
+
+
+def test_precomputed_run_renders_all_plots(runs, monkeypatch):
+    from core import jobs
+
+    monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps({"train": f"{__file__}:fake_train_runner"}))
+    a = jobs.submit("train", {"method": "sat", "dataset": "digits", "epochs": 40}, name="fake sat", device="cpu",
+                    runs_dir=runs)
+    assert wait_done(a.id, 120).status == "done", jobs.read_log_tail(a.id, 40)
+    b = jobs.submit("train", {"method": "trades", "dataset": "digits", "epochs": 20}, name="fake trades",
+                    device="cpu", runs_dir=runs)
+    assert wait_done(b.id, 120).status == "done", jobs.read_log_tail(b.id, 40)
+
+    at = open_page()
+    assert not at.error, [e.value for e in at.error]
+    at.selectbox(key="tr_view").set_value(a.id).run()
+    no_crash(at)
+    specs = chart_specs(at)
+    fig3 = next(s for s in specs if "ΔE during training" in s)
+    assert "overfitting from epoch 28" in fig3                       # detected phase 3 is marked
+    assert "phase 1" in fig3 and "phase 3" in fig3                  # phases shaded
+    assert "robust test error" in fig3 and "natural test error" in fig3
+    assert any("Robust overfitting" in w.value for w in at.warning)
+    assert any("Fig. 1 b–d" in s for s in specs)
+    weights = next(s for s in specs if "WEAT weight of the probe samples" in s)
+    assert "training-batch weights per epoch" in weights            # w_mean/min/max panel
+    cmp_specs = [s for s in specs if "several runs" in s or "Table 2a" in s]
+    assert len(cmp_specs) == 2 and all("fake sat" in s and "fake trades" in s for s in cmp_specs)
+
+    # smoothing keeps the raw line (faint) next to the smoothed one
+    at.slider(key="tr_smooth").set_value(0.6).run()
+    no_crash(at)
+    fig3 = next(s for s in chart_specs(at) if "ΔE during training" in s)
+    assert "ΔE(x) (raw)" in fig3
+
+    # an older arrow snapshot via the epoch slider (the run is finished: no follow mode)
+    at.select_slider(key=f"tr_arrow_epoch_{a.id}").set_value(20).run()
+    no_crash(at)
+    assert any("epoch 20: natural → adversarial" in s for s in chart_specs(at))
+
+
+def test_broken_run_folder_shows_a_message_not_a_traceback(runs, monkeypatch):
+    from core import jobs
+
+    monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps({"train": f"{__file__}:fake_train_runner"}))
+    a = jobs.submit("train", {"method": "sat", "dataset": "digits", "epochs": 12}, name="broken", device="cpu",
+                    runs_dir=runs)
+    assert wait_done(a.id, 120).status == "done"
+    folder = jobs.job_dir(a.id, runs)
+    (folder / "probe" / "epoch_0012.npz").write_bytes(b"not a zip file")
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 13, "dE_mean": "oops"}\n{"torn line')
+    at = open_page()
+    no_crash(at)
+    assert any("not readable" in e.value for e in at.error)          # the bad snapshot, reported
+    assert any("ΔE during training" in s for s in chart_specs(at))   # Fig. 3 still drawn
