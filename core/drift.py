@@ -76,10 +76,16 @@ class EnergyTrace:
         return float((self.pred[-1] == self.labels).mean()) if self.n_samples else float("nan")
 
     def target_success(self) -> float | None:
-        """Fraction of samples classified as their target at the end of a targeted run."""
+        """Fraction of samples classified as their target at the end of a targeted run.
+
+        Samples whose true label already is the target (possible with a chosen target class) are
+        left out: they count as neither success nor failure."""
         if self.targets is None or not self.n_samples:
             return None
-        return float((self.pred[-1] == self.targets).mean())
+        valid = self.labels != self.targets
+        if not valid.any():
+            return None
+        return float((self.pred[-1][valid] == self.targets[valid]).mean())
 
     def step_statistics(self, which: str = "marginal") -> dict[str, np.ndarray]:
         """Mean, std and quartiles of an energy over samples at every step (Fig. 1a)."""

@@ -12,7 +12,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = REPO.parent / "shared" / "data" / "cifar10_train_subset.npz"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Respect OMP_NUM_THREADS when set (CI, loaded machines); otherwise at most 2 threads.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")

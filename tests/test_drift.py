@@ -68,7 +68,7 @@ def test_half_precision_logits_are_recorded_as_float32():
     np.testing.assert_allclose(tr.marginal[1], marginal_energy(logits[1].float()).numpy(), rtol=1e-6)
 
 
-def test_recorder_does_not_keep_the_graph():
+def test_recorder_accepts_logits_that_require_grad():
     labels = torch.tensor([0, 1])
     rec = TraceRecorder(labels)
     w = torch.randn(2, K, requires_grad=True)
