@@ -154,17 +154,21 @@ def kid(f_real, f_fake, subset_size: int = 1000, n_subsets: int = 100, seed: int
     return float(vals.mean()), float(vals.std()), m
 
 
-def inception_score(probs, splits: int = 10) -> tuple[float, float]:
+def inception_score(probs, splits: int = 10, seed: int | None = 0) -> tuple[float, float]:
     """IS = exp(E_x KL(p(y|x) || p(y))) with p(y) the split's mean prediction; (mean, std) over splits.
 
-    Equals 1 when every sample gets the same prediction and K when the predictions are confident
-    (one-hot) and spread evenly over K classes.
+    The samples are shuffled (``seed``; None keeps their order) before being cut into splits, so
+    that class-ordered sample sets do not put one class per split. Equals 1 when every sample gets
+    the same prediction and K when the predictions are confident (one-hot) and spread evenly over
+    K classes.
     """
     p = _as_2d_float64(probs, "class probabilities")
     if (p < -1e-6).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
         raise InputError("class probabilities must be non-negative and sum to 1 per sample")
     p = np.clip(p, 0.0, 1.0)
     n = p.shape[0]
+    if seed is not None:
+        p = p[np.random.default_rng(seed).permutation(n)]
     splits = max(1, min(int(splits), n))
     scores = []
     for part in np.array_split(np.arange(n), splits):
@@ -176,9 +180,9 @@ def inception_score(probs, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def inception_score_from_logits(logits, splits: int = 10) -> tuple[float, float]:
+def inception_score_from_logits(logits, splits: int = 10, seed: int | None = 0) -> tuple[float, float]:
     lg = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits).double()
-    return inception_score(torch.softmax(lg, dim=1).numpy(), splits)
+    return inception_score(torch.softmax(lg, dim=1).numpy(), splits, seed)
 
 
 # =============================================================================================
@@ -436,7 +440,7 @@ def generation_metrics(fake: torch.Tensor, real: torch.Tensor, extractor: Featur
     prog(0.4, f"features of {real.shape[0]} real images ({extractor.label})")
     fr, _ = extractor.extract(real, batch_size, lambda f: prog(0.4 + 0.4 * f, "features of the real images"))
     prog(0.8, "IS / FID / KID")
-    is_mean, is_std = inception_score_from_logits(fl, is_splits)
+    is_mean, is_std = inception_score_from_logits(fl, is_splits, seed)
     kid_mean, kid_std, m = kid(fr, ff, kid_subset_size, kid_subsets, seed)
     out = {
         "features": extractor.label,

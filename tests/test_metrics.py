@@ -165,9 +165,20 @@ def test_inception_score_constant_predictions_is_one():
 
 @pytest.mark.parametrize("k", [2, 10, 100])
 def test_inception_score_confident_uniform_is_k(k):
-    p = np.eye(k)[np.arange(10 * k) % k]   # one-hot, every class equally often in every split
-    mean, std = M.inception_score(p, splits=10)
-    assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0.0, abs=1e-9)
+    p = np.eye(k)[np.arange(10 * k) % k]   # one-hot, every class equally often
+    mean, std = M.inception_score(p, splits=1)
+    assert mean == pytest.approx(k, rel=1e-12) and std == 0.0
+    # unshuffled splits of k consecutive samples each hold every class once
+    assert M.inception_score(p, splits=10, seed=None)[0] == pytest.approx(k, rel=1e-12)
+
+
+def test_inception_score_shuffles_class_ordered_samples():
+    """Samples sorted by class (as a generator writes them) must not give one class per split."""
+    k = 10
+    p = np.eye(k)[np.repeat(np.arange(k), 100)]
+    assert M.inception_score(p, splits=10, seed=None)[0] == pytest.approx(1.0)   # the pitfall
+    mean, _ = M.inception_score(p, splits=10)
+    assert mean > 0.8 * k
 
 
 def test_inception_score_mixture_closed_form():
@@ -180,8 +191,8 @@ def test_inception_score_mixture_closed_form():
 
 def test_inception_score_from_logits_and_validation():
     lg = np.full((24, 4), -50.0)
-    lg[np.arange(24), np.arange(24) % 4] = 50.0   # each split of 12 holds every class 3 times
-    assert M.inception_score_from_logits(lg, 2)[0] == pytest.approx(4.0, rel=1e-9)
+    lg[np.arange(24), np.arange(24) % 4] = 50.0
+    assert M.inception_score_from_logits(lg, 1)[0] == pytest.approx(4.0, rel=1e-9)
     with pytest.raises(InputError):
         M.inception_score(np.array([[0.5, 0.6]]))
 
@@ -248,6 +259,7 @@ def test_lpips_reports_reason_when_weights_missing(monkeypatch, tmp_path):
     assert val is None and why
 
 
+@pytest.mark.slow
 def test_inception_path_with_local_weights(monkeypatch, tmp_path):
     """The torch-fidelity Inception is wired correctly when a weights file is present (random
     weights here: nothing is downloaded)."""

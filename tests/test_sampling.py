@@ -345,6 +345,7 @@ def test_nan_stops_the_chain_and_keeps_the_last_finite_state():
 
 
 # ----------------------------------------------------------------- the robust model (Fig. 5e)
+@pytest.mark.slow
 def test_energy_falls_towards_reference_on_robust_model(robust_model, digits_train, cache):
     classes = [0, 3, 7]
     ref = S.reference_joint_energy(robust_model, digits_train, classes)
@@ -368,6 +369,7 @@ def test_energy_falls_towards_reference_on_robust_model(robust_model, digits_tra
 
 
 # --------------------------------------------------------------------------------- batch job
+@pytest.mark.slow
 def test_run_job_writes_samples_and_labelled_metrics(tmp_path, cache):
     if not PLAIN.is_file():
         pytest.skip("bundled digits-plain checkpoint missing")

@@ -1,0 +1,413 @@
+"""SGLD studio: generate images with a robust classifier read as an EBM (paper Eq. 7, Fig. 5e, Fig. 6)."""
+
+import dataclasses
+import io
+import os
+from pathlib import Path
+
+import common
+import numpy as np
+import streamlit as st
+
+import figures as fig
+import sgld_figures as sf
+from core import sampling
+from core.errors import EnergyLensError, InputError
+
+st.title("🎨 SGLD studio")
+lm = common.current_model()
+if lm is None:
+    st.stop()
+meta = lm.meta
+ref = st.session_state.get("model_ref")
+model_key = f"{ref.key if ref is not None else meta.name}:{id(lm)}"
+K = int(meta.num_classes)
+names = meta.class_names or [str(i) for i in range(K)]
+st.caption(f"Model **{meta.name}** — {meta.arch}, {meta.dataset}, {K} classes, trained with **{meta.method}**.")
+if meta.method in ("plain", "nat", "standard"):
+    st.warning("This model was not adversarially trained: its gradients are not perceptually aligned, so SGLD "
+               "mostly produces adversarial noise. Choose a robust model (e.g. SAT) for recognisable images.")
+
+with st.expander("What am I looking at?", expanded=False):
+    st.markdown(
+        r"""
+A classifier with logits $f(x)$ defines the class-conditional energy $E(x,y) = -f(x)[y]$, so SGLD can *sample*
+images of class $y$ from $p(x\mid y) \propto e^{-E(x,y)}$. The paper's sampler (Eq. 7) adds momentum:
+
+$$v_{n+1} = \zeta v_n - \tfrac{1}{2}\eta\,\nabla_x E(x_n, y), \qquad x_{n+1} = x_n + v_{n+1} + \varepsilon,\quad
+\varepsilon \sim \mathcal N(0, \gamma^2 I)$$
+
+($\gamma$ is the noise **standard deviation**, as in the official code; images are kept in $[0,1]$.)
+Where the chain starts matters (Fig. 6, bottom): **random** noise (JEM), a **Gaussian** per class, or the paper's
+**PCA** start $x_0 = \mu_y + \sum_i \lambda_i \alpha_i U^y_i$ near the class manifold, with $\lambda_i$ the data's
+standard deviation along component $i$ and $\alpha_i \sim \mathcal N(0, \sigma^2)$.
+
+**Energy plot (Fig. 5e):** the target energy $E(x,y)$ falls towards the dashed level $\bar E(x,y)$ of real training
+images of that class, while the energies $E(x,y')$ of the other classes rise.
+"""
+    )
+
+ds_train = common.model_dataset(lm, "train")
+
+
+@st.cache_resource(show_spinner="Computing per-class statistics (cached on disk)...", max_entries=4)
+def _class_stats(dataset_name: str, n_images: int, _ds):
+    return sampling.ClassStats(_ds)
+
+
+@st.cache_data(show_spinner="Energies of real images...", max_entries=32)
+def _reference(key: str, classes: tuple, _lm, _ds) -> dict:
+    return sampling.reference_energies(_lm, _ds, list(classes))
+
+
+def _stats():
+    if ds_train is None:
+        raise InputError(f"the training images of '{meta.dataset}' are not available, so only the random "
+                         "initialisation can be used")
+    return _class_stats(ds_train.name, len(ds_train), ds_train)
+
+
+def _task_running(key: str) -> bool:
+    t = st.session_state.get(key)
+    return isinstance(t, common.Task) and not t.done
+
+
+# ---------------------------------------------------------------- controls
+INIT_LABELS = {"pca": "PCA per class (paper)", "gaussian": "Gaussian per class", "random": "random noise (JEM)"}
+inits = ["pca", "gaussian", "random"] if ds_train is not None else ["random"]
+c1, c2, c3 = st.columns([3, 1, 1])
+sel = c1.multiselect("Classes", list(range(K)), default=list(range(min(K, 10))), format_func=lambda i: names[i],
+                     key="sgld_classes")
+chains = int(c2.number_input("Chains per class", value=4, step=1, key="sgld_chains"))
+init = c3.selectbox("Initialisation", inits, format_func=lambda k: INIT_LABELS[k], key="sgld_init_kind")
+c4, c5, c6, c7, c8 = st.columns(5)
+eta = float(c4.number_input("Step size η", value=sampling.DEFAULTS["eta"], step=0.1, format="%.4f", key="sgld_eta"))
+zeta = float(c5.number_input("Momentum ζ", value=sampling.DEFAULTS["zeta"], step=0.1, format="%.3f", key="sgld_zeta",
+                             help="0 = plain SGLD; must be in [0, 1)"))
+gamma = float(c6.number_input("Noise γ (std)", value=sampling.DEFAULTS["gamma"], step=0.001, format="%.4f",
+                              key="sgld_gamma"))
+n_run = int(c7.number_input("N (Run N steps)", value=100, step=50, key="sgld_n"))
+seed = int(c8.number_input("Seed", value=0, step=1, key="sgld_seed"))
+with st.expander("Initialisation and constraint settings"):
+    e1, e2, e3, e4 = st.columns(4)
+    pca_sigma = float(e1.number_input("PCA σ (in data stds)", value=sampling.DEFAULT_PCA_SIGMA, step=0.05,
+                                      format="%.3f", key="sgld_pca_sigma",
+                                      help="0.35 matches the official σ = 0.005 on the singular values of a "
+                                           "5,000-image CIFAR-10 class (σ_official·√(n−1))"))
+    pca_mode = e2.radio("PCA components by", ["retained variance", "count"], horizontal=True, key="sgld_pca_mode")
+    if pca_mode == "retained variance":
+        pca_var, pca_k = float(e3.number_input("Retained variance", value=0.95, step=0.01, format="%.3f",
+                                               key="sgld_pca_var")), None
+    else:
+        pca_var, pca_k = None, int(e3.number_input("Components", value=20, step=1, key="sgld_pca_k"))
+    ridge = float(e4.number_input("Gaussian ridge", value=sampling.DEFAULTS["gaussian_ridge"], format="%.1e",
+                                  key="sgld_ridge"))
+    b1, b2 = st.columns(2)
+    bound_norm = b1.selectbox("Bound around x₀", ["none", "Linf", "L2"], key="sgld_bound_norm",
+                              help="project the change x − x₀ onto a ball (the image itself is never rescaled)")
+    bound_r = float(b2.number_input("Bound radius", value=0.1 if bound_norm != "L2" else 3.0, step=0.05,
+                                    format="%.3f", key="sgld_bound_r"))
+bound = None if bound_norm == "none" else (bound_norm, bound_r)
+
+busy = _task_running("sgld_task") or _task_running("sgld_cmp_task")
+b = st.columns(5)
+do_init = b[0].button("Initialise", type="primary", key="sgld_btn_init", disabled=busy)
+do_1 = b[1].button("Step 1", key="sgld_btn_step1", disabled=busy)
+do_10 = b[2].button("Step 10", key="sgld_btn_step10", disabled=busy)
+do_run = b[3].button(f"Run {n_run} steps", key="sgld_btn_run", disabled=busy)
+do_reset = b[4].button("Reset", key="sgld_btn_reset", disabled=busy, help="back to the initial images x₀")
+
+
+def _new_sampler(init_kind: str, n_chains: int):
+    return sampling.SGLDSampler(
+        lm, sel, n_chains, init=init_kind, eta=eta, zeta=zeta, gamma=gamma, bound=bound, seed=seed,
+        stats=_stats() if init_kind != "random" else None, pca_sigma=pca_sigma, pca_variance=pca_var,
+        pca_components=pca_k, gaussian_ridge=ridge)
+
+
+if do_init:
+    with common.guard("initialising the chains"):
+        if not sel:
+            raise InputError("choose at least one class")
+        if chains > 64:
+            raise InputError("at most 64 chains per class here; use a batch job below for more")
+        st.session_state["sgld_sampler"] = _new_sampler(init, chains)
+        st.session_state["sgld_model_key"] = model_key
+        st.session_state["sgld_last"] = "initialised"
+
+sampler = st.session_state.get("sgld_sampler")
+if sampler is not None and st.session_state.get("sgld_model_key") != model_key:
+    st.warning("The chains shown were started with another model. Press **Initialise** to start chains for "
+               f"**{meta.name}**.")
+    sampler = None
+
+
+def _require_sampler():
+    if sampler is None:
+        raise InputError("press Initialise first")
+    return sampler
+
+
+for n, clicked in ((1, do_1), (10, do_10)):
+    if clicked:
+        with common.guard("stepping the chains"):
+            s = _require_sampler()
+            s.set_params(eta=eta, zeta=zeta, gamma=gamma)   # validated: nothing changes on a bad value
+            out = s.step(n)
+            st.session_state["sgld_last"] = f"{n} step{'s' if n > 1 else ''} in {out.seconds:.2f} s"
+
+if do_run:
+    with common.guard("starting the run"):
+        s = _require_sampler()
+        steps = sampling.validate_steps(n_run)
+        s.set_params(eta=eta, zeta=zeta, gamma=gamma)
+        task = common.start_task("sgld_task", f"SGLD, {steps} steps", lambda t: s.step(steps, progress=t.progress))
+        common.wait_briefly(task, 1.0)
+
+if do_reset:
+    with common.guard("resetting the chains"):
+        _require_sampler().reset()
+        st.session_state["sgld_last"] = "reset to x₀"
+
+
+def _run_done(task):
+    out = task.result
+    st.session_state["sgld_last"] = f"run finished at step {out.steps_done} ({out.seconds:.1f} s)"
+
+
+common.task_panel("sgld_task", _run_done)
+if st.session_state.get("sgld_task-error") == "Cancelled." and sampler is not None:
+    st.caption(f"Cancelled: the chains keep the {sampler.steps_done} steps made so far.")
+
+
+# ---------------------------------------------------------------- results
+def _grid_png(x: np.ndarray, ncol: int) -> bytes:
+    return fig.image_grid_png(x, ncol=max(1, ncol), scale=2 if x.shape[-1] <= 32 else 1)
+
+
+def _ref_for(s, classes=None):
+    """Chain-weighted mean reference energies (joint, marginal) of the shown chains."""
+    if ds_train is None:
+        return None, None
+    r = _reference(model_key, tuple(s.classes), lm, ds_train)
+    labels = s.labels.cpu().numpy()
+    if classes is not None:
+        labels = labels[np.isin(labels, classes)]
+    if labels.size == 0:
+        return None, None
+    return (float(np.mean([r[int(c)]["joint"] for c in labels])),
+            float(np.mean([r[int(c)]["marginal"] for c in labels])))
+
+
+if sampler is None:
+    st.info("Choose classes and press **Initialise**, then **Step** or **Run**. The defaults (PCA start, η = 1, "
+            "ζ = 0.5) give recognisable digits after about 50 steps with the bundled robust model.")
+else:
+    @st.fragment(run_every=1.0 if _task_running("sgld_task") else None)
+    def _live():
+        s = st.session_state.get("sgld_sampler")
+        if s is None:
+            return
+        tr = s.trace
+        summ = tr.summary()
+        ref_j, _ = _ref_for(s)
+        m = st.columns(4)
+        m[0].metric("Steps", f"{s.steps_done}")
+        m[1].metric("mean E(x, y) now", f"{summ['target_mean'][-1]:.2f}",
+                    delta=f"{summ['target_mean'][-1] - summ['target_mean'][0]:+.2f} since x₀", delta_color="off")
+        m[2].metric("Ē(x, y) of real images", "n/a" if ref_j is None else f"{ref_j:.2f}")
+        m[3].metric("Classified as target", f"{summ['target_hit'][-1]:.0%}")
+        st.image(_grid_png(s.images().numpy(), s.counts[0] if len(set(s.counts)) == 1 else 8),
+                 caption=f"{s.n_chains} chains after {s.steps_done} steps — one row per class "
+                         f"({', '.join(names[c] for c in s.classes)}); init {s.config()['init']}",
+                 width="content")
+
+    _live()
+    if st.session_state.get("sgld_last"):
+        st.caption(f"Last action: {st.session_state['sgld_last']}.")
+
+    tr = sampler.trace
+    pick = st.selectbox("Energy plot for", ["all chains"] + [names[c] for c in sampler.classes], key="sgld_plot_cls")
+    sub = None if pick == "all chains" else [sampler.classes[[names[c] for c in sampler.classes].index(pick)]]
+    with common.guard("drawing the energy plot"):
+        ref_j, ref_m = _ref_for(sampler, sub)
+        st.plotly_chart(sf.energy_trend(tr.summary(sub), ref_j, ref_m,
+                                        title=f"Energies along the chain — {pick} (Fig. 5e)"),
+                        width="stretch", config=fig.PLOT_CONFIG, key="sgld_trend")
+    with common.guard("preparing the downloads"):
+        d1, d2, d3 = st.columns(3)
+        ncol = sampler.counts[0] if len(set(sampler.counts)) == 1 else 8
+        d1.download_button("Download grid (PNG)", _grid_png(sampler.images().numpy(), ncol),
+                           file_name=f"sgld_{meta.name}_{sampler.steps_done}steps.png", mime="image/png",
+                           key="sgld_dl_png")
+        def _npz(s=sampler) -> bytes:   # built only when the button is clicked
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **s.to_npz_dict())
+            return buf.getvalue()
+
+        d2.download_button("Download samples (.npz)", _npz,
+                           file_name=f"sgld_{meta.name}_{sampler.steps_done}steps.npz",
+                           mime="application/octet-stream", key="sgld_dl_npz",
+                           help="x (uint8, loadable as dataset npz:<file>), y, x0, x_float and the energy trace")
+        d3.download_button("Download energy trace (CSV)", lambda t=tr: t.to_energy_trace().to_csv(),
+                           file_name="sgld_trace.csv", mime="text/csv", key="sgld_dl_csv")
+
+# ---------------------------------------------------------------- compare initialisations
+st.divider()
+st.subheader("Compare initialisations (Fig. 6, bottom)")
+cmp_chains = min(chains, 4)
+st.caption(f"Random noise, Gaussian per class and PCA per class, each with the classes, η, ζ, γ and seed above, "
+           f"{cmp_chains} chain(s) per class and N = {n_run} steps.")
+do_cmp = st.button("Run the three initialisations", key="sgld_btn_cmp", disabled=busy)
+
+
+def _compare_job(task, samplers: dict, steps: int):
+    out = {}
+    for i, (name, s) in enumerate(samplers.items()):
+        s.step(steps, progress=lambda f, m, i=i, name=name: task.progress((i + f) / len(samplers), f"{name}: {m}"))
+        out[name] = {"x0": s.x0.cpu().numpy(), "x": s.images().numpy(), "summary": s.trace.summary(),
+                     "ncol": s.counts[0], "classes": list(s.classes)}
+    return out
+
+
+if do_cmp:
+    with common.guard("starting the comparison"):
+        if not sel:
+            raise InputError("choose at least one class")
+        steps = sampling.validate_steps(n_run)
+        samplers = {k: _new_sampler(k, cmp_chains) for k in ("random", "gaussian", "pca")
+                    if k == "random" or ds_train is not None}
+        task = common.start_task("sgld_cmp_task", f"compare initialisations, {steps} steps",
+                                 lambda t: _compare_job(t, samplers, steps))
+        common.wait_briefly(task, 1.0)
+
+common.task_panel("sgld_cmp_task", lambda t: st.session_state.__setitem__("sgld_compare", t.result))
+cmp = st.session_state.get("sgld_compare")
+if cmp:
+    cols = st.columns(len(cmp))
+    for col, (name, r) in zip(cols, cmp.items()):
+        with col:
+            st.markdown(f"**{INIT_LABELS[name]}**")
+            st.image(_grid_png(r["x0"], r["ncol"]), caption="start x₀", width="stretch")
+            st.image(_grid_png(r["x"], r["ncol"]),
+                     caption=f"after {int(r['summary']['step'][-1])} steps — mean E(x, y) "
+                             f"{r['summary']['target_mean'][-1]:.2f}", width="stretch")
+    with common.guard("drawing the comparison"):
+        first = next(iter(cmp.values()))
+        rj = None
+        if ds_train is not None:
+            rr = _reference(model_key, tuple(first["classes"]), lm, ds_train)
+            rj = float(np.mean([rr[c]["joint"] for c in first["classes"]]))
+        st.plotly_chart(sf.compare_trend({k: v["summary"] for k, v in cmp.items()}, rj), width="stretch",
+                        config=fig.PLOT_CONFIG, key="sgld_cmp_trend")
+
+# ---------------------------------------------------------------- batch job + metrics
+st.divider()
+st.subheader("Batch generation and metrics (background job)")
+try:
+    from core import jobs
+except ImportError:  # the jobs module ships separately
+    jobs = None
+from core import metrics as gm  # noqa: E402
+
+if jobs is None:
+    st.info("Background jobs are not available in this installation (core.jobs is missing).")
+else:
+    if ds_train is None:
+        st.caption("Without the training images of this model's dataset a job can only generate samples "
+                   "(random start); IS / FID / KID need real images and are skipped.")
+    ok, why = gm.inception_status()
+    st.caption(("Inception-v3 features available: " if ok else "") + why + ". Every result names its feature "
+               "extractor; values from different extractors are not comparable.")
+    from core.models.registry import list_bundled, list_local
+
+    others = [(r, m) for r, m, err in list_bundled() + list_local()
+              if m is not None and list(m.input_shape or []) == list(meta.input_shape or [])]
+    with st.form("sgld_job_form"):
+        j1, j2, j3, j4 = st.columns(4)
+        job_n = int(j1.number_input("Samples per class", value=100, step=50, key="sgld_job_n"))
+        job_steps = int(j2.number_input("Steps", value=n_run, step=50, key="sgld_job_steps"))
+        feats = j3.selectbox("Features", ["auto", "classifier", "inception"], key="sgld_job_feats",
+                             help="auto = Inception-v3 when its weights are present, else a classifier")
+        fm_labels = ["this model (optimistic)"] + [f"{r.source}: {r.name} ({m.method})" for r, m in others]
+        fm_i = j4.selectbox("Classifier for features", range(len(fm_labels)), format_func=lambda i: fm_labels[i],
+                            key="sgld_job_fm", help="another classifier gives a fairer score than the generating model")
+        j5, j6, j7 = st.columns(3)
+        n_real = int(j5.number_input("Real images (0 = all of these classes)", value=0, step=500, key="sgld_job_real"))
+        lpips = j6.checkbox("LPIPS (needs local AlexNet weights)", key="sgld_job_lpips")
+        job_name = j7.text_input("Job name (optional)", key="sgld_job_name")
+        submit = st.form_submit_button("Launch batch job", type="primary")
+    if submit:
+        with common.guard("launching the SGLD job"):
+            if ref is None:
+                raise InputError("no model selected")
+            if not sel:
+                raise InputError("choose at least one class")
+            cfg = {"model": dataclasses.asdict(ref), "classes": list(sel), "n_per_class": job_n, "init": init,
+                   "eta": eta, "zeta": zeta, "gamma": gamma, "steps": job_steps,
+                   "bound": list(bound) if bound else None, "seed": seed, "pca_sigma": pca_sigma,
+                   "pca_variance": pca_var, "pca_components": pca_k, "gaussian_ridge": ridge,
+                   "device": st.session_state.get("device", "auto"),
+                   "metrics": {"enabled": ds_train is not None, "features": feats, "feature_model": dataclasses.asdict(others[fm_i - 1][0]) if fm_i else None,
+                               "n_real": n_real or None, "lpips": bool(lpips)}}
+            sampling.SGLDJobConfig.from_dict(cfg).validate()   # refuse bad settings before queueing
+            info = jobs.submit("sgld", cfg, name=job_name.strip() or f"sgld {meta.name} {init} ×{job_n}/class",
+                               device=st.session_state.get("device", "auto"))
+            st.success(f"Queued SGLD job {info.id}.")
+
+    try:
+        sg_jobs = jobs.list_jobs(kind="sgld")
+    except EnergyLensError as e:
+        st.error(str(e))
+        sg_jobs = []
+    any_active = any(j.active for j in sg_jobs)
+
+    @st.fragment(run_every=2.0 if any_active else None)
+    def _jobs_panel():
+        try:
+            js = jobs.list_jobs(kind="sgld")
+        except EnergyLensError as e:
+            st.error(str(e))
+            return
+        if not js:
+            st.caption("No SGLD jobs yet.")
+            return
+        rows = []
+        for j in js[:10]:
+            c1, c2, c3 = st.columns([4, 5, 1])
+            c1.markdown(f"**{j.name}**  \n`{j.id}` · {j.status} · {j.device}"
+                        + (f" · {j.duration:.0f} s" if j.duration is not None else ""))
+            if j.active:
+                c2.progress(j.progress, text=j.message or j.status)
+                if c3.button("Stop", key=f"sgld_stop_{j.id}"):
+                    with common.guard("stopping the job"):
+                        jobs.stop_job(j.id)
+                        st.rerun()
+            elif j.status == "done" and j.result:
+                m = j.result.get("metrics") or {}
+                if m:
+                    c2.markdown(f"IS **{m['IS']:.2f}** · FID **{m['FID']:.2f}** · KID **{m['KID']:.4f}**"
+                                + (f" · LPIPS **{m['LPIPS']:.3f}**" if m.get("LPIPS") is not None else "")
+                                + f"  \nfeatures: `{m['features']}`")
+                    rows.append({"job": j.name, "init": j.result["config"]["init"],
+                                 "steps": j.result["config"]["steps"], "N": j.result["n_samples"],
+                                 "features": m["features"], "IS": m["IS"], "FID": m["FID"], "KID": m["KID"],
+                                 "label agreement": m.get("label_agreement")})
+                else:
+                    c2.markdown(f"{j.result.get('n_samples', '?')} samples (no metrics)")
+                path = j.result.get("samples")
+                if path and os.path.isfile(path):
+                    c3.download_button("npz", lambda p=path: Path(p).read_bytes(), file_name=f"{j.id}_samples.npz",
+                                       key=f"sgld_dl_{j.id}", help="the generated samples (uint8 x, y, energies)")
+                elif path:
+                    c3.caption("samples file missing")
+            elif j.status == "failed":
+                c2.error(f"failed: {(j.error or 'no error message').splitlines()[0]}")
+            else:
+                c2.warning(j.status)
+        if rows:
+            st.dataframe(rows, hide_index=True, width="stretch")
+        if any_active and not any(j.active for j in js):
+            st.rerun()
+
+    _jobs_panel()
