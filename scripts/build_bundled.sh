@@ -10,5 +10,5 @@ build() {  # name method epochs which-checkpoint
 }
 build digits-plain plain 15 last        # non-robust: the final epoch
 build digits-sat sat 30 best            # robust: best PGD accuracy on held-out digits
-build digits-trades trades 15 best
-build digits-weat-adv weat-adv 15 best
+build digits-trades trades 8 best
+build digits-weat-adv weat-adv 8 best
