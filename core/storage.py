@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -178,8 +179,15 @@ def safe_torch_load(path, map_location: str | torch.device = "cpu") -> Any:
     except Exception as e:  # noqa: BLE001
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            if re.search(r"GLOBAL \S+|Unsupported global", str(e)):  # it names the code it would import
+                raise CheckpointError(
+                    f"{path} contains Python objects that would have to execute code to load; "
+                    "EnergyLens only loads plain tensors (weights_only=True). Re-save it as a "
+                    "state_dict or as safetensors.") from e
+            # random bytes and pickles of unknown opcodes fail alike: say both, do not guess
+            detail = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")), msg)
             raise CheckpointError(
-                f"{path} contains Python objects that would have to execute code to load; "
-                "EnergyLens only loads plain tensors (weights_only=True). Re-save it as a "
-                "state_dict or as safetensors.") from e
+                f"{path} is not a plain-tensor checkpoint: it is corrupt or truncated, or it holds Python "
+                "objects that would have to execute code to load, which EnergyLens refuses (weights_only=True). "
+                f"Re-save it as a state_dict or as safetensors, or download it again ({detail}).") from e
         raise CheckpointError(f"{path} is corrupt or truncated and could not be read ({msg})") from e

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from .attacks import AttackSpec, run_attack
-from .attacks.base import eval_mode
+from .attacks.base import eval_mode, is_oom_error
 from .attacks.gradient import gradient_attack
 from .data import augment as augment_batch
 from .data import dataset_spec, load_dataset, probe_indices
 from .errors import EnergyLensError, InputError
-from .losses import method_config, outer_loss
+from .losses import LossTerms, method_config, outer_loss
 from .models import ModelMeta, build_model, save_checkpoint
 from .models.checkpoint import load_state_dict_checked
 from .storage import append_jsonl, atomic_torch_save, atomic_write_json, read_jsonl, safe_torch_load
@@ -196,6 +196,8 @@ def _kept_indices(path: str, n: int) -> torch.Tensor:
 def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
+        if total < 8:  # OneCycleLR divides by (0.25 * total - 1): zero at 4 steps, nonsense below; keep lr constant
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
@@ -255,13 +257,9 @@ def _allreduce_grads(model, world: int, loss: torch.Tensor | None = None) -> tor
     return flat[off] if loss is not None else None
 
 
-def train_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: AttackSpec, *, epoch: int = 0,
-               generator: torch.Generator | None = None, amp: bool = False, world: int = 1, where: str = ""):
-    """One optimisation step: inner attack (eval mode), train-mode forwards, outer loss, backward,
-    gradient average over processes (``world > 1``), optimizer step. Returns the LossTerms.
-
-    A non-finite loss (on any process) raises TrainingStopped before the weights change.
-    """
+def _forward_loss(model, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: AttackSpec, epoch: int,
+                  generator: torch.Generator | None, amp: bool):
+    """Inner attack (eval mode), train-mode forwards and the outer loss of one (micro-)batch."""
     x_adv = None
     if lcfg.inner != "none":
         with eval_mode(model):
@@ -274,21 +272,101 @@ def train_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: A
     if lcfg.weighting == "energy" and lcfg.weight_logits == "eval":
         with eval_mode(model), torch.no_grad():
             wsrc = model(xb)
-    lt = outer_loss(lcfg, logits_nat, logits_adv, yb, epoch=epoch, weight_source_logits=wsrc)
+    return outer_loss(lcfg, logits_nat, logits_adv, yb, epoch=epoch, weight_source_logits=wsrc)
+
+
+def _accumulate(model, lcfg, xb, yb, atk_spec, epoch, generator, amp, micro: int) -> LossTerms:
+    """Forward + backward in micro-batches of ``micro`` samples, each loss scaled by its share of the
+    batch, so the accumulated gradient equals that of the full-batch mean (exactly for per-sample
+    losses; BatchNorm statistics and batch-normalised sample weights are per micro-batch)."""
+    n = int(yb.shape[0])
+    total = torch.zeros((), device=yb.device)
+    terms: dict[str, float] = {}
+    weights, energies = [], []
+    for i in range(0, n, micro):
+        lt = _forward_loss(model, lcfg, xb[i:i + micro], yb[i:i + micro], atk_spec, epoch, generator, amp)
+        share = int(yb[i:i + micro].shape[0]) / n
+        (lt.loss * share).backward()
+        total = total + lt.loss.detach().float() * share
+        for k, v in lt.terms.items():
+            if k == "w_min":
+                terms[k] = min(terms.get(k, v), v)
+            elif k == "w_max":
+                terms[k] = max(terms.get(k, v), v)
+            else:
+                terms[k] = terms.get(k, 0.0) + v * share
+        if lt.weights is not None:
+            weights.append(lt.weights)
+        if lt.energy_nat is not None:
+            energies.append(lt.energy_nat)
+        del lt
+    terms["loss"] = float(total)
+    return LossTerms(loss=total, terms=terms, weights=torch.cat(weights) if weights else None,
+                     energy_nat=torch.cat(energies) if energies else None)
+
+
+def train_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: AttackSpec, *, epoch: int = 0,
+               generator: torch.Generator | None = None, amp: bool = False, world: int = 1, where: str = "",
+               micro_batch: int | None = None):
+    """One optimisation step: inner attack (eval mode), train-mode forwards, outer loss, backward,
+    gradient average over processes (``world > 1``), optimizer step. Returns the LossTerms.
+
+    ``micro_batch`` (smaller than the batch) splits forward/backward into micro-batches whose
+    gradients are accumulated before the single optimizer step (see :func:`_oom_safe_step`).
+    A non-finite loss (on any process) raises TrainingStopped before the weights change.
+    """
     opt.zero_grad(set_to_none=True)
+    n = int(yb.shape[0])
+    if micro_batch and micro_batch < n:
+        lt = _accumulate(model, lcfg, xb, yb, atk_spec, epoch, generator, amp, int(micro_batch))
+        backward_done = True
+    else:
+        lt = _forward_loss(model, lcfg, xb, yb, atk_spec, epoch, generator, amp)
+        backward_done = False
     loss_value = lt.loss.detach()
     if world > 1:  # backward first so that every process takes part in the all-reduce, then all decide alike
-        lt.loss.backward()
+        if not backward_done:
+            lt.loss.backward()
+            backward_done = True
         loss_value = _allreduce_grads(model, world, loss_value)
     if not torch.isfinite(loss_value):
         opt.zero_grad(set_to_none=True)
         raise TrainingStopped(
             f"the loss became {float(loss_value)}{where}: training stopped. "
             "The last good checkpoint is kept; try a smaller learning rate.")
-    if world == 1:
+    if not backward_done:
         lt.loss.backward()
     opt.step()
     return lt
+
+
+def _oom_safe_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: AttackSpec, oom: dict, **kw):
+    """:func:`train_step` that survives running out of memory.
+
+    On an out-of-memory error the batch is retried as two half-size micro-batches with gradient
+    accumulation (halving again while it still does not fit). The reduced size is kept in
+    ``oom["micro_batch"]`` for the rest of the run, and a line is printed to stderr.
+    """
+    n = int(yb.shape[0])
+    while True:
+        current = min(int(oom.get("micro_batch") or n), n)
+        try:
+            return train_step(model, opt, lcfg, xb, yb, atk_spec, micro_batch=oom.get("micro_batch"), **kw)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not is_oom_error(e):
+                raise
+            if current <= 1:
+                raise TrainingStopped(
+                    f"out of memory{kw.get('where', '')} even with micro-batches of 1 sample: training stopped. "
+                    "Use a smaller model, fewer attack steps or the CPU.") from e
+        # outside the except block, so the failed attempt's tensors can be freed
+        opt.zero_grad(set_to_none=True)
+        if xb.is_cuda:
+            torch.cuda.empty_cache()
+        oom["micro_batch"] = (current + 1) // 2
+        print(f"out of memory{kw.get('where', '')} with {current} samples per forward pass: retrying the batch "
+              f"as micro-batches of {oom['micro_batch']} (gradient accumulation); this size is kept for the rest "
+              "of the run", file=sys.stderr, flush=True)
 
 
 def _write_progress(out: Path, **kw) -> None:
@@ -318,7 +396,11 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     out = Path(cfg.out_dir)
     is_main = rank == 0
     if is_main:
-        (out / "probe").mkdir(parents=True, exist_ok=True)
+        try:
+            (out / "probe").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            from .storage import StorageError
+            raise StorageError(f"cannot create the run folder {out}: {e.strerror or e}") from e
         atomic_write_json(out / "config.json", cfg.to_dict())
 
     torch.manual_seed(cfg.seed)
@@ -366,6 +448,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     atk_spec = AttackSpec("pgd", eps=eps, step_size=step, steps=cfg.attack_steps, random_start=True)
     kind = lcfg.inner
     last_record: dict = {}
+    oom: dict = {}  # {'micro_batch': k} once a training step ran out of memory
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -395,8 +478,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             yb = train_ds.labels(gidx[mine], device)
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            lt = train_step(model, opt, lcfg, xb, yb, atk_spec, epoch=epoch, generator=g_atk, amp=amp, world=world,
-                            where=f" at epoch {epoch + 1}, batch {b + 1}")
+            lt = _oom_safe_step(model, opt, lcfg, xb, yb, atk_spec, oom, epoch=epoch, generator=g_atk, amp=amp,
+                                world=world, where=f" at epoch {epoch + 1}, batch {b + 1}")
             sched.step()
             for k, v in lt.terms.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -418,6 +501,11 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         if world > 1:
             import torch.distributed as dist
 
+            if sums:  # log the loss terms of the whole global batch, not only rank 0's share
+                keys = sorted(sums)
+                red = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+                dist.all_reduce(red)
+                sums = dict(zip(keys, (red / world).tolist()))
             dist.barrier()
         if not is_main:
             continue
@@ -441,6 +529,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             "E_nat_mean": float(pe["e_nat"].mean()), "E_adv_mean": float(pe["e_adv"].mean()),
             "probe_nat_acc": float(pe["correct_nat"].mean()), "probe_adv_acc": float(pe["correct_adv"].mean()),
         }
+        if oom.get("micro_batch"):
+            rec["oom_microbatch"] = int(oom["micro_batch"])
         if wvals:
             wv = torch.cat(wvals).numpy()
             rec.update({"w_mean": float(wv.mean()), "w_std": float(wv.std()), "w_min": float(wv.min()), "w_max": float(wv.max())})

@@ -32,10 +32,14 @@ def decode_image(data: bytes, size: tuple[int, int] = (32, 32), *, max_bytes: in
         raise InputError(f"the file is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
     try:
         im = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # Pillow's own header check (> 2 x its 89 Mpx default)
+        raise InputError(f"the image declares more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels; "
+                         f"the limit is {max_pixels / 1e6:.0f} megapixels (very large or 'decompression bomb' "
+                         "files are refused)") from e
     except UnidentifiedImageError as e:
         raise InputError("the file is not an image EnergyLens can read (PNG or JPEG expected)") from e
     except Exception as e:  # noqa: BLE001
-        raise InputError(f"the image could not be opened: {e}") from e
+        raise InputError(f"the image is corrupt or truncated and could not be opened ({e})") from e
     if im.format not in ALLOWED:
         raise InputError(f"unsupported image format {im.format}: upload a PNG or JPEG")
     w, h = im.size

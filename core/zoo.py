@@ -582,22 +582,29 @@ def _weights_only_env() -> Iterator[None]:
                 os.environ[k] = v
 
 
+#: robustbench's Google-Drive download functions (the name changed between releases).
+_DOWNLOADERS = ("download_gdrive", "download_gdrive_new")
+
+
 @contextlib.contextmanager
 def _downloads(rb_utils, allowed: bool) -> Iterator[None]:
     """While not ``allowed``, replace robustbench's downloader so it can never reach the network."""
     if allowed:
         yield
         return
-    original = rb_utils.download_gdrive_new
+    names = [n for n in _DOWNLOADERS if hasattr(rb_utils, n)]
+    originals = {n: getattr(rb_utils, n) for n in names}
 
     def blocked(gdrive_id, fname_save):
         raise _DownloadBlocked(str(fname_save))
 
-    rb_utils.download_gdrive_new = blocked
+    for n in names:
+        setattr(rb_utils, n, blocked)
     try:
         yield
     finally:
-        rb_utils.download_gdrive_new = original
+        for n, f in originals.items():
+            setattr(rb_utils, n, f)
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:

@@ -218,7 +218,7 @@ def model_picker() -> None:
             i = sb.selectbox("Checkpoint", range(len(good)), format_func=lambda k: labels[k], key=f"pick-{source}")
             ref = good[i][0]
         for r, err in bad:
-            sb.caption(f"⚠ skipped {Path(r.path).name}: {err}")
+            sb.caption(f"⚠ skipped {Path(r.path).name} (unreadable): {err}")
     else:
         from core import zoo
 

@@ -44,6 +44,22 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _probe_num_classes(model: torch.nn.Module, x1: torch.Tensor) -> int:
+    """The model's class count from one forward; a shape mismatch becomes a readable InputError."""
+    try:
+        with torch.no_grad():
+            logits = model(x1)
+    except RuntimeError as e:
+        if is_oom_error(e):
+            raise InputError("out of memory even with batch size 1: use fewer or smaller images, or the CPU") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"the model cannot process images of shape {' x '.join(map(str, x1.shape[1:]))} "
+                         f"(C x H x W): {first}") from e
+    if logits.dim() != 2:
+        raise InputError(f"the model must return N x K logits, got shape {tuple(logits.shape)}")
+    return int(logits.shape[1])
+
+
 def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, *,
                record_trace: bool = True, progress: Progress | None = None, num_classes: int | None = None) -> AttackResult:
     """Attack ``x`` (float N x C x H x W in [0,1]) with true labels ``y``.
@@ -61,8 +77,7 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
     notes: list[str] = []
     with eval_mode(model):
         if num_classes is None:
-            with torch.no_grad():
-                num_classes = int(model(x[:1].to(device)).shape[1])
+            num_classes = _probe_num_classes(model, x[:1].to(device))
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise InputError(f"labels must lie in [0, {num_classes - 1}] for this model")
         spec.validate(num_classes)

@@ -145,6 +145,14 @@ def _load_npz(split: str, root=None, download=False, *, path: str) -> ImageDatas
     if not p.is_file():
         raise DataError(f"dataset file not found: {p}")
     try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise DataError(f"could not read {p}: {e.strerror or e}") from e
+    if magic != b"PK\x03\x04":  # an .npz is a zip archive; numpy would guess "pickled data" for anything else
+        raise DataError(f"{p} is not a .npz file (expected a zip archive of arrays 'x' and 'y', "
+                        "as written by numpy.savez)")
+    try:
         with np.load(p, allow_pickle=False) as d:
             x, y = d["x"], d["y"]
     except KeyError as e:

@@ -85,8 +85,11 @@ def strip_prefixes(state: dict[str, torch.Tensor], prefixes=("module.", "model."
     return out
 
 
-def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
-    """Strict load with a readable message when architecture or class count do not match."""
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str = "checkpoint",
+                            expected: str | None = None) -> None:
+    """Strict load with a readable message when architecture or class count do not match.
+
+    ``expected`` describes the model (e.g. "smallcnn, 10 classes") for the message."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{where} does not hold a state_dict of tensors")
     state = strip_prefixes(state)
@@ -98,13 +101,16 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], wh
         parts = []
         if mism:
             k, got, want = mism[0]
-            hint = " (a different number of classes?)" if k.endswith(("linear.weight", "fc.weight", "linear.bias", "fc.bias", "logits.weight")) else ""
+            head = k.endswith(("linear.weight", "fc.weight", "linear.bias", "fc.bias", "logits.weight", "logits.bias"))
+            # only the class dimension differs: same features in, another number of classes out
+            hint = " (a different number of classes?)" if head and got[1:] == want[1:] and got[:1] != want[:1] else ""
             parts.append(f"{len(mism)} tensors have the wrong shape, e.g. {k}: file {got} vs model {want}{hint}")
         if missing:
             parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
-        raise CheckpointError(f"{where} does not match the model architecture: " + "; ".join(parts))
+        label = f" ({expected})" if expected else ""
+        raise CheckpointError(f"{where} does not match the model architecture{label}: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 
 
@@ -140,6 +146,10 @@ def read_metadata(path: str | Path) -> ModelMeta:
         return ModelMeta.from_dict(json.loads(raw))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} has corrupt metadata: {e}") from e
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    except (TypeError, AttributeError) as e:  # valid JSON of the wrong shape, e.g. a list or unknown value types
+        raise CheckpointError(f"{path} has malformed metadata: {e}") from e
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", expect_num_classes: int | None = None,
@@ -159,7 +169,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", exp
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     model = build_model(meta.arch, meta.num_classes, **meta.arch_kwargs)
-    load_state_dict_checked(model, state, where=str(path.name))
+    load_state_dict_checked(model, state, where=str(path.name),
+                            expected=f"{meta.arch}, {meta.num_classes} classes, as its metadata says")
     model.to(device).eval()
     if meta.name is None:
         meta.name = path.stem

@@ -5,6 +5,7 @@ A :class:`ModelRef` names a model; :func:`load_model_ref` turns it into a Loaded
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DIR = REPO_ROOT / "checkpoints"
 LOCAL_DIR = REPO_ROOT / "checkpoints" / "local"
 RUNS_DIR = REPO_ROOT / "runs"
+ENV_RUNS = "ENERGYLENS_RUNS"  # the runs folder of core.jobs, when set
 
 __all__ = ["ModelRef", "list_bundled", "list_local", "load_model_ref", "BUNDLED_DIR", "LOCAL_DIR", "RUNS_DIR"]
 
@@ -32,7 +34,13 @@ class ModelRef:
         return f"{self.source}:{self.path or ''}:{self.name}:{self.dataset or ''}:{self.threat_model or ''}"
 
 
-def _entries(paths, source: str) -> list[tuple[ModelRef, ModelMeta | None, str | None]]:
+def _runs_dir() -> Path:
+    """The training-runs folder: env ``ENERGYLENS_RUNS`` (as in core.jobs) or ``<repo>/runs``."""
+    env = os.environ.get(ENV_RUNS)
+    return Path(env).expanduser() if env else RUNS_DIR
+
+
+def _entries(paths, source: str, runs_dir: Path | None = None) -> list[tuple[ModelRef, ModelMeta | None, str | None]]:
     out = []
     for p in paths:
         try:
@@ -41,26 +49,33 @@ def _entries(paths, source: str) -> list[tuple[ModelRef, ModelMeta | None, str |
         except EnergyLensError as e:
             meta, err = None, str(e)
         name = meta.name if meta and meta.name else p.stem
-        if source == "local" and p.parent.parent == RUNS_DIR:
+        if source == "local" and runs_dir is not None and p.parent.parent == runs_dir:
             name = f"{p.parent.name}/{p.stem}"
         out.append((ModelRef(source, name, str(p)), meta, err))
     return out
 
 
-def list_bundled(folder: Path = BUNDLED_DIR):
+def list_bundled(folder: Path | None = None):
     """Bundled checkpoints shipped in ``checkpoints/*.safetensors``: (ref, meta, error)."""
+    folder = BUNDLED_DIR if folder is None else folder  # resolved per call (tests may point it elsewhere)
     return _entries(sorted(Path(folder).glob("*.safetensors")), "bundled")
 
 
-def list_local(local_dir: Path = LOCAL_DIR, runs_dir: Path = RUNS_DIR):
-    """User checkpoints in ``checkpoints/local`` and the best/last checkpoints of training runs."""
+def list_local(local_dir: Path | None = None, runs_dir: Path | None = None):
+    """User checkpoints in ``checkpoints/local`` and the best/last checkpoints of training runs.
+
+    Defaults are resolved per call: :data:`LOCAL_DIR`, and env ``ENERGYLENS_RUNS`` or :data:`RUNS_DIR`.
+    A file that cannot be read is listed with its error instead of raising.
+    """
+    local_dir = LOCAL_DIR if local_dir is None else local_dir
+    runs_dir = _runs_dir() if runs_dir is None else Path(runs_dir)
     files = sorted(Path(local_dir).glob("*.safetensors")) if Path(local_dir).is_dir() else []
     if Path(runs_dir).is_dir():
         for run in sorted(Path(runs_dir).iterdir()):
             for f in ("best.safetensors", "last.safetensors"):
                 if (run / f).is_file():
                     files.append(run / f)
-    return _entries(files, "local")
+    return _entries(files, "local", runs_dir)
 
 
 def load_model_ref(ref: ModelRef, device: str = "cpu", allow_download: bool = False,

@@ -1,0 +1,648 @@
+"""A catalogue of bad inputs: every one is refused with a message that names the problem, and nothing
+that existed before is lost (files, models, earlier results on the page).
+
+Engine cases call core/ directly; page cases drive the dashboard through Streamlit's AppTest from
+``dashboard/Home.py``. docs/RELIABILITY.md lists the same cases with the message the user sees.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import io
+import math
+import os
+import pickle
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import core.storage as storage
+from core import zoo
+from core.attacks import AttackSpec, run_attack
+from core.data import load_dataset, validate_images
+from core.errors import CheckpointError, DataError, InputError, ZooError
+from core.models import ModelMeta, build_model, load_checkpoint, save_checkpoint
+from core.models.registry import ModelRef, load_model_ref
+from core.storage import StorageError, atomic_write_bytes, safe_torch_load
+from core.train import TrainConfig, train
+from core.uploads import MAX_UPLOAD_BYTES, decode_image
+
+REPO = Path(__file__).resolve().parents[1]
+HTML = (b"<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head>"
+        b"<body>Google Drive can't scan this file for viruses.</body></html>")
+SMALL_META = ModelMeta(arch="smallcnn", num_classes=10, dataset="digits")
+NOISE = b"\x93" + random.Random(1234).randbytes(4999)  # fixed "random" bytes; no format starts with 0x93
+
+
+def _small_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("smallcnn", 10).eval()
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    """A valid EnergyLens checkpoint (smallcnn, 10 classes)."""
+    return save_checkpoint(tmp_path / "good.safetensors", _small_model(), SMALL_META)
+
+
+def _expect(fn, exc, *needles):
+    """Run ``fn``; it must raise ``exc`` whose message contains every needle (case-insensitive)."""
+    with pytest.raises(exc) as info:
+        fn()
+    msg = str(info.value)
+    for n in needles:
+        assert n.lower() in msg.lower(), f"{n!r} not in message: {msg}"
+    assert "Traceback" not in msg
+    return msg
+
+
+# =============================================================================================
+# Model names
+# =============================================================================================
+NAME_CASES = [
+    ("zoo-unknown-model", lambda t: zoo.get_zoo_entry("NoSuchModel2099", "cifar10", "Linf"), ZooError,
+     ["unknown RobustBench model 'NoSuchModel2099'"]),
+    ("zoo-misspelt-model-suggests", lambda t: zoo.load_zoo_model("Standrd", model_dir=t), ZooError,
+     ["unknown RobustBench model 'Standrd'", "Did you mean", "Standard"]),
+    ("zoo-unknown-dataset", lambda t: zoo.get_zoo_entry("Standard", "imagenet42", "Linf"), ZooError,
+     ["unknown dataset 'imagenet42'", "cifar10"]),
+    ("zoo-unknown-threat-model", lambda t: zoo.get_zoo_entry("Standard", "cifar10", "L7"), ZooError,
+     ["unknown threat model 'L7'", "Linf"]),
+    ("registry-unknown-architecture", lambda t: build_model("resnet9000", 10), CheckpointError,
+     ["unknown architecture 'resnet9000'", "smallcnn"]),
+    ("registry-unknown-source", lambda t: load_model_ref(ModelRef("cloud", "x")), CheckpointError,
+     ["unknown model source 'cloud'"]),
+    ("registry-missing-checkpoint-file",
+     lambda t: load_model_ref(ModelRef("local", "ghost", str(t / "ghost.safetensors"))), CheckpointError,
+     ["checkpoint not found", "ghost.safetensors"]),
+]
+
+
+@pytest.mark.parametrize("make,exc,needles", [c[1:] for c in NAME_CASES], ids=[c[0] for c in NAME_CASES])
+def test_unknown_model_names(tmp_path, make, exc, needles):
+    _expect(lambda: make(tmp_path), exc, *needles)
+
+
+def test_zoo_model_not_downloaded_says_where_to_put_the_file(tmp_path):
+    msg = _expect(lambda: zoo.load_zoo_model("Standard", "cifar10", "Linf", model_dir=tmp_path), ZooError,
+                  "is not downloaded", "save it exactly at", "drive.google.com")
+    assert str(tmp_path / "cifar10" / "Linf" / "Standard.pt") in msg
+    assert not any(tmp_path.rglob("*")), "nothing is created while downloads are off"
+
+
+# =============================================================================================
+# Checkpoint files
+# =============================================================================================
+def _truncated(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def _torch_pt(t: Path) -> Path:
+    p = t / "weights.pt"
+    torch.save(_small_model().state_dict(), p)
+    return p
+
+
+CKPT_CASES = [
+    # id, builder(tmp, good_ckpt) -> path, meta for load_checkpoint, needles
+    ("truncated-safetensors", lambda t, g: _truncated(g, t / "cut.safetensors"), None,
+     ["cut.safetensors", "not a valid safetensors file"]),
+    ("truncated-pt", lambda t, g: _truncated(_torch_pt(t), t / "cut.pt"), SMALL_META,
+     ["cut.pt", "corrupt or truncated"]),
+    ("random-bytes-pt", lambda t, g: (t / "noise.pt", (t / "noise.pt").write_bytes(NOISE[:3000]))[0],
+     SMALL_META, ["noise.pt", "corrupt"]),
+    ("empty-file", lambda t, g: (t / "empty.safetensors", (t / "empty.safetensors").write_bytes(b""))[0], None,
+     ["empty (0 bytes)"]),
+    ("html-page-as-pt", lambda t, g: (t / "model.pt", (t / "model.pt").write_bytes(HTML))[0], SMALL_META,
+     ["model.pt", "is an HTML page, not model weights", "download again"]),
+    ("html-page-as-safetensors",
+     lambda t, g: (t / "model.safetensors", (t / "model.safetensors").write_bytes(HTML))[0], None,
+     ["model.safetensors", "is an HTML page, not model weights"]),
+    ("wrong-architecture",
+     lambda t, g: save_checkpoint(t / "arch.safetensors", _small_model(), ModelMeta("resnet18", 10, "digits")),
+     None, ["arch.safetensors", "does not match the model architecture (resnet18, 10 classes", "weights missing"]),
+    ("wrong-class-count",
+     lambda t, g: save_checkpoint(t / "k.safetensors", _small_model(), ModelMeta("smallcnn", 100, "cifar100")),
+     None, ["does not match the model architecture (smallcnn, 100 classes", "wrong shape",
+            "a different number of classes?"]),
+    ("metadata-lacks-architecture",
+     lambda t, g: _safetensors_with_meta(t / "nometa.safetensors", '{"dataset": "digits"}'), None,
+     ["nometa.safetensors", "metadata lacks arch, num_classes"]),
+    ("metadata-not-an-object",
+     lambda t, g: _safetensors_with_meta(t / "list.safetensors", '["smallcnn", 10]'), None,
+     ["list.safetensors", "malformed metadata"]),
+    ("metadata-not-json",
+     lambda t, g: _safetensors_with_meta(t / "badjson.safetensors", "{not json"), None, ["corrupt metadata"]),
+]
+
+
+def _safetensors_with_meta(path: Path, raw: str) -> Path:
+    from safetensors.torch import save
+
+    path.write_bytes(save({"w": torch.zeros(2)}, metadata={"energylens": raw}))
+    return path
+
+
+@pytest.mark.parametrize("build,meta,needles", [c[1:] for c in CKPT_CASES], ids=[c[0] for c in CKPT_CASES])
+def test_bad_checkpoint_files(tmp_path, ckpt, build, meta, needles):
+    path = build(tmp_path, ckpt)
+    before = path.read_bytes()
+    msg = _expect(lambda: load_checkpoint(path, meta=meta), CheckpointError, *needles)
+    if "classes?" not in " ".join(needles):
+        assert "different number of classes" not in msg, "no class-count hint when the architecture differs"
+    assert path.read_bytes() == before, "a bad file is reported, never modified or deleted"
+    assert load_checkpoint(ckpt).meta.arch == "smallcnn", "other checkpoints still load"
+
+
+def test_checkpoint_for_another_dataset_is_refused_by_class_count(ckpt):
+    _expect(lambda: load_checkpoint(ckpt, expect_num_classes=100), CheckpointError,
+            "predicts 10 classes but 100 were expected")
+
+
+class _Payload:
+    """Unpickling this runs os.makedirs(marker): code execution as a side effect of loading."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+@pytest.mark.parametrize("fmt", ["torch-zip", "torch-legacy", "inside-state-dict"])
+def test_pickle_that_would_run_code_is_refused(tmp_path, fmt):
+    # control: the payload is live (a plain unpickle does run it)
+    control = tmp_path / "control-marker"
+    pickle.loads(pickle.dumps(_Payload(control)))
+    assert control.is_dir()
+
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    if fmt == "torch-zip":
+        torch.save(_Payload(marker), path)
+    elif fmt == "torch-legacy":
+        torch.save(_Payload(marker), path, _use_new_zipfile_serialization=False)
+    else:
+        torch.save({**_small_model().state_dict(), "extra": _Payload(marker)}, path)
+    _expect(lambda: load_checkpoint(path, meta=SMALL_META), CheckpointError, "evil.pt", "execute code",
+            "weights_only=True")
+    _expect(lambda: safe_torch_load(path), CheckpointError, "execute code")
+    assert not marker.exists(), "loading the checkpoint executed code"
+
+
+def test_zoo_html_page_saved_as_pt_is_refused_before_loading(tmp_path):
+    p = tmp_path / "cifar10" / "Linf" / "Standard.pt"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(HTML)
+    _expect(lambda: zoo.load_zoo_model("Standard", model_dir=tmp_path), ZooError,
+            "Standard.pt", "is an HTML page, not model weights", "quarantine")
+    assert p.read_bytes() == HTML, "the bad file is left for the user to inspect (quarantine renames, never deletes)"
+
+
+# =============================================================================================
+# Tensors given to the engine
+# =============================================================================================
+def _imgs(*shape, fill=None, dtype=torch.float32):
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if fill is not None:
+        x.view(-1)[3] = fill
+    return x
+
+
+TENSOR_CASES = [
+    ("nan-pixel", _imgs(2, 3, 8, 8, fill=float("nan")), "NaN or infinite"),
+    ("inf-pixel", _imgs(2, 3, 8, 8, fill=float("inf")), "NaN or infinite"),
+    ("values-outside-0-1", _imgs(2, 3, 8, 8, fill=3.5), "must lie in [0, 1]"),
+    ("2d-tensor", _imgs(8, 8), "N x C x H x W"),
+    ("5d-tensor", _imgs(1, 2, 3, 8, 8), "N x C x H x W"),
+    ("zero-images", _imgs(0, 3, 8, 8), "no images given"),
+    ("int32-dtype", torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.int32), "float in [0,1] or uint8"),
+    ("bool-dtype", torch.ones(2, 3, 8, 8, dtype=torch.bool), "float in [0,1] or uint8"),
+    ("numpy-array-not-tensor", _imgs(2, 3, 8, 8).numpy(), "must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("x,needle", [c[1:] for c in TENSOR_CASES], ids=[c[0] for c in TENSOR_CASES])
+def test_validate_images_refuses(x, needle):
+    _expect(lambda: validate_images(x), InputError, needle)
+
+
+def test_validate_images_wrong_size_for_model():
+    _expect(lambda: validate_images(_imgs(2, 3, 8, 8), expect_shape=(3, 32, 32)), InputError,
+            "(3, 32, 32)", "got (3, 8, 8)")
+
+
+@pytest.mark.parametrize("x,needle", [c[1:] for c in TENSOR_CASES if c[0] != "zero-images"],
+                         ids=[c[0] for c in TENSOR_CASES if c[0] != "zero-images"])
+def test_run_attack_refuses_bad_images(tiny_linear_model, x, needle):
+    n = x.shape[0] if x.ndim == 4 else 1
+    _expect(lambda: run_attack(tiny_linear_model, x, torch.zeros(n, dtype=torch.long), AttackSpec("pgd", steps=1)),
+            InputError, needle)
+
+
+def _state(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, model.training,
+            [p.requires_grad for p in model.parameters()])
+
+
+def _same_state(model, before):
+    sd, training, flags = before
+    assert model.training == training, "the model's train/eval mode is restored"
+    assert [p.requires_grad for p in model.parameters()] == flags, "requires_grad is restored"
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items()), "weights unchanged"
+
+
+RUN_ATTACK_SHAPE_CASES = [
+    ("image-size-wrong-for-model", _imgs(2, 3, 32, 32), torch.zeros(2, dtype=torch.long),
+     ["cannot process images of shape 3 x 32 x 32"]),
+    ("channels-wrong-for-model", _imgs(2, 1, 8, 8), torch.zeros(2, dtype=torch.long),
+     ["cannot process images of shape 1 x 8 x 8"]),
+    ("label-count-mismatch", _imgs(2, 3, 8, 8), torch.zeros(3, dtype=torch.long), ["got 3 labels for 2 images"]),
+    ("label-out-of-range", _imgs(2, 3, 8, 8), torch.tensor([0, 10]), ["labels must lie in [0, 9]"]),
+    ("negative-label", _imgs(2, 3, 8, 8), torch.tensor([-1, 0]), ["labels must lie in [0, 9]"]),
+]
+
+
+@pytest.mark.parametrize("x,y,needles", [c[1:] for c in RUN_ATTACK_SHAPE_CASES],
+                         ids=[c[0] for c in RUN_ATTACK_SHAPE_CASES])
+def test_run_attack_refuses_bad_shapes_and_labels(tiny_linear_model, x, y, needles):
+    model = tiny_linear_model.train()
+    before = _state(model)
+    x0 = x.clone()
+    _expect(lambda: run_attack(model, x, y, AttackSpec("pgd", steps=1)), InputError, *needles)
+    _same_state(model, before)
+    assert torch.equal(x, x0), "the caller's images are not modified"
+
+
+# =============================================================================================
+# Attack settings
+# =============================================================================================
+SPEC_CASES = [
+    ("eps-negative", dict(eps=-0.1), ["epsilon must be >= 0"]),
+    ("eps-nan", dict(eps=float("nan")), ["eps must be a finite number"]),
+    ("eps-inf", dict(eps=math.inf), ["eps must be a finite number"]),
+    ("eps-absurd-linf", dict(eps=5.0), ["absurd for Linf"]),
+    ("eps-absurd-l2", dict(norm="L2", eps=1000.0), ["absurd for L2"]),
+    ("steps-zero", dict(steps=0), ["steps must be a positive integer"]),
+    ("steps-negative", dict(steps=-5), ["steps must be a positive integer"]),
+    ("steps-fractional", dict(steps=2.5), ["steps must be a positive integer"]),
+    ("steps-too-many", dict(steps=50_000), ["too many for PGD"]),
+    ("step-size-zero", dict(step_size=0.0), ["step size must be > 0"]),
+    ("step-size-nan", dict(step_size=float("nan")), ["step size must be a finite number"]),
+    ("batch-size-zero", dict(batch_size=0), ["batch size must be positive"]),
+    ("unknown-norm", dict(norm="L1"), ["norm must be one of"]),
+    ("unknown-attack", dict(name="deepfool"), ["unknown attack 'deepfool'"]),
+    ("l2-with-linf-only-attack", dict(name="trades-kl", norm="L2", eps=0.5), ["supports only the Linf"]),
+    ("targeted-autoattack-component", dict(name="apgd-ce", targeted=True, target_mode="chosen", target_class=3),
+     ["APGD-CE has no targeted mode"]),
+    ("target-class-missing", dict(targeted=True, target_mode="chosen", target_class=None),
+     ["choose a target class"]),
+    ("target-class-out-of-range", dict(targeted=True, target_mode="chosen", target_class=42),
+     ["target class 42 does not exist", "10 classes"]),
+    ("unknown-target-mode", dict(targeted=True, target_mode="nearest"), ["target mode must be one of"]),
+]
+
+
+@pytest.mark.parametrize("kw,needles", [c[1:] for c in SPEC_CASES], ids=[c[0] for c in SPEC_CASES])
+def test_run_attack_refuses_bad_settings(tiny_linear_model, kw, needles):
+    model = tiny_linear_model
+    before = _state(model)
+    spec = AttackSpec(**{"name": "pgd", "steps": 2, **kw})
+    _expect(lambda: run_attack(model, _imgs(2, 3, 8, 8), torch.tensor([1, 2]), spec), InputError, *needles)
+    _same_state(model, before)
+
+
+# =============================================================================================
+# Training settings
+# =============================================================================================
+TRAIN_CASES = [
+    ("beta-negative", dict(method="trades", beta=-1.0), ["beta must be >= 0"]),
+    ("beta-nan", dict(method="trades", beta=float("nan")), ["beta must be >= 0"]),
+    ("lr-zero", dict(lr=0.0), ["learning rate must be > 0"]),
+    ("lr-negative", dict(lr=-0.1), ["lr must be a finite number >= 0"]),
+    ("lr-inf", dict(lr=math.inf), ["lr must be a finite number >= 0"]),
+    ("epochs-zero", dict(epochs=0), ["epochs must be a positive integer"]),
+    ("epochs-absurd", dict(epochs=10**6), ["absurd"]),
+    ("batch-size-zero", dict(batch_size=0), ["batch size must be a positive integer"]),
+    ("attack-steps-zero", dict(attack_steps=0), ["attack steps must be a positive integer"]),
+    ("eps-negative", dict(eps=-0.01), ["epsilon must lie in [0, 1]"]),
+    ("eps-nan", dict(eps=float("nan")), ["epsilon must lie in [0, 1]"]),
+    ("step-size-zero", dict(step_size=0.0), ["step size must be > 0"]),
+    ("unknown-method", dict(method="magic"), ["unknown training method 'magic'"]),
+    ("unknown-schedule", dict(schedule="sawtooth"), ["schedule must be one of"]),
+    ("unknown-device", dict(device="tpu"), ["device must be"]),
+]
+
+
+@pytest.mark.parametrize("kw,needles", [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
+def test_train_config_refuses(kw, needles):
+    _expect(lambda: TrainConfig(**kw).validate(), InputError, *needles)
+
+
+def test_train_refuses_batch_larger_than_dataset_before_writing_anything(tmp_path):
+    out = tmp_path / "run"
+    cfg = TrainConfig(out_dir=str(out), train_limit=50, batch_size=128, epochs=1)
+    _expect(lambda: train(cfg), InputError, "batch size 128 is larger than the training set (50 images)")
+    assert not out.exists(), "a refused run leaves no half-made run folder"
+
+
+def test_train_refuses_unknown_dataset_before_writing_anything(tmp_path):
+    out = tmp_path / "run"
+    _expect(lambda: train(TrainConfig(dataset="imagenet-21k", out_dir=str(out))), DataError,
+            "unknown dataset 'imagenet-21k'")
+    assert not out.exists()
+
+
+def test_train_rejects_unknown_option():
+    _expect(lambda: TrainConfig.from_dict({"epochs": 1, "learnrate": 0.1}), InputError,
+            "unknown training option(s): learnrate")
+
+
+# =============================================================================================
+# Datasets
+# =============================================================================================
+DATA_CASES = [
+    ("unknown-dataset-name", lambda t: load_dataset("imagenet-21k"), DataError, ["unknown dataset 'imagenet-21k'",
+                                                                                  "digits"]),
+    ("npz-path-does-not-exist", lambda t: load_dataset(f"npz:{t / 'nope.npz'}"), DataError,
+     ["dataset file not found", "nope.npz"]),
+    ("npz-not-a-zip", lambda t: (t / "bad.npz").write_bytes(b"hello") and load_dataset(f"npz:{t / 'bad.npz'}"),
+     DataError, ["bad.npz", "is not a .npz file"]),
+    ("cifar10-root-does-not-exist", lambda t: load_dataset("cifar10", root=t / "missing"), DataError,
+     ["CIFAR-10 train split not found", str(Path("missing") / "cifar-10-batches-py"), "download"]),
+    ("svhn-root-does-not-exist", lambda t: load_dataset("svhn", "test", root=t / "missing"), DataError,
+     ["SVHN test split not found", "test_32x32.mat"]),
+    ("unknown-split", lambda t: load_dataset("digits", "validation"), InputError,
+     ["split must be 'train' or 'test'"]),
+    ("limit-zero", lambda t: load_dataset("digits", "test", limit=0), InputError, ["limit must be positive"]),
+]
+
+
+@pytest.mark.parametrize("make,exc,needles", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_bad_datasets(tmp_path, make, exc, needles):
+    _expect(lambda: make(tmp_path), exc, *needles)
+
+
+# =============================================================================================
+# Uploaded images
+# =============================================================================================
+@functools.lru_cache(maxsize=None)
+def _png(w: int, h: int, mode: str = "RGB") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg(w: int = 64, h: int = 48) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((w, h), 40).convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _gif() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("P", (8, 8)).save(buf, "GIF")
+    return buf.getvalue()
+
+
+SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="32" height="32"><rect/></svg>'
+PDF = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj << /Type /Catalog >> endobj\ntrailer << >>\n%%EOF\n"
+
+UPLOAD_CASES = [
+    ("empty-file", lambda: b"", ["the uploaded file is empty"]),
+    ("text-file", lambda: b"just some notes\nnot an image\n" * 20, ["not an image", "PNG or JPEG"]),
+    ("random-bytes", lambda: NOISE, ["not an image", "PNG or JPEG"]),
+    ("pdf", lambda: PDF, ["not an image", "PNG or JPEG"]),
+    ("svg", lambda: SVG, ["not an image", "PNG or JPEG"]),
+    ("gif-unsupported-format", _gif, ["unsupported image format GIF"]),
+    ("truncated-jpeg-header", lambda: _jpeg()[:400], ["corrupt or truncated"]),
+    ("truncated-jpeg-data", lambda: _jpeg()[: len(_jpeg()) * 2 // 3], ["corrupt or truncated"]),
+    ("truncated-png", lambda: _png(64, 64)[:60], ["corrupt or truncated"]),
+    ("oversize-over-10MB", lambda: _png(8, 8) + b"\0" * (MAX_UPLOAD_BYTES + 1), ["MB; the limit is 10 MB"]),
+    ("too-many-pixels-25MP", lambda: _png(5000, 5000, "1"), ["5000 x 5000", "the limit is 16 megapixels"]),
+    ("decompression-bomb-400MP", lambda: _png(20000, 20000, "1"), ["megapixels", "decompression bomb"]),
+]
+
+
+@pytest.mark.parametrize("make,needles", [c[1:] for c in UPLOAD_CASES], ids=[c[0] for c in UPLOAD_CASES])
+def test_bad_uploads(make, needles):
+    data = make()
+    _expect(lambda: decode_image(data), InputError, *needles)
+
+
+@pytest.mark.parametrize("w,h", [(5000, 5000), (20000, 20000)], ids=["25MP", "400MP"])
+def test_huge_image_is_refused_before_any_pixel_is_decoded(monkeypatch, w, h):
+    from PIL import ImageFile
+
+    data = _png(w, h, "1")
+    assert len(data) < 100_000, "the bomb itself is small"
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    _expect(lambda: decode_image(data), InputError, "megapixels")
+    assert decoded == [], "pixels were decoded before the size check"
+
+
+def test_a_good_upload_still_works_after_bad_ones():
+    for make, _ in [c[1:] for c in UPLOAD_CASES[:3]]:
+        with pytest.raises(InputError):
+            decode_image(make())
+    x = decode_image(_jpeg(), size=(32, 32))
+    assert x.shape == (1, 3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+# =============================================================================================
+# Unwritable folders and full disks
+# =============================================================================================
+def test_unwritable_checkpoint_folder_chmod(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as a user (root) who can write to a read-only folder anyway")
+        _expect(lambda: save_checkpoint(folder / "m.safetensors", _small_model(), SMALL_META), StorageError,
+                "cannot write to folder", str(folder))
+    finally:
+        folder.chmod(0o755)
+
+
+def test_unwritable_folder_simulated(tmp_path, monkeypatch):
+    """Same as above for root: the temp file cannot be created (EACCES)."""
+    target = tmp_path / "runs" / "r1" / "last.safetensors"
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(storage.tempfile, "mkstemp", denied)
+    _expect(lambda: save_checkpoint(target, _small_model(), SMALL_META), StorageError,
+            "cannot write to folder", str(target.parent), "Permission denied")
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "replace"])
+def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch, where):
+    path = tmp_path / "ckpt" / "last.safetensors"
+    save_checkpoint(path, _small_model(seed=1), ModelMeta("smallcnn", 10, "digits", epoch=1))
+    before = path.read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "write":
+        real = storage.atomic_write
+        monkeypatch.setattr(storage, "atomic_write",
+                            lambda p, writer, mode="wb": real(p, lambda f: (f.write(b"partial"), full()), mode))
+    elif where == "fsync":
+        monkeypatch.setattr(storage.os, "fsync", full)
+    else:
+        monkeypatch.setattr(storage.os, "replace", full)
+    _expect(lambda: save_checkpoint(path, _small_model(seed=2), ModelMeta("smallcnn", 10, "digits", epoch=2)),
+            StorageError, str(path), "No space left on device")
+    monkeypatch.undo()
+    assert path.read_bytes() == before, "the previous checkpoint is intact"
+    assert load_checkpoint(path).meta.epoch == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.safetensors"], "no temp file left behind"
+
+
+def test_full_disk_on_plain_bytes_write(tmp_path, monkeypatch):
+    path = tmp_path / "notes.json"
+    path.write_text('{"ok": true}')
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "fsync", full)
+    _expect(lambda: atomic_write_bytes(path, b'{"ok": false}'), StorageError, "could not write", str(path))
+    assert path.read_text() == '{"ok": true}'
+
+
+# =============================================================================================
+# Pages (AppTest from dashboard/Home.py)
+# =============================================================================================
+ENTRY = str(REPO / "dashboard" / "Home.py")
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    import streamlit as st
+
+    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+    st.cache_data.clear()
+    at = AppTest.from_file(ENTRY, default_timeout=120)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def _attack_once(at, n: int = 16, timeout: float = 120.0):
+    at.number_input(key="atk_n").set_value(n)
+    at.button[0].click().run()
+    t0 = time.time()
+    while "atk_result" not in at.session_state or not at.session_state["atk_task"].done:
+        if time.time() - t0 > timeout:
+            pytest.fail("attack did not finish")
+        time.sleep(0.3)
+        at.run()
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    return at.session_state["atk_result"]
+
+
+def _errors(at) -> str:
+    return " | ".join(e.value for e in at.error)
+
+
+def _set_targeted_apgd(at):
+    at.selectbox(key="atk_name").set_value("apgd-ce")
+    at.checkbox(key="atk_targeted").check()
+    at.selectbox(key="atk_tmode").set_value("chosen")
+    at.selectbox(key="atk_tclass").set_value(3)
+
+
+def _set_l2_absurd(at):
+    # the L2 epsilon box appears once the form was submitted with norm L2 (rejected here: 0 images)
+    at.selectbox(key="atk_norm").set_value("L2")
+    at.number_input(key="atk_n").set_value(0)
+    at.button[0].click().run()
+    assert "the number of images must be positive" in _errors(at)
+    at.number_input(key="atk_eps_l2").set_value(1000.0)
+    at.number_input(key="atk_n").set_value(16)
+
+
+def _set(key, value):
+    return lambda at: at.number_input(key=key).set_value(value)
+
+
+PAGE_CASES = [
+    ("targeted-apgd-ce-with-chosen-class", _set_targeted_apgd, "APGD-CE has no targeted mode"),
+    ("l2-absurd-epsilon", _set_l2_absurd, "epsilon 1000 is absurd for L2"),
+    ("steps-beyond-limit", _set("atk_steps", 20_000), "steps=20000 is too many for PGD (cross-entropy) (max 10000)"),
+    ("zero-images", _set("atk_n", 0), "the number of images must be positive"),
+    ("negative-steps", _set("atk_steps", -4), "steps must be a positive integer, got -4"),
+]
+
+
+@pytest.mark.parametrize("setup,expected", [c[1:] for c in PAGE_CASES], ids=[c[0] for c in PAGE_CASES])
+def test_attack_lab_bad_settings_keep_the_earlier_result(app, setup, expected):
+    at = app
+    at.switch_page("../pages/attack_lab.py").run()
+    before = _attack_once(at)
+    setup(at)
+    at.button[0].click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert expected in _errors(at), _errors(at)
+    assert not [e for e in at.error if "Unexpected error" in e.value]
+    assert at.session_state["atk_result"] is before, "earlier results must survive a bad run"
+    assert any(m.label == "Robust accuracy" for m in at.metric), "the earlier result is still displayed"
+
+
+def test_corrupt_local_checkpoint_is_skipped_with_a_note(app, tmp_path, monkeypatch):
+    import core.models.registry as registry
+
+    local = tmp_path / "local"
+    local.mkdir()
+    save_checkpoint(local / "fine.safetensors", _small_model(), ModelMeta("smallcnn", 10, "digits", name="fine"))
+    (local / "broken.safetensors").write_bytes(b"\x00" * 7 + b"garbage")
+    (local / "page.safetensors").write_bytes(HTML)
+    monkeypatch.setattr(registry, "LOCAL_DIR", local)
+    at = app
+    at.sidebar.radio(key="model_source").set_value("Local checkpoints").run()
+    assert not at.exception, [e.message for e in at.exception]
+    notes = " | ".join(c.value for c in at.sidebar.caption)
+    assert "skipped broken.safetensors (unreadable)" in notes, notes
+    assert "skipped page.safetensors (unreadable)" in notes and "HTML page" in notes, notes
+    assert at.session_state["model_ref"].name == "fine", "the readable checkpoint is still offered"
+    at.switch_page("../pages/models.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    statuses = " ".join(str(v) for df in at.dataframe for v in df.value.get("status", []) if isinstance(v, str))
+    assert "unreadable:" in statuses and "broken.safetensors" in statuses, statuses
+
+
+def test_zoo_model_not_downloaded_shows_where_to_put_the_file(app):
+    path = zoo.zoo_path("Standard", "cifar10", "Linf")
+    if path.exists():
+        pytest.skip(f"{path} is present on this machine")
+    at = app
+    at.sidebar.radio(key="model_source").set_value("RobustBench zoo").run()
+    at.sidebar.selectbox(key="zoo_name").set_value("Standard").run()
+    at.switch_page("../pages/attack_lab.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    errs = _errors(at)
+    assert "Could not load model **Standard**" in errs and "is not downloaded" in errs, errs
+    assert "save it exactly at" in errs and str(path) in errs, errs
+    assert not path.exists()
