@@ -445,6 +445,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
                      input_shape=list(train_ds.input_shape), class_names=train_ds.class_names, method=cfg.method,
                      hparams={**cfg.to_dict(), "eps": eps, "step_size": step, "loss": lcfg.to_dict()},
                      name=cfg.name or out.name)
+    # random start for both inner losses: PGD-CE uniform in the ball, TRADES-KL x + 0.001 N(0, I) (at x itself the
+    # KL gradient is exactly zero, so without it the first step would follow rounding noise or not move at all)
     atk_spec = AttackSpec("pgd", eps=eps, step_size=step, steps=cfg.attack_steps, random_start=True)
     kind = lcfg.inner
     last_record: dict = {}

@@ -1,0 +1,233 @@
+"""Training speed and logging overhead.
+
+    python bench/bench_train.py [--reps 3] [--device cpu|cuda] [--quick]
+
+(a) steps/s of WEAT_ADV and TRADES through ``core.train.train_step`` (attack in eval mode, train-mode
+    forwards, outer loss, backward, SGD) vs ``reference_official_loop.reference_step`` (the
+    official code's structure: natural logits recomputed at every attack step, fp32) — same model,
+    weights, batch, device, attack (10 KL sign steps, eps 8/255, step 2/255); median of ``--reps``
+    timed steps after one warm-up step, for smallcnn and resnet18.
+(b) the per-epoch cost of what EnergyLens adds to an epoch — the Delta E probe attack, metric
+    statistics, probe snapshot, metrics line — measured inside a real ``core.train.train`` epoch
+    (TRADES, 2,048 CIFAR images: the shared real subset when present, else random CIFAR-shaped
+    data; probe_size 256), as a % of that epoch's time; the per-epoch PGD validation and the
+    checkpoints, which the official code has too, are reported separately. Target < 5 %.
+(c) CUDA only: bf16 autocast + channels_last through ``train_step`` vs the fp32 reference loop
+    (target >= 2x); on a machine without a GPU it prints "skipped: no GPU".
+
+Results go to bench/results/train.json (device, torch version, date included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import _util
+import numpy as np
+import torch
+
+import core.train as T
+from core.attacks import AttackSpec
+from core.losses import method_config
+from core.models import build_model
+from reference_official_loop import reference_step
+
+EPS, STEP, STEPS, BETA = 8 / 255, 2 / 255, 10, 6.0
+SHARED = _util.REPO.parent / "shared" / "data" / "cifar10_train_subset.npz"
+
+
+def _batch(n: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if SHARED.is_file():
+        with np.load(SHARED) as d:
+            x = torch.from_numpy(d["x"][:n]).float() / 255
+            y = torch.from_numpy(d["y"][:n])
+    else:
+        x, y = torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def _time_steps(step_fn, reps: int) -> float:
+    step_fn()  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step_fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _ours(model, method: str, x, y, *, amp=False, channels_last=False):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    lcfg = method_config(method)
+    spec = AttackSpec("pgd", eps=EPS, step_size=STEP, steps=STEPS, random_start=True)
+    g = torch.Generator().manual_seed(0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        model.train()
+        T.train_step(model, opt, lcfg, x, y, spec, generator=g, amp=amp)
+    return step
+
+
+def _reference(model, method: str, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        model.train()
+        reference_step(model, opt, x, y, loss=method, beta=BETA, eps=EPS, step_size=STEP, steps=STEPS, generator=g)
+    return step
+
+
+def bench_steps(device, reps: int, batches: dict[str, int]) -> list[dict]:
+    rows = []
+    for arch, bs in batches.items():
+        torch.manual_seed(0)
+        base = build_model(arch, 10).to(device)
+        x, y = _batch(bs, device)
+        for method in ("weat-adv", "trades"):
+            t_ours = _time_steps(_ours(copy.deepcopy(base), method, x, y), reps)
+            t_ref = _time_steps(_reference(copy.deepcopy(base), method, x, y), reps)
+            rows.append({"arch": arch, "method": method, "batch": bs, "ours_steps_per_s": 1 / t_ours,
+                         "reference_steps_per_s": 1 / t_ref, "speedup": t_ref / t_ours})
+            print(f"  {arch:9s} {method:9s} batch {bs:4d}: ours {1 / t_ours:7.3f} steps/s, reference "
+                  f"{1 / t_ref:7.3f} steps/s, ratio {t_ref / t_ours:.2f}x", flush=True)
+    return rows
+
+
+class _Timer:
+    """Accumulates the wall time spent in wrapped functions of core.train during one run."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+
+    def wrap(self, name: str, key: str):
+        real = getattr(T, name)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return real(*a, **kw)
+            finally:
+                self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
+        setattr(T, name, timed)
+        return real
+
+
+def bench_overhead(device, arch: str, n: int, probe_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        x, y = _batch(n, "cpu")
+        path = Path(tmp) / "data.npz"
+        np.savez(path, x=(x * 255).round().to(torch.uint8).numpy(), y=y.numpy())
+        cfg = T.TrainConfig(method="trades", dataset=f"npz:{path}", arch=arch, epochs=1, batch_size=128,
+                            eps=EPS, step_size=STEP, attack_steps=STEPS, eval_steps=20, eval_samples=256,
+                            probe_size=probe_size, val_fraction=0.05, out_dir=str(Path(tmp) / "run"),
+                            device=str(device))
+        timer = _Timer()
+        originals = {name: timer.wrap(name, key) for name, key in (
+            ("evaluate", "pgd_validation"), ("probe_energies", "probe_attack"), ("_stats", "statistics"),
+            ("append_jsonl", "metrics_line"), ("save_checkpoint", "checkpoints"),
+            ("atomic_torch_save", "checkpoints"), ("_write_progress", "progress_file"))}
+        # the probe snapshot is written through core.storage.atomic_write, imported inside train()
+        import core.storage as S
+
+        real_aw = S.atomic_write
+
+        def aw(path, *a, **kw):  # everything is written through atomic_write: count only the snapshots
+            t0 = time.perf_counter()
+            try:
+                return real_aw(path, *a, **kw)
+            finally:
+                if Path(path).parent.name == "probe":
+                    timer.t["probe_snapshot"] = timer.t.get("probe_snapshot", 0.0) + time.perf_counter() - t0
+        S.atomic_write = aw
+        try:
+            t0 = time.perf_counter()
+            rec = T.train(cfg)
+            total = time.perf_counter() - t0
+        finally:
+            for name, real in originals.items():
+                setattr(T, name, real)
+            S.atomic_write = real_aw
+    ours = sum(timer.t.get(k, 0.0) for k in ("probe_attack", "statistics", "probe_snapshot", "metrics_line"))
+    n_train = n - max(1, int(n * 0.05))
+    per_sample = rec["train_time"] / ((n_train // 128) * 128)
+    row = {"arch": arch, "train_images": n_train, "probe_size": probe_size, "epoch_s": total,
+           "train_s": rec["train_time"], **{f"{k}_s": v for k, v in sorted(timer.t.items())},
+           "energylens_overhead_s": ours, "energylens_overhead_pct": 100 * ours / total,
+           "pgd_validation_pct": 100 * timer.t.get("pgd_validation", 0.0) / total,
+           # same probe cost on a full CIFAR-10 epoch (50,000 images, same per-image training cost)
+           "overhead_pct_at_50k_images": 100 * ours / (per_sample * 50_000 + ours)}
+    return row
+
+
+def bench_amp(device, reps: int, batch: int) -> list[dict]:
+    rows = []
+    for arch in ("resnet18",):
+        torch.manual_seed(0)
+        base = build_model(arch, 10).to(device)
+        x, y = _batch(batch, device)
+        for method in ("weat-adv", "trades"):
+            fast = copy.deepcopy(base).to(memory_format=torch.channels_last)
+            t_fast = _time_steps(_ours(fast, method, x, y, amp=True, channels_last=True), reps)
+            t_ref = _time_steps(_reference(copy.deepcopy(base), method, x, y), reps)
+            rows.append({"arch": arch, "method": method, "batch": batch, "bf16_cl_steps_per_s": 1 / t_fast,
+                         "reference_fp32_steps_per_s": 1 / t_ref, "speedup": t_ref / t_fast})
+            print(f"  {arch} {method}: bf16+channels_last {1 / t_fast:.2f} steps/s vs fp32 reference "
+                  f"{1 / t_ref:.2f} steps/s: {t_ref / t_fast:.2f}x (target >= 2x)", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="smaller batches / dataset (a smoke run)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu:
+        batches = {"smallcnn": 128, "resnet18": 128}
+    else:  # resnet18 TRADES at batch 128 takes minutes per step on a CPU
+        batches = {"smallcnn": 32 if args.quick else 128, "resnet18": 4 if args.quick else 8}
+    extra: dict = {"settings": {"eps": EPS, "step_size": STEP, "attack_steps": STEPS, "beta": BETA,
+                                "reps": args.reps, "real_cifar": SHARED.is_file()}}
+
+    print("(a) training step: core.train.train_step vs the official-style reference loop (fp32)")
+    rows = bench_steps(device, args.reps, batches)
+
+    print("(b) per-epoch overhead of Delta E probing + metrics logging inside core.train.train")
+    arch_b = "resnet18" if gpu else "smallcnn"  # a resnet18 epoch over 2,048 images takes ~1 h on this CPU
+    ov = bench_overhead(device, arch_b, 512 if args.quick else 2048, 64 if args.quick else 256)
+    print(f"  {ov['arch']}, {ov['train_images']} training images, probe {ov['probe_size']}: epoch {ov['epoch_s']:.1f} s "
+          f"(training {ov['train_s']:.1f} s, PGD-20 validation {ov.get('pgd_validation_s', 0):.1f} s, "
+          f"checkpoints {ov.get('checkpoints_s', 0):.2f} s)")
+    print(f"  EnergyLens additions (probe attack {ov.get('probe_attack_s', 0):.2f} s, statistics "
+          f"{ov.get('statistics_s', 0):.3f} s, snapshot {ov.get('probe_snapshot_s', 0):.3f} s, metrics line "
+          f"{ov.get('metrics_line_s', 0):.3f} s) = {ov['energylens_overhead_pct']:.1f} % of the epoch (target < 5 %); "
+          f"{ov['overhead_pct_at_50k_images']:.2f} % for a 50,000-image epoch")
+    extra["overhead"] = ov
+
+    print("(c) bf16 autocast + channels_last vs the fp32 reference loop")
+    if gpu:
+        extra["amp"] = bench_amp(device, args.reps, 128)
+    else:
+        print("  skipped: no GPU")
+        extra["amp"] = "skipped: no GPU"
+
+    path = _util.write_result("train", rows, extra)
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()
