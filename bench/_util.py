@@ -29,6 +29,21 @@ def median_time(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
+def interleaved_medians(cands: dict[str, Callable[[], object]], reps: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median wall time per candidate, repetitions interleaved round-robin so that every candidate
+    sees the same machine conditions (fair side-by-side comparison on a shared machine)."""
+    for _ in range(warmup):
+        for fn in cands.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    for _ in range(reps):
+        for k, fn in cands.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def environment() -> dict:
     import torch
 

@@ -33,11 +33,11 @@ def main() -> None:
     alpha = 2.5 * eps / steps
     models = {"bundled smallcnn (digits-plain)": load_checkpoint(_util.REPO / "checkpoints/digits-plain.safetensors").model}
     torch.manual_seed(0)
-    models["resnet18 (random init, 64 images)"] = build_model("resnet18", 10).eval()
+    models["resnet18 (random init, 16 images)"] = build_model("resnet18", 10).eval()
     rows = []
     for mname, model in models.items():
         model = model.to(dev).eval()
-        xs, ys = (x, y) if "resnet" not in mname else (x[:64], y[:64])
+        xs, ys = (x, y) if "resnet" not in mname else (x[:16], y[:16])
         spec = AttackSpec("pgd", eps=eps, steps=steps, step_size=alpha, batch_size=len(xs), seed=0)
         cands = {
             "EnergyLens PGD-10 + trace": lambda: run_attack(model, xs, ys, spec),
@@ -55,7 +55,7 @@ def main() -> None:
 
         apgd = APGDAttack(model, n_iter=steps, norm="Linf", eps=eps, loss="ce", n_restarts=1, seed=0, device=dev)
         cands["pyautoattack APGD-CE-10 (no trace)"] = lambda: apgd.perturb(xs, ys)
-        times = {k: _util.median_time(f, reps=args.reps) for k, f in cands.items()}
+        times = _util.interleaved_medians(cands, reps=args.reps)
         ref = times["EnergyLens PGD-10 + trace"]
         for k, t in times.items():
             rows.append({"model": mname, "images": len(xs), "method": k, "median_s": t,

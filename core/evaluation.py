@@ -166,7 +166,24 @@ def _natural_correct(model, x, y, batch_size: int) -> torch.Tensor:
     return torch.cat(preds) == y
 
 
-def _autoattack_correct(model, x, y, cfg: dict, seed: int) -> torch.Tensor:
+class _AALogForward(logging.Handler):
+    """Forwards pyautoattack's DEBUG progress lines ('running apgd-t', 'robust accuracy after ...')."""
+
+    def __init__(self, callback: Callable[[str], None]):
+        super().__init__(logging.DEBUG)
+        self.callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith(("running ", "robust accuracy after", "initial accuracy")):
+            try:
+                self.callback(msg)
+            except Exception:  # noqa: BLE001 - progress must never break the attack
+                pass
+
+
+def _autoattack_correct(model, x, y, cfg: dict, seed: int, on_message: Callable[[str], None] | None = None
+                        ) -> torch.Tensor:
     try:
         from pyautoattack import AutoAttack
     except ImportError as e:  # pragma: no cover - installed with the project
@@ -179,8 +196,20 @@ def _autoattack_correct(model, x, y, cfg: dict, seed: int) -> torch.Tensor:
         if version == "custom":  # constructor defaults are 5 restarts; standard uses 1
             aa.apgd.n_restarts = 1
             aa.fab.n_restarts = 1
-        aa.verbose = False
-        _, y_adv = aa.run_standard_evaluation(x.to(dev), y.to(dev), batch_size=min(cfg["batch_size"], len(x)))
+        logger = logging.getLogger("auto-attack")
+        handler = _AALogForward(on_message) if on_message is not None else None
+        old_level = logger.level
+        if handler is not None:
+            logger.addHandler(handler)
+            logger.setLevel(logging.DEBUG)
+            logger.propagate = False
+        try:
+            _, y_adv = aa.run_standard_evaluation(x.to(dev), y.to(dev), batch_size=min(cfg["batch_size"], len(x)))
+        finally:
+            if handler is not None:
+                logger.removeHandler(handler)
+                logger.setLevel(old_level)
+                logger.propagate = True
     return y_adv.cpu() == y
 
 
@@ -239,7 +268,10 @@ def evaluate(lm, x: torch.Tensor, y: torch.Tensor, config: dict, *, run_dir: str
         aa = None
         if cfg["autoattack"]:
             progress(base + width * 0.55, f"chunk {k + 1}/{len(bounds)}: AutoAttack ({cfg['aa_version']})")
-            aa = (nat & _autoattack_correct(model, xb, yb, cfg, cfg["seed"] * 1000 + k)) if cfg["eps"] > 0 else nat
+            tag = f"chunk {k + 1}/{len(bounds)}: AutoAttack"
+            aa = (nat & _autoattack_correct(model, xb, yb, cfg, cfg["seed"] * 1000 + k,
+                                            on_message=lambda m, b=base, w=width, t=tag: progress(b + w * 0.6, f"{t}: {m}"))
+                  ) if cfg["eps"] > 0 else nat
         chunks[key] = {"start": s, "end": e, "nat": nat.int().tolist(), "pgd": pgd.int().tolist(),
                        "aa": None if aa is None else aa.int().tolist(), "seconds": time.time() - t0}
         if run_dir is not None:

@@ -4,7 +4,6 @@ subset-removal experiment."""
 import dataclasses
 
 import common
-import numpy as np
 import streamlit as st
 
 import analysis_figures as af

@@ -8,7 +8,7 @@ import streamlit as st
 import analysis_figures as af
 from core import analysis
 from core.attacks import ATTACKS, AttackSpec
-from core.errors import EnergyLensError, InputError
+from core.errors import EnergyLensError
 
 st.title("⛰️ Energy landscape across models")
 st.caption("Paper Fig. 4: the more robust a model, the closer ΔE(x) = E(x) − E(x*) stays to zero and the narrower "
@@ -49,7 +49,8 @@ try:
 except EnergyLensError:
     pass
 
-bundled_keys = [r.key for r, m, _ in list_bundled() if m is not None]
+_bundled = [(r, m) for r, m, _ in list_bundled() if m is not None]
+bundled_keys = [r.key for r, m in _bundled if m.dataset == _bundled[0][1].dataset] if _bundled else []
 chosen = st.multiselect("Models to compare (bundled, your checkpoints and runs, downloaded RobustBench models)",
                         list(options), default=bundled_keys[:4], format_func=lambda k: labels.get(k, k),
                         key="land_models")
@@ -98,7 +99,7 @@ if go:
     with common.guard("computing the landscape"):
         refs = [options[k] for k in chosen if k in options]
         analysis.validate_landscape_request(refs, n, split)
-        spec = AttackSpec(atk, eps=eps255 / 255, steps=steps, seed=seed, batch_size=256)
+        spec = AttackSpec(atk, eps=eps255 / 255, steps=steps, seed=seed, batch_size=128)
         spec.validate()
         device = common.resolve_device(st.session_state.get("device", "auto"))
         big = any(r.source == "zoo" for r in refs) or n * len(refs) > 4096

@@ -4,7 +4,6 @@ and embeddings. Runs on CPU with the bundled digits model (and perturbed copies 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -101,7 +100,7 @@ def test_landscape_cache_hit_then_miss_after_the_file_changes(plain, small_batch
     assert hit.cached
     np.testing.assert_array_equal(hit.delta_marginal, first.delta_marginal)
     # a different attack, N or seed is a different entry
-    assert not A.landscape([m1], x, y, replace(SPEC, steps=3), cache_dir=cache)[0].cached
+    assert not A.landscape([m1], x, y, replace(SPEC, steps=2), cache_dir=cache)[0].cached
     assert not A.landscape([m1], x[:20], y[:20], SPEC, cache_dir=cache)[0].cached
     # overwrite the file with other weights: same path, new content -> miss, new numbers
     m2 = _perturbed_copy(plain, path, scale=0.5)

@@ -1,0 +1,289 @@
+"""AppTest of the analysis pages: Energy landscape, Sample analysis, Embedding explorer, Evaluation.
+
+Everything runs from the entry script ``dashboard/Home.py``; jobs go to a temporary runs folder
+(``ENERGYLENS_RUNS``) and the landscape cache to a temporary folder (``ENERGYLENS_CACHE``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from core.models import registry
+from core.models.checkpoint import load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+HOME = str(REPO / "dashboard" / "Home.py")
+PAGES = ["landscape", "analysis", "embeddings", "evaluation"]
+PLAIN = REPO / "checkpoints" / "digits-plain.safetensors"
+
+pytestmark = pytest.mark.skipif(not PLAIN.is_file(), reason="bundled checkpoint digits-plain.safetensors is missing")
+
+
+def _copy(path: Path, name: str, scale: float = 0.8, dataset: str | None = None) -> Path:
+    lm = load_checkpoint(PLAIN)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    state["linear.weight"] = state["linear.weight"] * scale
+    save_checkpoint(path, state, replace(lm.meta, name=name, dataset=dataset or lm.meta.dataset))
+    return path
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """Temporary runs / cache folders; at least two bundled digits models (a copy when needed), plus one
+    'svhn' model for the mixed-dataset check."""
+    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", "0")
+    real = registry.list_bundled
+    extra = []
+    if len([e for e in real() if e[1] is not None]) < 2:
+        extra.append(_copy(tmp_path / "digits-copy.safetensors", "digits-copy"))
+    extra.append(_copy(tmp_path / "svhn-model.safetensors", "svhn-model", dataset="svhn"))
+
+    def patched(folder=registry.BUNDLED_DIR):
+        return real(folder) + registry._entries(extra, "bundled")
+
+    monkeypatch.setattr(registry, "list_bundled", patched)
+    return tmp_path
+
+
+def _app():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(HOME, default_timeout=90)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def _wait(at, cond, seconds=120):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if cond(at):
+            return True
+        time.sleep(1.0)
+        at.run()
+    return cond(at)
+
+
+def _errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def _charts(at):
+    return at.get("plotly_chart")
+
+
+def _landscape_keys(at):
+    ms = at.multiselect(key="land_models")
+    digits = [k for k in ms.options if "svhn" not in k]
+    svhn = [k for k in ms.options if "svhn" in k]
+    return ms, digits, svhn
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_with_the_bundled_model(env, page):
+    at = _app()
+    at.switch_page(f"../pages/{page}.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert not _errors(at), _errors(at)
+    assert at.title and at.title[0].value
+
+
+def test_landscape_computes_for_two_bundled_models(env):
+    at = _app()
+    at.switch_page("../pages/landscape.py").run()
+    ms, digits, _ = _landscape_keys(at)
+    assert len(digits) >= 2
+    ms.set_value(digits[:2])
+    at.number_input(key="land_n").set_value(16)
+    at.number_input(key="land_steps").set_value(3)
+    at.button(key="FormSubmitter:land_form-Compute landscape").click().run()
+    assert _wait(at, lambda a: len(_charts(a)) >= 2 or a.exception or _errors(a))
+    assert not at.exception, [e.message for e in at.exception]
+    assert not _errors(at), _errors(at)
+    spec = _charts(at)[0].proto.spec
+    assert "robust acc." in spec and "ΔE(x)" in spec and "ΔE(x,y)" in spec
+    assert at.dataframe, "the table behind the plot is shown"
+    # the same request again is served from the disk cache
+    at.button(key="FormSubmitter:land_form-Compute landscape").click().run()
+    assert list((env / "cache" / "landscape").glob("*.npz"))
+
+    def all_cached(a):
+        return bool(a.dataframe) and bool(a.dataframe[0].value["cached"].all())
+
+    assert _wait(at, all_cached, 60)
+
+
+@pytest.mark.parametrize("case", ["none", "mixed", "too_many"])
+def test_landscape_bad_inputs_show_errors(env, case):
+    at = _app()
+    at.switch_page("../pages/landscape.py").run()
+    ms, digits, svhn = _landscape_keys(at)
+    if case == "none":
+        ms.set_value([])
+        expect = "no models selected"
+    elif case == "mixed":
+        ms.set_value([digits[0], svhn[0]])
+        expect = "different datasets"
+    else:
+        ms.set_value(digits[:1])
+        at.number_input(key="land_n").set_value(10_000)
+        expect = "has only 359"
+    at.button(key="FormSubmitter:land_form-Compute landscape").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any(expect in e for e in _errors(at)), _errors(at)
+
+
+def test_landscape_failed_job_shows_error_and_log(env):
+    from core import jobs
+
+    info = jobs.submit("landscape", {"models": [{"source": "bundled", "name": "ghost",
+                                                 "path": str(env / "missing.safetensors")}], "n": 8}, device="cpu")
+    deadline = time.time() + 120
+    while time.time() < deadline and jobs.get_job(info.id).active:
+        time.sleep(0.5)
+    assert jobs.get_job(info.id).status == "failed"
+    at = _app()
+    at.switch_page("../pages/landscape.py").run()
+    at.session_state["land_job"] = info.id
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("failed" in e and "not found" in e for e in _errors(at)), _errors(at)
+    assert any(ex.label == "Log tail" for ex in at.expander)
+
+
+def test_analysis_page_computes_fig5(env):
+    at = _app()
+    at.switch_page("../pages/analysis.py").run()
+    at.number_input(key="ana_n").set_value(300)
+    at.button(key="FormSubmitter:ana_form-Analyse").click().run()
+    assert _wait(at, lambda a: len(_charts(a)) >= 3 or a.exception or _errors(a))
+    assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
+    assert any("Pearson(PM, E(x,y))" == m.label for m in at.metric)
+    specs = " ".join(c.proto.spec for c in _charts(at))
+    assert "PM vs E(x, y)" in specs and "entropy" in specs
+    # bad input
+    at.selectbox(key="ana_split").set_value("test")
+    at.number_input(key="ana_n").set_value(5000)
+    at.button(key="FormSubmitter:ana_form-Analyse").click().run()
+    assert any("has only 359" in e for e in _errors(at)), _errors(at)
+
+
+def test_analysis_subset_preview(env):
+    at = _app()
+    at.switch_page("../pages/analysis.py").run()
+    at.number_input(key="sub_size").set_value(3)
+    at.button(key="FormSubmitter:subset_form-Preview the subsets").click().run()
+    assert _wait(at, lambda a: any("**Selection**" in m.value for m in a.markdown) or a.exception or _errors(a))
+    assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
+    assert any("3 samples per subset" in m.value for m in at.markdown)
+    at.number_input(key="sub_size").set_value(5000)
+    at.button(key="FormSubmitter:subset_form-Preview the subsets").click().run()
+    _wait(at, lambda a: bool(_errors(a)) or a.exception, 60)
+    assert any("too large" in e for e in _errors(at)), _errors(at)
+
+
+def test_embeddings_page_pca_and_selection(env):
+    at = _app()
+    at.switch_page("../pages/embeddings.py").run()
+    at.number_input(key="emb_n").set_value(40)
+    at.button(key="FormSubmitter:emb_form-Compute features").click().run()
+    assert _wait(at, lambda a: len(_charts(a)) >= 1 or a.exception or _errors(a))
+    assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
+    spec = _charts(at)[0].proto.spec
+    assert "PCA" in spec and "customdata" in spec
+    assert any("natural: 40 points" in c.value and "adversarial: 40 points" in c.value for c in at.caption)
+    for colour in ("class", "group"):
+        at.radio(key="emb_color").set_value(colour).run()
+        assert not at.exception and _charts(at)
+    at.number_input(key="emb_n").set_value(100_000)
+    at.button(key="FormSubmitter:emb_form-Compute features").click().run()
+    assert any("has only" in e for e in _errors(at)), _errors(at)
+
+
+@pytest.mark.slow
+def test_evaluation_page_launches_a_job_and_shows_the_table(env):
+    at = _app()
+    at.switch_page("../pages/evaluation.py").run()
+    at.number_input(key="ev_n").set_value(5000)
+    at.button(key="FormSubmitter:eval_form-Launch evaluation job").click().run()
+    assert any("has only 359" in e for e in _errors(at)), _errors(at)
+    at.number_input(key="ev_n").set_value(8)
+    at.number_input(key="ev_steps").set_value(3)
+    at.selectbox(key="ev_aa").set_value("off")
+    at.number_input(key="ev_chunk").set_value(4)
+    at.button(key="FormSubmitter:eval_form-Launch evaluation job").click().run()
+    assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
+    assert any("Queued evaluation job" in s.value for s in at.success)
+    from core import jobs
+
+    deadline = time.time() + 180
+    while time.time() < deadline and any(j.active for j in jobs.list_jobs(kind="eval")):
+        time.sleep(1.0)
+    js = jobs.list_jobs(kind="eval")
+    assert js and js[0].status == "done", (js[0].error, jobs.read_log_tail(js[0].id, 30))
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.dataframe, "the Table-1 style summary is shown"
+    labels = [b.label for b in at.get("download_button")] if at.get("download_button") else []
+    assert at.get("download_button"), labels
+
+
+def test_evaluation_page_shows_failed_jobs(env):
+    from core import jobs
+
+    info = jobs.submit("eval", {"model": {"source": "bundled", "name": "ghost", "path": str(env / "nope.safetensors")},
+                                "n": 4}, device="cpu")
+    deadline = time.time() + 120
+    while time.time() < deadline and jobs.get_job(info.id).active:
+        time.sleep(0.5)
+    assert jobs.get_job(info.id).status == "failed"
+    at = _app()
+    at.switch_page("../pages/evaluation.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("failed" in e and "not found" in e for e in _errors(at)), _errors(at)
+    assert any(ex.label == "Error and log tail" for ex in at.expander)
+
+
+def test_figure_helpers():
+    import sys
+
+    sys.path.insert(0, str(REPO / "dashboard"))
+    import numpy as np
+
+    import analysis_figures as af
+    from core.analysis import LandscapeResult
+
+    ev = {"selection": {"points": [{"customdata": [5]}, {"customdata": [2]}, {"customdata": [5]}, {"x": 1}]}}
+    assert af.selection_indices(ev) == [2, 5]
+    assert af.selection_indices(None) == []
+    lab = np.zeros(50, int)
+    res = [LandscapeResult(f"m{i}", e_nat=np.linspace(-i, 3 * i, 50), e_adv=np.zeros(50), ej_nat=np.zeros(50),
+                           ej_adv=np.linspace(0, i, 50), pred_nat=lab, pred_adv=np.where(np.arange(50) < 10 * i, 0, 1),
+                           labels=lab) for i in range(1, 4)]
+    fig = af.landscape_figure(res, c=1.0)
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[0].startswith("<b>m1</b>") and "robust acc. 20.0%" in titles[0]   # sorted by robust accuracy
+    assert len(fig.data) == 6 and fig.layout.yaxis.ticktext
+    assert af.landscape_figure(res, kind="box").data[0].type == "box"
+
+
+@pytest.mark.slow
+def test_embeddings_page_umap_in_the_background(env):
+    at = _app()
+    at.switch_page("../pages/embeddings.py").run()
+    at.number_input(key="emb_n").set_value(40)
+    at.checkbox(key="emb_adv").set_value(False)
+    at.button(key="FormSubmitter:emb_form-Compute features").click().run()
+    assert _wait(at, lambda a: len(_charts(a)) >= 1 or a.exception or _errors(a))
+    at.radio(key="emb_method").set_value("UMAP").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert "PCA" in _charts(at)[0].proto.spec or "UMAP" in _charts(at)[0].proto.spec  # PCA until UMAP is ready
+    assert _wait(at, lambda a: bool(_charts(a)) and "UMAP of" in _charts(a)[0].proto.spec or bool(_errors(a)), 180)
+    assert not _errors(at), _errors(at)
