@@ -404,9 +404,11 @@ def test_plain_state_dicts_still_load_with_the_env_var(tmp_path, force_unsafe_en
 
 def test_zoo_loader_is_weights_only_even_with_the_env_var(tmp_path, force_unsafe_env, monkeypatch):
     """robustbench calls torch.load without weights_only, exactly what the variable would make unsafe."""
-    pytest.importorskip("robustbench")
     from core import zoo
-    from core.compat import import_robustbench_utils
+    from core.compat import ensure_autoattack_alias, import_robustbench_utils
+
+    ensure_autoattack_alias()  # robustbench imports `autoattack`; the registry's package is `pyautoattack`
+    pytest.importorskip("robustbench")
 
     import_robustbench_utils()
 
