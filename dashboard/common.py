@@ -242,3 +242,22 @@ def model_picker() -> None:
     opts = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     sb.selectbox("Device", opts, key="device", help="auto = CUDA when a GPU is present, else CPU")
     st.session_state["model_ref"] = ref
+
+
+def require_model(title: str):
+    """Page preamble: title, the sidebar's model (or stop with a hint), and a one-line caption.
+
+    Returns ``(lm, meta, class_names, default_eps)``; ``default_eps`` is the model's threat-model
+    budget (zoo) or its dataset's default (16/255 for digits, 8/255 otherwise).
+    """
+    from core.evaluation import default_eps
+
+    st.title(title)
+    lm = current_model()
+    if lm is None:
+        st.stop()
+    meta = lm.meta
+    classes = meta.class_names or [str(i) for i in range(meta.num_classes)]
+    st.caption(f"Model **{meta.name}** — {meta.arch}, {meta.dataset}, {meta.num_classes} classes, trained with "
+               f"**{meta.method}**.")
+    return lm, meta, classes, default_eps(meta, "Linf")

@@ -11,14 +11,7 @@ from core import analysis
 from core.attacks import AttackSpec
 from core.errors import EnergyLensError, InputError
 
-st.title("🔬 Sample analysis")
-lm = common.current_model()
-if lm is None:
-    st.stop()
-meta = lm.meta
-classes = meta.class_names or [str(i) for i in range(meta.num_classes)]
-default_eps = float((meta.hparams or {}).get("eps") or (16 / 255 if meta.dataset == "digits" else 8 / 255))
-st.caption(f"Model **{meta.name}** — {meta.arch}, {meta.dataset}, trained with **{meta.method}**.")
+lm, meta, classes, default_eps = common.require_model("Sample analysis")
 
 tab_b, tab_a = st.tabs(["Margins, entropy and energy (Fig. 5 b–d)", "Removing subsets (Fig. 5a)"])
 

@@ -11,15 +11,7 @@ from core.drift import EnergyTrace
 from core.energy import joint_energies, marginal_energy
 from core.errors import InputError
 
-st.title("Attack Lab")
-lm = common.current_model()
-if lm is None:
-    st.stop()
-meta = lm.meta
-classes = meta.class_names or [str(i) for i in range(meta.num_classes)]
-default_eps = float((meta.hparams or {}).get("eps") or (16 / 255 if meta.dataset == "digits" else 8 / 255))
-st.caption(f"Model **{meta.name}** — {meta.arch}, {meta.dataset}, {meta.num_classes} classes, trained with "
-           f"**{meta.method}**.")
+lm, meta, classes, default_eps = common.require_model("Attack Lab")
 
 with st.expander("What am I looking at?", expanded=False):
     st.markdown(

@@ -15,14 +15,7 @@ from core import analysis
 from core.attacks import AttackSpec, run_attack
 from core.errors import EnergyLensError, InputError
 
-st.title("🗺️ Embedding explorer")
-lm = common.current_model()
-if lm is None:
-    st.stop()
-meta = lm.meta
-classes = meta.class_names or [str(i) for i in range(meta.num_classes)]
-default_eps = float((meta.hparams or {}).get("eps") or (16 / 255 if meta.dataset == "digits" else 8 / 255))
-st.caption(f"Model **{meta.name}** — {meta.arch}, {meta.dataset}, trained with **{meta.method}**.")
+lm, meta, classes, default_eps = common.require_model("Embedding explorer")
 
 
 # ---------------------------------------------------------------- UMAP warm-up, once per server process

@@ -10,7 +10,7 @@ import analysis_figures as af
 from core import evaluation
 from core.errors import EnergyLensError, InputError
 
-st.title("📊 Evaluation")
+st.title("Evaluation")
 st.caption("Paper Table 1: natural accuracy, PGD-20 and AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square). Each "
            "evaluation is a resumable background job; runs of one method that differ only in the seed are averaged.")
 

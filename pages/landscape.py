@@ -10,7 +10,7 @@ from core import analysis
 from core.attacks import ATTACKS, AttackSpec
 from core.errors import EnergyLensError
 
-st.title("⛰️ Energy landscape across models")
+st.title("Energy landscape across models")
 st.caption("Paper Fig. 4: the more robust a model, the closer ΔE(x) = E(x) − E(x*) stays to zero and the narrower "
            "its spread — adversarial points keep the energy of the natural data.")
 

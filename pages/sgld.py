@@ -14,16 +14,10 @@ import sgld_figures as sf
 from core import sampling
 from core.errors import EnergyLensError, InputError
 
-st.title("🎨 SGLD studio")
-lm = common.current_model()
-if lm is None:
-    st.stop()
-meta = lm.meta
+lm, meta, names, _ = common.require_model("SGLD studio")
 ref = st.session_state.get("model_ref")
 model_key = f"{ref.key if ref is not None else meta.name}:{id(lm)}"
 K = int(meta.num_classes)
-names = meta.class_names or [str(i) for i in range(K)]
-st.caption(f"Model **{meta.name}** — {meta.arch}, {meta.dataset}, {K} classes, trained with **{meta.method}**.")
 if meta.method in ("plain", "nat", "standard"):
     st.warning("This model was not adversarially trained: its gradients are not perceptually aligned, so SGLD "
                "mostly produces adversarial noise. Choose a robust model (e.g. SAT) for recognisable images.")

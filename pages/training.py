@@ -16,7 +16,7 @@ from core.losses import INNERS, METHODS, OUTERS, WEIGHTINGS
 from core.models import ARCHITECTURES
 from core.train import SCHEDULES, TrainConfig
 
-st.title("🏋️ Training studio")
+st.title("Training studio")
 st.caption("Train SAT / TRADES / MART / MAIL / WEAT models as background jobs and watch the energy gap "
            "ΔE(x) = E(x) − E(x*) of training samples: its steep fall marks robust overfitting (paper Fig. 3).")
 
