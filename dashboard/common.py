@@ -112,35 +112,40 @@ def wait_briefly(task: Task, seconds: float = 1.5) -> None:
 
 
 def task_panel(key: str, on_done: Callable[[Task], None]) -> None:
-    """Show progress of a running task (polled every 0.5 s); call ``on_done`` once when finished."""
+    """Show progress of a running task (polled every 0.5 s); call ``on_done`` once when finished.
+
+    A finished task is handled in the main script run, so results render in the same rerun; only a
+    completion noticed by the polling fragment triggers one full rerun.
+    """
     task = st.session_state.get(key)
     if not isinstance(task, Task):
         return
+    if task.done:
+        if not getattr(task, "_handled", False):
+            task._handled = True  # type: ignore[attr-defined]
+            if task.error:
+                st.session_state[f"{key}-error"] = task.error
+            else:
+                st.session_state.pop(f"{key}-error", None)
+                on_done(task)
+        err = st.session_state.get(f"{key}-error")
+        if err:
+            st.error(err)
+        return
 
-    @st.fragment(run_every=0.5 if not task.done else None)
+    @st.fragment(run_every=0.5)
     def _poll():
         t = st.session_state.get(key)
         if not isinstance(t, Task):
             return
-        if not t.done:
-            c1, c2 = st.columns([5, 1])
-            c1.progress(t.fraction, text=f"{t.label}: {t.message} ({t.elapsed:.0f} s)")
-            if c2.button("Cancel", key=f"{key}-cancel"):
-                t.cancel_event.set()
-            return
-        if not getattr(t, "_handled", False):
-            t._handled = True  # type: ignore[attr-defined]
-            if t.error:
-                st.session_state[f"{key}-error"] = t.error
-            else:
-                st.session_state.pop(f"{key}-error", None)
-                on_done(t)
-            st.rerun()
+        if t.done:
+            st.rerun()  # full rerun: the branch above handles the result
+        c1, c2 = st.columns([5, 1])
+        c1.progress(t.fraction, text=f"{t.label}: {t.message} ({t.elapsed:.0f} s)")
+        if c2.button("Cancel", key=f"{key}-cancel"):
+            t.cancel_event.set()
 
     _poll()
-    err = st.session_state.get(f"{key}-error")
-    if err and task.done:
-        st.error(err)
 
 
 # ---------------------------------------------------------------------------------------------
