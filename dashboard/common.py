@@ -161,7 +161,24 @@ def resolve_device(choice: str) -> str:
 def _load_model_cached(ref_key: str, _ref, device: str, allow_download: bool, mtime: float):
     from core.models.registry import load_model_ref
 
-    return load_model_ref(_ref, device=device, allow_download=allow_download)
+    lm = load_model_ref(_ref, device=device, allow_download=allow_download)
+    _warm_up(lm)
+    return lm
+
+
+def _warm_up(lm) -> None:
+    """One tiny forward/backward so the first attack does not pay for kernel selection and lazy
+    initialisation (about a second on CPU); runs once per cached model, at load time."""
+    import torch
+
+    from core.attacks import AttackSpec, run_attack
+
+    try:
+        shape = tuple(lm.meta.input_shape or (3, 32, 32))
+        run_attack(lm.model, torch.rand(2, *shape), torch.zeros(2, dtype=torch.long),
+                   AttackSpec("pgd", eps=1 / 255, steps=1), num_classes=lm.meta.num_classes)
+    except Exception:  # noqa: BLE001 - warm-up is best effort; real errors surface on real use
+        log.debug("warm-up failed", exc_info=True)
 
 
 @st.cache_resource(show_spinner="Loading dataset...", max_entries=4)
