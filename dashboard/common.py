@@ -161,24 +161,7 @@ def resolve_device(choice: str) -> str:
 def _load_model_cached(ref_key: str, _ref, device: str, allow_download: bool, mtime: float):
     from core.models.registry import load_model_ref
 
-    lm = load_model_ref(_ref, device=device, allow_download=allow_download)
-    _warm_up(lm)
-    return lm
-
-
-def _warm_up(lm) -> None:
-    """One tiny forward/backward so the first attack does not pay for kernel selection and lazy
-    initialisation (about a second on CPU); runs once per cached model, at load time."""
-    import torch
-
-    from core.attacks import AttackSpec, run_attack
-
-    try:
-        shape = tuple(lm.meta.input_shape or (3, 32, 32))
-        run_attack(lm.model, torch.rand(2, *shape), torch.zeros(2, dtype=torch.long),
-                   AttackSpec("pgd", eps=1 / 255, steps=1), num_classes=lm.meta.num_classes)
-    except Exception:  # noqa: BLE001 - warm-up is best effort; real errors surface on real use
-        log.debug("warm-up failed", exc_info=True)
+    return load_model_ref(_ref, device=device, allow_download=allow_download)
 
 
 @st.cache_resource(show_spinner="Loading dataset...", max_entries=4)
@@ -218,6 +201,25 @@ def model_dataset(lm, split: str = "test"):
         st.warning(f"The {split} images of dataset '{name}' are not available: {e}  "
                    "You can still upload your own images.")
     return None
+
+
+MAX_INTERACTIVE_IMAGES = 5000
+
+
+def require_split(lm, split: str, n: int):
+    """The model's dataset split holding at least ``n`` images, or an InputError saying why not."""
+    from core.errors import InputError
+
+    ds = model_dataset(lm, split)
+    if ds is None:
+        raise InputError(f"no {split} images are available for dataset '{lm.meta.dataset}'")
+    if n <= 0:
+        raise InputError("the number of images must be positive")
+    if n > len(ds):
+        raise InputError(f"only {len(ds)} {split} images are available; asked for {n}")
+    if n > MAX_INTERACTIVE_IMAGES:
+        raise InputError(f"at most {MAX_INTERACTIVE_IMAGES} images per interactive run; use a background job for more")
+    return ds
 
 
 def model_picker() -> None:

@@ -9,7 +9,6 @@ import figures as fig
 from core.attacks import ATTACKS, AttackSpec, run_attack
 from core.drift import EnergyTrace
 from core.energy import joint_energies, marginal_energy
-from core.errors import InputError
 
 lm, meta, classes, default_eps = common.require_model("Attack Lab")
 
@@ -73,15 +72,7 @@ def on_done(task):
 
 if submitted:
     with common.guard("starting the attack"):
-        ds = common.model_dataset(lm, "test")
-        if ds is None:
-            raise InputError("no test images available for this model's dataset; upload an image below instead")
-        if n_samples <= 0:
-            raise InputError("the number of images must be positive")
-        if n_samples > len(ds):
-            raise InputError(f"only {len(ds)} test images are available; asked for {n_samples}")
-        if n_samples > 5000:
-            raise InputError("at most 5000 images per interactive run; use an Evaluation job for more")
+        ds = common.require_split(lm, "test", n_samples)
         spec = AttackSpec(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, targeted=targeted,
                           target_mode=tmode, target_class=int(tclass), seed=seed, batch_size=256)
         spec.validate(meta.num_classes)

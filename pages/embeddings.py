@@ -112,15 +112,7 @@ def _features(task, x, y, gen, adv):
 
 if go:
     with common.guard("computing features"):
-        ds = common.model_dataset(lm, split)
-        if ds is None:
-            raise InputError(f"the {split} images of '{meta.dataset}' are not available")
-        if n <= 0:
-            raise InputError("the number of images must be positive")
-        if n > len(ds):
-            raise InputError(f"asked for {n} images but the {split} set has only {len(ds)}")
-        if n > 5000:
-            raise InputError("at most 5000 natural images per map")
+        ds = common.require_split(lm, split, n)
         gen = _load_generated(up.getvalue()) if up is not None else None
         if gen is None and isinstance(st.session_state.get("generated_samples"), (np.ndarray, torch.Tensor)):
             gen = torch.as_tensor(st.session_state["generated_samples"]).float()

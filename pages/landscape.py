@@ -6,7 +6,7 @@ import common
 import streamlit as st
 
 import analysis_figures as af
-from core import analysis
+from core import analysis, evaluation
 from core.attacks import ATTACKS, AttackSpec
 from core.errors import EnergyLensError
 
@@ -63,7 +63,7 @@ if chosen:
         first_meta = analysis.describe_ref(options[chosen[0]])
     except EnergyLensError:
         first_meta = None
-default_eps = 16 / 255 if (first_meta and first_meta.dataset == "digits") else 8 / 255
+default_eps = evaluation.default_eps(first_meta, "Linf")
 
 with st.form("land_form"):
     c1, c2, c3, c4 = st.columns(4)

@@ -204,7 +204,7 @@ def test_embeddings_page_pca_and_selection(env):
         assert not at.exception and _charts(at)
     at.number_input(key="emb_n").set_value(100_000)
     at.button(key="FormSubmitter:emb_form-Compute features").click().run()
-    assert any("has only" in e for e in _errors(at)), _errors(at)
+    assert any("only 359 test images are available" in e for e in _errors(at)), _errors(at)
 
 
 @pytest.mark.slow
