@@ -24,13 +24,12 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .attacks import AttackSpec, run_attack
 from .attacks.base import eval_mode, is_oom_error
