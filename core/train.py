@@ -74,7 +74,7 @@ class TrainConfig:
     burn_in: int | None = None
     eval_steps: int = 20
     eval_samples: int = 512
-    probe_size: int = 256
+    probe_size: int | None = None       # default: auto_probe_size(training set) -- 3% of it, 4/class..256
     snapshot_every: int = 1
     augment: bool = True
     seed: int = 0
@@ -115,6 +115,8 @@ class TrainConfig:
             raise InputError(f"beta must be >= 0, got {self.beta}")
         for k in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_samples", "probe_size", "snapshot_every"):
             v = getattr(self, k)
+            if k == "probe_size" and v is None:
+                continue
             if int(v) != v or v <= 0:
                 raise InputError(f"{k.replace('_', ' ')} must be a positive integer, got {v}")
         if self.epochs > 10_000:
@@ -218,6 +220,20 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, s
         pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
     acc = float((pred == y).float().mean())
     return {"nat_acc": acc, "pgd_acc": acc}
+
+
+PROBE_SHARE, PROBE_MAX, PROBE_PER_CLASS_MIN = 0.03, 256, 4
+
+
+def auto_probe_size(n_train: int, num_classes: int) -> int:
+    """Default probe-set size: 3% of the training set, at least 4 images per class, at most 256.
+
+    The probe attack costs about as much per image as a training step, so 3% keeps Delta E probing
+    near 3% of the epoch (bench/bench_train.py); 256 images (a 50k CIFAR-10 epoch) already pin the mean
+    Delta E to a few thousandths, and the per-class floor keeps the arrows of every class on tiny sets.
+    """
+    n = max(PROBE_PER_CLASS_MIN * num_classes, round(PROBE_SHARE * n_train))
+    return int(min(PROBE_MAX, n, n_train))
 
 
 def probe_energies(model, x, y, eps: float, step: float, steps: int, inner: str) -> dict[str, np.ndarray]:
@@ -437,12 +453,14 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
 
     val_idx = torch.arange(min(cfg.eval_samples, len(val_ds)))
     xv, yv = val_ds.images(val_idx), val_ds.labels(val_idx)
-    pidx = probe_indices(train_ds, cfg.probe_size, seed=cfg.seed)
+    probe_size = cfg.probe_size or auto_probe_size(len(train_ds), train_ds.num_classes)
+    pidx = probe_indices(train_ds, probe_size, seed=cfg.seed)
     xp, yp = train_ds.images(pidx), train_ds.labels(pidx)
     amp = cfg.amp and device.type == "cuda"
     meta = ModelMeta(arch=cfg.arch, num_classes=train_ds.num_classes, dataset=cfg.dataset,
                      input_shape=list(train_ds.input_shape), class_names=train_ds.class_names, method=cfg.method,
-                     hparams={**cfg.to_dict(), "eps": eps, "step_size": step, "loss": lcfg.to_dict()},
+                     hparams={**cfg.to_dict(), "eps": eps, "step_size": step, "probe_size": probe_size,
+                              "loss": lcfg.to_dict()},
                      name=cfg.name or out.name)
     # random start for both inner losses: PGD-CE uniform in the ball, TRADES-KL x + 0.001 N(0, I) (at x itself the
     # KL gradient is exactly zero, so without it the first step would follow rounding noise or not move at all)
@@ -524,7 +542,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             "epoch": epoch + 1, "lr": float(opt.param_groups[0]["lr"]),
             "nat_acc": ev["nat_acc"], "pgd_acc": ev["pgd_acc"],
             "nat_err": 1 - ev["nat_acc"], "rob_err": 1 - ev["pgd_acc"],
-            "train_time": train_time, "probe_time": probe_time,
+            "train_time": train_time, "probe_time": probe_time, "probe_size": int(len(pidx)),
             **{f"train_{k}": v / max(steps_per_epoch, 1) for k, v in sums.items()},
             **_stats(d_marg, "dE"), **_stats(d_joint, "dEy"),
             "E_nat_mean": float(pe["e_nat"].mean()), "E_adv_mean": float(pe["e_adv"].mean()),

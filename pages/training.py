@@ -160,8 +160,11 @@ with st.form(f"tr_form_{ver}"):
                                        step=64, key=f"tr_evaln_{sfx}")
         eval_steps = g2.number_input("PGD steps of the evaluation", value=int(pv("eval_steps", BASE.eval_steps)), step=1,
                                      key=f"tr_evals_{sfx}")
-        probe_size = g3.number_input("Probe set (training images)", value=int(pv("probe_size", BASE.probe_size)),
-                                     step=64, key=f"tr_probe_{sfx}")
+        probe_size = g3.number_input("Probe set (training images; 0 = auto)", value=int(pv("probe_size", 0) or 0),
+                                     min_value=0, step=64, key=f"tr_probe_{sfx}",
+                                     help="Fixed training images on which ΔE(x) is measured each epoch. Auto: 3% of "
+                                          "the training set (at least 4 per class, at most 256), which keeps the probe "
+                                          "near 3% of the epoch time.")
         snap = g4.number_input("Arrow snapshot every N epochs", value=int(pv("snapshot_every", 1)), step=1,
                                key=f"tr_snap_{sfx}")
         h1, h2, h3, h4 = st.columns(4)
@@ -182,7 +185,7 @@ def form_config() -> dict:
            "lr": float(lr), "momentum": float(momentum), "weight_decay": float(wd), "schedule": schedule,
            "eps": float(eps255) / 255, "attack_steps": int(steps), "seed": int(seed), "device": device,
            "weight_norm": wnorm, "weight_logits": wlog, "eval_steps": int(eval_steps), "eval_samples": int(eval_samples),
-           "probe_size": int(probe_size), "snapshot_every": int(snap), "augment": bool(augment), "amp": bool(amp)}
+           "probe_size": int(probe_size) or None, "snapshot_every": int(snap), "augment": bool(augment), "amp": bool(amp)}
     if float(beta) != lcfg.beta:
         cfg["beta"] = float(beta)
     for k, v in (("inner", inner), ("outer", outer), ("weighting", weighting)):

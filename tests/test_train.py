@@ -132,6 +132,35 @@ def test_config_file_and_flags_agree(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# the default probe set: sized to the training set so that probing stays a small share of the epoch
+@pytest.mark.parametrize("n_train,k,expected", [
+    (50_000, 10, 256),    # CIFAR-10: capped
+    (4_000, 10, 120),     # 3%
+    (1_946, 10, 58),      # the bench/bench_train.py overhead set
+    (500, 10, 40),        # floor of 4 per class
+    (100_000, 200, 256),  # Tiny-ImageNet: the cap beats the per-class floor
+    (30, 10, 30),         # never more than the training set
+])
+def test_auto_probe_size(n_train, k, expected):
+    assert train_mod.auto_probe_size(n_train, k) == expected
+
+
+def test_default_probe_size_is_resolved_and_recorded(tmp_path):
+    out = tmp_path / "run"
+    cfg = TrainConfig(**{**TINY, "probe_size": None, "train_limit": 1_000}, method="plain", epochs=1, out_dir=str(out))
+    rec = train(cfg)
+    n_train = len(load_splits(cfg)[0])
+    expected = train_mod.auto_probe_size(n_train, 10)
+    assert expected == 40 and rec["probe_size"] == expected
+    with np.load(out / "probe" / "epoch_0001.npz") as z:
+        assert len(z["indices"]) == expected and len(np.unique(z["indices"])) == expected
+        assert np.bincount(z["labels"], minlength=10).min() == 4  # class-balanced
+    assert read_metadata(out / "last.safetensors").hparams["probe_size"] == expected
+    with pytest.raises(InputError, match="probe size must be a positive integer"):
+        TrainConfig(probe_size=0).validate()
+
+
+# ------------------------------------------------------------------------------------------------
 # NaN guard
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real = train_mod.outer_loss
