@@ -1,5 +1,6 @@
 """Attack Lab speed: PGD-10 with the energy trace vs the same attack without it, vs torchattacks'
 PGD and pyautoattack's APGD-CE at equal iterations — same model, images, batch, device, in one run.
+The BatchNorm-folding fast path (core.models.folding) is measured on and off.
 
     python bench/bench_attack.py [--n 256] [--reps 5]
 
@@ -42,6 +43,7 @@ def main() -> None:
         cands = {
             "EnergyLens PGD-10 + trace": lambda: run_attack(model, xs, ys, spec),
             "EnergyLens PGD-10, no trace": lambda: run_attack(model, xs, ys, spec, record_trace=False),
+            "EnergyLens PGD-10 + trace, BN folding off": lambda: run_attack(model, xs, ys, spec, fold_bn=False),
         }
         try:
             import torchattacks

@@ -72,6 +72,7 @@ import torch.nn as nn
 
 from .attacks.base import eval_mode, project
 from .errors import DataError, InputError
+from .models.folding import folded
 
 __all__ = [
     "INITS", "NORMS", "MAX_STEPS", "MAX_CHAINS", "DEFAULT_PCA_SIGMA", "DEFAULTS",
@@ -664,7 +665,7 @@ class SGLDSampler:
         """Logits at x and ∇ₓ Σ E(x, y). The caller holds eval_mode (frozen parameters)."""
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
-            logits = self.model(xr)
+            logits = folded(self.model)(xr)  # BatchNorm folded: same function, cheaper input gradients
             e_xy = -logits.gather(1, self.labels[:, None]).squeeze(1)
             (grad,) = torch.autograd.grad(e_xy.sum(), xr)
         return logits.detach(), grad

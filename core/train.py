@@ -40,6 +40,7 @@ from .errors import EnergyLensError, InputError
 from .losses import LossTerms, method_config, outer_loss
 from .models import ModelMeta, build_model, save_checkpoint
 from .models.checkpoint import load_state_dict_checked
+from .models.folding import folded
 from .storage import append_jsonl, atomic_torch_save, atomic_write_json, read_jsonl, safe_torch_load
 
 __all__ = ["TrainConfig", "train", "train_step", "main", "TrainingStopped"]
@@ -278,7 +279,8 @@ def _forward_loss(model, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: Att
     x_adv = None
     if lcfg.inner != "none":
         with eval_mode(model):
-            x_adv = gradient_attack(model, xb, yb, atk_spec, lcfg.inner, None, None, generator=generator)
+            # the BatchNorm-folded view (refreshed after every optimizer step): the same function, cheaper gradients
+            x_adv = gradient_attack(folded(model), xb, yb, atk_spec, lcfg.inner, None, None, generator=generator)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         need_nat = lcfg.outer == "nat" or lcfg.beta > 0 or lcfg.weighting in ("energy", "mart")
         logits_nat = model(xb) if need_nat else None

@@ -10,6 +10,7 @@ import torch
 
 from ..data import validate_images
 from ..errors import InputError
+from ..models.folding import folded
 from . import autoattack as _aa
 from . import gradient as _g
 from .base import (AttackInfo, AttackResult, AttackSpec, Progress, choose_targets, eval_mode, is_oom_error,
@@ -61,11 +62,14 @@ def _probe_num_classes(model: torch.nn.Module, x1: torch.Tensor) -> int:
 
 
 def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, *,
-               record_trace: bool = True, progress: Progress | None = None, num_classes: int | None = None) -> AttackResult:
+               record_trace: bool = True, progress: Progress | None = None, num_classes: int | None = None,
+               fold_bn: bool = True) -> AttackResult:
     """Attack ``x`` (float N x C x H x W in [0,1]) with true labels ``y``.
 
     Returns the adversarial images (on the input's device) and the EnergyTrace (``None`` when
     ``record_trace`` is False). Batches of ``spec.batch_size``; halves the batch on OOM.
+    ``fold_bn``: attack the BatchNorm-folded view of the model (:mod:`core.models.folding`: the same
+    function up to float rounding, ~1.6x faster on the bundled CNN); False attacks the module as it is.
     """
     x = validate_images(x)
     y = torch.as_tensor(y).long().reshape(-1)
@@ -82,6 +86,7 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
             raise InputError(f"labels must lie in [0, {num_classes - 1}] for this model")
         spec.validate(num_classes)
         info = ATTACKS[spec.name]
+        net = folded(model, x[:4].to(device)) if fold_bn else model
         gen = torch.Generator().manual_seed(int(spec.seed)) if spec.seed is not None else None
         if spec.seed is not None:
             torch.manual_seed(int(spec.seed))
@@ -102,11 +107,11 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
                 if spec.targeted:
                     if spec.target_mode == "least-likely":
                         with torch.no_grad():
-                            nat_logits = model(xb)
+                            nat_logits = net(xb)
                     targets = choose_targets(nat_logits if nat_logits is not None else torch.empty(len(yb), num_classes),
                                              yb, spec, gen).to(device)
                 rec = make_recorder(yb, targets, spec) if record_trace else None
-                xa = info.fn(model, xb, yb, spec, rec, targets, generator=gen, nat_logits=nat_logits)
+                xa = info.fn(net, xb, yb, spec, rec, targets, generator=gen, nat_logits=nat_logits)
             except Exception as e:  # noqa: BLE001
                 if is_oom_error(e) and bs > 1:
                     bs = max(1, bs // 2)

@@ -1,0 +1,164 @@
+"""BatchNorm folding: an inference view of a model in which every convolution followed by an
+eval-mode BatchNorm is one convolution.
+
+In eval mode BatchNorm is a fixed per-channel affine map, y = gamma * (z - mu) / sqrt(var + eps) + beta,
+so a convolution z = W * x + b feeding it can absorb it:
+
+    W' = W * s,   b' = (b - mu) * s + beta,   s = gamma / sqrt(var + eps)   (s broadcast per output channel)
+
+The folded view computes the same logits up to float rounding (checked when it is built) and skips
+the BatchNorm in every forward and, more importantly, in every backward to the input: attacks, the
+inner maximisation of adversarial training and SGLD differentiate with respect to x hundreds of
+times per image. On the bundled CNN this makes PGD ~1.6x faster on a CPU (bench/bench_attack.py).
+
+``folded(model)`` returns the view, or ``model`` itself whenever folding does not apply: no
+conv -> BatchNorm pair, a model torch.fx cannot trace, BatchNorm in training mode, parameters that
+require gradients (someone is training through this call), or outputs that disagree with the model's.
+The view shares every other module with ``model``; it is cached per model and its folded weights are
+recomputed whenever the original weights or BatchNorm statistics change (in-place updates, ``.to()``),
+so it can be requested at every training step. It is for inference and input gradients only: its
+parameters never require gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+
+import torch
+import torch.nn as nn
+
+__all__ = ["folded", "fold_count"]
+
+_NORM_OF = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+_CONVS = tuple(_NORM_OF)
+_NORMS = tuple(_NORM_OF.values())
+_LOCK = threading.Lock()
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, _Folded | None]" = weakref.WeakKeyDictionary()
+REL_TOL = 1e-4  # max |folded - original| / max(1, max |original|) accepted when the view is built
+
+
+class _Folded:
+    def __init__(self, module: nn.Module, pairs: list[tuple[nn.Module, nn.Module, nn.Module]]):
+        self.module = module      # the torch.fx GraphModule
+        self.pairs = pairs        # (original conv, original BatchNorm, folded conv)
+        self.key = None
+
+    def _tensors(self):
+        for conv, bn, _ in self.pairs:
+            yield from (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+    def current_key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.device, t.dtype) if t is not None else None for t in self._tensors())
+
+    def refresh(self) -> None:
+        key = self.current_key()
+        if key == self.key:
+            return
+        with torch.no_grad():
+            for conv, bn, new in self.pairs:
+                ct = torch.promote_types(conv.weight.dtype, torch.float32)  # fold in fp32 at least
+                w = conv.weight.to(ct)
+                scale = torch.rsqrt(bn.running_var.to(ct) + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight.to(ct)
+                shift = -bn.running_mean.to(ct) * scale
+                if conv.bias is not None:
+                    shift = shift + conv.bias.to(ct) * scale
+                if bn.bias is not None:
+                    shift = shift + bn.bias.to(ct)
+                fw = (w * scale.view(-1, *([1] * (w.dim() - 1)))).to(conv.weight.dtype)
+                fb = shift.to(conv.weight.dtype)
+                if new.weight.shape == fw.shape and new.weight.device == fw.device and new.weight.dtype == fw.dtype:
+                    new.weight.copy_(fw)
+                    new.bias.copy_(fb)
+                else:  # the original moved to another device or dtype
+                    new.weight = nn.Parameter(fw.contiguous(memory_format=_format_of(conv.weight)), requires_grad=False)
+                    new.bias = nn.Parameter(fb, requires_grad=False)
+        self.key = key
+
+
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous() else torch.contiguous_format
+
+
+def _build(model: nn.Module) -> _Folded | None:
+    import torch.fx as fx
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - untraceable models (data-dependent control flow, ...) are used as they are
+        return None
+    mods = dict(gm.named_modules())
+    pairs = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(mods.get(node.target), _NORMS):
+            continue
+        bn = mods[node.target]
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), _CONVS)):
+            continue
+        conv = mods[src.target]
+        if (len(src.users) != 1 or len(node.args) != 1 or node.kwargs or not bn.track_running_stats
+                or bn.running_mean is None or bn.num_features != conv.out_channels or type(bn) is not _NORM_OF.get(type(conv))):
+            continue
+        new = copy.deepcopy(conv)
+        new.weight = nn.Parameter(torch.empty_like(conv.weight), requires_grad=False)
+        new.bias = nn.Parameter(torch.empty(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device),
+                                requires_grad=False)
+        name = f"_bn_folded_{len(pairs)}"
+        gm.add_submodule(name, new)
+        src.target = name
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        pairs.append((conv, bn, new))
+    if not pairs:
+        return None
+    gm.recompile()
+    return _Folded(gm, pairs)
+
+
+def _agrees(view: nn.Module, model: nn.Module, x: torch.Tensor) -> bool:
+    with torch.no_grad():
+        ref, out = model(x), view(x)
+    if not (isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor)) or ref.shape != out.shape:
+        return False
+    ref, out = ref.float(), out.float()
+    if not torch.isfinite(ref).all():
+        return False
+    scale = max(1.0, float(ref.abs().max()))
+    return float((out - ref).abs().max()) <= REL_TOL * scale
+
+
+def folded(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
+    """The BatchNorm-folded inference view of ``model`` (see the module docstring), else ``model``.
+
+    Call it with the model already in eval mode and its parameters frozen (``core.attacks.eval_mode``).
+    ``example`` (a few inputs) is used, the first time, to check that the view computes the model's
+    outputs; without it the view is checked on nothing and trusted to the algebra.
+    """
+    bns = [m for m in model.modules() if isinstance(m, _NORMS)]
+    if not bns or any(m.training for m in bns) or any(p.requires_grad for p in model.parameters()):
+        return model
+    with _LOCK:
+        if model in _CACHE:
+            entry = _CACHE[model]
+        else:
+            entry = _build(model)
+            if entry is not None:
+                entry.refresh()
+                if example is not None and not _agrees(entry.module, model, example[:4]):
+                    entry = None
+            _CACHE[model] = entry
+        if entry is None:
+            return model
+        entry.refresh()
+        return entry.module
+
+
+def fold_count(model: nn.Module) -> int:
+    """How many conv -> BatchNorm pairs ``folded`` has fused for ``model`` (0 if none or not built yet)."""
+    entry = _CACHE.get(model)
+    return 0 if entry is None else len(entry.pairs)
