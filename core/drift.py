@@ -192,9 +192,15 @@ class TraceRecorder:
             lg = logits.detach()
             self._steps.append(int(step))
             self._marg.append(marginal_energy(lg))
-            self._joint.append(joint_energy(lg, self.labels))
-            if self.targets is not None:
-                self._jt.append(joint_energy(lg, self.targets))
+            if not self._steps[:-1]:  # first record: check the labels against the logits once (a host sync)
+                self._joint.append(joint_energy(lg, self.labels))
+                if self.targets is not None:
+                    self._jt.append(joint_energy(lg, self.targets))
+            else:  # later records: the same checked labels, no sync
+                lf = lg.float()
+                self._joint.append(-lf.gather(1, self.labels.unsqueeze(1)).squeeze(1))
+                if self.targets is not None:
+                    self._jt.append(-lf.gather(1, self.targets.unsqueeze(1)).squeeze(1))
             self._pred.append(lg.argmax(dim=1))
             self._loss.append(None if loss is None else loss.detach().float().reshape(-1))
 

@@ -96,10 +96,10 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
         i = 0
         while i < n:
             xb = x[i:i + bs].to(device)
-            if device.type == "cpu" and info.per_step_trace:
-                # our gradient attacks: channels-last convolutions are ~1.4x faster on CPU for the bundled
-                # CNN (bench/bench_attack.py); pyautoattack's classes .view() their input, so not for them
-                xb = xb.contiguous(memory_format=torch.channels_last)
+            if device.type == "cpu" and info.per_step_trace and xb.dim() == 4:
+                # our gradient attacks take the layout the architecture runs fastest with on a CPU (channels-last
+                # for the bundled CNN, bench/bench_attack.py); pyautoattack's classes .view() their input
+                xb = xb.contiguous(memory_format=getattr(model, "cpu_input_layout", torch.contiguous_format))
             yb = y[i:i + bs].to(device)
             try:
                 nat_logits = None

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 
 
 class SmallCNN(nn.Module):
+    # input layout for gradient attacks on the CPU (core.attacks.run_attack): channels-last makes PGD on this
+    # CNN ~1.5x faster, while it makes a CIFAR ResNet-18 ~8% slower, so the others keep the default
+    cpu_input_layout = torch.channels_last
+
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 32):
         super().__init__()
         w = width
