@@ -1,7 +1,8 @@
 """Dashboard speed and memory through a real browser (Playwright + Debian chromium):
 
 * cold start: `streamlit run dashboard/Home.py` launched -> Home's text visible in the browser;
-* the Attack Lab default action: press "Run attack" -> results visible;
+* opening the Attack Lab: link clicked -> page rendered with its preview chart;
+* the Attack Lab default action: press "Run attack" -> accuracies and the Fig. 1 chart visible;
 * peak RSS of the server process with the bundled model loaded (after the attack).
 
     python bench/bench_app.py [--reps 3]
@@ -61,16 +62,22 @@ def one_run(p) -> dict:
         page.goto(url)
         page.get_by_text("Look at adversarially robust image classifiers").wait_for(timeout=120_000)
         first_page = time.perf_counter() - t0
+        t_nav = time.perf_counter()
         page.get_by_role("link", name="Attack Lab").first.click()
         page.get_by_role("button", name="Run attack").wait_for(timeout=120_000)
+        # the page is rendered once its preview chart (natural energies of the chosen images) is drawn;
+        # a user reads the form before pressing the button
+        page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+        attack_page = time.perf_counter() - t_nav
         t1 = time.perf_counter()
         page.get_by_role("button", name="Run attack").click()
         page.get_by_text("Robust accuracy").wait_for(timeout=120_000)
-        page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+        page.get_by_text("Energy drift: natural → adversarial").first.wait_for(timeout=60_000)  # Fig. 1 chart drawn
         attack = time.perf_counter() - t1
         rss = _peak_rss_mb(proc.pid)
         browser.close()
-        return {"first_page_s": first_page, "attack_action_s": attack, "server_peak_rss_mb": rss}
+        return {"first_page_s": first_page, "attack_lab_page_s": attack_page, "attack_action_s": attack,
+                "server_peak_rss_mb": rss}
     finally:
         proc.terminate()
         proc.wait(10)

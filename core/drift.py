@@ -221,3 +221,27 @@ class TraceRecorder:
             joint_target=to_np(self._jt) if self._jt else None,
             meta=self.meta,
         )
+
+
+def natural_trace(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> EnergyTrace:
+    """The energies of unattacked images: an :class:`EnergyTrace` with step 0 only (eval mode, no gradients)."""
+    from .attacks.base import eval_mode  # late import: core.attacks imports this module
+    from .data import validate_images
+
+    x = validate_images(x)
+    y = torch.as_tensor(y).long().reshape(-1)
+    if y.numel() != x.shape[0]:
+        raise InputError(f"got {y.numel()} labels for {x.shape[0]} images")
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    traces = []
+    with eval_mode(model), torch.inference_mode():
+        for i in range(0, x.shape[0], batch_size):
+            yb = y[i:i + batch_size].to(device)
+            rec = TraceRecorder(yb)
+            rec.record(0, model(x[i:i + batch_size].to(device)))
+            traces.append(rec.finish())
+    trace = traces[0]
+    for t in traces[1:]:
+        trace = trace.concat(t)
+    return trace

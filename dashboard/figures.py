@@ -55,6 +55,25 @@ def energy_arrows(e_nat: np.ndarray, ey_nat: np.ndarray, e_adv: np.ndarray, ey_a
     return fig
 
 
+def natural_energies(e_nat: np.ndarray, ey_nat: np.ndarray, labels: list[str],
+                     title: str = "Natural energies of the chosen test images (the arrows start here)") -> go.Figure:
+    """The bases of Fig. 1's arrows before any attack: one point per image, coloured by class."""
+    e_nat, ey_nat = np.asarray(e_nat, dtype=float), np.asarray(ey_nat, dtype=float)
+    fig = go.Figure()
+    for c in sorted(set(labels), key=labels.index):
+        sel = np.array([lab == c for lab in labels])
+        fig.add_trace(go.Scatter(x=e_nat[sel], y=ey_nat[sel], mode="markers", name=str(c), marker=dict(size=6),
+                                 hovertemplate="E(x) %{x:.2f}<br>E(x,y) %{y:.2f}"))
+    if len(e_nat):
+        lo, hi = float(min(e_nat.min(), ey_nat.min())), float(max(e_nat.max(), ey_nat.max()))
+        pad = 0.05 * (hi - lo + 1e-6)
+        fig.add_trace(go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines",
+                                 name="zero loss: E(x,y) = E(x)", line=dict(color="black", dash="dash", width=1)))
+    fig.update_layout(title=title, xaxis_title="marginal energy E(x)", yaxis_title="joint energy E(x, y)", height=420,
+                      margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
 def step_curve(series: dict[str, dict[str, np.ndarray]], energy: str = "E(x)") -> go.Figure:
     """Fig. 1a: mean energy (band = ±1 std) against the attack step, one line per run/model."""
     fig = go.Figure()

@@ -7,7 +7,7 @@ import torch
 
 import figures as fig
 from core.attacks import ATTACKS, AttackSpec, run_attack
-from core.drift import EnergyTrace
+from core.drift import EnergyTrace, natural_trace
 from core.energy import joint_energies, marginal_energy
 
 lm, meta, classes, default_eps = common.require_model("Attack Lab")
@@ -55,6 +55,12 @@ with st.form("attack_form"):
 st.caption(ATTACKS[name].description)
 
 
+def chosen_images(ds, n: int, seed: int):
+    """The n test images an attack with this seed runs on (the same draw for the preview and the run)."""
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return ds.images(idx), ds.labels(idx)
+
+
 def attack_job(task, x, y, spec, model_name):
     res = run_attack(lm.model, x, y, spec, progress=task.progress)
     keep = min(16, len(x))
@@ -76,9 +82,7 @@ if submitted:
         spec = AttackSpec(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, targeted=targeted,
                           target_mode=tmode, target_class=int(tclass), seed=seed, batch_size=256)
         spec.validate(meta.num_classes)
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(ds), generator=g)[:n_samples]
-        x, y = ds.images(idx), ds.labels(idx)
+        x, y = chosen_images(ds, n_samples, seed)
         task = common.start_task("atk_task", f"{ATTACKS[name].label} on {n_samples} images",
                                  lambda t: attack_job(t, x, y, spec, meta.name))
         common.wait_briefly(task, 1.5)
@@ -89,6 +93,24 @@ common.task_panel("atk_task", on_done)
 r = st.session_state.get("atk_result")
 if r is None:
     st.info("Set the attack and press **Run attack**. The defaults run PGD-10 on 64 test images in about a second on CPU.")
+    # before any attack: where the chosen images start (this also loads the data and the chart library, so the
+    # first run only has to attack)
+    ds_prev = common.model_dataset(lm, "test")
+    params = sum(p.numel() for p in lm.model.parameters())
+    on_gpu = next(lm.model.parameters()).is_cuda
+    quick = on_gpu or params * n_samples <= 1e9  # ~ a ResNet-18 on 64 images: well under a second on a CPU
+    if ds_prev is not None and quick and 0 < n_samples <= min(len(ds_prev), common.MAX_INTERACTIVE_IMAGES):
+        pkey = (st.session_state["model_ref"].key, lm.meta.dataset, n_samples, seed)
+        if st.session_state.get("atk_preview", (None,))[0] != pkey:
+            with common.guard("computing the natural energies"):
+                xp, yp = chosen_images(ds_prev, n_samples, seed)
+                st.session_state["atk_preview"] = (pkey, natural_trace(lm.model, xp, yp))
+        prev = st.session_state.get("atk_preview", (None, None))
+        if prev[0] == pkey:
+            nat0 = prev[1].natural()
+            st.plotly_chart(fig.natural_energies(nat0["marginal"], nat0["joint"],
+                                                 [classes[int(i)] for i in prev[1].labels]),
+                            width="stretch", config=fig.PLOT_CONFIG, key="fig_preview")
 else:
     tr: EnergyTrace = r["trace"]
     s = r["spec"]

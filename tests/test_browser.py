@@ -73,15 +73,19 @@ def test_attack_lab_in_real_browser(app_url):
         page.screenshot(path=str(ARTIFACTS / "home.png"))
         page.get_by_role("link", name="Attack Lab").first.click()
         page.get_by_role("button", name="Run attack").wait_for(timeout=60_000)
+        # before any attack the page previews the natural energies of the images it will attack
+        page.get_by_text("Natural energies of the chosen test images").first.wait_for(timeout=60_000)
         page.get_by_role("button", name="Run attack").click()
         page.get_by_text("Robust accuracy").wait_for(timeout=90_000)
-        page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+        page.get_by_text("Energy drift: natural → adversarial").first.wait_for(timeout=30_000)  # Fig. 1 drawn
         time.sleep(1.0)  # let plotly finish drawing before the screenshot
         page.screenshot(path=str(ARTIFACTS / "attack_lab.png"), full_page=True)
         body = page.inner_text("body")
+        page_charts = page.locator(".js-plotly-plot").count()
         browser.close()
     assert "Traceback" not in body
     assert "Unexpected error" not in body
     assert "Natural accuracy" in body and "Robust accuracy" in body
+    assert page_charts >= 3, f"expected the Fig. 1, Fig. 1a and Fig. 2 charts, found {page_charts}"
     assert not errors, f"JavaScript errors in the page: {errors}"
     assert (ARTIFACTS / "attack_lab.png").stat().st_size > 10_000

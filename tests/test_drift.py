@@ -215,3 +215,23 @@ def test_npz_round_trip(tmp_path):
         assert back.meta == {"k": 1}
         assert back.robust_accuracy() == tr.robust_accuracy()
         assert back.to_csv() == tr.to_csv()
+
+
+def test_natural_trace_matches_direct_energies_across_batches():
+    from core.drift import natural_trace
+    from core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10)
+    model.train()  # natural_trace must use eval mode and give the caller's mode back
+    x, y = torch.rand(10, 3, 32, 32), torch.arange(10) % 10
+    tr = natural_trace(model, x, y, batch_size=4)
+    assert model.training
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert tr.n_steps == 0 and tr.n_samples == 10
+    np.testing.assert_allclose(tr.marginal[0], marginal_energy(logits).numpy(), atol=1e-5)
+    np.testing.assert_allclose(tr.joint[0], joint_energy(logits, y).numpy(), atol=1e-5)
+    assert (tr.pred[0] == logits.argmax(1).numpy()).all()
+    with pytest.raises(InputError, match="3 labels for 10 images"):
+        natural_trace(model, x, y[:3])

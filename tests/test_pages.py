@@ -61,6 +61,34 @@ def run_attack_and_wait(at: AppTest, timeout: float = 120.0, n: int = 16) -> App
     return at
 
 
+def test_attack_lab_previews_the_natural_energies_of_the_images_it_will_attack():
+    import torch
+
+    from core.data import load_dataset
+    from core.energy import joint_energy, marginal_energy
+    from core.models import load_checkpoint
+
+    at = fresh_app()
+    at.switch_page("../pages/attack_lab.py").run()  # the form's defaults: 64 images, seed 0
+    assert not at.exception, [e.message for e in at.exception]
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1 and "Natural energies of the chosen test images" in charts[0].proto.spec
+    _, trace = at.session_state["atk_preview"]
+    # the same 64 images the attack will use (seed 0), with the model's own energies
+    ds = load_dataset("digits", "test")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:64]
+    model = load_checkpoint(REPO / "checkpoints" / "digits-plain.safetensors").model.eval()
+    with torch.no_grad():
+        logits = model(ds.images(idx))
+    assert (trace.labels == ds.labels(idx).numpy()).all()
+    assert abs(trace.marginal[0] - marginal_energy(logits).numpy()).max() < 1e-4
+    assert abs(trace.joint[0] - joint_energy(logits, ds.labels(idx)).numpy()).max() < 1e-4
+    # an attack replaces the preview by the paper's figures
+    run_attack_and_wait(at, n=24)
+    specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
+    assert "Natural energies of the chosen" not in specs and "zero loss" in specs
+
+
 def test_attack_lab_runs_pgd_and_draws_the_paper_figures():
     at = fresh_app()
     at.switch_page("../pages/attack_lab.py").run()
