@@ -44,6 +44,25 @@ def interleaved_medians(cands: dict[str, Callable[[], object]], reps: int = 5, w
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def paired_ratio(a: Callable[[], object], b: Callable[[], object], pairs: int = 21) -> dict[str, float]:
+    """Median and quartiles of time(a) / time(b) over back-to-back pairs (order alternating).
+
+    For small differences (an overhead of a few %) on a shared machine whose speed drifts by more than
+    that between repetitions: each ratio compares two runs a second apart, so the drift cancels.
+    """
+    a(), b()
+    ratios = []
+    for i in range(pairs):
+        t = {}
+        for name, fn in ((("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a))):
+            t0 = time.perf_counter()
+            fn()
+            t[name] = time.perf_counter() - t0
+        ratios.append(t["a"] / t["b"])
+    q1, med, q3 = statistics.quantiles(ratios, n=4)
+    return {"median": med, "q25": q1, "q75": q3}
+
+
 def environment() -> dict:
     import torch
 
