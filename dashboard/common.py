@@ -149,6 +149,73 @@ def task_panel(key: str, on_done: Callable[[Task], None]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def job_list(kind: str, prefix: str, show_done: Callable[[Any, Any, Any], dict | None], *, heading: str | None = None,
+             empty: str = "No jobs yet.", limit: int = 30, resumable: bool = False,
+             widths: tuple[int, int, int] = (4, 4, 2)) -> list:
+    """The background jobs of one kind (core.jobs), newest first, polled every 2 s while one is active.
+
+    Running jobs show progress and Stop; failed ones their error and log tail (and Resume if
+    ``resumable``); finished ones whatever ``show_done(job, middle_column, right_column)`` draws. The
+    dicts it returns are shown as one table under the list. Returns the jobs as read by the page run.
+    """
+    from core import jobs
+
+    try:
+        all_jobs = jobs.list_jobs(kind=kind)
+    except EnergyLensError as e:
+        st.error(str(e))
+        return []
+    active = any(j.active for j in all_jobs)
+
+    @st.fragment(run_every=2.0 if active else None)
+    def _panel():
+        try:
+            js = jobs.list_jobs(kind=kind)
+        except EnergyLensError as e:
+            st.error(str(e))
+            return
+        if active and not any(j.active for j in js):
+            st.rerun()  # everything finished: refresh the whole page (tables built from results) and stop polling
+        if heading:
+            st.subheader(heading)
+        if not js:
+            st.caption(empty)
+            return
+        rows = []
+        for j in js[:limit]:
+            c1, c2, c3 = st.columns(list(widths))
+            c1.markdown(f"**{j.name}**  \n`{j.id}` · {j.status} · {j.device}"
+                        + (f" · {j.duration:.0f} s" if j.duration is not None else ""))
+            if j.active:
+                c2.progress(j.progress, text=j.message or j.status)
+                if c3.button("Stop", key=f"{prefix}_stop_{j.id}"):
+                    with guard("stopping the job"):
+                        jobs.stop_job(j.id)
+                        st.rerun()
+                continue
+            if j.status == "done" and j.result:
+                row = show_done(j, c2, c3)
+                if row:
+                    rows.append(row)
+                continue
+            if j.status == "failed":
+                c2.error(f"failed: {(j.error or 'no error message').splitlines()[0]}")
+                with c2.expander("Error and log tail"):
+                    st.code((j.error or "") + "\n\n" + (jobs.read_log_tail(j.id, 30) or ""))
+            else:
+                c2.warning(j.status)
+            if resumable and c3.button("Resume", key=f"{prefix}_resume_{j.id}", help="finished work is skipped"):
+                with guard("resuming the job"):
+                    jobs.resume_job(j.id)
+                    st.rerun()
+        if rows:
+            st.dataframe(rows, hide_index=True, width="stretch")
+
+    _panel()
+    return all_jobs
+
+
+# ---------------------------------------------------------------------------------------------
 def resolve_device(choice: str) -> str:
     import torch
 

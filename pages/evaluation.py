@@ -8,7 +8,7 @@ import streamlit as st
 
 import analysis_figures as af
 from core import evaluation
-from core.errors import EnergyLensError, InputError
+from core.errors import InputError
 
 st.title("Evaluation")
 st.caption("Paper Table 1: natural accuracy, PGD-20 and AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square). Each "
@@ -60,60 +60,18 @@ if go:
         st.success(f"Queued evaluation job {info.id}.")
 
 # ---------------------------------------------------------------- jobs
-try:
-    all_jobs = jobs.list_jobs(kind="eval")
-except EnergyLensError as e:
-    st.error(str(e))
-    all_jobs = []
-active = any(j.active for j in all_jobs)
+def _show_evaluation(j, c2, c3):
+    r = j.result
+    c2.markdown(f"natural **{r['natural_acc']:.1%}** · PGD-{r['config']['pgd_steps']} **{r['pgd_acc']:.1%}**"
+                + (f" · AA **{r['aa_acc']:.1%}**" if r.get("aa_acc") is not None else "") + f" · N={r['n']}")
+    if c3.button("Delete", key=f"ev_del_{j.id}"):
+        with common.guard("deleting the job"):
+            jobs.delete_job(j.id)
+            st.rerun()
 
 
-@st.fragment(run_every=2.0 if active else None)
-def _jobs_panel():
-    try:
-        js = jobs.list_jobs(kind="eval")
-    except EnergyLensError as e:
-        st.error(str(e))
-        return
-    if active and not any(j.active for j in js):
-        st.rerun()  # everything finished: refresh the table below and stop polling
-    st.subheader("Jobs")
-    if not js:
-        st.caption("No evaluation jobs yet.")
-        return
-    for j in js[:30]:
-        c1, c2, c3 = st.columns([4, 4, 2])
-        c1.markdown(f"**{j.name}**  \n`{j.id}` · {j.status} · {j.device}"
-                    + (f" · {j.duration:.0f} s" if j.duration is not None else ""))
-        if j.active:
-            c2.progress(j.progress, text=j.message or j.status)
-            if c3.button("Stop", key=f"ev_stop_{j.id}"):
-                with common.guard("stopping the job"):
-                    jobs.stop_job(j.id)
-                    st.rerun()
-        elif j.status == "done" and j.result:
-            r = j.result
-            c2.markdown(f"natural **{r['natural_acc']:.1%}** · PGD-{r['config']['pgd_steps']} **{r['pgd_acc']:.1%}**"
-                        + (f" · AA **{r['aa_acc']:.1%}**" if r.get("aa_acc") is not None else "")
-                        + f" · N={r['n']}")
-            if c3.button("Delete", key=f"ev_del_{j.id}"):
-                with common.guard("deleting the job"):
-                    jobs.delete_job(j.id)
-                    st.rerun()
-        else:
-            if j.status == "failed":
-                c2.error(f"failed: {(j.error or 'no error message').splitlines()[0]}")
-                with c2.expander("Error and log tail"):
-                    st.code((j.error or "") + "\n\n" + (jobs.read_log_tail(j.id, 30) or ""))
-            else:
-                c2.warning(j.status)
-            if c3.button("Resume", key=f"ev_resume_{j.id}", help="finished chunks are skipped"):
-                with common.guard("resuming the job"):
-                    jobs.resume_job(j.id)
-                    st.rerun()
-
-
-_jobs_panel()
+all_jobs = common.job_list("eval", "ev", _show_evaluation, heading="Jobs", empty="No evaluation jobs yet.",
+                           resumable=True)
 
 # ---------------------------------------------------------------- Table 1
 st.subheader("Results (Table 1 style)")

@@ -12,7 +12,7 @@ import streamlit as st
 import figures as fig
 import sgld_figures as sf
 from core import sampling
-from core.errors import EnergyLensError, InputError
+from core.errors import InputError
 
 lm, meta, names, _ = common.require_model("SGLD studio")
 ref = st.session_state.get("model_ref")
@@ -349,59 +349,24 @@ else:
                                device=st.session_state.get("device", "auto"))
             st.success(f"Queued SGLD job {info.id}.")
 
-    try:
-        sg_jobs = jobs.list_jobs(kind="sgld")
-    except EnergyLensError as e:
-        st.error(str(e))
-        sg_jobs = []
-    any_active = any(j.active for j in sg_jobs)
+    def _show_sgld(j, c2, c3):
+        m = j.result.get("metrics") or {}
+        row = None
+        if m:
+            c2.markdown(f"IS **{m['IS']:.2f}** · FID **{m['FID']:.2f}** · KID **{m['KID']:.4f}**"
+                        + (f" · LPIPS **{m['LPIPS']:.3f}**" if m.get("LPIPS") is not None else "")
+                        + f"  \nfeatures: `{m['features']}`")
+            row = {"job": j.name, "init": j.result["config"]["init"], "steps": j.result["config"]["steps"],
+                   "N": j.result["n_samples"], "features": m["features"], "IS": m["IS"], "FID": m["FID"],
+                   "KID": m["KID"], "label agreement": m.get("label_agreement")}
+        else:
+            c2.markdown(f"{j.result.get('n_samples', '?')} samples (no metrics)")
+        path = j.result.get("samples")
+        if path and os.path.isfile(path):
+            c3.download_button("npz", lambda p=path: Path(p).read_bytes(), file_name=f"{j.id}_samples.npz",
+                               key=f"sgld_dl_{j.id}", help="the generated samples (uint8 x, y, energies)")
+        elif path:
+            c3.caption("samples file missing")
+        return row
 
-    @st.fragment(run_every=2.0 if any_active else None)
-    def _jobs_panel():
-        try:
-            js = jobs.list_jobs(kind="sgld")
-        except EnergyLensError as e:
-            st.error(str(e))
-            return
-        if not js:
-            st.caption("No SGLD jobs yet.")
-            return
-        rows = []
-        for j in js[:10]:
-            c1, c2, c3 = st.columns([4, 5, 1])
-            c1.markdown(f"**{j.name}**  \n`{j.id}` · {j.status} · {j.device}"
-                        + (f" · {j.duration:.0f} s" if j.duration is not None else ""))
-            if j.active:
-                c2.progress(j.progress, text=j.message or j.status)
-                if c3.button("Stop", key=f"sgld_stop_{j.id}"):
-                    with common.guard("stopping the job"):
-                        jobs.stop_job(j.id)
-                        st.rerun()
-            elif j.status == "done" and j.result:
-                m = j.result.get("metrics") or {}
-                if m:
-                    c2.markdown(f"IS **{m['IS']:.2f}** · FID **{m['FID']:.2f}** · KID **{m['KID']:.4f}**"
-                                + (f" · LPIPS **{m['LPIPS']:.3f}**" if m.get("LPIPS") is not None else "")
-                                + f"  \nfeatures: `{m['features']}`")
-                    rows.append({"job": j.name, "init": j.result["config"]["init"],
-                                 "steps": j.result["config"]["steps"], "N": j.result["n_samples"],
-                                 "features": m["features"], "IS": m["IS"], "FID": m["FID"], "KID": m["KID"],
-                                 "label agreement": m.get("label_agreement")})
-                else:
-                    c2.markdown(f"{j.result.get('n_samples', '?')} samples (no metrics)")
-                path = j.result.get("samples")
-                if path and os.path.isfile(path):
-                    c3.download_button("npz", lambda p=path: Path(p).read_bytes(), file_name=f"{j.id}_samples.npz",
-                                       key=f"sgld_dl_{j.id}", help="the generated samples (uint8 x, y, energies)")
-                elif path:
-                    c3.caption("samples file missing")
-            elif j.status == "failed":
-                c2.error(f"failed: {(j.error or 'no error message').splitlines()[0]}")
-            else:
-                c2.warning(j.status)
-        if rows:
-            st.dataframe(rows, hide_index=True, width="stretch")
-        if any_active and not any(j.active for j in js):
-            st.rerun()
-
-    _jobs_panel()
+    common.job_list("sgld", "sgld", _show_sgld, empty="No SGLD jobs yet.", limit=10, widths=(4, 5, 1))

@@ -249,6 +249,7 @@ def test_evaluation_page_shows_failed_jobs(env):
     assert not at.exception, [e.message for e in at.exception]
     assert any("failed" in e and "not found" in e for e in _errors(at)), _errors(at)
     assert any(ex.label == "Error and log tail" for ex in at.expander)
+    assert at.button(key=f"ev_resume_{info.id}").label == "Resume"  # evaluation jobs resume their finished chunks
 
 
 def test_figure_helpers():

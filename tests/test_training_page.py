@@ -6,7 +6,6 @@ Every test points ENERGYLENS_RUNS at its own tmp_path, so the real runs/ folder 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
