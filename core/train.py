@@ -36,6 +36,7 @@ from .attacks.base import eval_mode, is_oom_error
 from .attacks.gradient import gradient_attack
 from .data import augment as augment_batch
 from .data import dataset_spec, load_dataset, probe_indices
+from .data.loader import prefetch_batches
 from .errors import EnergyLensError, InputError
 from .losses import LossTerms, method_config, outer_loss
 from .models import ModelMeta, build_model, save_checkpoint
@@ -87,6 +88,9 @@ class TrainConfig:
     exclude_indices_file: str | None = None  # JSON list of training-set indices to leave out (Fig. 5a)
     amp: bool = False                   # bf16 autocast (CUDA only)
     channels_last: bool = False
+    compile: bool = False               # torch.compile the training forwards (eager again if compiling fails)
+    loader_workers: int = 2             # threads gathering the next batches (pinned memory on CUDA); 0 = inline
+    threads: int | None = None          # CPU threads of this process (torch.set_num_threads); None = torch's
     resume: bool = False
     name: str | None = None
 
@@ -120,6 +124,11 @@ class TrainConfig:
                 continue
             if int(v) != v or v <= 0:
                 raise InputError(f"{k.replace('_', ' ')} must be a positive integer, got {v}")
+        for k in ("loader_workers", "threads"):
+            v = getattr(self, k)
+            if v is not None and (int(v) != v or v < (1 if k == "threads" else 0) or v > 256):
+                raise InputError(f"{k.replace('_', ' ')} must be an integer in [{1 if k == 'threads' else 0}, 256], "
+                                 f"got {v}")
         if self.epochs > 10_000:
             raise InputError(f"epochs={self.epochs} is absurd (max 10000)")
         if self.schedule not in SCHEDULES:
@@ -274,8 +283,12 @@ def _allreduce_grads(model, world: int, loss: torch.Tensor | None = None) -> tor
 
 
 def _forward_loss(model, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: AttackSpec, epoch: int,
-                  generator: torch.Generator | None, amp: bool):
-    """Inner attack (eval mode), train-mode forwards and the outer loss of one (micro-)batch."""
+                  generator: torch.Generator | None, amp: bool, net=None):
+    """Inner attack (eval mode), train-mode forwards and the outer loss of one (micro-)batch.
+
+    ``net`` computes the train-mode forwards (a compiled ``model``, see :class:`CompiledForward`); the attack
+    always runs through the module itself (its BatchNorm-folded view)."""
+    net = model if net is None else net
     x_adv = None
     if lcfg.inner != "none":
         with eval_mode(model):
@@ -283,8 +296,8 @@ def _forward_loss(model, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: Att
             x_adv = gradient_attack(folded(model), xb, yb, atk_spec, lcfg.inner, None, None, generator=generator)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         need_nat = lcfg.outer == "nat" or lcfg.beta > 0 or lcfg.weighting in ("energy", "mart")
-        logits_nat = model(xb) if need_nat else None
-        logits_adv = model(x_adv) if x_adv is not None else None
+        logits_nat = net(xb) if need_nat else None
+        logits_adv = net(x_adv) if x_adv is not None else None
     wsrc = None
     if lcfg.weighting == "energy" and lcfg.weight_logits == "eval":
         with eval_mode(model), torch.no_grad():
@@ -292,7 +305,7 @@ def _forward_loss(model, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: Att
     return outer_loss(lcfg, logits_nat, logits_adv, yb, epoch=epoch, weight_source_logits=wsrc)
 
 
-def _accumulate(model, lcfg, xb, yb, atk_spec, epoch, generator, amp, micro: int) -> LossTerms:
+def _accumulate(model, lcfg, xb, yb, atk_spec, epoch, generator, amp, micro: int, net=None) -> LossTerms:
     """Forward + backward in micro-batches of ``micro`` samples, each loss scaled by its share of the
     batch, so the accumulated gradient equals that of the full-batch mean (exactly for per-sample
     losses; BatchNorm statistics and batch-normalised sample weights are per micro-batch)."""
@@ -301,7 +314,7 @@ def _accumulate(model, lcfg, xb, yb, atk_spec, epoch, generator, amp, micro: int
     terms: dict[str, float] = {}
     weights, energies = [], []
     for i in range(0, n, micro):
-        lt = _forward_loss(model, lcfg, xb[i:i + micro], yb[i:i + micro], atk_spec, epoch, generator, amp)
+        lt = _forward_loss(model, lcfg, xb[i:i + micro], yb[i:i + micro], atk_spec, epoch, generator, amp, net)
         share = int(yb[i:i + micro].shape[0]) / n
         (lt.loss * share).backward()
         total = total + lt.loss.detach().float() * share
@@ -322,9 +335,42 @@ def _accumulate(model, lcfg, xb, yb, atk_spec, epoch, generator, amp, micro: int
                      energy_nat=torch.cat(energies) if energies else None)
 
 
+class CompiledForward:
+    """``torch.compile(model)`` for the training forwards, falling back to the module itself for good if
+    compiling fails (no compiler, an unsupported model, ...): the forward is then recomputed eagerly, so
+    the step is the same and training goes on. ``note`` says what happened."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.note = "torch.compile on"
+        try:
+            self.fn = torch.compile(model)
+        except Exception as e:  # noqa: BLE001
+            self.fn = None
+            self.note = f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); eager"
+            print(f"{self.note}", file=sys.stderr, flush=True)
+
+    @property
+    def active(self) -> bool:
+        return self.fn is not None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fn is not None:
+            try:
+                return self.fn(x)
+            except Exception as e:  # noqa: BLE001
+                if is_oom_error(e):
+                    raise
+                self.fn = None
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self.note = f"torch.compile failed ({type(e).__name__}: {first[:200]}); continued eagerly"
+                print(self.note, file=sys.stderr, flush=True)
+        return self.model(x)
+
+
 def train_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: AttackSpec, *, epoch: int = 0,
                generator: torch.Generator | None = None, amp: bool = False, world: int = 1, where: str = "",
-               micro_batch: int | None = None):
+               micro_batch: int | None = None, net=None):
     """One optimisation step: inner attack (eval mode), train-mode forwards, outer loss, backward,
     gradient average over processes (``world > 1``), optimizer step. Returns the LossTerms.
 
@@ -335,10 +381,10 @@ def train_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: A
     opt.zero_grad(set_to_none=True)
     n = int(yb.shape[0])
     if micro_batch and micro_batch < n:
-        lt = _accumulate(model, lcfg, xb, yb, atk_spec, epoch, generator, amp, int(micro_batch))
+        lt = _accumulate(model, lcfg, xb, yb, atk_spec, epoch, generator, amp, int(micro_batch), net)
         backward_done = True
     else:
-        lt = _forward_loss(model, lcfg, xb, yb, atk_spec, epoch, generator, amp)
+        lt = _forward_loss(model, lcfg, xb, yb, atk_spec, epoch, generator, amp, net)
         backward_done = False
     loss_value = lt.loss.detach()
     if world > 1:  # backward first so that every process takes part in the all-reduce, then all decide alike
@@ -421,10 +467,15 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         atomic_write_json(out / "config.json", cfg.to_dict())
 
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     spec = dataset_spec(cfg.dataset)
     model = build_model(cfg.arch, train_ds.num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net = CompiledForward(model) if cfg.compile else None  # train-mode forwards only; state dicts stay the module's
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(train_ds)
     if cfg.batch_size % world:
@@ -489,18 +540,22 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         # slice (so augmentation does not depend on the number of processes); attack noise comes from a
         # per-process generator (otherwise every process would draw the same noise for its slice)
         g_atk = g if world == 1 else torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * (rank + 1))
-        for b in bar:
-            gidx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            mine = slice(rank * per_rank_bs, (rank + 1) * per_rank_bs)
+        mine = slice(rank * per_rank_bs, (rank + 1) * per_rank_bs)
+        # with augmentation every process gathers the global batch (see above); without, only its slice
+        batch_idx = [perm[b * cfg.batch_size:(b + 1) * cfg.batch_size] for b in range(steps_per_epoch)]
+        if not cfg.augment:
+            batch_idx = [bi[mine] for bi in batch_idx]
+        loader = prefetch_batches(train_ds.x, train_ds.y, batch_idx, device, workers=cfg.loader_workers)
+        for b, (xu, yu) in zip(bar, loader):
+            xb = xu.float().div_(255.0)  # exactly ImageDataset.images()
             if cfg.augment:
-                xb = augment_batch(train_ds.images(gidx, device), 4, spec.flip, generator=g)[mine]
+                xb, yb = augment_batch(xb, 4, spec.flip, generator=g)[mine], yu[mine]
             else:
-                xb = train_ds.images(gidx[mine], device)
-            yb = train_ds.labels(gidx[mine], device)
+                yb = yu
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             lt = _oom_safe_step(model, opt, lcfg, xb, yb, atk_spec, oom, epoch=epoch, generator=g_atk, amp=amp,
-                                world=world, where=f" at epoch {epoch + 1}, batch {b + 1}")
+                                world=world, where=f" at epoch {epoch + 1}, batch {b + 1}", net=net)
             sched.step()
             for k, v in lt.terms.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -514,6 +569,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
                     progress({"epoch": epoch + 1, "batch": b + 1, "fraction": frac})
             if should_stop and should_stop():
                 raise TrainingStopped("stopped on request")
+        loader.close()  # (on an exception the generator's own clean-up stops the loader threads)
         train_time = time.time() - t0
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # identical on every process
             raise TrainingStopped(f"the weights became non-finite during epoch {epoch + 1}: training stopped. "
@@ -545,6 +601,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             "nat_acc": ev["nat_acc"], "pgd_acc": ev["pgd_acc"],
             "nat_err": 1 - ev["nat_acc"], "rob_err": 1 - ev["pgd_acc"],
             "train_time": train_time, "probe_time": probe_time, "probe_size": int(len(pidx)),
+            **({"compile": net.note} if net is not None else {}),
             **{f"train_{k}": v / max(steps_per_epoch, 1) for k, v in sums.items()},
             **_stats(d_marg, "dE"), **_stats(d_joint, "dEy"),
             "E_nat_mean": float(pe["e_nat"].mean()), "E_adv_mean": float(pe["e_adv"].mean()),
