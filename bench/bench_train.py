@@ -14,7 +14,9 @@
     that epoch's time; the per-epoch PGD validation and the
     checkpoints, which the official code has too, are reported separately. Target < 5 %.
 (c) CUDA only: bf16 autocast + channels_last through ``train_step`` vs the fp32 reference loop
-    (target >= 2x); on a machine without a GPU it prints "skipped: no GPU".
+    (target >= 2x), ResNet-18 at batch 128 and 512, with the peak GPU memory of a step and the model FLOP
+    utilisation (FLOPs of a step from torch's FlopCounterMode / time / the device's dense bf16 peak); on a
+    machine without a GPU it prints "skipped: no GPU". (a) reports the achieved GFLOP/s too.
 
 Results go to bench/results/train.json (device, torch version, date included).
 """
@@ -97,10 +99,13 @@ def bench_steps(device, reps: int, batches: dict[str, int]) -> list[dict]:
         base = build_model(arch, 10).to(device)
         x, y = _batch(bs, device)
         for method in ("weat-adv", "trades"):
-            t_ours = _time_steps(_ours(copy.deepcopy(base), method, x, y), reps)
+            ours = _ours(copy.deepcopy(base), method, x, y)
+            t_ours = _time_steps(ours, reps)
+            flops = step_flops(base, x)
             t_ref = _time_steps(_reference(copy.deepcopy(base), method, x, y), reps)
             rows.append({"arch": arch, "method": method, "batch": bs, "ours_steps_per_s": 1 / t_ours,
-                         "reference_steps_per_s": 1 / t_ref, "speedup": t_ref / t_ours})
+                         "reference_steps_per_s": 1 / t_ref, "speedup": t_ref / t_ours,
+                         "ours_gflops_per_s": flops / t_ours / 1e9})
             print(f"  {arch:9s} {method:9s} batch {bs:4d}: ours {1 / t_ours:7.3f} steps/s, reference "
                   f"{1 / t_ref:7.3f} steps/s, ratio {t_ref / t_ours:.2f}x", flush=True)
     return rows
@@ -173,20 +178,54 @@ def bench_overhead(device, arch: str, n: int, probe_size: int | None) -> dict:
     return row
 
 
+# dense bf16 tensor-core peaks (TFLOP/s) for model FLOP utilisation; other devices report achieved TFLOP/s only
+PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "4090": 165.0}
+
+
+def step_flops(model, x) -> float:
+    """Model FLOPs of one TRADES / WEAT_ADV step on batch ``x``, the usual MFU convention.
+
+    F = FLOPs of one forward (torch's FlopCounterMode; it cannot follow the attack's autograd.grad, so the
+    step is composed): the KL attack's natural forward (F) + 10 steps of forward and input-gradient
+    backward (2F each) + the natural and adversarial training forwards with full backward (3F each) = 27F.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    model.train(was)
+    return float(fc.get_total_flops()) * (1 + 2 * STEPS + 2 * 3)
+
+
 def bench_amp(device, reps: int, batch: int) -> list[dict]:
     rows = []
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     for arch in ("resnet18",):
         torch.manual_seed(0)
         base = build_model(arch, 10).to(device)
-        x, y = _batch(batch, device)
-        for method in ("weat-adv", "trades"):
-            fast = copy.deepcopy(base).to(memory_format=torch.channels_last)
-            t_fast = _time_steps(_ours(fast, method, x, y, amp=True, channels_last=True), reps)
-            t_ref = _time_steps(_reference(copy.deepcopy(base), method, x, y), reps)
-            rows.append({"arch": arch, "method": method, "batch": batch, "bf16_cl_steps_per_s": 1 / t_fast,
-                         "reference_fp32_steps_per_s": 1 / t_ref, "speedup": t_ref / t_fast})
-            print(f"  {arch} {method}: bf16+channels_last {1 / t_fast:.2f} steps/s vs fp32 reference "
-                  f"{1 / t_ref:.2f} steps/s: {t_ref / t_fast:.2f}x (target >= 2x)", flush=True)
+        for bs in (batch, 512):
+            x, y = _batch(bs, device)
+            for method in ("weat-adv", "trades"):
+                fast = copy.deepcopy(base).to(memory_format=torch.channels_last)
+                step = _ours(fast, method, x, y, amp=True, channels_last=True)
+                torch.cuda.reset_peak_memory_stats(device)
+                t_fast = _time_steps(step, reps)
+                peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                flops = step_flops(base, x)
+                t_ref = _time_steps(_reference(copy.deepcopy(base), method, x, y), reps)
+                tflops = flops / t_fast / 1e12
+                rows.append({"arch": arch, "method": method, "batch": bs, "bf16_cl_steps_per_s": 1 / t_fast,
+                             "reference_fp32_steps_per_s": 1 / t_ref, "speedup": t_ref / t_fast,
+                             "peak_gpu_mem_gib": peak_mem, "achieved_tflops": tflops,
+                             "mfu": tflops / peak if peak else None})
+                print(f"  {arch} {method} batch {bs}: bf16+channels_last {1 / t_fast:.2f} steps/s vs fp32 reference "
+                      f"{1 / t_ref:.2f} steps/s: {t_ref / t_fast:.2f}x (target >= 2x); peak GPU memory "
+                      f"{peak_mem:.2f} GiB; {tflops:.1f} TFLOP/s" + (f" = MFU {tflops / peak:.1%} of {peak:.0f}"
+                                                                    if peak else ""), flush=True)
     return rows
 
 
