@@ -63,6 +63,18 @@ def paired_ratio(a: Callable[[], object], b: Callable[[], object], pairs: int = 
     return {"median": med, "q25": q1, "q75": q3}
 
 
+def bench_parser(reps: int, doc: str | None = None):
+    """argparse with the options every benchmark shares: --reps and --device (CUDA when present)."""
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return ap
+
+
 def environment() -> dict:
     import torch
 

@@ -87,10 +87,10 @@ def main() -> None:
         run_bare.last = x
         return time.perf_counter() - t0
 
-    # same maths: identical images from both
+    # same maths: the same images up to rounding (the sampler differentiates through the BatchNorm-folded view)
     run_api()
     run_bare()
-    same = torch.equal(sampler.x, run_bare.last)
+    same = float((sampler.x - run_bare.last).abs().max())
     api_t, bare_t = [], []
     for _ in range(args.reps):          # alternate, so that load changes hit both alike
         api_t.append(run_api())
@@ -106,8 +106,8 @@ def main() -> None:
          "ok": api / bare <= 1.10},
     ]
     _util.print_table(f"SGLD benchmark ({lm.meta.name}, {args.device}, {torch.get_num_threads()} thread(s), "
-                      f"median of {args.reps}; identical images: {same})", rows)
-    print("written", _util.write_result("sgld", rows, {"identical_images": same, "api_times_s": api_t,
+                      f"median of {args.reps}; max |x_api - x_bare| after {args.steps} steps: {same:.2g})", rows)
+    print("written", _util.write_result("sgld", rows, {"max_abs_image_difference": same, "api_times_s": api_t,
                                                        "bare_times_s": bare_t, "chains": n_chains,
                                                        "steps": args.steps, "eta": eta, "zeta": zeta,
                                                        "gamma": gamma, "model": lm.meta.name}))

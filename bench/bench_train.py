@@ -23,7 +23,6 @@ Results go to bench/results/train.json (device, torch version, date included).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 import time
@@ -92,12 +91,16 @@ def _reference(model, method: str, x, y):
     return step
 
 
-def bench_steps(device, reps: int, batches: dict[str, int]) -> list[dict]:
-    rows = []
+def step_setups(device, batches: dict[str, int]):
+    """(arch, batch, freshly initialised model (seed 0), images, labels) for each architecture."""
     for arch, bs in batches.items():
         torch.manual_seed(0)
-        base = build_model(arch, 10).to(device)
-        x, y = _batch(bs, device)
+        yield (arch, bs, build_model(arch, 10).to(device), *_batch(bs, device))
+
+
+def bench_steps(device, reps: int, batches: dict[str, int]) -> list[dict]:
+    rows = []
+    for arch, bs, base, x, y in step_setups(device, batches):
         for method in ("weat-adv", "trades"):
             ours = _ours(copy.deepcopy(base), method, x, y)
             t_ours = _time_steps(ours, reps)
@@ -229,18 +232,20 @@ def bench_amp(device, reps: int, batch: int) -> list[dict]:
     return rows
 
 
+def step_batches(device: torch.device, quick: bool = False) -> dict[str, int]:
+    """Batch size per architecture for step timings (ResNet-18 TRADES at 128 takes minutes per step on a CPU)."""
+    if device.type == "cuda":
+        return {"smallcnn": 128, "resnet18": 128}
+    return {"smallcnn": 32 if quick else 128, "resnet18": 4 if quick else 8}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = _util.bench_parser(3)
     ap.add_argument("--quick", action="store_true", help="smaller batches / dataset (a smoke run)")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    if gpu:
-        batches = {"smallcnn": 128, "resnet18": 128}
-    else:  # resnet18 TRADES at batch 128 takes minutes per step on a CPU
-        batches = {"smallcnn": 32 if args.quick else 128, "resnet18": 4 if args.quick else 8}
+    batches = step_batches(device, args.quick)
     extra: dict = {"settings": {"eps": EPS, "step_size": STEP, "attack_steps": STEPS, "beta": BETA,
                                 "reps": args.reps, "real_cifar": SHARED.is_file()}}
 

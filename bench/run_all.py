@@ -13,7 +13,7 @@ import sys
 
 import _util
 
-BENCHES = ["attack", "train", "sgld", "landscape", "app"]
+BENCHES = ["attack", "train", "fastpaths", "sgld", "landscape", "app"]
 
 
 def to_markdown() -> str:

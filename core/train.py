@@ -89,7 +89,8 @@ class TrainConfig:
     amp: bool = False                   # bf16 autocast (CUDA only)
     channels_last: bool = False
     compile: bool = False               # torch.compile the training forwards (eager again if compiling fails)
-    loader_workers: int = 2             # threads gathering the next batches (pinned memory on CUDA); 0 = inline
+    loader_workers: int | None = None   # threads gathering the next batches (pinned memory on CUDA); 0 = inline;
+    #                                     None: 2 on CUDA, 0 on a CPU (there they only compete with torch's threads)
     threads: int | None = None          # CPU threads of this process (torch.set_num_threads); None = torch's
     resume: bool = False
     name: str | None = None
@@ -545,7 +546,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         batch_idx = [perm[b * cfg.batch_size:(b + 1) * cfg.batch_size] for b in range(steps_per_epoch)]
         if not cfg.augment:
             batch_idx = [bi[mine] for bi in batch_idx]
-        loader = prefetch_batches(train_ds.x, train_ds.y, batch_idx, device, workers=cfg.loader_workers)
+        workers = cfg.loader_workers if cfg.loader_workers is not None else (2 if device.type == "cuda" else 0)
+        loader = prefetch_batches(train_ds.x, train_ds.y, batch_idx, device, workers=workers)
         for b, (xu, yu) in zip(bar, loader):
             xb = xu.float().div_(255.0)  # exactly ImageDataset.images()
             if cfg.augment:
