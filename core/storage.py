@@ -141,12 +141,14 @@ def sniff_format(path) -> str:
         return "html"
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
-    if head[:1] == b"\x80":  # pickle protocol marker of the legacy torch format
-        return "torch-legacy"
+    # safetensors before the pickle marker: its first byte is the low byte of the header length, which is
+    # 0x80 for one header size in 256
     if len(head) >= 9 and head[8:9] == b"{":
         n = int.from_bytes(head[:8], "little")
-        if 0 < n < 100_000_000:
+        if 0 < n < 100_000_000 and n <= path.stat().st_size - 8:
             return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol marker of the legacy torch format
+        return "torch-legacy"
     return "unknown"
 
 

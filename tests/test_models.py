@@ -209,6 +209,25 @@ HTML = b"<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title>
 SMALL_META = {"arch": "smallcnn", "num_classes": 10}
 
 
+def test_checkpoint_whose_header_length_starts_with_the_pickle_marker_byte(tmp_path):
+    """A safetensors header of length 0x..80 makes the file's first byte 0x80, the legacy-pickle marker:
+    it must still be read as safetensors (found by CI: a training run's metadata hit that length)."""
+    model = build_model("smallcnn", 10)
+    for pad in range(300):  # grow the metadata until the header length's low byte is 0x80
+        path = tmp_path / f"m{pad}.safetensors"
+        save_checkpoint(path, model, ModelMeta(arch="smallcnn", num_classes=10, dataset="digits", name="x" * pad))
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no metadata size gave a header length ending in 0x80")
+    assert storage.sniff_format(path) == "safetensors"
+    assert load_checkpoint(path).meta.name == "x" * pad
+    # a real legacy (non-zip) torch file is still recognised as such
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert storage.sniff_format(legacy) == "torch-legacy"
+
+
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.safetensors")
