@@ -131,3 +131,23 @@ def test_attacks_through_the_folded_view_match_the_module_as_it_is():
     assert abs(a.trace.marginal[0] - b.trace.marginal[0]).max() < 1e-4
     assert abs(a.trace.marginal[-1] - b.trace.marginal[-1]).mean() < 1e-2
     assert abs(a.trace.robust_accuracy() - b.trace.robust_accuracy()) <= 2 / 32
+
+
+
+def test_a_view_that_cannot_run_the_example_is_not_used(monkeypatch):
+    m = _with_bn_statistics("smallcnn", seed=4)
+    x = torch.rand(4, 3, 32, 32)
+
+    def broken_build(model):
+        entry = real_build(model)
+
+        class Broken(nn.Module):
+            def forward(self, inp):
+                raise RuntimeError("traced graph cannot run this input")
+        entry.module = Broken()
+        return entry
+
+    real_build = folding._build
+    monkeypatch.setattr(folding, "_build", broken_build)
+    with eval_mode(m):
+        assert folded(m, x) is m
