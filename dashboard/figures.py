@@ -55,12 +55,14 @@ def energy_arrows(e_nat: np.ndarray, ey_nat: np.ndarray, e_adv: np.ndarray, ey_a
     return fig
 
 
-def natural_energies(e_nat: np.ndarray, ey_nat: np.ndarray, labels: list[str],
+def natural_energies(e_nat: np.ndarray, ey_nat: np.ndarray, labels: list[str], class_order: list[str] | None = None,
                      title: str = "Natural energies of the chosen test images (the arrows start here)") -> go.Figure:
-    """The bases of Fig. 1's arrows before any attack: one point per image, coloured by class."""
+    """The bases of Fig. 1's arrows before any attack: one point per image, coloured by class (legend in
+    ``class_order``, else in order of appearance)."""
     e_nat, ey_nat = np.asarray(e_nat, dtype=float), np.asarray(ey_nat, dtype=float)
+    order = [c for c in (class_order or []) if c in set(labels)] or sorted(set(labels), key=labels.index)
     fig = go.Figure()
-    for c in sorted(set(labels), key=labels.index):
+    for c in order:
         sel = np.array([lab == c for lab in labels])
         fig.add_trace(go.Scatter(x=e_nat[sel], y=ey_nat[sel], mode="markers", name=str(c), marker=dict(size=6),
                                  hovertemplate="E(x) %{x:.2f}<br>E(x,y) %{y:.2f}"))

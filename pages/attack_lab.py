@@ -109,7 +109,7 @@ if r is None:
         if prev[0] == pkey:
             nat0 = prev[1].natural()
             st.plotly_chart(fig.natural_energies(nat0["marginal"], nat0["joint"],
-                                                 [classes[int(i)] for i in prev[1].labels]),
+                                                 [classes[int(i)] for i in prev[1].labels], class_order=classes),
                             width="stretch", config=fig.PLOT_CONFIG, key="fig_preview")
 else:
     tr: EnergyTrace = r["trace"]
