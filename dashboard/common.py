@@ -149,6 +149,53 @@ def task_panel(key: str, on_done: Callable[[Task], None]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def job_failure(where, info, what: str = "") -> None:
+    """A failed job: its first error line, and the full error with the log tail in an expander."""
+    from core import jobs
+
+    first = (info.error or "no error message").splitlines()[0]
+    where.error(f"{what + ' ' if what else ''}failed: {first}")
+    with where.expander("Error and log tail"):
+        st.code((info.error or "") + "\n\n" + (jobs.read_log_tail(info.id, 40) or "(empty log)"))
+
+
+def job_panel(job_id: str, what: str, on_done: Callable[[Any], None], *, every: float = 2.0,
+              busy: Callable[[Any], bool] | None = None) -> None:
+    """One background job: progress while it runs (polled every ``every`` s), its error and log if it
+    failed, its status if stopped, else ``on_done(job)``. ``busy(job)`` keeps polling after the job
+    itself ended (e.g. while jobs it launched still run); one full rerun follows the end of polling."""
+    from core import jobs
+
+    def running(info) -> bool:
+        return info.active or (busy is not None and busy(info))
+
+    try:
+        poll = running(jobs.get_job(job_id))
+    except EnergyLensError:
+        poll = False
+
+    @st.fragment(run_every=every if poll else None)
+    def _panel():
+        try:
+            info = jobs.get_job(job_id)
+        except EnergyLensError as e:
+            st.error(str(e))
+            return
+        if info.active:
+            st.progress(info.progress, text=f"{what} {info.id} ({info.status}): {info.message}")
+            return
+        if poll and not running(info):
+            st.rerun()  # everything ended: refresh the whole page and stop polling
+        if info.status == "failed":
+            job_failure(st, info, f"{what} {info.id}")
+        elif info.status != "done":
+            st.warning(f"{what} {info.id} is {info.status}.")
+        else:
+            on_done(info)
+
+    _panel()
+
+
 def job_list(kind: str, prefix: str, show_done: Callable[[Any, Any, Any], dict | None], *, heading: str | None = None,
              empty: str = "No jobs yet.", limit: int = 30, resumable: bool = False,
              widths: tuple[int, int, int] = (4, 4, 2)) -> list:
@@ -199,9 +246,7 @@ def job_list(kind: str, prefix: str, show_done: Callable[[Any, Any, Any], dict |
                     rows.append(row)
                 continue
             if j.status == "failed":
-                c2.error(f"failed: {(j.error or 'no error message').splitlines()[0]}")
-                with c2.expander("Error and log tail"):
-                    st.code((j.error or "") + "\n\n" + (jobs.read_log_tail(j.id, 30) or ""))
+                job_failure(c2, j)
             else:
                 c2.warning(j.status)
             if resumable and c3.button("Resume", key=f"{prefix}_resume_{j.id}", help="finished work is skipped"):

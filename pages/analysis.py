@@ -173,35 +173,16 @@ with tab_a:
         pick = st.selectbox("Experiment", ids, index=default, key="sub_pick",
                             format_func=lambda i: next(f"{j.name} — {j.status} ({j.id})" for j in exps if j.id == i))
 
-        def _experiment_active(job_id) -> bool:
+        def _children_active(info) -> bool:
+            children = (info.result or {}).get("jobs") or {}
             try:
-                info = jobs.get_job(job_id)
-                if info.active:
-                    return True
-                children = (info.result or {}).get("jobs") or {}
                 return any(jobs.get_job(c).active for c in children.values())
             except EnergyLensError:
                 return False
 
-        @st.fragment(run_every=3.0 if _experiment_active(pick) else None)
-        def _exp_panel():
-            from core import jobs
-
-            try:
-                info = jobs.get_job(pick)
-            except EnergyLensError as e:
-                st.error(str(e))
-                return
-            if info.active:
-                st.progress(info.progress, text=f"selecting subsets: {info.message}")
-                return
-            if info.status == "failed":
-                st.error(f"The subset job failed: {info.error or 'no error message'}")
-                with st.expander("Log tail"):
-                    st.code(jobs.read_log_tail(info.id, 40) or "(empty)")
-                return
-            if info.status != "done" or not info.result:
-                st.warning(f"The subset job is {info.status}.")
+        def _show_experiment(info):
+            if not info.result:
+                st.warning("The subset job finished without a result.")
                 return
             res = info.result
             rows = analysis.subset_comparison(res.get("jobs") or {})
@@ -224,6 +205,6 @@ with tab_a:
             else:
                 st.info("The retraining jobs have not finished an epoch yet.")
 
-        _exp_panel()
+        common.job_panel(pick, "Subset job", _show_experiment, every=3.0, busy=_children_active)
     else:
         st.caption("No subset experiment yet.")

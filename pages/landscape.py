@@ -124,38 +124,14 @@ common.task_panel("land_task", _on_done)
 # ---------------------------------------------------------------- background job (big models)
 job_id = st.session_state.get("land_job")
 if job_id:
-    from core import jobs
-
-    try:
-        _poll = jobs.get_job(job_id).active
-    except EnergyLensError:
-        _poll = False
-
-    @st.fragment(run_every=2.0 if _poll else None)
-    def _job_panel():
-        try:
-            info = jobs.get_job(job_id)
-        except EnergyLensError as e:
-            st.error(str(e))
-            return
-        if info.active:
-            st.progress(info.progress, text=f"job {info.id} ({info.status}): {info.message}")
-            return
-        if _poll and info.status != "done":
-            st.rerun()  # the job just ended: stop polling
-        if info.status == "failed":
-            st.error(f"Landscape job {info.id} failed: {info.error or 'no error message'}")
-            with st.expander("Log tail"):
-                st.code(jobs.read_log_tail(info.id, 40) or "(empty)")
-        elif info.status == "stopped":
-            st.warning(f"Landscape job {info.id} was stopped.")
-        elif info.status == "done" and st.session_state.get("land_job_loaded") != info.id:
+    def _load_results(info):
+        if st.session_state.get("land_job_loaded") != info.id:
             with common.guard("loading the job's results"):
                 st.session_state["land_results"] = analysis.load_landscape_results(info.run_dir)
                 st.session_state["land_job_loaded"] = info.id
                 st.rerun()
 
-    _job_panel()
+    common.job_panel(job_id, "Landscape job", _load_results)
 
 # ---------------------------------------------------------------- results
 results = st.session_state.get("land_results")

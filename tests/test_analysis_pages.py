@@ -140,6 +140,25 @@ def test_landscape_bad_inputs_show_errors(env, case):
     assert any(expect in e for e in _errors(at)), _errors(at)
 
 
+def test_landscape_background_job_progress_then_results(env):
+    """The 'background job' path: the page polls the job, then loads and draws its results once."""
+    at = _app()
+    at.switch_page("../pages/landscape.py").run()
+    ms, digits, _ = _landscape_keys(at)
+    ms.set_value(digits[:2])
+    at.number_input(key="land_n").set_value(16)
+    at.number_input(key="land_steps").set_value(2)
+    at.selectbox(key="land_mode").set_value("background job")
+    at.button(key="FormSubmitter:land_form-Compute landscape").click().run()
+    assert any("Started background job" in s.value for s in at.success)
+    job_id = at.session_state["land_job"]
+    assert _wait(at, lambda a: a.session_state["land_job_loaded"] == job_id
+                 if "land_job_loaded" in a.session_state else bool(a.exception or _errors(a)), 180)
+    assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
+    assert len(at.session_state["land_results"]) == 2
+    assert "robust acc." in _charts(at)[0].proto.spec
+
+
 def test_landscape_failed_job_shows_error_and_log(env):
     from core import jobs
 
@@ -155,7 +174,7 @@ def test_landscape_failed_job_shows_error_and_log(env):
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     assert any("failed" in e and "not found" in e for e in _errors(at)), _errors(at)
-    assert any(ex.label == "Log tail" for ex in at.expander)
+    assert any(ex.label == "Error and log tail" for ex in at.expander)
 
 
 def test_analysis_page_computes_fig5(env):
