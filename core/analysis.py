@@ -42,6 +42,7 @@ from .attacks import AttackSpec, run_attack
 from .attacks.base import eval_mode
 from .energy import joint_energy, marginal_energy
 from .errors import EnergyLensError, InputError
+from .models import device_of
 from .models.checkpoint import LoadedModel
 from .storage import atomic_write, atomic_write_json
 
@@ -62,11 +63,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def _noop(_f: float, _m: str = "") -> None:
     return None
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _model_name(lm: LoadedModel, i: int = 0) -> str:
@@ -395,7 +391,7 @@ def landscape(models: Sequence[LoadedModel], x: torch.Tensor | None = None, y: t
         def sub(f, msg="", i=i, name=name):
             progress((i + min(max(f, 0.0), 1.0)) / k, f"{name}: {msg}")
 
-        xm = x_run if _device_of(lm.model).type == "cpu" else x
+        xm = x_run if device_of(lm.model).type == "cpu" else x
         tr = run_attack(lm.model, xm, y, spec, progress=sub, num_classes=int(lm.meta.num_classes)).trace
         res = LandscapeResult(
             name=name, e_nat=tr.marginal[0].copy(), e_adv=tr.marginal[-1].copy(), ej_nat=tr.joint[0].copy(),
@@ -688,7 +684,7 @@ def _fast_layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def model_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 128, progress: Progress | None = None) -> torch.Tensor:
     """Logits of every image (eval mode, no grad), on the CPU."""
-    dev = _device_of(model)
+    dev = device_of(model)
     x = _fast_layout(x, dev)
     outs = []
     with eval_mode(model), torch.no_grad():
@@ -712,7 +708,7 @@ def sample_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: 
     if y.numel() != x.shape[0]:
         raise InputError(f"got {y.numel()} labels for {x.shape[0]} images")
     if attack is not None:
-        x = run_attack(model, _fast_layout(x, _device_of(model)), y, attack, record_trace=False,
+        x = run_attack(model, _fast_layout(x, device_of(model)), y, attack, record_trace=False,
                        progress=progress).x_adv
     return sample_stats_from_logits(model_logits(model, x, batch_size, None if attack else progress), y,
                                     adversarial=attack is not None)
@@ -972,7 +968,7 @@ def extract_features(model: nn.Module, x: torch.Tensor, *, kind: str = "penultim
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if kind == "penultimate" and not linears:
         raise InputError("this model has no nn.Linear layer to read penultimate features from; use logits")
-    dev = _device_of(model)
+    dev = device_of(model)
     x = _fast_layout(x, dev)
     calls: list[tuple[int, torch.Tensor]] = []
     handles = []

@@ -225,15 +225,15 @@ class TraceRecorder:
 
 def natural_trace(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> EnergyTrace:
     """The energies of unattacked images: an :class:`EnergyTrace` with step 0 only (eval mode, no gradients)."""
-    from .attacks.base import eval_mode  # late import: core.attacks imports this module
+    from .attacks.base import eval_mode  # late imports: core.attacks imports this module
     from .data import validate_images
+    from .models import device_of
 
     x = validate_images(x)
     y = torch.as_tensor(y).long().reshape(-1)
     if y.numel() != x.shape[0]:
         raise InputError(f"got {y.numel()} labels for {x.shape[0]} images")
-    p = next(model.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
+    device = device_of(model)
     traces = []
     with eval_mode(model), torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):

@@ -48,6 +48,7 @@ import torch
 from .attacks import AttackSpec, run_attack
 from .attacks.base import eval_mode
 from .errors import EnergyLensError, InputError
+from .models import device_of
 from .storage import atomic_write_json
 
 __all__ = ["EVAL_DEFAULTS", "resolve_config", "evaluate", "run_job", "load_partial", "results_table",
@@ -158,7 +159,7 @@ def load_partial(run_dir: str | Path) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------
 def _natural_correct(model, x, y, batch_size: int) -> torch.Tensor:
-    dev = next(model.parameters()).device
+    dev = device_of(model)
     preds = []
     with eval_mode(model), torch.no_grad():
         for i in range(0, len(x), batch_size):
@@ -188,7 +189,7 @@ def _autoattack_correct(model, x, y, cfg: dict, seed: int, on_message: Callable[
         from pyautoattack import AutoAttack
     except ImportError as e:  # pragma: no cover - installed with the project
         raise InputError("pyautoattack is not installed: disable AutoAttack or install it") from e
-    dev = next(model.parameters()).device
+    dev = device_of(model)
     version = cfg["aa_version"]
     kw = {"attacks": list(cfg["aa_attacks"])} if version == "custom" else {}
     with eval_mode(model):

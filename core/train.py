@@ -39,7 +39,7 @@ from .data import dataset_spec, load_dataset, probe_indices
 from .data.loader import prefetch_batches
 from .errors import EnergyLensError, InputError
 from .losses import LossTerms, method_config, outer_loss
-from .models import ModelMeta, build_model, save_checkpoint
+from .models import ModelMeta, build_model, device_of, save_checkpoint
 from .models.checkpoint import load_state_dict_checked
 from .models.folding import folded
 from .storage import append_jsonl, atomic_torch_save, atomic_write_json, read_jsonl, safe_torch_load
@@ -227,7 +227,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, s
         tr = run_attack(model, x, y, spec).trace
         return {"nat_acc": tr.natural_accuracy(), "pgd_acc": tr.robust_accuracy()}
     with eval_mode(model), torch.no_grad():
-        dev = next(model.parameters()).device
+        dev = device_of(model)
         pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
     acc = float((pred == y).float().mean())
     return {"nat_acc": acc, "pgd_acc": acc}

@@ -9,6 +9,7 @@ import figures as fig
 from core.attacks import ATTACKS, AttackSpec, run_attack
 from core.drift import EnergyTrace, natural_trace
 from core.energy import joint_energies, marginal_energy
+from core.models import device_of
 
 lm, meta, classes, default_eps = common.require_model("Attack Lab")
 
@@ -97,7 +98,7 @@ if r is None:
     # first run only has to attack)
     ds_prev = common.model_dataset(lm, "test")
     params = sum(p.numel() for p in lm.model.parameters())
-    on_gpu = next(lm.model.parameters()).is_cuda
+    on_gpu = device_of(lm.model).type == "cuda"
     quick = on_gpu or params * n_samples <= 1e9  # ~ a ResNet-18 on 64 images: well under a second on a CPU
     if ds_prev is not None and quick and 0 < n_samples <= min(len(ds_prev), common.MAX_INTERACTIVE_IMAGES):
         pkey = (st.session_state["model_ref"].key, lm.meta.dataset, n_samples, seed)
@@ -171,7 +172,7 @@ if up is not None:
 
         shape = tuple(meta.input_shape[1:]) if meta.input_shape else (32, 32)
         x1 = decode_image(up.getvalue(), size=shape)
-        dev = next(lm.model.parameters()).device
+        dev = device_of(lm.model)
         with torch.no_grad():
             logits = lm.model.eval()(x1.to(dev)).cpu()
         pred = int(logits.argmax(1))

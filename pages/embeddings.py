@@ -14,6 +14,7 @@ import figures as fig
 from core import analysis
 from core.attacks import AttackSpec, run_attack
 from core.errors import EnergyLensError, InputError
+from core.models import device_of
 
 lm, meta, classes, default_eps = common.require_model("Embedding explorer")
 
@@ -97,7 +98,7 @@ def _features(task, x, y, gen, adv):
     if gen is not None:
         groups["generated"] = gen
         with torch.no_grad():  # generated images have no label: use the model's prediction
-            dev = next(lm.model.parameters()).device
+            dev = device_of(lm.model)
             labels.append(torch.cat([lm.model.eval()(gen[i:i + 256].to(dev)).argmax(1).cpu()
                                      for i in range(0, len(gen), 256)]))
     allx, grp = analysis.stack_groups(groups)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
 
 import numpy as np
@@ -32,17 +31,6 @@ PLAIN_CKPT = BUNDLED_DIR / "digits-plain.safetensors"
 AA_COMPONENTS = [n for n, info in ATTACKS.items() if not info.per_step_trace]
 CASES = [(n, norm) for n, info in ATTACKS.items() for norm in info.norms]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _honour_omp_num_threads():
-    """conftest sets 2 torch threads; on a shared, loaded CPU an explicit OMP_NUM_THREADS=1 is much
-    faster (2 spinning OpenMP threads fighting other processes slow these attacks down 5-30x)."""
-    before = torch.get_num_threads()
-    want = os.environ.get("OMP_NUM_THREADS", "")
-    if want.isdigit() and int(want) >= 1:
-        torch.set_num_threads(int(want))
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- victim and data -----------------------------------------------------------------------------

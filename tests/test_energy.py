@@ -8,7 +8,6 @@ magnitude for float32 (cancellation in E(x, y) - E(x) loses that much, no more),
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -45,17 +44,6 @@ def _tol(dtype, *tensors) -> float:
     mag = max([1.0] + [float(t.double().abs().max()) for t in tensors])
     return (1e-5 if dtype == torch.float32 else 1e-10) * mag
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _honour_omp_num_threads():
-    """conftest sets 2 torch threads; on a shared, loaded CPU an explicit OMP_NUM_THREADS=1 is much
-    faster for these many tiny ops (2 spinning OpenMP threads fight the other processes)."""
-    before = torch.get_num_threads()
-    want = os.environ.get("OMP_NUM_THREADS", "")
-    if want.isdigit() and int(want) >= 1:
-        torch.set_num_threads(int(want))
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- float64 references written out by hand ---------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -18,17 +17,6 @@ from core.models import (ARCHITECTURES, ModelMeta, build_model, load_checkpoint,
                          read_metadata, save_checkpoint)
 from core.storage import StorageError, safe_torch_load
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _honour_omp_num_threads():
-    """conftest sets 2 torch threads; on a shared, loaded CPU an explicit OMP_NUM_THREADS=1 is much
-    faster (2 spinning OpenMP threads fighting other processes slow these attacks down 5-30x)."""
-    before = torch.get_num_threads()
-    want = os.environ.get("OMP_NUM_THREADS", "")
-    if want.isdigit() and int(want) >= 1:
-        torch.set_num_threads(int(want))
-    yield
-    torch.set_num_threads(before)
 
 
 def _x(n=2, size=32, seed=0):

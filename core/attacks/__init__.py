@@ -10,6 +10,7 @@ import torch
 
 from ..data import validate_images
 from ..errors import InputError
+from ..models import device_of
 from ..models.folding import folded
 from . import autoattack as _aa
 from . import gradient as _g
@@ -38,11 +39,6 @@ ATTACKS: dict[str, AttackInfo] = {
     "square": AttackInfo("Square", _aa.square, targeted=False, per_step_trace=False, max_steps=100_000,
                          description="Score-based black-box attack; 'steps' is the number of queries."),
 }
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _probe_num_classes(model: torch.nn.Module, x1: torch.Tensor) -> int:
@@ -75,7 +71,7 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
     y = torch.as_tensor(y).long().reshape(-1)
     if y.numel() != x.shape[0]:
         raise InputError(f"got {y.numel()} labels for {x.shape[0]} images")
-    device = _device_of(model)
+    device = device_of(model)
     out_device = x.device
     elapsed = timed()
     notes: list[str] = []
