@@ -188,7 +188,9 @@ def form_config() -> dict:
            "lr": float(lr), "momentum": float(momentum), "weight_decay": float(wd), "schedule": schedule,
            "eps": float(eps255) / 255, "attack_steps": int(steps), "seed": int(seed), "device": device,
            "weight_norm": wnorm, "weight_logits": wlog, "eval_steps": int(eval_steps), "eval_samples": int(eval_samples),
-           "probe_size": int(probe_size) or None, "snapshot_every": int(snap), "augment": bool(augment), "amp": bool(amp)}
+           "snapshot_every": int(snap), "augment": bool(augment), "amp": bool(amp)}
+    if probe_size:  # 0 = auto: left out, so the trainer sizes the probe set to the training set
+        cfg["probe_size"] = int(probe_size)
     if compile_:
         cfg["compile"] = True
     if float(beta) != lcfg.beta:
