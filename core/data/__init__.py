@@ -4,6 +4,8 @@
 N x C x H x W (memory-light) and handed out as float tensors in [0, 1].
 
 Datasets:
+* ``cifar10-demo``  the CIFAR-10 demo pack (:mod:`core.data.demo`): 500 real test images shipped with
+                    the project (offline), 4,585 training images rebuilt from a CIFAR-10 subset.
 * ``digits``        embedded, offline: scikit-learn's bundled 8x8 handwritten digits (1,797
                     images) upscaled to 3 x 32 x 32, fixed stratified split 1,438 / 359.
 * ``cifar10``, ``cifar100``  torchvision's python format under ``<root>/cifar-10-batches-py`` /
@@ -104,6 +106,12 @@ def _load_digits(split: str, root=None, download=False) -> ImageDataset:
     return load_digits32(split)
 
 
+def _load_demo(split: str, root=None, download=False) -> ImageDataset:
+    from .demo import load_demo
+
+    return load_demo(split, root=root, download=download)
+
+
 def _lazy(module: str, fn: str) -> Callable[..., ImageDataset]:
     def call(split: str, root=None, download=False):
         import importlib
@@ -117,6 +125,9 @@ def _lazy(module: str, fn: str) -> Callable[..., ImageDataset]:
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 DATASETS: dict[str, DatasetSpec] = {
+    "cifar10-demo": DatasetSpec("cifar10-demo", 10, (3, 32, 32), CIFAR10_CLASSES, _load_demo, offline=True,
+                                description="CIFAR-10 demo pack: 500 real test images (50 per class) shipped with the "
+                                            "project; its 4,585 training images come from the CIFAR-10 subset"),
     "digits": DatasetSpec("digits", 10, (3, 32, 32), [str(i) for i in range(10)], _load_digits,
                           default_eps=16 / 255, flip=False, offline=True,
                           description="scikit-learn 8x8 handwritten digits upscaled to 32x32 (embedded, offline)"),

@@ -1,0 +1,145 @@
+"""Build the CIFAR-10 demo pack (see core/data/demo.py and checkpoints/demo/README.md).
+
+    python scripts/build_demo_pack.py split     # checkpoints/demo/cifar10-demo-test.npz from the 5,085-image subset
+    python scripts/build_demo_pack.py pack      # copy trained runs (runs/demo-pack/) into checkpoints/, measure them
+
+The models and recorded runs are trained by the project's own CLI: scripts/build_demo_models.sh (which calls both).
+Robust models are taken from their recorded run at the epoch where the ΔE(x) phase detector (core.phase) places the
+start of phase 3 (robust overfitting), or at the last epoch when it finds none: early stopping that reads only the
+training probe set, never the test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.data import CIFAR10_CLASSES  # noqa: E402
+from core.data.demo import DEMO_TEST_FILE, _cache_clear, load_demo, load_subset, split_positions  # noqa: E402
+from core.storage import atomic_write, atomic_write_json, read_jsonl  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs" / "demo-pack"
+CKPT = REPO / "checkpoints"
+ROBUST = ("sat", "trades", "weat-adv")
+EPS, STEP = 8 / 255, 2 / 255
+
+
+def build_split() -> None:
+    x, y = load_subset()
+    pos = split_positions(y)
+    arrays = {"x": x[pos], "y": y[pos].astype(np.int64), "subset_index": pos.astype(np.int64),
+              "class_names": np.array(CIFAR10_CLASSES)}
+    atomic_write(DEMO_TEST_FILE, lambda f: np.savez_compressed(f, **arrays))
+    _cache_clear()
+    test, train = load_demo("test"), load_demo("train")
+    print(f"wrote {DEMO_TEST_FILE} ({DEMO_TEST_FILE.stat().st_size / 1e6:.2f} MB): {len(test)} test images "
+          f"({np.bincount(test.y.numpy()).tolist()} per class); {len(train)} training images remain "
+          f"({np.bincount(train.y.numpy()).tolist()} per class)")
+
+
+def _command(cfg: dict) -> str:
+    flags = []
+    for k, v in cfg.items():
+        if v is None or k in ("resume",) or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        flags.append(flag if v is True else f"{flag} {v}")
+    return "python -m core.train " + " ".join(flags)
+
+
+def _selected_epoch(run: Path) -> tuple[int, str]:
+    from core import phase
+
+    recs = read_jsonl(run / "metrics.jsonl")
+    res = phase.detect_from_metrics(recs, "dE_mean")
+    last = int(recs[-1]["epoch"])
+    if res.phase3_start is not None:
+        e = int(round(res.phase3_start))
+        return e, f"epoch {e}: start of phase 3 (robust overfitting) found by the ΔE(x) detector"
+    return last, f"epoch {last}: the last epoch (the ΔE(x) detector finds no phase 3)"
+
+
+def measure(path: Path) -> dict:
+    """Natural / PGD-10 accuracy and energy drift of a checkpoint on the 500 demo test images."""
+    from core.attacks import AttackSpec, run_attack
+    from core.models import load_checkpoint
+
+    lm = load_checkpoint(path)
+    ds = load_demo("test")
+    x, y = ds.images(), ds.labels()
+    pgd = run_attack(lm.model, x, y, AttackSpec("pgd", eps=EPS, step_size=STEP, steps=10, seed=0)).trace
+    tgt = run_attack(lm.model, x, y, AttackSpec("pgd", eps=EPS, step_size=STEP, steps=10, targeted=True,
+                                                seed=0)).trace
+    d, dt = pgd.delta_marginal(), tgt.delta_marginal()
+    return {"natural": pgd.natural_accuracy(), "pgd10": pgd.robust_accuracy(), "dE_mean": float(d.mean()),
+            "abs_dE_mean": float(np.abs(d).mean()), "share_lowered": float((d > 0).mean()),
+            "dE_targeted_mean": float(dt.mean()), "epoch": lm.meta.epoch, "method": lm.meta.method,
+            "size_mb": path.stat().st_size / 1e6}
+
+
+def build_pack() -> None:
+    import shutil
+
+    from core.models import load_checkpoint, save_checkpoint
+
+    results = {}
+    plain = RUNS / "plain" / "last.safetensors"
+    targets = []
+    if plain.is_file():
+        lm = load_checkpoint(plain)
+        lm.meta.name = "cifar10-demo-plain"
+        lm.meta.hparams["selected"] = f"epoch {lm.meta.epoch}: the last epoch"
+        targets.append(("plain", save_checkpoint(CKPT / "cifar10-demo-plain.safetensors", lm.model, lm.meta)))
+    for m in ROBUST:
+        run = RUNS / f"recorded-{m}"
+        if not (run / "metrics.jsonl").is_file():
+            print(f"skipping {m}: {run} has no metrics yet")
+            continue
+        epoch, why = _selected_epoch(run)
+        src = run / "epochs" / f"epoch_{epoch:04d}.safetensors"
+        lm = load_checkpoint(src)
+        lm.meta.name = f"cifar10-demo-{m}"
+        lm.meta.hparams["selected"] = why
+        targets.append((m, save_checkpoint(CKPT / f"cifar10-demo-{m}.safetensors", lm.model, lm.meta)))
+        dst = CKPT / "runs" / f"cifar10-demo-{m}"
+        if dst.exists():
+            shutil.rmtree(dst)
+        (dst / "probe").mkdir(parents=True)
+        cfg = __import__("json").loads((run / "config.json").read_text())
+        atomic_write_json(dst / "config.json", cfg)
+        shutil.copy2(run / "metrics.jsonl", dst / "metrics.jsonl")
+        for f in sorted((run / "probe").glob("epoch_*.npz")):
+            shutil.copy2(f, dst / "probe" / f.name)
+        (dst / "COMMAND").write_text(_command(cfg) + "\n")
+        recs = read_jsonl(run / "metrics.jsonl")
+        pgd = [r["pgd_acc"] for r in recs]
+        k = int(np.argmax(pgd))
+        results[f"run:{m}"] = {"epochs": len(recs), "peak_pgd": pgd[k], "peak_epoch": int(recs[k]["epoch"]),
+                               "end_pgd": pgd[-1], "end_nat": recs[-1]["nat_acc"], "end_dE": recs[-1]["dE_mean"],
+                               "selected": why}
+    for m, path in targets:
+        results[m] = measure(path)
+        print(m, results[m])
+    atomic_write_json(CKPT / "demo" / "results.json", results)
+    print(__import__("json").dumps(results, indent=2))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("step", choices=["split", "pack"], help="what to build")
+    args = p.parse_args(argv)
+    if args.step == "split":
+        build_split()
+    else:
+        build_pack()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
