@@ -78,6 +78,7 @@ class TrainConfig:
     eval_samples: int = 512
     probe_size: int | None = None       # default: auto_probe_size(training set) -- 3% of it, 4/class..256
     snapshot_every: int = 1
+    checkpoint_every: int = 0           # also keep epoch_XXXX.safetensors every N epochs (0 = only last/best)
     augment: bool = True
     seed: int = 0
     device: str = "auto"
@@ -119,9 +120,10 @@ class TrainConfig:
             raise InputError(f"step size must be > 0, got {self.step_size}")
         if self.beta is not None and not (self.beta >= 0):
             raise InputError(f"beta must be >= 0, got {self.beta}")
-        for k in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_samples", "probe_size", "snapshot_every"):
+        for k in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_samples", "probe_size", "snapshot_every",
+                  "checkpoint_every"):
             v = getattr(self, k)
-            if k == "probe_size" and v is None:
+            if (k == "probe_size" and v is None) or (k == "checkpoint_every" and v == 0):
                 continue
             if int(v) != v or v <= 0:
                 raise InputError(f"{k.replace('_', ' ')} must be a positive integer, got {v}")
@@ -623,6 +625,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         meta.epoch = epoch + 1
         meta.metrics = {k: rec[k] for k in ("nat_acc", "pgd_acc", "dE_mean", "dEy_mean")}
         save_checkpoint(out / "last.safetensors", model, meta)
+        if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(out / "epochs" / f"epoch_{epoch + 1:04d}.safetensors", model, meta)
         if ev["pgd_acc"] > best:
             best = ev["pgd_acc"]
             save_checkpoint(out / "best.safetensors", model, meta)

@@ -1,6 +1,7 @@
 """Classifier architectures. All take [0,1] images N x 3 x H x W and return logits N x K.
 
 * ``smallcnn``        a fast CNN for interactive CPU use (about 0.36 M parameters).
+* ``demonet``         an airbench-style CNN for small real-image sets on CPU (the CIFAR-10 demo models).
 * ``resnet18``        the CIFAR ResNet-18 (3x3 stem, no max-pool) used by the paper; state-dict
                       keys match RobustBench's ``ResNet18``.
 * ``preactresnet18``  pre-activation ResNet-18.
@@ -35,6 +36,32 @@ class SmallCNN(nn.Module):
             nn.Linear(16 * w, 128), nn.ReLU(inplace=True),
         )
         self.linear = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x))
+
+
+class DemoNet(nn.Module):
+    """A fast, accurate CNN for small real-image datasets on a CPU (the CIFAR-10 demo models).
+
+    Three blocks of conv-BN-GELU, 2x2 max-pool, conv-BN-GELU (ideas from airbench: few wide blocks, pooling
+    right after the first conv of a block, smooth activations), then global average pooling and a linear
+    head. Widths ``(w, 2w, 4w)``; about 0.29 M parameters at ``width=32``. GELU keeps input gradients smooth,
+    which helps adversarial training and SGLD sampling.
+    """
+
+    cpu_input_layout = torch.channels_last
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for w in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.GELU(), nn.MaxPool2d(2),
+                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.GELU()]
+            c_in = w
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.linear = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.features(x))
@@ -209,6 +236,7 @@ def _preact18(num_classes=10, **kw):
 
 ARCHITECTURES = {
     "smallcnn": SmallCNN,
+    "demonet": DemoNet,
     "resnet18": _resnet18,
     "preactresnet18": _preact18,
     "wideresnet": WideResNet,
