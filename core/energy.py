@@ -32,6 +32,8 @@ __all__ = [
     "trades_objective_from_energies",
     "trades_objective",
     "weat_weight",
+    "typicality",
+    "OOD_QUANTILE",
 ]
 
 
@@ -139,3 +141,29 @@ def weat_weight(logits: torch.Tensor) -> torch.Tensor:
     """
     with torch.no_grad():
         return 1.0 / F.softplus(marginal_energy(logits).abs())
+
+
+# ------------------------------------------------------------------------------------------------ typicality
+OOD_QUANTILE = 0.99
+
+
+def typicality(energy: float, reference, quantile: float = OOD_QUANTILE) -> dict:
+    """Where one image's E(x) falls among the model's own test images (the paper's reading of E(x) as
+    -log p(x) + const: high energy = unlikely for the model).
+
+    Returns ``{"energy", "percentile" (share of reference images with a lower E(x)), "threshold" (the reference's
+    ``quantile``), "out_of_distribution" (energy above the threshold), "n_reference"}``.
+    """
+    import numpy as np
+
+    ref = np.asarray(reference, dtype=float)
+    ref = ref[np.isfinite(ref)]
+    if not len(ref):
+        raise InputError("no finite reference energies to compare with")
+    if not 0 < quantile < 1:
+        raise InputError(f"quantile must lie in (0, 1), got {quantile}")
+    e = float(energy)
+    thr = float(np.quantile(ref, quantile))
+    return {"energy": e, "percentile": float((ref < e).mean()), "threshold": thr,
+            "out_of_distribution": bool(np.isfinite(e) and e > thr), "n_reference": int(len(ref)),
+            "quantile": float(quantile)}
