@@ -8,8 +8,10 @@ import numpy as np
 import streamlit as st
 
 import figures as fig
+import tour
 import training_figures as tfig
 from core import jobs, phase
+from core.recorded import list_recorded, read_recorded_metrics
 from core.data import DATASETS
 from core.errors import EnergyLensError, InputError
 from core.losses import INNERS, METHODS, OUTERS, WEIGHTINGS
@@ -17,6 +19,7 @@ from core.models import ARCHITECTURES
 from core.train import SCHEDULES, TrainConfig
 
 st.title("Training studio")
+tour.banner("training")
 st.caption("Train SAT / TRADES / MART / MAIL / WEAT models as background jobs and watch the energy gap "
            "ΔE(x) = E(x) − E(x*) of training samples: its steep fall marks robust overfitting (paper Fig. 3).")
 
@@ -43,6 +46,7 @@ job registry on disk. Plots refresh every 2 s while a run is running.
     )
 
 DATASET_DEFAULTS = {
+    "cifar10-demo": dict(arch="demonet", epochs=15, lr=0.1, batch_size=128),
     "digits": dict(arch="smallcnn", epochs=15, lr=0.1, batch_size=128),
     "cifar10": dict(arch="resnet18", epochs=100, lr=0.1, batch_size=128),
     "cifar100": dict(arch="resnet18", epochs=100, lr=0.1, batch_size=128),
@@ -93,9 +97,16 @@ c1, c2 = st.columns(2)
 method = c1.selectbox("Method", methods, index=methods.index(pre["method"]) if pre.get("method") in methods else
                       methods.index("sat"), key=f"tr_method_{ver}",
                       help="Table 1c: SAT = PGD-CE, TRADES = CE + β·KL, MART, MAIL-TRADES, WEAT (energy weights)")
+from core.data.demo import train_available  # noqa: E402
+
+default_ds = "cifar10-demo" if train_available() else "digits"  # the demo's training images may be absent (fresh clone)
 dataset = c2.selectbox("Dataset", datasets, index=datasets.index(pre["dataset"]) if pre.get("dataset") in datasets
-                       else 0, key=f"tr_dataset_{ver}",
+                       else datasets.index(default_ds), key=f"tr_dataset_{ver}",
                        format_func=lambda d: f"{d} — {DATASETS[d].description}")
+if dataset == "cifar10-demo" and not train_available():
+    st.warning("The CIFAR-10 demo's 4,585 training images are not on this machine (they are rebuilt from the 5,085-image "
+               "CIFAR-10 subset or a full CIFAR-10; see checkpoints/demo/README.md). Its recorded runs below show what "
+               "training on it looks like; to train here, choose digits or put CIFAR-10 in data/.")
 dd = dataset_defaults(dataset)
 P = pre if pre.get("dataset") == dataset else {}    # prefill only applies to the run's own dataset
 
@@ -311,8 +322,8 @@ def runs_panel() -> None:
         if sorted(j.id for j in cur if j.active) != active_ids:
             st.rerun(scope="app")          # a run started or ended: refresh everything (and stop polling)
         if not cur:
-            st.info("No training runs yet. Launch one above — the defaults train a small CNN on the embedded digits "
-                    "in well under a minute per epoch on CPU.")
+            st.info("No training runs of yours yet. Launch one above, or open a recorded run below to see Fig. 3 at "
+                    "once.")
             return
         for info in cur[:30]:
             with st.container(border=True):
@@ -335,8 +346,36 @@ def runs_panel() -> None:
 
 runs_panel()
 
+recorded = list_recorded()
+if recorded:
+    with st.expander(f"Recorded runs ({len(recorded)}): real training runs shipped with EnergyLens, read-only",
+                     expanded=not all_jobs):
+        st.caption("Made by the project's own training CLI on the CIFAR-10 demo pack (4,585 training images, the 500 "
+                   "demo test images held out), same seed and budget for every method. Open one below to see its "
+                   "Fig. 3 at once, or compare it with your own runs.")
+        for rr in recorded:
+            cfg = rr.config or {}
+            line = (f":material/history: **{rr.name}** · {cfg.get('method', '?')} · {cfg.get('dataset', '?')} · "
+                    f"{cfg.get('arch', '?')} · {cfg.get('epochs', '?')} epochs")
+            if rr.error:
+                st.markdown(line)
+                st.error(f"Cannot open this recorded run: {rr.error}")
+                continue
+            c1, c2 = st.columns([5, 1])
+            c1.markdown(line + (f"  \n`{rr.command}`" if rr.command else ""))
+            if c2.button("Open", key=f"tr_open_{rr.name}"):
+                st.session_state["tr_view_request"] = rr.id
+
+
+def run_metrics(info) -> list:
+    """Per-epoch records of a job or of a recorded run."""
+    if getattr(info, "recorded", False):
+        return read_recorded_metrics(info)
+    return jobs.read_metrics(info.id)
+
+
 # ============================================================================= live plots of one run
-viewable = [j for j in all_jobs]
+viewable = [j for j in all_jobs] + [r for r in recorded if not r.error]
 if not viewable:
     st.stop()
 st.divider()
@@ -352,8 +391,15 @@ if "tr_compare" in st.session_state:
     st.session_state["tr_compare"] = [i for i in st.session_state["tr_compare"] if i in ids]
 if st.session_state.get("tr_view") not in ids:
     st.session_state["tr_view"] = next((j.id for j in viewable if j.active), ids[0])
+def run_label(i: str) -> str:
+    info = by_id[i]
+    if getattr(info, "recorded", False):
+        return f"{info.name} (recorded run, {(info.config or {}).get('method', '?')})"
+    return f"{info.name} ({(info.config or {}).get('method', '?')}, {i})"
+
+
 view_id = st.selectbox("Run", ids, key="tr_view",   # no status in the label: a keyed widget keeps its old labels
-                       format_func=lambda i: f"{by_id[i].name} ({(by_id[i].config or {}).get('method', '?')}, {i})")
+                       format_func=run_label)
 v1, v2, v3 = st.columns([2, 1, 1])
 smooth_w = v1.slider("Smoothing (display only; the raw line stays faint)", 0.0, 0.95, 0.0, 0.05, key="tr_smooth")
 stat = v2.radio("Statistic over the probe set", ["mean", "median"], horizontal=True, key="tr_stat")
@@ -462,10 +508,10 @@ def weights_block(info, recs) -> None:
 @st.fragment(run_every=2.0 if by_id[view_id].active else None)
 def live_view(job_id: str, was_active: bool) -> None:
     with common.guard("drawing the run"):
-        info = jobs.get_job(job_id)
+        info = by_id[job_id] if getattr(by_id[job_id], "recorded", False) else jobs.get_job(job_id)
         if was_active and not info.active:
             st.rerun(scope="app")
-        recs = jobs.read_metrics(job_id)
+        recs = run_metrics(info)
         if info.active:
             st.progress(max(0.0, min(1.0, float(info.progress or 0))), text=f"{info.status}: {info.message}")
         if not recs:
@@ -480,8 +526,12 @@ def live_view(job_id: str, was_active: bool) -> None:
         st.markdown("##### WEAT weights")
         with common.guard("drawing the weights"):
             weights_block(info, recs)
-        with st.expander("Log tail"):
-            st.code(jobs.read_log_tail(job_id, 30) or "(empty log)")
+        if getattr(info, "recorded", False):
+            with st.expander("The command that made this run"):
+                st.code(info.command or "(no COMMAND file)", language="bash")
+        else:
+            with st.expander("Log tail"):
+                st.code(jobs.read_log_tail(job_id, 30) or "(empty log)")
         st.download_button("Download metrics (JSON lines)", "".join(json.dumps(r) + "\n" for r in recs),
                            file_name=f"{job_id}_metrics.jsonl", mime="application/json", key="tr_dl_metrics")
 
@@ -491,10 +541,11 @@ live_view(view_id, by_id[view_id].active)
 # ============================================================================= comparison
 st.divider()
 st.subheader("Compare runs (Table 2a)")
-default_cmp = [j.id for j in viewable if j.status == "done"][:4] or ids[:2]
+default_cmp = ([j.id for j in viewable if j.status == "done"][:4]
+               or [r.id for r in recorded if not r.error][:4] or ids[:2])
 chosen = st.multiselect("Runs to compare", ids, key="tr_compare",
                         default=None if "tr_compare" in st.session_state else [i for i in default_cmp if i in ids],
-                        format_func=lambda i: f"{by_id[i].name} ({(by_id[i].config or {}).get('method', '?')}, {i})")
+                        format_func=run_label)
 
 
 @st.fragment(run_every=2.0 if any(by_id[i].active for i in chosen) else None)
@@ -506,7 +557,7 @@ def compare_view(chosen_ids: list) -> None:
         curves, marks, rows = {}, {}, []
         for i in chosen_ids:
             info = by_id[i]
-            recs = jobs.read_metrics(i)
+            recs = run_metrics(info)
             if not recs:
                 continue
             method = (info.config or {}).get("method", "?")

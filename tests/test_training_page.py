@@ -25,6 +25,9 @@ def runs(tmp_path, monkeypatch):
     monkeypatch.setenv("ENERGYLENS_RUNS", str(d))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("ENERGYLENS_EXTRA_KINDS", raising=False)
+    # the form's default dataset is the CIFAR-10 demo where its training images exist, digits elsewhere (a fresh
+    # clone); these tests run the fast digits path everywhere (test_demo_dataset_is_the_default_where_available)
+    monkeypatch.setenv("ENERGYLENS_CIFAR10_SUBSET", str(tmp_path / "no-subset.npz"))
     import streamlit as st
 
     st.cache_data.clear()
@@ -78,13 +81,30 @@ def launch_button(at):
 def test_page_renders_without_runs(runs):
     at = open_page()
     assert any("Training studio" in t.value for t in at.title)
-    assert any("No training runs yet" in i.value for i in at.info)
+    assert any("No training runs of yours yet" in i.value for i in at.info)
     assert not at.error
     assert not runs.exists() or not any(p.is_dir() for p in runs.iterdir())
     # dataset-dependent defaults (digits: smallcnn, 16/255, 15 epochs)
     keys = {n.key.split("_")[1]: n.value for n in at.number_input}
     assert keys["eps"] == 16.0 and keys["epochs"] == 15
     assert next(s for s in at.selectbox if s.key.startswith("tr_arch_")).value == "smallcnn"
+
+
+def test_demo_dataset_is_the_default_where_available(runs, monkeypatch, cifar_subset):
+    monkeypatch.setenv("ENERGYLENS_CIFAR10_SUBSET", str(REPO.parent / "shared" / "data" / "cifar10_train_subset.npz"))
+    at = open_page()
+    assert next(s for s in at.selectbox if s.key.startswith("tr_dataset_")).value == "cifar10-demo"
+    assert next(s for s in at.selectbox if s.key.startswith("tr_arch_")).value == "demonet"
+    keys = {n.key.split("_")[1]: n.value for n in at.number_input}
+    assert keys["eps"] == 8.0
+    assert not [w.value for w in at.warning if "demo's 4,585 training images" in w.value]
+
+
+def test_demo_without_training_images_says_so(runs):
+    at = open_page()
+    next(s for s in at.selectbox if s.key.startswith("tr_dataset_")).select("cifar10-demo").run()
+    no_crash(at)
+    assert any("training images are not on this machine" in w.value for w in at.warning), [w.value for w in at.warning]
 
 
 @pytest.mark.parametrize("field,value,needle", [
