@@ -261,6 +261,20 @@ def job_list(kind: str, prefix: str, show_done: Callable[[Any, Any, Any], dict |
 
 
 # ---------------------------------------------------------------------------------------------
+def widget_default(key: str, value: Any, scope: Any = None) -> None:
+    """Give the widget ``key`` its default through session state (create the widget without ``value=``).
+
+    A value already there is kept (the user's, or one the guided tour set), unless the default's ``scope`` (e.g.
+    the model's dataset, for a dataset-dependent ε) changed since the default was last applied."""
+    marker = f"_default_scope_{key}"
+    if key not in st.session_state:
+        st.session_state[key] = value
+    elif scope is not None and marker in st.session_state and st.session_state[marker] != scope:
+        st.session_state[key] = value
+    st.session_state[marker] = scope
+
+
+# ---------------------------------------------------------------------------------------------
 def resolve_device(choice: str) -> str:
     import torch
 
@@ -281,6 +295,30 @@ def load_dataset_cached(name: str, split: str):
     from core.data import load_dataset
 
     return load_dataset(name, split)
+
+
+def load_ref(ref):
+    """A LoadedModel for ``ref`` through the shared cache (raises EnergyLensError)."""
+    device = resolve_device(st.session_state.get("device", "auto"))
+    mtime = 0.0
+    if ref.path:
+        p = Path(ref.path)
+        mtime = p.stat().st_mtime if p.exists() else -1.0
+    return _load_model_cached(ref.key, ref, device, bool(st.session_state.get("allow_download", False)), mtime)
+
+
+def comparable_models(meta) -> list:
+    """Bundled and local checkpoints on the same dataset as ``meta`` (other than it): [(ref, meta)]."""
+    from core.models.registry import list_bundled, list_local
+
+    out = []
+    for lister in (list_bundled, list_local):
+        try:
+            entries = lister()
+        except Exception:  # noqa: BLE001 - an unreadable folder only hides its models
+            continue
+        out += [(r, m) for r, m, err in entries if m is not None and m.dataset == meta.dataset and r.name != meta.name]
+    return out
 
 
 def current_model():
@@ -304,15 +342,42 @@ def current_model():
     return None
 
 
-def model_dataset(lm, split: str = "test"):
-    """The model's dataset split, or None with instructions when it is not available."""
+def model_dataset(lm, split: str = "test", quiet: bool = False):
+    """The model's dataset split, or None (with instructions unless ``quiet``) when it is not available."""
     name = lm.meta.dataset
     try:
         return load_dataset_cached(name, split)
     except EnergyLensError as e:
-        st.warning(f"The {split} images of dataset '{name}' are not available: {e}  "
-                   "You can still upload your own images.")
+        if not quiet:
+            st.warning(f"The {split} images of dataset '{name}' are not available: {e}  "
+                       "You can still upload your own images.")
     return None
+
+
+@st.cache_data(show_spinner="Computing the test images' energies...", max_entries=8)
+def _test_energies_cached(ref_key: str, _lm, dataset: str, n: int):
+    import torch
+
+    from core.drift import natural_trace
+
+    ds = load_dataset_cached(dataset, "test")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
+    return natural_trace(_lm.model, ds.images(idx), ds.labels(idx)).marginal[0]
+
+
+def test_energies(lm, n: int | None = None):
+    """E(x) of (up to ``n``) test images of the model's dataset -- the reference for the out-of-distribution hint --
+    or None when the test split is not available. By default n is 2,000 for small models and fewer (down to 200) for
+    big ones, so the reference costs a few seconds at most on a CPU."""
+    ref = st.session_state.get("model_ref")
+    if n is None:
+        params = sum(p.numel() for p in lm.model.parameters())
+        n = int(min(2000, max(200, 1e10 / max(params, 1))))
+    try:
+        load_dataset_cached(lm.meta.dataset, "test")
+    except EnergyLensError:
+        return None
+    return _test_energies_cached(getattr(ref, "key", lm.meta.name), lm, lm.meta.dataset, n)
 
 
 MAX_INTERACTIVE_IMAGES = 5000
@@ -334,8 +399,34 @@ def require_split(lm, split: str, n: int):
     return ds
 
 
+def demo_pack_problem() -> str | None:
+    """Why the CIFAR-10 demo pack cannot be used here (missing or corrupt file), or None when it is fine."""
+    from core.data.demo import DEMO_TEST_FILE, load_demo
+
+    try:
+        load_demo("test")
+    except EnergyLensError as e:
+        return f"The CIFAR-10 demo images ({DEMO_TEST_FILE}) cannot be used: {e}"
+    return None
+
+
+def _default_bundled(good, problem: str | None) -> int:
+    """Index of the model the app opens on: the non-robust CIFAR-10 demo model, else the digits one."""
+    from core.models.registry import DEFAULT_MODEL, FALLBACK_MODEL
+
+    names = [r.name for r, _ in good]
+    for want in ([] if problem else [DEFAULT_MODEL]) + [FALLBACK_MODEL]:
+        if want in names:
+            return names.index(want)
+    return 0
+
+
 def model_picker() -> None:
-    """Sidebar: source, model, device. Stores a ModelRef in st.session_state['model_ref']."""
+    """Sidebar: source, model, device. Stores a ModelRef in st.session_state['model_ref'].
+
+    Opens on the non-robust CIFAR-10 demo model; when the demo pack is missing or corrupt it says so and opens on
+    the digits model instead. The checkpoint widget's value is the model *name* (stable across reruns and settable
+    by the guided tour)."""
     from core.models.registry import ModelRef, list_bundled, list_local
 
     sb = st.sidebar
@@ -344,17 +435,30 @@ def model_picker() -> None:
                       horizontal=False, label_visibility="collapsed")
     ref = None
     if source in ("Bundled", "Local checkpoints"):
-        entries = list_bundled() if source == "Bundled" else list_local()
+        try:
+            entries = list_bundled() if source == "Bundled" else list_local()
+        except Exception as e:  # noqa: BLE001 - no file may break the picker
+            log.error("listing checkpoints failed\n%s", traceback.format_exc())
+            sb.error(f"Cannot list the checkpoints: {type(e).__name__}: {e}")
+            entries = []
         good = [(r, m) for r, m, err in entries if m is not None]
         bad = [(r, err) for r, m, err in entries if m is None]
+        problem = demo_pack_problem() if source == "Bundled" else None
+        if problem:
+            sb.warning(f"{problem} The app opened on the digits model instead.")
         if not good:
             sb.info("No checkpoints here yet." + (" Train one on the Training page." if source != "Bundled" else ""))
         else:
-            labels = [f"{r.name} ({m.method}, {m.dataset})" for r, m in good]
-            i = sb.selectbox("Checkpoint", range(len(good)), format_func=lambda k: labels[k], key=f"pick-{source}")
-            ref = good[i][0]
+            by_name = {r.name: (r, m) for r, m in good}
+            names = list(by_name)
+            key = f"pick-{source}"
+            if st.session_state.get(key) not in by_name:
+                st.session_state[key] = names[_default_bundled(good, problem) if source == "Bundled" else 0]
+            name = sb.selectbox("Checkpoint", names, key=key,
+                                format_func=lambda n: f"{n} ({by_name[n][1].method}, {by_name[n][1].dataset})")
+            ref = by_name[name][0]
         for r, err in bad:
-            sb.caption(f"⚠ skipped {Path(r.path).name} (unreadable): {err}")
+            sb.caption(f":material/warning: skipped {Path(r.path).name} (unreadable): {err}")
     else:
         from core import zoo
 

@@ -15,9 +15,11 @@ PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "
 
 
 def energy_arrows(e_nat: np.ndarray, ey_nat: np.ndarray, e_adv: np.ndarray, ey_adv: np.ndarray,
-                  title: str = "Energy drift: natural → adversarial", max_arrows: int = 2000, labels=None) -> go.Figure:
+                  title: str = "Energy drift: natural → adversarial", max_arrows: int = 2000, labels=None,
+                  x_range: tuple[float, float] | None = None, y_range: tuple[float, float] | None = None) -> go.Figure:
     """Fig. 1 b-d: arrows in the (E(x), E(x,y)) plane, base natural, tip adversarial, coloured by
-    drift length; dashed line E(x,y) = E(x) is zero cross-entropy (points live above it)."""
+    drift length; dashed line E(x,y) = E(x) is zero cross-entropy (points live above it).
+    ``x_range`` / ``y_range`` fix the axes (side-by-side views share them)."""
     n = min(len(e_nat), max_arrows)
     e_nat, ey_nat, e_adv, ey_adv = (np.asarray(a[:n], dtype=float) for a in (e_nat, ey_nat, e_adv, ey_adv))
     length = np.hypot(e_adv - e_nat, ey_adv - ey_nat)
@@ -52,7 +54,22 @@ def energy_arrows(e_nat: np.ndarray, ey_nat: np.ndarray, e_adv: np.ndarray, ey_a
                                  line=dict(color="black", dash="dash", width=1)))
     fig.update_layout(title=title, xaxis_title="marginal energy E(x)", yaxis_title="joint energy E(x, y)",
                       height=480, margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.15))
+    if x_range is not None:
+        fig.update_xaxes(range=list(x_range))
+    if y_range is not None:
+        fig.update_yaxes(range=list(y_range))
     return fig
+
+
+def shared_range(*arrays, pad: float = 0.05) -> tuple[float, float]:
+    """One axis range covering every finite value of the arrays (with a small margin)."""
+    vals = np.concatenate([np.asarray(a, float).ravel() for a in arrays]) if arrays else np.array([])
+    vals = vals[np.isfinite(vals)]
+    if not len(vals):
+        return (0.0, 1.0)
+    lo, hi = float(vals.min()), float(vals.max())
+    m = pad * (hi - lo + 1e-6)
+    return (lo - m, hi + m)
 
 
 def natural_energies(e_nat: np.ndarray, ey_nat: np.ndarray, labels: list[str], class_order: list[str] | None = None,
@@ -93,20 +110,26 @@ def step_curve(series: dict[str, dict[str, np.ndarray]], energy: str = "E(x)") -
     return fig
 
 
-def energy_histograms(nat: dict[str, np.ndarray], adv: dict[str, np.ndarray], bins: int = 40) -> go.Figure:
-    """Fig. 2: natural vs adversarial distributions of E(x) (left) and E(x, y) (right)."""
+def energy_histograms(nat: dict[str, np.ndarray], adv: dict[str, np.ndarray], bins: int = 40,
+                      ranges: dict[str, tuple[float, float]] | None = None, title: str | None = None) -> go.Figure:
+    """Fig. 2: natural vs adversarial distributions of E(x) (left) and E(x, y) (right). ``ranges`` (per
+    'marginal' / 'joint') fixes bins and axes, so side-by-side views are comparable."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("marginal energy E(x)", "joint energy E(x, y)"))
     for col, key in ((1, "marginal"), (2, "joint")):
         a, b = np.asarray(nat[key], float), np.asarray(adv[key], float)
-        lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
+        if ranges and key in ranges:
+            lo, hi = (float(v) for v in ranges[key])
+            fig.update_xaxes(range=[lo, hi], row=1, col=col)
+        else:
+            lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
         size = (hi - lo) / bins if hi > lo else 1.0
         xb = dict(start=lo, end=hi + size, size=size)
         fig.add_trace(go.Histogram(x=a, name="natural", marker_color=NAT_COLOR, opacity=0.6, xbins=xb,
                                    legendgroup="nat", showlegend=col == 1), row=1, col=col)
         fig.add_trace(go.Histogram(x=b, name="adversarial", marker_color=ADV_COLOR, opacity=0.6, xbins=xb,
                                    legendgroup="adv", showlegend=col == 1), row=1, col=col)
-    fig.update_layout(barmode="overlay", height=360, margin=dict(l=10, r=10, t=50, b=10),
-                      legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(barmode="overlay", height=360, margin=dict(l=10, r=10, t=70 if title else 50, b=10),
+                      legend=dict(orientation="h", y=-0.2), title=title)
     fig.update_yaxes(title_text="count", row=1, col=1)
     return fig
 

@@ -6,12 +6,20 @@ import streamlit as st
 import torch
 
 import figures as fig
+import persist
+import tour
 from core.attacks import ATTACKS, AttackSpec, run_attack
+from core.claims import marginal_claim
 from core.drift import EnergyTrace, natural_trace
-from core.energy import joint_energies, marginal_energy
+from core.energy import joint_energies, marginal_energy, typicality
 from core.models import device_of
 
 lm, meta, classes, default_eps = common.require_model("Attack Lab")
+tour.banner("attack")
+restored = persist.restore("attack")  # the last result of this browser session survives a page reload
+if restored is not None and "atk_result" not in st.session_state:
+    with common.guard("restoring the last result"):
+        st.session_state["atk_result"], st.session_state["atk_history"] = persist.unpack_attack(*restored)
 
 with st.expander("What am I looking at?", expanded=False):
     st.markdown(
@@ -20,33 +28,54 @@ Every image $x$ gets two energies from the logits $f(x)$: the **marginal** $E(x)
 **joint** $E(x,y) = -f(x)[y]$ for its true label. Their difference is the cross-entropy, so all points lie above the
 dashed line $E(x,y) = E(x)$ (zero loss).
 
-* **Arrows (Fig. 1):** base = natural image, tip = adversarial image. Untargeted PGD moves points *left* (lower
-  $E(x)$: "more likely" for the model) and *up* (higher $E(x,y)$: less likely to be the true class). Targeted attacks
-  move $E(x)$ to the right instead. Robust models bend energies much less: the arrows are short.
+* **Arrows (Fig. 1):** base = natural image, tip = adversarial image. The paper reports that on non-robust models
+  untargeted PGD moves points *left* (lower $E(x)$: "more likely" for the model) and *up* (higher $E(x,y)$: less
+  likely to be the true class), that targeted attacks move $E(x)$ to the right instead, and that robust models bend
+  energies much less. The line under the arrows checks this claim on the model and images on screen.
 * **Step curve (Fig. 1a):** mean $E(x)$ along the attack steps.
 * **Histograms (Fig. 2):** the natural and adversarial energy distributions.
 """
     )
 
 # ---------------------------------------------------------------- controls
+others = common.comparable_models(meta)
+cmp_cols = st.columns([1, 2])
+compare = cmp_cols[0].toggle("Side by side with a second model", key="atk_compare", disabled=not others,
+                             help="The same images and attack on a second model of the same dataset, on shared axes "
+                                  "(e.g. the plain model next to the SAT model).")
+ref_b = None
+if compare and others:
+    by_b = {r.name: r for r, _ in others}
+    meta_b = {r.name: m for r, m in others}
+    if st.session_state.get("atk_model_b") not in by_b:  # default: the first robust one (e.g. SAT next to plain)
+        robust = [n for n, m in meta_b.items() if m.method not in ("plain", "unknown")]
+        st.session_state["atk_model_b"] = robust[0] if robust else next(iter(by_b))
+    name_b = cmp_cols[1].selectbox("Second model", list(by_b), key="atk_model_b",
+                                   format_func=lambda n: f"{n} ({meta_b[n].method})")
+    ref_b = by_b[name_b]
 names = list(ATTACKS)
+# defaults live in session state (the guided tour sets the same keys); ε follows the model's dataset
+common.widget_default("atk_eps255", round(default_eps * 255, 2), scope=meta.dataset)
+for k, v in {"atk_name": "pgd", "atk_norm": "Linf", "atk_eps_l2": 0.5, "atk_steps": 10, "atk_auto_step": True,
+             "atk_step": 2 / 255, "atk_n": 64, "atk_seed": 0, "atk_targeted": False, "atk_tmode": "random"}.items():
+    common.widget_default(k, v)
 with st.form("attack_form"):
     c1, c2, c3, c4 = st.columns(4)
     name = c1.selectbox("Attack", names, format_func=lambda k: ATTACKS[k].label, key="atk_name")
     norm = c2.selectbox("Norm", ["Linf", "L2"], key="atk_norm")
     if norm == "Linf":
-        eps255 = c3.number_input("ε (× 1/255)", value=round(default_eps * 255, 2), step=1.0, key="atk_eps255")
+        eps255 = c3.number_input("ε (× 1/255)", step=1.0, key="atk_eps255")
         eps = float(eps255) / 255
     else:
-        eps = float(c3.number_input("ε (L2)", value=0.5, step=0.1, key="atk_eps_l2"))
-    steps = int(c4.number_input("Steps (Square: queries)", value=10, step=1, key="atk_steps"))
+        eps = float(c3.number_input("ε (L2)", step=0.1, key="atk_eps_l2"))
+    steps = int(c4.number_input("Steps (Square: queries)", step=1, key="atk_steps"))
     c5, c6, c7, c8 = st.columns(4)
-    auto_step = c5.checkbox("Auto step size (2.5·ε/steps)", value=True, key="atk_auto_step")
-    step_size = None if auto_step else float(c6.number_input("Step size", value=2 / 255, format="%.5f", key="atk_step"))
-    n_samples = int(c7.number_input("Number of test images", value=64, step=16, key="atk_n"))
-    seed = int(c8.number_input("Seed", value=0, step=1, key="atk_seed"))
+    auto_step = c5.checkbox("Auto step size (2.5·ε/steps)", key="atk_auto_step")
+    step_size = None if auto_step else float(c6.number_input("Step size", format="%.5f", key="atk_step"))
+    n_samples = int(c7.number_input("Number of test images", step=16, key="atk_n"))
+    seed = int(c8.number_input("Seed", step=1, key="atk_seed"))
     c9, c10, c11 = st.columns(3)
-    targeted = c9.checkbox("Targeted", value=False, key="atk_targeted",
+    targeted = c9.checkbox("Targeted", key="atk_targeted",
                            help="PGD and CW only; APGD-T and FAB-T choose their targets themselves")
     tmode = c10.selectbox("Target", ["random", "chosen", "least-likely"], key="atk_tmode")
     tclass = c11.selectbox("Target class (for 'chosen')", range(len(classes)), format_func=lambda i: classes[i],
@@ -62,11 +91,22 @@ def chosen_images(ds, n: int, seed: int):
     return ds.images(idx), ds.labels(idx)
 
 
-def attack_job(task, x, y, spec, model_name):
-    res = run_attack(lm.model, x, y, spec, progress=task.progress)
+def attack_job(task, x, y, spec, model_name, lm_b=None):
+    share = 0.5 if lm_b is not None else 1.0
+    res = run_attack(lm.model, x, y, spec, progress=lambda f, m: task.progress(f * share, m))
     keep = min(16, len(x))
-    return {"trace": res.trace, "spec": spec, "model": model_name, "seconds": res.seconds,
-            "x": x[:keep].cpu().numpy(), "x_adv": res.x_adv[:keep].cpu().numpy(), "notes": res.notes}
+    out = {"trace": res.trace, "spec": spec, "model": model_name, "seconds": res.seconds,
+           "x": x[:keep].cpu().numpy(), "x_adv": res.x_adv[:keep].cpu().numpy(), "notes": res.notes}
+    if lm_b is not None:
+        rb = run_attack(lm_b.model, x, y, spec, progress=lambda f, m: task.progress(0.5 + 0.5 * f, f"{lm_b.meta.name}: {m}"))
+        out["b"] = {"trace": rb.trace, "model": lm_b.meta.name, "method": lm_b.meta.method, "seconds": rb.seconds,
+                    "x_adv": rb.x_adv[:keep].cpu().numpy(), "notes": rb.notes}
+    return out
+
+
+def run_label(model_name: str, s: AttackSpec) -> str:
+    eps = f"{s.eps * 255:.3g}/255" if s.norm == "Linf" else f"{s.eps:.3g}"
+    return f"{model_name} · {ATTACKS[s.name].label}{' targeted' if s.targeted else ''} ε={eps}"
 
 
 def on_done(task):
@@ -74,9 +114,14 @@ def on_done(task):
     st.session_state["atk_result"] = r
     hist = st.session_state.setdefault("atk_history", {})
     s = r["spec"]
-    hist[f"{r['model']} · {ATTACKS[s.name].label} ε={s.eps:.4g} ({len(hist) + 1})"] = r["trace"].step_statistics("marginal")
+    hist[f"{run_label(r['model'], s)} ({len(hist) + 1})"] = r["trace"].step_statistics("marginal")
+    if "b" in r:
+        hist[f"{run_label(r['b']['model'], s)} ({len(hist) + 1})"] = r["b"]["trace"].step_statistics("marginal")
+    persist.keep("attack", *persist.pack_attack(r, hist))
 
 
+if st.session_state.pop("atk_autorun", False):  # set by the guided tour: run with the widgets it set
+    submitted = True
 if submitted:
     with common.guard("starting the attack"):
         ds = common.require_split(lm, "test", n_samples)
@@ -84,18 +129,21 @@ if submitted:
                           target_mode=tmode, target_class=int(tclass), seed=seed, batch_size=256)
         spec.validate(meta.num_classes)
         x, y = chosen_images(ds, n_samples, seed)
-        task = common.start_task("atk_task", f"{ATTACKS[name].label} on {n_samples} images",
-                                 lambda t: attack_job(t, x, y, spec, meta.name))
+        lm_b = common.load_ref(ref_b) if ref_b is not None else None
+        what = f"{ATTACKS[name].label} on {n_samples} images" + (f", two models" if lm_b is not None else "")
+        task = common.start_task("atk_task", what, lambda t: attack_job(t, x, y, spec, meta.name, lm_b))
         common.wait_briefly(task, 1.5)
 
 common.task_panel("atk_task", on_done)
 
 # ---------------------------------------------------------------- results
 r = st.session_state.get("atk_result")
-if r is None:
+atk_task = st.session_state.get("atk_task")
+attacking = isinstance(atk_task, common.Task) and not atk_task.done
+if r is None and not attacking:
     st.info("Set the attack and press **Run attack**. The defaults run PGD-10 on 64 test images in about a second on CPU.")
     # before any attack: where the chosen images start (this also loads the data and the chart library, so the
-    # first run only has to attack)
+    # first run only has to attack). Not while an attack runs: two threads computing at once only slow both down.
     ds_prev = common.model_dataset(lm, "test")
     params = sum(p.numel() for p in lm.model.parameters())
     on_gpu = device_of(lm.model).type == "cuda"
@@ -112,50 +160,78 @@ if r is None:
             st.plotly_chart(fig.natural_energies(nat0["marginal"], nat0["joint"],
                                                  [classes[int(i)] for i in prev[1].labels], class_order=classes),
                             width="stretch", config=fig.PLOT_CONFIG, key="fig_preview")
-else:
-    tr: EnergyTrace = r["trace"]
+elif r is not None:
     s = r["spec"]
-    st.subheader(f"{ATTACKS[s.name].label}, {s.norm} ε = {s.eps:.4g}"
-                 + (f" ({s.eps * 255:.1f}/255)" if s.norm == "Linf" else "") + f", {s.steps} steps — {r['model']}")
-    m1, m2, m3, m4 = st.columns(4)
-    m1.metric("Natural accuracy", f"{tr.natural_accuracy():.1%}")
-    m2.metric("Robust accuracy", f"{tr.robust_accuracy():.1%}",
-              delta=f"{tr.robust_accuracy() - tr.natural_accuracy():+.1%}")
-    m3.metric("mean ΔE(x) = E(x) − E(x*)", f"{tr.delta_marginal().mean():+.3f}")
-    ts = tr.target_success()
-    m4.metric("Target reached" if ts is not None else "mean ΔE(x,y)",
-              f"{ts:.1%}" if ts is not None else f"{tr.delta_joint().mean():+.3f}")
-    for note in r.get("notes") or []:
-        st.warning(note)
-    st.caption(f"{tr.n_samples} images in {r['seconds']:.2f} s.")
+    tr: EnergyTrace = r["trace"]
+    b = r.get("b")
+    eps_txt = f" ({s.eps * 255:.1f}/255)" if s.norm == "Linf" else ""
+    st.subheader(f"{ATTACKS[s.name].label}{' (targeted)' if s.targeted else ''}, {s.norm} ε = {s.eps:.4g}{eps_txt}, "
+                 f"{s.steps} steps — {r['model']}" + (f" and {b['model']}" if b else ""))
+    runs = [(r["model"], tr, r["seconds"], r.get("notes") or [], r["x_adv"])]
+    if b:
+        runs.append((b["model"], b["trace"], b["seconds"], b.get("notes") or [], b["x_adv"]))
+    # one axis range for every view of this result (side by side views are comparable)
+    xr = fig.shared_range(*[t.marginal[[0, -1]] for _, t, *_ in runs])
+    yr = fig.shared_range(*[t.joint[[0, -1]] for _, t, *_ in runs])
+    both = fig.shared_range(xr, yr)
+    cols = st.columns(len(runs))
+    for col, (model_name, t, secs, notes, _) in zip(cols, runs):
+        with col:
+            if b:
+                st.markdown(f"**{model_name}**")
+            m1, m2, m3, m4 = st.columns(4)
+            m1.metric("Natural accuracy", f"{t.natural_accuracy():.1%}")
+            m2.metric("Robust accuracy", f"{t.robust_accuracy():.1%}",
+                      delta=f"{t.robust_accuracy() - t.natural_accuracy():+.1%}")
+            m3.metric("mean ΔE(x) = E(x) − E(x*)", f"{t.delta_marginal().mean():+.3f}")
+            ts = t.target_success()
+            m4.metric("Target reached" if ts is not None else "mean ΔE(x,y)",
+                      f"{ts:.1%}" if ts is not None else f"{t.delta_joint().mean():+.3f}")
+            claim = marginal_claim(t, label=ATTACKS[s.name].label + (" (targeted)" if s.targeted else ""))
+            (st.success if claim.holds else st.info if claim.holds is None else st.warning)(claim.text)
+            for note in notes:
+                st.warning(note)
+            st.caption(f"{t.n_samples} images in {secs:.2f} s.")
+            nat, fin = t.natural(), t.final()
+            st.plotly_chart(fig.energy_arrows(nat["marginal"], nat["joint"], fin["marginal"], fin["joint"],
+                                              labels=[classes[int(i)] for i in t.labels],
+                                              title=f"Energy drift — {model_name}" if b else
+                                              "Energy drift: natural → adversarial",
+                                              x_range=both if b else None, y_range=both if b else None),
+                            width="stretch", config=fig.PLOT_CONFIG, key=f"fig_arrows_{model_name}" if b else "fig_arrows")
 
-    a, b = st.columns([3, 2])
-    nat, fin = tr.natural(), tr.final()
-    with a:
-        st.plotly_chart(fig.energy_arrows(nat["marginal"], nat["joint"], fin["marginal"], fin["joint"],
-                                          labels=[classes[int(i)] for i in tr.labels]),
-                        width="stretch", config=fig.PLOT_CONFIG, key="fig_arrows")
-    with b:
-        hist = st.session_state.get("atk_history", {})
-        chosen = st.multiselect("Runs on the step curve", list(hist), default=list(hist)[-3:], key="atk_curves")
-        series = {k: hist[k] for k in chosen} or {"this run": tr.step_statistics("marginal")}
-        st.plotly_chart(fig.step_curve(series), width="stretch", config=fig.PLOT_CONFIG, key="fig_steps")
-        if not tr.meta.get("per_step", True):
-            st.caption("This attack does not expose its iterates: only the natural and final points are traced.")
-    st.plotly_chart(fig.energy_histograms(nat, fin), width="stretch", config=fig.PLOT_CONFIG, key="fig_hist")
+    hist = st.session_state.get("atk_history", {})
+    chosen = st.multiselect("Runs on the step curve", list(hist), default=list(hist)[-3:], key="atk_curves")
+    series = {k: hist[k] for k in chosen} or {"this run": tr.step_statistics("marginal")}
+    st.plotly_chart(fig.step_curve(series), width="stretch", config=fig.PLOT_CONFIG, key="fig_steps")
+    if not tr.meta.get("per_step", True):
+        st.caption("This attack does not expose its iterates: only the natural and final points are traced.")
+    hcols = st.columns(len(runs))
+    ranges = {"marginal": xr, "joint": yr} if b else None
+    for col, (model_name, t, *_rest) in zip(hcols, runs):
+        with col:
+            st.plotly_chart(fig.energy_histograms(t.natural(), t.final(), ranges=ranges,
+                                                  title=f"Natural vs adversarial — {model_name}" if b else None),
+                            width="stretch", config=fig.PLOT_CONFIG,
+                            key=f"fig_hist_{model_name}" if b else "fig_hist")
 
     st.markdown("**Examples** — natural, adversarial, and the perturbation amplified to full range")
+    nat, fin = tr.natural(), tr.final()
     k = min(6, len(r["x"]))
     cols = st.columns(k) if k else []
     for i in range(k):
         with cols[i]:
             st.image(fig.to_uint8_image(r["x"][i]), caption=f"true {classes[int(tr.labels[i])]} → pred "
                      f"{classes[int(nat['pred'][i])]}, E(x)={nat['marginal'][i]:.2f}", width="stretch")
-            st.image(fig.to_uint8_image(r["x_adv"][i]), caption=f"adv pred {classes[int(fin['pred'][i])]}, "
-                     f"E(x*)={fin['marginal'][i]:.2f}", width="stretch")
+            for model_name, t, _, _, xadv in runs:
+                who = f"{model_name}: " if b else ""
+                st.image(fig.to_uint8_image(xadv[i]), caption=f"{who}adv pred {classes[int(t.pred[-1][i])]}, "
+                         f"E(x*)={t.marginal[-1][i]:.2f}", width="stretch")
             st.image(fig.to_uint8_image(fig.amplify(r["x_adv"][i] - r["x"][i])), caption="perturbation (amplified)",
                      width="stretch")
-    d1, d2 = st.columns(2)
+    d1, d2, d3 = st.columns(3)
+    with d3:
+        persist.clear_button("attack", ("atk_result", "atk_history", "atk_curves"))
     d1.download_button("Download trace (CSV)", tr.to_csv(), file_name="energy_trace.csv", mime="text/csv",
                        key="dl_trace")
     d2.download_button("Download examples (PNG)", fig.image_grid_png(np.concatenate([r["x"], r["x_adv"]])),
@@ -179,7 +255,18 @@ if up is not None:
         c1, c2 = st.columns([1, 3])
         c1.image(fig.to_uint8_image(x1[0].numpy()), caption=f"as the model sees it ({shape[0]}×{shape[1]})", width=160)
         c1.metric("Prediction", classes[pred])
-        c1.metric("E(x)", f"{float(marginal_energy(logits)[0]):.3f}")
+        e_up = float(marginal_energy(logits)[0])
+        c1.metric("E(x)", f"{e_up:.3f}")
+        ref_e = common.test_energies(lm)
+        if ref_e is not None:
+            ty = typicality(e_up, ref_e)
+            line = (f"E(x) = {e_up:.2f} is higher than for {ty['percentile']:.0%} of this model's "
+                    f"{ty['n_reference']} test images (their 99th percentile is {ty['threshold']:.2f})")
+            if ty["out_of_distribution"]:
+                c1.warning(f"{line}: to this model the image looks **out of distribution** (high energy = unlikely, "
+                           "the paper's reading of E(x)), so treat the prediction with suspicion.")
+            else:
+                c1.caption(f"{line}: within the range of the data the model was tested on.")
         c2.plotly_chart(fig.class_energy_bars(joint_energies(logits)[0].numpy(), classes,
                                               float(marginal_energy(logits)[0]), "E(x, k) for every class"),
                         width="stretch", key="fig_upload_bars")

@@ -25,7 +25,10 @@ def meta_rows(entries):
 
 t1, t2, t3 = st.tabs(["Bundled", "Local checkpoints & runs", "RobustBench zoo"])
 with t1:
-    st.caption(f"Small models trained by `python -m core.train` on the embedded digits dataset, in `{BUNDLED_DIR}`.")
+    st.caption(f"Small models trained by `python -m core.train`, in `{BUNDLED_DIR}`: `cifar10-demo-*` on 4,585 real "
+               "CIFAR-10 images (the CIFAR-10 demo pack; tested on its 500 shipped test images), `digits-*` on the "
+               "embedded 8×8 digits. Rebuild: `bash scripts/build_demo_models.sh all` and "
+               "`bash scripts/build_bundled.sh`.")
     with common.guard("listing bundled checkpoints"):
         st.dataframe(meta_rows(list_bundled()), width="stretch", hide_index=True)
 with t2:

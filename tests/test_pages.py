@@ -75,9 +75,12 @@ def test_attack_lab_previews_the_natural_energies_of_the_images_it_will_attack()
     assert len(charts) == 1 and "Natural energies of the chosen test images" in charts[0].proto.spec
     _, trace = at.session_state["atk_preview"]
     # the same 64 images the attack will use (seed 0), with the model's own energies
-    ds = load_dataset("digits", "test")
+    ref = at.session_state["model_ref"]
+    assert ref.name == "cifar10-demo-plain", "the app opens on the non-robust CIFAR-10 demo model"
+    lm = load_checkpoint(ref.path)
+    ds = load_dataset(lm.meta.dataset, "test")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:64]
-    model = load_checkpoint(REPO / "checkpoints" / "digits-plain.safetensors").model.eval()
+    model = lm.model.eval()
     with torch.no_grad():
         logits = model(ds.images(idx))
     assert (trace.labels == ds.labels(idx).numpy()).all()
@@ -97,7 +100,7 @@ def test_attack_lab_runs_pgd_and_draws_the_paper_figures():
     metrics = {m.label: m.value for m in at.metric}
     nat = float(metrics["Natural accuracy"].rstrip("%"))
     rob = float(metrics["Robust accuracy"].rstrip("%"))
-    assert nat > 80 and rob < nat - 40, metrics  # the bundled non-robust model is broken by PGD
+    assert nat > 50 and rob < nat - 40, metrics  # the default (non-robust CIFAR-10 demo) model is broken by PGD
     specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
     assert "zero loss" in specs and "natural" in specs and "adversarial" in specs
     assert len(at.get("plotly_chart")) >= 3

@@ -17,8 +17,10 @@ BUNDLED_DIR = REPO_ROOT / "checkpoints"
 LOCAL_DIR = REPO_ROOT / "checkpoints" / "local"
 RUNS_DIR = REPO_ROOT / "runs"
 ENV_RUNS = "ENERGYLENS_RUNS"  # the runs folder of core.jobs, when set
+DEFAULT_MODEL = "cifar10-demo-plain"  # the bundled model the app opens on (non-robust, real CIFAR-10 images)
+FALLBACK_MODEL = "digits-plain"       # ... when the CIFAR-10 demo pack is missing or corrupt
 
-__all__ = ["ModelRef", "list_bundled", "list_local", "load_model_ref", "BUNDLED_DIR", "LOCAL_DIR", "RUNS_DIR"]
+__all__ = ["ModelRef", "DEFAULT_MODEL", "FALLBACK_MODEL", "list_bundled", "list_local", "load_model_ref", "BUNDLED_DIR", "LOCAL_DIR", "RUNS_DIR"]
 
 
 @dataclass(frozen=True)
