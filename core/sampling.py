@@ -716,6 +716,46 @@ class SGLDSampler:
         d.update(self.trace.to_npz_dict())
         return d
 
+    # ---- save / restore (e.g. the dashboard keeps a session's chains across a page reload) -------
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The whole chain state as numpy arrays + a JSON-able dict; :meth:`from_state` rebuilds the sampler.
+
+        A restored sampler continues exactly as this one would (same images, velocity, trace and noise stream)."""
+        with self._lock:
+            arrays = {"x0": self.x0.detach().cpu().numpy(), "x": self.x.detach().cpu().numpy(),
+                      "v": self.v.detach().cpu().numpy(), "grad": self._grad.detach().cpu().numpy(),
+                      "row_steps": np.asarray([r[0] for r in self._rows], np.int64),
+                      "row_logits": torch.stack([r[1] for r in self._rows]).float().cpu().numpy(),
+                      "noise_state": self._gen.get_state().cpu().numpy()}
+            meta = {**self.config(), "init": self.init, "custom_start": self.custom_start,
+                    "image_shape": list(self.image_shape), "num_classes": self.num_classes}
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, model, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "SGLDSampler":
+        """Rebuild a sampler saved by :meth:`state` for ``model`` (raises InputError when they do not fit)."""
+        try:
+            bound = tuple(meta["bound"]) if meta.get("bound") else None
+            s = cls(model, meta["classes"], meta["n_per_class"], init="random", eta=meta["eta"], zeta=meta["zeta"],
+                    gamma=meta["gamma"], bound=bound, seed=meta["seed"], image_shape=meta["image_shape"],
+                    num_classes=meta["num_classes"], x0=torch.from_numpy(np.asarray(arrays["x0"], np.float32)))
+            shape = tuple(s.x0.shape)
+            x, v, g = (torch.from_numpy(np.asarray(arrays[k], np.float32)) for k in ("x", "v", "grad"))
+            logits = torch.from_numpy(np.asarray(arrays["row_logits"], np.float32))
+            steps = [int(t) for t in np.asarray(arrays["row_steps"])]
+            if {tuple(x.shape), tuple(v.shape), tuple(g.shape)} != {shape} or len(steps) != len(logits) \
+                    or logits.shape[1:] != (s.n_chains, s.num_classes) or not steps:
+                raise InputError("the saved chain does not match its own shapes")
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"cannot restore the saved chains: {e}") from e
+        s.init, s.custom_start = meta.get("init", "random"), bool(meta.get("custom_start", False))
+        s.pca_k = {int(c): int(k) for c, k in (meta.get("pca_k") or {}).items()}
+        s.x, s.v, s._grad = x.to(s.device), v.to(s.device), g.to(s.device)
+        s._rows = [(t, lg.to(s.device)) for t, lg in zip(steps, logits)]
+        s._step, s._trace_cache = steps[-1], None
+        s._gen.set_state(torch.from_numpy(np.asarray(arrays["noise_state"], np.uint8)))
+        return s
+
 
 # =============================================================================================
 # Reference energies of real data (Fig. 5e dashed lines)

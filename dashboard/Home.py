@@ -28,5 +28,8 @@ PAGES = [
 pages = [st.Page(common.PAGE_FILES[k], title=t, icon=i, default=d) for k, t, i, d in PAGES
          if (HERE / common.PAGE_FILES[k]).resolve().is_file()]
 nav = st.navigation(pages)
+import persist  # noqa: E402
+
+persist.session_id()  # keeps ?s=<id> in the URL on every page, so a reload finds this session's results
 common.model_picker()
 nav.run()

@@ -3,9 +3,11 @@
 import dataclasses
 
 import common
+import numpy as np
 import streamlit as st
 
 import analysis_figures as af
+import persist
 from core import analysis, evaluation
 from core.attacks import ATTACKS, AttackSpec
 from core.errors import EnergyLensError
@@ -93,6 +95,22 @@ def _compute(task, refs, spec, n, seed, split, device):
 
 def _on_done(task):
     st.session_state["land_results"] = task.result
+    _keep(task.result)
+
+
+def _keep(results) -> None:
+    arrays = {"count": np.asarray(len(results))}
+    for i, r in enumerate(results):
+        arrays.update(r.to_arrays(prefix=f"m{i}_"))
+    persist.keep("landscape", arrays, {})
+
+
+restored = persist.restore("landscape")  # the last result of this browser session survives a page reload
+if restored is not None and not st.session_state.get("land_results"):
+    with common.guard("restoring the last landscape"):
+        arr = restored[0]
+        st.session_state["land_results"] = [analysis.LandscapeResult.from_arrays(arr, prefix=f"m{i}_")
+                                            for i in range(int(arr["count"]))]
 
 
 if go:
@@ -129,6 +147,7 @@ if job_id:
             with common.guard("loading the job's results"):
                 st.session_state["land_results"] = analysis.load_landscape_results(info.run_dir)
                 st.session_state["land_job_loaded"] = info.id
+                _keep(st.session_state["land_results"])
                 st.rerun()
 
     common.job_panel(job_id, "Landscape job", _load_results)
@@ -145,6 +164,8 @@ c = float(c1.select_slider("Linear range ±c of the symmetric-log axis", [0.01, 
                            key="land_c"))
 kind = c2.radio("Plot", ["violin", "box"], horizontal=True, key="land_kind")
 pts = c3.checkbox("Show points", value=False, key="land_pts")
+with c3:
+    persist.clear_button("landscape", ("land_results", "land_job", "land_job_loaded"))
 with common.guard("drawing the landscape"):
     st.plotly_chart(af.landscape_figure(results, c=c, kind=kind, show_points=pts), width="stretch",
                     key="land_fig", config={"displaylogo": False})

@@ -10,11 +10,14 @@ import numpy as np
 import streamlit as st
 
 import figures as fig
+import persist
 import sgld_figures as sf
+import tour
 from core import sampling
 from core.errors import InputError
 
 lm, meta, names, _ = common.require_model("SGLD studio")
+tour.banner("sgld")
 ref = st.session_state.get("model_ref")
 model_key = f"{ref.key if ref is not None else meta.name}:{id(lm)}"
 K = int(meta.num_classes)
@@ -41,7 +44,14 @@ images of that class, while the energies $E(x,y')$ of the other classes rise.
 """
     )
 
-ds_train = common.model_dataset(lm, "train")
+ds_train = common.model_dataset(lm, "train", quiet=True)
+if ds_train is None:  # e.g. the CIFAR-10 demo on a fresh clone: its training images are not shipped
+    ds_train = common.model_dataset(lm, "test", quiet=True)
+    if ds_train is not None:
+        st.info(f"The training images of '{meta.dataset}' are not available here, so the class statistics (PCA and "
+                f"Gaussian starts, the reference level Ē(x, y)) come from its {len(ds_train)} **test** images.")
+    else:
+        st.warning(f"No images of '{meta.dataset}' are available here: only the random initialisation can be used.")
 
 
 @st.cache_resource(show_spinner="Computing per-class statistics (cached on disk)...", max_entries=4)
@@ -110,6 +120,8 @@ do_1 = b[1].button("Step 1", key="sgld_btn_step1", disabled=busy)
 do_10 = b[2].button("Step 10", key="sgld_btn_step10", disabled=busy)
 do_run = b[3].button(f"Run {n_run} steps", key="sgld_btn_run", disabled=busy)
 do_reset = b[4].button("Reset", key="sgld_btn_reset", disabled=busy, help="back to the initial images x₀")
+if st.session_state.pop("sgld_autorun", False) and not busy:  # set by the guided tour
+    do_init = True
 
 
 def _new_sampler(init_kind: str, n_chains: int):
@@ -128,6 +140,24 @@ if do_init:
         st.session_state["sgld_sampler"] = _new_sampler(init, chains)
         st.session_state["sgld_model_key"] = model_key
         st.session_state["sgld_last"] = "initialised"
+        st.session_state["sgld_dirty"] = True
+
+restored = persist.restore("sgld")  # the chains of this browser session survive a page reload
+if restored is not None and "sgld_sampler" not in st.session_state:
+    arr, smeta = restored
+    if smeta.get("model") == (ref.key if ref is not None else meta.name):
+        with common.guard("restoring the saved chains"):
+            st.session_state["sgld_sampler"] = sampling.SGLDSampler.from_state(lm, arr, smeta)
+            st.session_state["sgld_model_key"] = model_key
+            st.session_state["sgld_last"] = f"restored at step {smeta.get('steps_done', '?')} after a reload"
+
+
+def _keep_chains() -> None:
+    smp = st.session_state.get("sgld_sampler")
+    if smp is not None:
+        arr, smeta = smp.state()
+        persist.keep("sgld", arr, {**smeta, "model": ref.key if ref is not None else meta.name})
+
 
 sampler = st.session_state.get("sgld_sampler")
 if sampler is not None and st.session_state.get("sgld_model_key") != model_key:
@@ -149,6 +179,7 @@ for n, clicked in ((1, do_1), (10, do_10)):
             s.set_params(eta=eta, zeta=zeta, gamma=gamma)   # validated: nothing changes on a bad value
             out = s.step(n)
             st.session_state["sgld_last"] = f"{n} step{'s' if n > 1 else ''} in {out.seconds:.2f} s"
+            st.session_state["sgld_dirty"] = True
 
 if do_run:
     with common.guard("starting the run"):
@@ -162,14 +193,18 @@ if do_reset:
     with common.guard("resetting the chains"):
         _require_sampler().reset()
         st.session_state["sgld_last"] = "reset to x₀"
+        st.session_state["sgld_dirty"] = True
 
 
 def _run_done(task):
     out = task.result
     st.session_state["sgld_last"] = f"run finished at step {out.steps_done} ({out.seconds:.1f} s)"
+    st.session_state["sgld_dirty"] = True
 
 
 common.task_panel("sgld_task", _run_done)
+if st.session_state.pop("sgld_dirty", False):
+    _keep_chains()
 if st.session_state.get("sgld_task-error") == "Cancelled." and sampler is not None:
     st.caption(f"Cancelled: the chains keep the {sampler.steps_done} steps made so far.")
 
@@ -219,6 +254,7 @@ else:
     _live()
     if st.session_state.get("sgld_last"):
         st.caption(f"Last action: {st.session_state['sgld_last']}.")
+        persist.clear_button("sgld", ("sgld_sampler", "sgld_model_key", "sgld_last"), "Clear the chains")
 
     tr = sampler.trace
     pick = st.selectbox("Energy plot for", ["all chains"] + [names[c] for c in sampler.classes], key="sgld_plot_cls")
