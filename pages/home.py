@@ -1,7 +1,9 @@
-"""Home: the idea in a few lines, and where to go."""
+"""Home: the idea in a few lines, the guided tour, and where to go."""
 
 import common  # noqa: F401
 import streamlit as st
+
+import tour
 
 st.title("EnergyLens")
 st.markdown(
@@ -17,14 +19,18 @@ st.markdown("and its cross-entropy is their difference (Eq. 3):")
 st.latex(r"\mathcal{L}_{CE}(x,y) = E_\theta(x,y) - E_\theta(x) \;\ge 0")
 st.markdown(
     r"""
-Low $E(x)$ means *likely from the model's point of view*. Untargeted attacks such as PGD lower $E(x)$
-while raising $E(x,y)$; targeted attacks push $E(x)$ up. During adversarial training the gap
-$\Delta E(x) = E(x) - E(x^*)$ between natural and adversarial energies reveals **robust overfitting**,
-TRADES keeps it small, and WEAT weights samples by $1/\log(1+e^{|E(x)|})$.
-
-**Where to go**
+Low $E(x)$ means *likely from the model's point of view*. The paper reports that untargeted attacks such as PGD
+lower $E(x)$ while raising $E(x,y)$, that targeted attacks push $E(x)$ up, that during adversarial training the gap
+$\Delta E(x) = E(x) - E(x^*)$ between natural and adversarial energies reveals **robust overfitting**, that TRADES
+keeps it small, and it proposes WEAT, which weights samples by $1/\log(1+e^{|E(x)|})$. Every page checks these claims
+on the model and images you choose, with real CIFAR-10 images by default.
 """
 )
+st.subheader("Start here: a guided tour in seven clicks")
+st.caption("Each step opens a page with its settings made, runs what it needs (about a second on a CPU) and says "
+           "what to look at.")
+tour.step_list()
+st.markdown("**Where to go**")
 c = st.columns(3)
 links = [("../pages/models.py", "Models", "Bundled checkpoints, your runs and the RobustBench zoo."),
          ("../pages/attack_lab.py", "Attack Lab", "Attack a model and watch energies drift (Fig. 1, Fig. 2)."),
@@ -42,4 +48,5 @@ for k, (path, label, text) in enumerate(p for p in links if (here / p[0]).resolv
         st.page_link(path, label=label)
         st.caption(text)
 st.caption("Pick a model in the sidebar; it is shared by every page. Nothing needs a GPU or the internet: the "
-           "bundled models run on CPU on an embedded digits dataset.")
+           "bundled models run on a CPU, on 500 real CIFAR-10 test images shipped with EnergyLens (Krizhevsky, 2009) "
+           "or on an embedded digits dataset.")

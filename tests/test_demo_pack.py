@@ -1,0 +1,236 @@
+"""The CIFAR-10 demo pack: its split, its bundled models and the paper's claims checked on them (never skipped:
+the 500 test images and the models are committed), its recorded runs, and what happens when the pack is broken."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.attacks import AttackSpec, run_attack
+from core.data import load_dataset
+from core.data import demo
+from core.errors import DataError
+from core.models import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CKPT = REPO / "checkpoints"
+PLAIN, ROBUST = "cifar10-demo-plain", ("cifar10-demo-sat", "cifar10-demo-trades", "cifar10-demo-weat-adv")
+EPS, STEP = 8 / 255, 2 / 255
+
+
+# ------------------------------------------------------------------------------------------------ the split
+def test_committed_test_split_is_class_balanced_real_cifar():
+    ds = load_dataset("cifar10-demo", "test")
+    assert len(ds) == 500 and ds.x.dtype == torch.uint8 and ds.input_shape == (3, 32, 32)
+    assert np.bincount(ds.y.numpy(), minlength=10).tolist() == [50] * 10
+    assert ds.class_names[0] == "airplane" and ds.class_names[-1] == "truck"
+    # real photographs, not upscaled digits: colour, texture, no two identical images
+    x = ds.x.float()
+    assert (x[:, 0] - x[:, 2]).abs().mean() > 5, "the images have colour"
+    assert len({bytes(im.numpy()) for im in ds.x}) == 500
+    assert demo.DEMO_TEST_FILE.stat().st_size < 3e6
+
+
+def test_split_is_deterministic_and_disjoint(cifar_subset):
+    x, y = cifar_subset
+    pos = demo.split_positions(y)
+    assert np.array_equal(pos, demo.split_positions(y.copy())), "same labels, same split"
+    test, train = load_dataset("cifar10-demo", "test"), load_dataset("cifar10-demo", "train")
+    assert np.array_equal(x[pos], test.x.numpy()) and np.array_equal(y[pos], test.y.numpy())
+    assert len(train) == len(y) - 500 == 4585
+    keep = np.setdiff1d(np.arange(len(y)), pos)
+    assert np.array_equal(x[keep], train.x.numpy())
+
+
+def test_a_different_subset_is_refused(cifar_subset, tmp_path, monkeypatch):
+    x, y = cifar_subset
+    other = tmp_path / "other.npz"
+    np.savez(other, x=x[::-1].copy(), y=y[::-1].copy())
+    monkeypatch.setenv(demo.SUBSET_ENV, str(other))
+    with pytest.raises(DataError, match="does not reproduce the committed demo test images"):
+        load_dataset("cifar10-demo", "train")
+
+
+def test_training_split_absent_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(demo.SUBSET_ENV, str(tmp_path / "missing.npz"))
+    monkeypatch.setenv("ENERGYLENS_DATA", str(tmp_path / "no-data"))
+    assert not demo.train_available()
+    with pytest.raises(DataError, match="missing"):
+        load_dataset("cifar10-demo", "train")
+    monkeypatch.delenv(demo.SUBSET_ENV)
+    if demo.SHARED_SUBSET.is_file():
+        pytest.skip("the shared subset is present here")
+    with pytest.raises(DataError, match="always available"):
+        load_dataset("cifar10-demo", "train")
+
+
+@pytest.mark.parametrize("content", [None, b"", b"<html>not a zip</html>", b"PK\x03\x04garbage"])
+def test_missing_or_corrupt_pack_names_the_file_and_the_fix(tmp_path, monkeypatch, content):
+    bad = tmp_path / "cifar10-demo-test.npz"
+    if content is not None:
+        bad.write_bytes(content)
+    monkeypatch.setattr(demo, "DEMO_TEST_FILE", bad)
+    demo._cache_clear()
+    try:
+        with pytest.raises(DataError) as e:
+            load_dataset("cifar10-demo", "test")
+        assert str(bad) in str(e.value) and "build_demo_pack.py" in str(e.value)
+    finally:
+        demo._cache_clear()
+
+
+def test_broken_pack_app_still_opens_on_digits(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    bad = tmp_path / "cifar10-demo-test.npz"
+    bad.write_bytes(b"this is not a numpy archive")
+    monkeypatch.setattr(demo, "DEMO_TEST_FILE", bad)
+    demo._cache_clear()
+    import streamlit as st
+
+    st.cache_resource.clear()
+    try:
+        at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=120).run()
+        assert not at.exception, [e.message for e in at.exception]
+        assert at.session_state["model_ref"].name == "digits-plain"
+        warn = " ".join(w.value for w in at.sidebar.warning)
+        assert str(bad) in warn and "digits" in warn and "build_demo_pack.py" in warn
+        at.switch_page("../pages/attack_lab.py").run()
+        assert not at.exception, [e.message for e in at.exception]
+    finally:
+        demo._cache_clear()
+        st.cache_resource.clear()
+
+
+# ------------------------------------------------------------------------------------------------ the models
+@pytest.fixture(scope="module")
+def demo_test():
+    ds = load_dataset("cifar10-demo", "test")
+    return ds.images(), ds.labels()
+
+
+@pytest.fixture(scope="module")
+def pgd_traces(demo_test):
+    """PGD-10 (8/255, step 2/255) untargeted and targeted, on all 500 demo test images, for every demo model."""
+    x, y = demo_test
+    out = {}
+    for name in (PLAIN, *ROBUST):
+        lm = load_checkpoint(CKPT / f"{name}.safetensors")
+        u = run_attack(lm.model, x, y, AttackSpec("pgd", eps=EPS, step_size=STEP, steps=10, seed=0)).trace
+        t = run_attack(lm.model, x, y, AttackSpec("pgd", eps=EPS, step_size=STEP, steps=10, targeted=True,
+                                                  seed=0)).trace
+        out[name] = (lm, u, t)
+    return out
+
+
+def test_demo_models_are_small_documented_checkpoints():
+    for name in (PLAIN, *ROBUST):
+        path = CKPT / f"{name}.safetensors"
+        assert path.stat().st_size < 5e6
+        lm = load_checkpoint(path)
+        m = lm.meta
+        assert m.dataset == "cifar10-demo" and m.num_classes == 10 and m.arch == "demonet" and m.name == name
+        assert m.class_names[:2] == ["airplane", "automobile"]
+        assert m.epoch and "selected" in m.hparams and "eps" in m.hparams
+    assert load_checkpoint(CKPT / f"{PLAIN}.safetensors").meta.method == "plain"
+    assert [load_checkpoint(CKPT / f"{n}.safetensors").meta.method for n in ROBUST] == ["sat", "trades", "weat-adv"]
+
+
+def test_accuracy_floors_on_the_demo_test_set(pgd_traces):
+    nat = pgd_traces[PLAIN][1].natural_accuracy()
+    assert nat >= 0.60, f"non-robust model: natural accuracy {nat:.1%}"
+    assert pgd_traces[PLAIN][1].robust_accuracy() < 0.05, "PGD-10 breaks the non-robust model"
+    for name in ROBUST:
+        u = pgd_traces[name][1]
+        assert u.natural_accuracy() >= 0.40, f"{name}: natural {u.natural_accuracy():.1%}"
+        assert u.robust_accuracy() >= 0.25, f"{name}: PGD-10 {u.robust_accuracy():.1%}"
+
+
+def test_paper_sec31_untargeted_pgd_lowers_marginal_energy_on_the_plain_model(pgd_traces):
+    from core.claims import marginal_claim
+
+    u = pgd_traces[PLAIN][1]
+    d = u.delta_marginal()   # E(x) - E(x*)
+    assert d.mean() > 0.3 and (d > 0).mean() > 0.6, (d.mean(), (d > 0).mean())
+    # and the joint energy of the true class goes up (E(x*, y) > E(x, y))
+    assert u.delta_joint().mean() < 0
+    c = marginal_claim(u)
+    assert c.holds is True and "as the paper reports" in c.text
+
+
+def test_paper_sec31_targeted_pgd_raises_marginal_energy_on_the_plain_model(pgd_traces):
+    from core.claims import marginal_claim
+
+    t = pgd_traces[PLAIN][2]
+    d = t.delta_marginal()
+    assert d.mean() < -0.3 and (d < 0).mean() > 0.6, (d.mean(), (d < 0).mean())
+    assert marginal_claim(t).holds is True
+
+
+def test_paper_fig4_robust_models_bend_the_energy_far_less(pgd_traces):
+    plain = np.abs(pgd_traces[PLAIN][1].delta_marginal()).mean()
+    for name in ROBUST:
+        rob = np.abs(pgd_traces[name][1].delta_marginal()).mean()
+        assert rob < plain / 5, f"{name}: mean |ΔE(x)| {rob:.3f} vs plain {plain:.3f}"
+
+
+# ------------------------------------------------------------------------------------------------ recorded runs
+def test_recorded_runs_are_complete_real_runs():
+    from core import phase
+    from core.recorded import list_recorded, read_recorded_metrics
+
+    runs = {r.name: r for r in list_recorded()}
+    assert set(runs) >= {"cifar10-demo-sat", "cifar10-demo-trades", "cifar10-demo-weat-adv"}
+    sizes = 0
+    for name, r in runs.items():
+        assert r.error is None, r.error
+        recs = read_recorded_metrics(r)
+        cfg = r.config
+        assert cfg["dataset"] == "cifar10-demo" and len(recs) == cfg["epochs"] >= 60
+        assert r.command.startswith("python -m core.train") and f"--method {cfg['method']}" in r.command
+        assert phase.probe_epochs(r.run_dir) == list(range(1, cfg["epochs"] + 1))
+        assert not (Path(r.run_dir) / "state.pt").exists(), "no optimizer state is shipped"
+        sizes += sum(p.stat().st_size for p in Path(r.run_dir).rglob("*") if p.is_file())
+    assert sizes < 6e6
+    same = {k: v for k, v in runs["cifar10-demo-sat"].config.items() if k not in ("method", "out_dir", "name")}
+    for name in ("cifar10-demo-trades", "cifar10-demo-weat-adv"):
+        other = {k: v for k, v in runs[name].config.items() if k not in ("method", "out_dir", "name")}
+        assert other == same, "equal budget, same seed"
+
+
+def test_recorded_sat_run_overfits_and_trades_does_not_like_sat():
+    """Fig. 3 on the recorded runs: SAT's robust test accuracy peaks then falls while its ΔE(x) falls steeply (the
+    detector finds phase 3); TRADES ends with a far smaller drift."""
+    from core import phase
+    from core.recorded import list_recorded, read_recorded_metrics
+
+    runs = {r.name: read_recorded_metrics(r) for r in list_recorded()}
+    sat = runs["cifar10-demo-sat"]
+    pgd = np.array([r["pgd_acc"] for r in sat])
+    assert pgd.max() - pgd[-1] >= 0.03, f"SAT robust accuracy peak {pgd.max():.1%} vs end {pgd[-1]:.1%}"
+    res = phase.detect_from_metrics(sat, "dE_mean")
+    assert res.phase3_start is not None, res.explanation
+    trades = runs["cifar10-demo-trades"]
+    assert abs(trades[-1]["dE_mean"]) < abs(sat[-1]["dE_mean"])
+
+
+def test_training_page_opens_a_recorded_run_read_only(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=120).run()
+    at.switch_page("../pages/training.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.selectbox(key="tr_view").value.startswith("recorded:cifar10-demo-")
+    titles = [json.loads(c.proto.spec)["layout"].get("title", {}).get("text") or "" for c in at.get("plotly_chart")]
+    assert any(t.startswith("ΔE during training") for t in titles), titles
+    assert any("Fig. 1 b–d" in t for t in titles), titles
+    # read-only: no Stop / Resume / Delete for recorded runs
+    keys = [b.key for b in at.button]
+    assert not [k for k in keys if k and k.startswith(("tr_stop_recorded", "tr_del_recorded", "tr_resume_recorded"))]
+    # the three recorded runs are compared by default (Table 2a)
+    assert set(at.multiselect(key="tr_compare").value) >= {"recorded:cifar10-demo-sat", "recorded:cifar10-demo-trades"}

@@ -1,0 +1,239 @@
+"""What a new user meets first (issue 11): the app opens on the CIFAR-10 demo, the guided tour sets the widgets of
+the pages it opens, claims are computed from the data on screen, the Attack Lab compares two models side by side,
+uploads get an energy-based out-of-distribution hint, and results survive a page reload."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HOME = str(REPO / "dashboard" / "Home.py")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
+    import streamlit as st
+
+    st.cache_data.clear()
+
+
+def app():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(HOME, default_timeout=120).run()
+    ok(at)
+    return at
+
+
+def ok(at):
+    assert not at.exception, [e.message for e in at.exception]
+    assert not [e.value for e in at.error if "Unexpected error" in e.value], [e.value for e in at.error]
+
+
+def wait_attack(at, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        task = at.session_state["atk_task"] if "atk_task" in at.session_state else None
+        if task is not None and task.done:
+            break
+        time.sleep(0.3)
+        at.run()
+    at.run()
+    ok(at)
+    assert "atk_result" in at.session_state, "the attack did not finish"
+    return at.session_state["atk_result"]
+
+
+def titles(at) -> list[str]:
+    return [json.loads(c.proto.spec)["layout"].get("title", {}).get("text") or "" for c in at.get("plotly_chart")]
+
+
+# ------------------------------------------------------------------------------------------------ opening
+def test_app_opens_on_the_cifar10_demo_and_home_offers_the_tour():
+    at = app()
+    assert at.session_state["model_ref"].name == "cifar10-demo-plain"
+    assert any("Start here" in s.value for s in at.subheader)
+    assert len([b for b in at.button if b.key and b.key.startswith("tour_go_")]) == 7
+    text = " ".join(m.value for m in at.markdown)
+    assert "The paper reports that untargeted attacks" in text, "claims on Home are attributed, not asserted"
+
+
+# ------------------------------------------------------------------------------------------------ the tour
+def test_tour_step_1_opens_the_attack_lab_on_the_plain_model_with_the_preview():
+    at = app()
+    at.button(key="tour_go_0").click().run()
+    ok(at)
+    assert at.title[0].value == "Attack Lab"
+    assert at.session_state["model_ref"].name == "cifar10-demo-plain"
+    assert at.selectbox(key="atk_name").value == "pgd" and at.number_input(key="atk_eps255").value == 8.0
+    assert at.number_input(key="atk_n").value == 64 and at.checkbox(key="atk_targeted").value is False
+    assert any("Tour, step 1 of 7" in m.value for m in at.markdown)
+    assert titles(at) == ["Natural energies of the chosen test images (the arrows start here)"]
+
+
+def test_tour_steps_2_to_4_run_the_attacks_they_describe():
+    at = app()
+    at.button(key="tour_go_0").click().run()
+    at.button(key="tour_next").click().run()          # step 2: PGD on the plain model, run at once
+    r = wait_attack(at)
+    assert r["spec"].name == "pgd" and not r["spec"].targeted and abs(r["spec"].eps - 8 / 255) < 1e-9
+    assert r["model"] == "cifar10-demo-plain" and "b" not in r
+    claim = [s.value for s in at.success] + [w.value for w in at.warning]
+    assert any("PGD (cross-entropy) lowered E(x) for" in c for c in claim), claim
+    at.button(key="tour_next").click().run()          # step 3: the same attack side by side with SAT
+    del at.session_state["atk_result"]
+    r = wait_attack(at)
+    assert r["b"]["model"] == "cifar10-demo-sat" and at.toggle(key="atk_compare").value is True
+    t = titles(at)
+    assert "Energy drift — cifar10-demo-plain" in t and "Energy drift — cifar10-demo-sat" in t
+    # shared axes: both arrow charts have the same fixed ranges
+    arrows = [json.loads(c.proto.spec)["layout"] for c in at.get("plotly_chart")
+              if "Energy drift —" in (json.loads(c.proto.spec)["layout"].get("title", {}).get("text") or "")]
+    assert arrows[0]["xaxis"]["range"] == arrows[1]["xaxis"]["range"]
+    plain_d = abs(r["trace"].delta_marginal()).mean()
+    sat_d = abs(r["b"]["trace"].delta_marginal()).mean()
+    assert sat_d < plain_d, (sat_d, plain_d)
+    at.button(key="tour_next").click().run()          # step 4: targeted PGD, no second model
+    del at.session_state["atk_result"]
+    r = wait_attack(at)
+    assert r["spec"].targeted and r["spec"].target_mode == "random" and "b" not in r
+
+
+def test_tour_steps_5_and_6_open_the_recorded_runs():
+    at = app()
+    at.button(key="tour_go_4").click().run()
+    ok(at)
+    assert at.title[0].value == "Training studio"
+    assert at.selectbox(key="tr_view").value == "recorded:cifar10-demo-sat"
+    assert set(at.multiselect(key="tr_compare").value) == {"recorded:cifar10-demo-sat", "recorded:cifar10-demo-trades",
+                                                          "recorded:cifar10-demo-weat-adv"}
+    assert any(t.startswith("ΔE during training — cifar10-demo-sat") for t in titles(at))
+    at.button(key="tour_next").click().run()
+    ok(at)
+    assert at.selectbox(key="tr_view").value == "recorded:cifar10-demo-weat-adv"
+
+
+def test_tour_step_7_starts_sgld_chains_with_the_sat_model():
+    at = app()
+    at.button(key="tour_go_6").click().run()
+    ok(at)
+    assert at.title[0].value == "SGLD studio" and at.session_state["model_ref"].name == "cifar10-demo-sat"
+    s = at.session_state["sgld_sampler"]
+    assert s.classes == [1, 7] and s.counts == [4, 4] and s.init == "pca"
+
+
+# ------------------------------------------------------------------------------------------------ uploads
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _high_energy_image(model) -> np.ndarray:
+    """An image the model finds very unlikely: gradient ascent on E(x) = -logsumexp f(x) from mid-grey."""
+    import torch
+
+    from core.energy import marginal_energy
+
+    x = torch.full((1, 3, 32, 32), 0.5)
+    for _ in range(40):
+        x.requires_grad_(True)
+        (g,) = torch.autograd.grad(marginal_energy(model(x)).sum(), x)
+        x = (x.detach() + 0.02 * g.sign()).clamp(0, 1)
+    return (x[0].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+
+def test_upload_hint_compares_the_energy_with_the_model_test_images():
+    from core.data import load_dataset
+    from core.models import load_checkpoint
+
+    at = app()
+    at.switch_page("../pages/attack_lab.py").run()
+    img = load_dataset("cifar10-demo", "test").x[3].numpy().transpose(1, 2, 0)
+    at.file_uploader(key="atk_upload").set_value(("cat.png", _png(img), "image/png")).run()
+    ok(at)
+    assert any("within the range of the data" in c.value for c in at.caption), [c.value for c in at.caption]
+    assert not any("out of distribution" in w.value for w in at.warning)
+    odd = _high_energy_image(load_checkpoint(at.session_state["model_ref"].path).model.eval())
+    at.file_uploader(key="atk_upload").set_value(("odd.png", _png(odd), "image/png")).run()
+    ok(at)
+    warn = [w.value for w in at.warning if "out of distribution" in w.value]
+    assert warn and "99th percentile" in warn[0], [w.value for w in at.warning]
+
+
+# ------------------------------------------------------------------------------------------------ reload
+def test_attack_result_survives_a_reload_and_clear_removes_it():
+    from streamlit.testing.v1 import AppTest
+
+    at = app()
+    at.switch_page("../pages/attack_lab.py").run()
+    at.button[0].click().run()
+    r = wait_attack(at)
+    sid = at.query_params["s"]
+    sid = sid[0] if isinstance(sid, list) else sid
+    at2 = AppTest.from_file(HOME, default_timeout=120)
+    at2.query_params["s"] = sid
+    at2.run()
+    at2.switch_page("../pages/attack_lab.py").run()
+    ok(at2)
+    r2 = at2.session_state["atk_result"]
+    assert np.array_equal(r2["trace"].marginal, r["trace"].marginal) and r2["spec"] == r["spec"]
+    assert at2.metric, "the restored result is drawn"
+    at2.button(key="clear_attack").click().run()
+    ok(at2)
+    at3 = AppTest.from_file(HOME, default_timeout=120)
+    at3.query_params["s"] = sid
+    at3.run()
+    at3.switch_page("../pages/attack_lab.py").run()
+    assert "atk_result" not in at3.session_state
+
+
+def test_sgld_chains_survive_a_reload():
+    from streamlit.testing.v1 import AppTest
+
+    at = app()
+    at.button(key="tour_go_6").click().run()
+    at.button(key="sgld_btn_step10").click().run()
+    ok(at)
+    s = at.session_state["sgld_sampler"]
+    assert s.steps_done == 10
+    sid = at.query_params["s"]
+    at2 = AppTest.from_file(HOME, default_timeout=120)
+    at2.query_params["s"] = sid[0] if isinstance(sid, list) else sid
+    at2.session_state["model_source"] = "Bundled"
+    at2.session_state["pick-Bundled"] = "cifar10-demo-sat"
+    at2.run()
+    at2.switch_page("../pages/sgld.py").run()
+    ok(at2)
+    s2 = at2.session_state["sgld_sampler"]
+    assert s2.steps_done == 10 and np.array_equal(s2.images().numpy(), s.images().numpy())
+
+
+def test_sgld_state_round_trip_continues_exactly():
+    import torch
+
+    from core.models import load_checkpoint
+    from core.sampling import SGLDSampler
+
+    lm = load_checkpoint(REPO / "checkpoints" / "digits-sat.safetensors")
+    s = SGLDSampler(lm, [0, 3], 2, init="random", seed=5)
+    s.step(4)
+    r = SGLDSampler.from_state(lm, *s.state())
+    a, b = s.step(3), r.step(3)
+    assert torch.equal(a.images, b.images) and np.array_equal(s.trace.joint, r.trace.joint)
+    arrays, meta = s.state()
+    arrays["x"] = arrays["x"][:1]
+    from core.errors import InputError
+
+    with pytest.raises(InputError, match="does not match"):
+        SGLDSampler.from_state(lm, arrays, meta)
