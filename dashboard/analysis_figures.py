@@ -215,8 +215,31 @@ def embedding_figure(coords: np.ndarray, color_by: str, *, energy: np.ndarray, l
     return _margin(fig, 540, top=50)
 
 
+def customdata_index(cd: Any) -> int | None:
+    """``customdata[0]`` of one selected point, in every shape the Streamlit frontend sends it.
+
+    * ``{"0": 28}``: Streamlit 1.67 with plotly.py >= 6 (numpy customdata travels as a typed array; plotly.js
+      decodes an N x 1 array to one typed array per point, which JSON turns into an object with string index keys);
+    * ``[28]``: customdata given as Python lists;
+    * ``28`` (or ``"28"``): one-dimensional customdata.
+
+    Returns None for anything else (no customdata, NaN, a non-integer).
+    """
+    if isinstance(cd, dict):
+        cd = cd.get("0", cd.get(0)) if cd else None
+    elif isinstance(cd, (list, tuple)):
+        cd = cd[0] if cd else None
+    if cd is None or isinstance(cd, bool):
+        return None
+    try:
+        v = float(cd)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if np.isfinite(v) and v == int(v) else None
+
+
 def selection_indices(event: Any) -> list[int]:
-    """Global point indices (customdata[0]) of a ``st.plotly_chart(on_select=...)`` selection."""
+    """Global point indices (customdata[0]) of a ``st.plotly_chart(on_select=...)`` selection, sorted, unique."""
     sel = None
     try:
         sel = event.selection if hasattr(event, "selection") else (event or {}).get("selection")
@@ -224,12 +247,10 @@ def selection_indices(event: Any) -> list[int]:
         sel = None
     pts = (sel or {}).get("points", []) if isinstance(sel, dict) else getattr(sel, "points", []) or []
     out = []
-    for p in pts:
-        cd = p.get("customdata")
-        if isinstance(cd, (list, tuple)) and cd:
-            out.append(int(cd[0]))
-        elif isinstance(cd, (int, float)):
-            out.append(int(cd))
+    for p in pts or []:
+        i = customdata_index(p.get("customdata")) if isinstance(p, dict) else None
+        if i is not None and i >= 0:
+            out.append(i)
     return sorted(set(out))
 
 

@@ -226,6 +226,52 @@ def test_embeddings_page_pca_and_selection(env):
     assert any("only 359 test images are available" in e for e in _errors(at)), _errors(at)
 
 
+def _box_select(at, key: str, indices, coords, energy):
+    """Send a box selection of ``indices`` on the keyed chart exactly as the browser does: the widget value
+    is a JSON string, and Streamlit 1.67's frontend sends each point's customdata[0] as an object with string
+    index keys, ``{"0": 28}`` (captured from Chromium by tests/test_browser.py::test_embedding_box_selection_in_real_browser)."""
+    import json
+
+    from streamlit.proto.WidgetStates_pb2 import WidgetState
+
+    chart = next(c for c in _charts(at) if c.proto.id.endswith(key))
+    pts = [{"curve_number": 0, "point_number": int(i), "point_index": int(i), "x": float(coords[i, 0]),
+            "y": float(coords[i, 1]), "customdata": {"0": int(i)}, "text": f"#{int(i)}",
+            "marker_color": float(energy[i])} for i in indices]
+    xs, ys = coords[list(indices), 0], coords[list(indices), 1]
+    payload = {"selection": {"points": pts, "point_indices": [int(i) for i in indices],
+                             "box": [{"xref": "x", "yref": "y", "x": [float(xs.min()), float(xs.max())],
+                                      "y": [float(ys.max()), float(ys.min())]}], "lasso": []}}
+    states = at._tree.get_widget_states()
+    w = WidgetState()
+    w.id = chart.proto.id
+    w.string_value = json.dumps(payload)
+    states.widgets.append(w)
+    return at._run(states)
+
+
+def test_embeddings_box_selection_shows_the_selected_images(env):
+    """Issue 13 item 5: a box selection (payload shape of the real frontend) shows the selected images."""
+    at = _app()
+    at.switch_page("../pages/embeddings.py").run()
+    at.number_input(key="emb_n").set_value(40)
+    at.checkbox(key="emb_adv").set_value(False)
+    at.button(key="FormSubmitter:emb_form-Compute features").click().run()
+    assert _wait(at, lambda a: len(_charts(a)) >= 1 or a.exception or _errors(a))
+    assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
+    assert not at.image, "no images before a selection"
+    data = at.session_state["emb_data"]
+    chosen = [3, 7, 11, 12, 30]
+    _box_select(at, "emb_chart", chosen, data["pca"], data["energy"])
+    assert not at.exception, [e.message for e in at.exception]
+    assert any(f"**{len(chosen)} selected**" in m.value for m in at.markdown), [m.value for m in at.markdown]
+    captions = [c for im in at.image for c in im.captions]
+    assert len(captions) == len(chosen), captions
+    assert all("natural · y=" in c for c in captions), captions
+    mean_e = float(data["energy"][chosen].mean())
+    assert any(f"mean E(x) {mean_e:.3f}" in m.value for m in at.markdown)
+
+
 @pytest.mark.slow
 def test_evaluation_page_launches_a_job_and_shows_the_table(env):
     at = _app()
@@ -292,6 +338,27 @@ def test_figure_helpers():
     assert titles[0].startswith("<b>m1</b>") and "robust acc. 20.0%" in titles[0]   # sorted by robust accuracy
     assert len(fig.data) == 6 and fig.layout.yaxis.ticktext
     assert af.landscape_figure(res, kind="box").data[0].type == "box"
+
+
+def test_selection_indices_accepts_every_customdata_shape_the_frontend_sends():
+    """Issue 13 item 5: {"0": 28} (Streamlit 1.67 + numpy customdata), [28] (lists) and 28 (1-D customdata)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "dashboard"))
+    import analysis_figures as af
+
+    ev = {"selection": {"points": [{"customdata": {"0": 28}}, {"customdata": [5]}, {"customdata": 2},
+                                   {"customdata": 2.0}, {"customdata": "7"}, {"customdata": {"0": 28}},
+                                   {"customdata": {}}, {"customdata": None}, {"customdata": float("nan")},
+                                   {"customdata": True}, {"customdata": 1.5}, {"x": 1}]},
+          "box": [], "lasso": []}
+    assert af.selection_indices(ev) == [2, 5, 7, 28]
+
+    class Event:  # the attribute-style object st.plotly_chart returns
+        selection = {"points": [{"customdata": {"0": 4}}, {"customdata": {"0": 1}}]}
+
+    assert af.selection_indices(Event()) == [1, 4]
+    assert af.customdata_index({"0": 3, "1": 9}) == 3
 
 
 @pytest.mark.slow
