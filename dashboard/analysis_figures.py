@@ -128,7 +128,10 @@ def per_class_figure(rows: Sequence[dict], corr: dict | None = None) -> go.Figur
                              name="entropy"), row=2, col=1)
     fig.add_trace(go.Scatter(x=names, y=[r["energy"] for r in rows], mode="lines+markers", marker_color=MARG_COLOR,
                              name="E(x)"), row=3, col=1)
-    fig.update_xaxes(type="category", title_text="class (sorted by error)", row=3, col=1)
+    # one categorical axis for all three rows, in the same error order: numeric-looking class names ("0".."9")
+    # would otherwise give the upper rows a linear axis sorted by value
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=names, showticklabels=True)
+    fig.update_xaxes(title_text="class (sorted by error)", row=3, col=1)
     fig.update_layout(showlegend=False)
     for a in fig.layout.annotations:
         a.font = dict(size=12)

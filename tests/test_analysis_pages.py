@@ -361,6 +361,26 @@ def test_selection_indices_accepts_every_customdata_shape_the_frontend_sends():
     assert af.customdata_index({"0": 3, "1": 9}) == 3
 
 
+def test_per_class_figure_rows_share_one_categorical_class_axis():
+    """Issue 13 item 6: the error, entropy and energy rows of Fig. 5d use the same categorical class axis, in
+    the order of the error (digit class names would otherwise make the upper rows numeric)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "dashboard"))
+    import analysis_figures as af
+
+    errs = [0.30, 0.05, 0.20, 0.10]
+    rows = [{"name": str(k), "count": 10, "prob_error": e, "hard_error": e, "entropy": 2 * e, "energy": -e}
+            for k, e in enumerate(errs)]
+    fig = af.per_class_figure(rows)
+    order = ["1", "3", "2", "0"]
+    axes = [fig.layout[a] for a in ("xaxis", "xaxis2", "xaxis3")]
+    assert [ax.type for ax in axes] == ["category"] * 3
+    assert all(list(ax.categoryarray) == order and ax.categoryorder == "array" for ax in axes)
+    assert [list(tr.x) for tr in fig.data] == [order] * 3
+    assert axes[2].title.text == "class (sorted by error)"
+
+
 @pytest.mark.slow
 def test_embeddings_page_umap_in_the_background(env):
     at = _app()
