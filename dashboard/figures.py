@@ -133,9 +133,10 @@ def amplify(delta: np.ndarray) -> np.ndarray:
     return 0.5 + 0.5 * delta / m
 
 
-def image_grid_png(images: np.ndarray, ncol: int = 8, scale: int = 2) -> bytes:
-    """N x C x H x W float [0,1] -> PNG bytes of a grid."""
-    from PIL import Image
+def image_grid_png(images: np.ndarray, ncol: int = 8, scale: int = 2, row_labels: list[str] | None = None) -> bytes:
+    """N x C x H x W float [0,1] -> PNG bytes of a grid, ``ncol`` images per row. With ``row_labels`` each
+    grid row gets its label written in a white strip on the left (e.g. natural / adversarial / perturbation)."""
+    from PIL import Image, ImageDraw, ImageFont
 
     n = len(images)
     if n == 0:
@@ -150,6 +151,21 @@ def image_grid_png(images: np.ndarray, ncol: int = 8, scale: int = 2) -> bytes:
             u = np.repeat(u, 3, axis=2)
         grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, q * (w + 2) + 1:q * (w + 2) + 1 + w] = u
     img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    if row_labels:
+        row_h = (h + 2) * scale
+        try:
+            font = ImageFont.load_default(size=max(10, min(16, row_h // 3)))
+        except TypeError:  # Pillow < 10.1: the fixed bitmap font
+            font = ImageFont.load_default()
+        draw = ImageDraw.Draw(img)
+        strip = 8 + max(int(draw.textlength(str(t), font=font)) for t in row_labels)
+        out = Image.new("RGB", (img.width + strip, img.height), "white")
+        out.paste(img, (strip, 0))
+        draw = ImageDraw.Draw(out)
+        for r, label in enumerate(row_labels[:nrow]):
+            top, bottom = draw.textbbox((0, 0), str(label), font=font)[1::2]
+            draw.text((4, r * row_h + (row_h - (bottom - top)) // 2 - top), str(label), fill=(0, 0, 0), font=font)
+        img = out
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

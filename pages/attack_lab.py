@@ -6,7 +6,7 @@ import streamlit as st
 import torch
 
 import figures as fig
-from core.attacks import ATTACKS, AttackSpec, run_attack
+from core.attacks import ATTACKS, AttackSpec, attack_slug, describe_attack, format_eps, run_attack
 from core.drift import EnergyTrace, natural_trace
 from core.energy import joint_energies, marginal_energy
 from core.models import device_of
@@ -30,6 +30,7 @@ dashed line $E(x,y) = E(x)$ (zero loss).
 
 # ---------------------------------------------------------------- controls
 names = list(ATTACKS)
+SQUARE_QUERIES = 300  # ~20 s on 64 digits images on a busy 2-core CPU (issue 13); AutoAttack uses 5,000
 with st.form("attack_form"):
     c1, c2, c3, c4 = st.columns(4)
     name = c1.selectbox("Attack", names, format_func=lambda k: ATTACKS[k].label, key="atk_name")
@@ -39,19 +40,32 @@ with st.form("attack_form"):
         eps = float(eps255) / 255
     else:
         eps = float(c3.number_input("ε (L2)", value=0.5, step=0.1, key="atk_eps_l2"))
-    steps = int(c4.number_input("Steps (Square: queries)", value=10, step=1, key="atk_steps"))
+    steps = int(c4.number_input("Steps", value=10, step=1, key="atk_steps", help="Square counts queries instead: below"))
     c5, c6, c7, c8 = st.columns(4)
     auto_step = c5.checkbox("Auto step size (2.5·ε/steps)", value=True, key="atk_auto_step")
     step_size = None if auto_step else float(c6.number_input("Step size", value=2 / 255, format="%.5f", key="atk_step"))
     n_samples = int(c7.number_input("Number of test images", value=64, step=16, key="atk_n"))
     seed = int(c8.number_input("Seed", value=0, step=1, key="atk_seed"))
-    c9, c10, c11 = st.columns(3)
+    c9, c10, c11, c12 = st.columns(4)
     targeted = c9.checkbox("Targeted", value=False, key="atk_targeted",
                            help="PGD and CW only; APGD-T and FAB-T choose their targets themselves")
     tmode = c10.selectbox("Target", ["random", "chosen", "least-likely"], key="atk_tmode")
     tclass = c11.selectbox("Target class (for 'chosen')", range(len(classes)), format_func=lambda i: classes[i],
                            key="atk_tclass")
-    submitted = st.form_submit_button("Run attack", type="primary")
+    queries = int(c12.number_input("Square: queries", value=SQUARE_QUERIES, step=100, key="atk_queries",
+                                   help="Square is a black-box attack: each query is one forward pass of the images "
+                                        "it has not broken yet. AutoAttack's standard evaluation uses 5,000 queries; "
+                                        f"{SQUARE_QUERIES} answer in seconds on a CPU and already lower the accuracy, "
+                                        "more keep lowering it."))
+    if name == "square":
+        steps = queries
+    b1, b2 = st.columns([1, 3])
+    submitted = b1.form_submit_button("Run attack", type="primary")
+    # form values reach the server only with a submit: attacking an upload needs its own submit button,
+    # so that it uses the settings on screen
+    upload_submitted = b2.form_submit_button("Attack my uploaded image (below) with these settings",
+                                             disabled=st.session_state.get("atk_upload") is None,
+                                             help="Upload a PNG or JPEG under 'Your own image' first")
 
 st.caption(ATTACKS[name].description)
 
@@ -73,8 +87,11 @@ def on_done(task):
     r = task.result
     st.session_state["atk_result"] = r
     hist = st.session_state.setdefault("atk_history", {})
-    s = r["spec"]
-    hist[f"{r['model']} · {ATTACKS[s.name].label} ε={s.eps:.4g} ({len(hist) + 1})"] = r["trace"].step_statistics("marginal")
+    label = f"{r['model']} · {describe_attack(r['spec'], classes)} ({len(hist) + 1})"
+    hist[label] = r["trace"].step_statistics("marginal")
+    # a new run is shown on the step curve; runs the user took off stay off (the selector is drawn after this)
+    if "atk_curves" in st.session_state:
+        st.session_state["atk_curves"] = [k for k in st.session_state["atk_curves"] if k in hist] + [label]
 
 
 if submitted:
@@ -115,8 +132,7 @@ if r is None:
 else:
     tr: EnergyTrace = r["trace"]
     s = r["spec"]
-    st.subheader(f"{ATTACKS[s.name].label}, {s.norm} ε = {s.eps:.4g}"
-                 + (f" ({s.eps * 255:.1f}/255)" if s.norm == "Linf" else "") + f", {s.steps} steps — {r['model']}")
+    st.subheader(f"{describe_attack(s, classes)} — {r['model']}")
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("Natural accuracy", f"{tr.natural_accuracy():.1%}")
     m2.metric("Robust accuracy", f"{tr.robust_accuracy():.1%}",
@@ -137,7 +153,8 @@ else:
                         width="stretch", config=fig.PLOT_CONFIG, key="fig_arrows")
     with b:
         hist = st.session_state.get("atk_history", {})
-        chosen = st.multiselect("Runs on the step curve", list(hist), default=list(hist)[-3:], key="atk_curves")
+        chosen = st.multiselect("Runs on the step curve", list(hist), key="atk_curves",
+                                default=None if "atk_curves" in st.session_state else list(hist)[-3:])
         series = {k: hist[k] for k in chosen} or {"this run": tr.step_statistics("marginal")}
         st.plotly_chart(fig.step_curve(series), width="stretch", config=fig.PLOT_CONFIG, key="fig_steps")
         if not tr.meta.get("per_step", True):
@@ -156,10 +173,17 @@ else:
             st.image(fig.to_uint8_image(fig.amplify(r["x_adv"][i] - r["x"][i])), caption="perturbation (amplified)",
                      width="stretch")
     d1, d2 = st.columns(2)
-    d1.download_button("Download trace (CSV)", tr.to_csv(), file_name="energy_trace.csv", mime="text/csv",
-                       key="dl_trace")
-    d2.download_button("Download examples (PNG)", fig.image_grid_png(np.concatenate([r["x"], r["x_adv"]])),
-                       file_name="examples.png", mime="image/png", key="dl_examples")
+    stem = f"{r['model']}_{attack_slug(s)}"
+    context = {"model": r["model"], "attack": s.name, "norm": s.norm, "eps": s.eps,
+               "eps_text": format_eps(s.eps, s.norm), "steps": s.steps, "targeted": s.targeted,
+               "target_mode": s.target_mode if s.targeted else "", "seed": s.seed}
+    d1.download_button("Download trace (CSV)", tr.to_csv(context), file_name=f"energy_trace_{stem}.csv",
+                       mime="text/csv", key="dl_trace")
+    nx = len(r["x"])
+    grid = np.concatenate([r["x"], r["x_adv"], np.stack([fig.amplify(d) for d in r["x_adv"] - r["x"]])])
+    d2.download_button("Download examples (PNG)",
+                       fig.image_grid_png(grid, ncol=nx, row_labels=["natural", "adversarial", "perturbation (amplified)"]),
+                       file_name=f"examples_{stem}.png", mime="image/png", key="dl_examples")
     st.caption("Each chart's camera icon saves it as PNG.")
 
 # ---------------------------------------------------------------- upload
@@ -185,15 +209,19 @@ if up is not None:
                         width="stretch", key="fig_upload_bars")
         true = st.selectbox("True label of this image", range(len(classes)), index=pred,
                             format_func=lambda i: classes[i], key="atk_upload_label")
-        if st.button("Attack this image with the settings above", key="atk_upload_run"):
+        if upload_submitted:  # the form's values are the ones on screen
             spec = AttackSpec(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, targeted=targeted,
                               target_mode=tmode, target_class=int(tclass), seed=seed)
             res = run_attack(lm.model, x1, torch.tensor([true]), spec)
-            t = res.trace
-            st.session_state["atk_upload_result"] = (x1.numpy(), res.x_adv.numpy(), t)
+            st.session_state["atk_upload_result"] = (x1.numpy(), res.x_adv.numpy(), res.trace, describe_attack(spec, classes))
+        else:
+            st.caption("Set the attack in the form above and press **Attack my uploaded image (below) with these "
+                       "settings**.")
     ur = st.session_state.get("atk_upload_result")
     if ur is not None:
-        x1n, xan, t = ur
+        x1n, xan, t, what = ur
+        if what:
+            st.markdown(f"**{what}**")
         c1, c2, c3 = st.columns(3)
         c1.image(fig.to_uint8_image(x1n[0]), caption=f"natural: pred {classes[int(t.pred[0, 0])]}, "
                  f"E(x)={t.marginal[0, 0]:.2f}, E(x,y)={t.joint[0, 0]:.2f}", width=180)
