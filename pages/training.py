@@ -264,7 +264,9 @@ def fmt_time(seconds) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-STATUS_ICON = {"queued": "⏳", "running": "🏃", "done": "✅", "failed": "❌", "stopped": "⏹️"}
+# Material icons (as the sidebar uses): emoji render as empty boxes in a browser without an emoji font
+STATUS_ICON = {"queued": ":material/hourglass_empty:", "running": ":material/directions_run:",
+               "done": ":material/check_circle:", "failed": ":material/error:", "stopped": ":material/stop_circle:"}
 
 
 def run_actions(info) -> None:
@@ -321,7 +323,8 @@ def runs_panel() -> None:
                 c1.markdown(f"{STATUS_ICON.get(info.status, '')} **{info.name}** · `{info.id}` · {info.status}  \n"
                             f"{cfg.get('method', '?')} · {cfg.get('dataset', '?')} · {cfg.get('arch', '?')} · "
                             f"{cfg.get('epochs', '?')} epochs · device {info.device} · "
-                            f"running time {fmt_time(info.duration)}")
+                            + ("waiting for a free slot" if info.status == "queued"
+                               else f"running time {fmt_time(info.duration)}"))
                 c1.progress(max(0.0, min(1.0, float(info.progress or 0.0))), text=info.message or info.status)
                 run_actions(info)
                 if info.status == "failed" and info.error:

@@ -271,3 +271,28 @@ def test_broken_run_folder_shows_a_message_not_a_traceback(runs, monkeypatch):
     no_crash(at)
     assert any("not readable" in e.value for e in at.error)          # the bad snapshot, reported
     assert any("ΔE during training" in s for s in chart_specs(at))   # Fig. 3 still drawn
+
+
+def test_run_list_shows_material_icons_and_no_running_time_while_queued(runs, monkeypatch):
+    """Issue 13 item 10: status icons are Material icons (emoji render as empty boxes without an emoji font),
+    and a queued run says it waits instead of showing a running time."""
+    from core import jobs
+
+    fixtures = Path(__file__).resolve().parent / "jobs_fixtures.py"
+    monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps({"train": f"{__file__}:fake_train_runner",
+                                                              "sleepy": f"{fixtures}:sleepy"}))
+    monkeypatch.setenv("ENERGYLENS_MAX_JOBS_PER_DEVICE", "1")
+    hold = jobs.submit("sleepy", {"steps": 600, "dt": 0.05}, device="cpu", runs_dir=runs)  # holds the cpu slot
+    try:
+        queued = jobs.submit("train", {"method": "sat", "dataset": "digits", "epochs": 3}, name="waiting run",
+                             device="cpu", runs_dir=runs)
+        at = open_page()
+        line = next(m.value for m in at.markdown if queued.id in m.value)
+        assert line.startswith(":material/hourglass_empty: **waiting run**"), line
+        assert "waiting for a free slot" in line and "running time" not in line, line
+        text = " ".join(m.value for m in at.markdown)
+        assert not [c for c in text if ord(c) >= 0x1F000 or c in "⏳⏹✅❌"], "emoji in the page"
+    finally:
+        for j in jobs.list_jobs(runs):
+            if j.active:
+                jobs.stop_job(j.id, runs, grace=5)
