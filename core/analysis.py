@@ -539,7 +539,9 @@ def _fmt_tick(v: float) -> str:
 def symlog_ticks(lo: float, hi: float, c: float = 1.0, max_ticks: int = 11) -> tuple[list[float], list[str]]:
     """Tick positions (in symlog units) and labels (original units) covering [lo, hi].
 
-    Ticks at 0 and +-10^k, and also at 2·10^k and 5·10^k when the range spans few decades.
+    Candidates are 0 and +-m·10^k (m = 1, 5, 2, in that order of preference, down to c/10); a candidate is
+    kept only when it lies at least 1/max_ticks of the axis span (in symlog units) from every kept tick, so
+    labels never overlap (e.g. ±0.1 next to 0 on a ±1 linear range). At most ``max_ticks`` ticks.
     """
     lo, hi = float(min(lo, hi)), float(max(lo, hi))
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -547,22 +549,27 @@ def symlog_ticks(lo: float, hi: float, c: float = 1.0, max_ticks: int = 11) -> t
     amax = max(abs(lo), abs(hi), c)
     kmin = math.floor(math.log10(c)) - 1
     kmax = math.ceil(math.log10(amax))
-    out = None
-    for mults in ((1, 2, 5), (1,)):
-        mags = [m * 10.0 ** k for k in range(kmin, kmax + 1) for m in mults]
-        # at least a tenth of c apart from 0 (smaller ticks crowd the linear region)
-        mags = sorted({round(m, 12) for m in mags if m >= c / 10})
-        vals = [0.0] + [m for m in mags] + [-m for m in mags]
-        tol = 1e-9 * amax
-        vals = sorted(v for v in vals if lo - tol <= v <= hi + tol)
-        out = vals
-        if len(vals) <= max_ticks:
+    tol = 1e-9 * amax
+    cands: list[float] = [0.0]
+    for m in (1, 5, 2):
+        for k in sorted(range(kmin, kmax + 1), key=lambda k: -abs(k - math.log10(c))):
+            v = round(m * 10.0 ** k, 12)
+            if v >= c / 10:
+                cands += [v, -v]
+    cands = [v for v in cands if lo - tol <= v <= hi + tol]
+    t_lo, t_hi = float(symlog(lo, c)), float(symlog(hi, c))
+    span = max(t_hi - t_lo, 1e-12)
+    gap = span / max(max_ticks, 1)
+    while True:
+        kept: list[float] = []
+        for v in cands:
+            t = float(symlog(v, c))
+            if all(abs(t - float(symlog(u, c))) >= gap for u in kept):
+                kept.append(v)
+        if len(kept) <= max_ticks:
             break
-    if out is not None and len(out) > max_ticks:  # thin to every other decade, keep 0
-        pos = [v for v in out if v > 0][::2]
-        out = sorted([-v for v in pos if -v >= lo] + ([0.0] if lo <= 0 <= hi else []) + [v for v in pos if v <= hi])
-    if not out:
-        out = [lo, hi]
+        gap *= 1.25
+    out = sorted(kept) or [lo, hi]
     return [float(symlog(v, c)) for v in out], [_fmt_tick(v) for v in out]
 
 

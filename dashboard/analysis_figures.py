@@ -61,7 +61,11 @@ def landscape_figure(results: Sequence[Any], c: float = 1.0, kind: str = "violin
                 fig.add_trace(go.Violin(box_visible=True, meanline_visible=True, points="all" if show_points else False,
                                         spanmode="hard", scalemode="width", width=0.9, **common), row=row, col=col)
         fig.add_hline(y=0, line=dict(color="black", width=0.6, dash="dot"), row=row, col=col)
-    fig.update_yaxes(tickvals=tickvals, ticktext=ticktext, zeroline=False)
+    # an explicit range over every (transformed) value: the auto range clipped the top of a long violin
+    t_all = symlog(allv, c) if allv.size else np.zeros(1)
+    t_lo, t_hi = min(float(t_all.min()), 0.0), max(float(t_all.max()), 0.0)
+    pad = 0.06 * max(t_hi - t_lo, 1e-3)
+    fig.update_yaxes(tickvals=tickvals, ticktext=ticktext, zeroline=False, range=[t_lo - pad, t_hi + pad])
     fig.update_yaxes(title_text=f"signed ΔE (symmetric log, linear within ±{c:g})", row=1, col=1)
     fig.update_xaxes(showticklabels=False)
     fig.update_layout(violinmode="group" if kind == "violin" else None, boxmode="group" if kind == "box" else None,
