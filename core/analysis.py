@@ -779,6 +779,7 @@ class SubsetSelection:
     mean_energy: dict[str, float]
     mean_energy_all: float
     seed: int = 0
+    e_x: np.ndarray | None = None       # E(x) of every training sample (for the preview histogram)
 
     def summary(self) -> dict[str, Any]:
         return {"size": self.size, "n_train": self.n_train, "n_correct": self.n_correct,
@@ -821,7 +822,7 @@ def select_subsets(e_x, correct, size: int | None = None, *, seed: int = 0) -> S
            "misclassified": np.sort(rng.choice(wrong, size=size, replace=False))}
     return SubsetSelection(indices=idx, size=size, n_train=int(e.size), n_correct=int(len(cor)),
                            n_misclassified=int(len(wrong)), mean_energy={k: float(e[v].mean()) for k, v in idx.items()},
-                           mean_energy_all=float(e.mean()), seed=seed)
+                           mean_energy_all=float(e.mean()), seed=seed, e_x=e)
 
 
 def _train_fields() -> set[str]:
