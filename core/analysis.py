@@ -47,7 +47,7 @@ from .models.checkpoint import LoadedModel
 from .storage import atomic_write, atomic_write_json
 
 __all__ = [
-    "LandscapeResult", "landscape", "landscape_table", "robustness_trend", "default_cache_dir", "model_sha256", "weights_sha256",
+    "LandscapeResult", "landscape", "drift_summary", "landscape_table", "robustness_trend", "default_cache_dir", "model_sha256", "weights_sha256",
     "file_sha256", "describe_ref", "validate_landscape_request", "sample_images", "load_landscape_results", "save_landscape_results", "run_landscape_job",
     "symlog", "symlog_inverse", "symlog_ticks",
     "SampleStats", "Correlation", "PerClassStats", "probabilistic_margin", "entropy", "correlation",
@@ -403,6 +403,25 @@ def landscape(models: Sequence[LoadedModel], x: torch.Tensor | None = None, y: t
         progress((i + 1) / k, f"{name}: done")
         out.append(res)
     return out
+
+
+DRIFT_MAX_IMAGES = 1000
+
+
+def drift_summary(lm: LoadedModel, *, max_images: int = DRIFT_MAX_IMAGES, seed: int = 0,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """The README's per-model drift: PGD-10 at the dataset's L∞ budget (the zoo model's own budget) on the
+    model's test set (all of it, at most ``max_images``), through :func:`landscape` and its disk cache.
+    Returns :meth:`LandscapeResult.summary` (``dE_abs_mean`` = mean |ΔE(x)|) plus ``eps`` and ``steps``."""
+    from .data import load_dataset
+    from .evaluation import default_eps
+
+    ds = load_dataset(lm.meta.dataset, "test")
+    n = min(len(ds), int(max_images))
+    eps = default_eps(lm.meta, "Linf")
+    spec = AttackSpec("pgd", eps=eps, steps=10, seed=seed, batch_size=128)
+    res = landscape([lm], spec=spec, n=n, seed=seed, split="test", names=[_model_name(lm)], progress=progress)[0]
+    return {**res.summary(), "eps": eps, "steps": 10}
 
 
 def landscape_table(results: Sequence[LandscapeResult], sort: bool = True) -> list[dict[str, Any]]:

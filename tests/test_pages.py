@@ -221,3 +221,36 @@ def test_attack_lab_square_defaults_to_hundreds_of_queries_and_says_why():
     _wait_attack(_submit(at, "Run attack"), 0)
     assert at.session_state["atk_result"]["spec"].steps == 20
     assert "20 queries" in list(at.session_state["atk_history"])[0]
+
+
+def test_models_table_formats_values_and_measures_the_readmes_drift(tmp_path, monkeypatch):
+    """Issue 13 item 10: percentages instead of 0.9861, ε as 16/255, no raw None; the drift column is the
+    README's mean |ΔE(x)| (PGD-10 on the test set, 2.56 for digits-plain), measured on request."""
+    from core.models import registry
+
+    monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
+    real = registry.list_bundled
+    monkeypatch.setattr(registry, "list_bundled",
+                        lambda folder=registry.BUNDLED_DIR: [e for e in real(folder) if e[0].name == "digits-plain"])
+    at = fresh_app()
+    at.switch_page("../pages/models.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    df = at.dataframe[0].value
+    row = df[df["name"] == "digits-plain"].iloc[0]
+    assert row["natural acc."] == "98.6%" and row["PGD acc."] == "0.8%", row.to_dict()
+    assert row["training ε"] == "16/255" and row["epoch"] == "15", row.to_dict()
+    assert row["mean |ΔE(x)| (PGD-10, test)"] == "–" and row["ΔE(x) in training (probe, signed mean)"] == "-1.218"
+    assert "None" not in df.astype(str).to_numpy().ravel().tolist()
+    zoo = at.dataframe[-1].value
+    acc = zoo["clean acc."]
+    assert (acc.str.endswith("%") | (acc == "–")).all() and acc.str.endswith("%").any(), acc.tolist()
+    assert set(zoo["ε"]) <= {"8/255", "0.5"}
+    at.button(key="models_measure_bundled").click().run()
+    t0 = time.time()
+    while at.session_state["models_drift_task_bundled"] is not None and not at.session_state["models_drift_task_bundled"].done:
+        assert time.time() - t0 < 120, "measuring did not finish"
+        time.sleep(0.5)
+    at.run()
+    assert not at.exception and not at.error, ([e.message for e in at.exception], [e.value for e in at.error])
+    df = at.dataframe[0].value
+    assert df[df["name"] == "digits-plain"].iloc[0]["mean |ΔE(x)| (PGD-10, test)"] == "2.56 (N = 359)"
