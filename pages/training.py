@@ -88,14 +88,26 @@ if pre:
         st.session_state["tr_form_ver"] = ver + 1
         st.rerun()
 
-methods, datasets = list(METHODS), list(DATASETS)
+NPZ = "npz"  # the choice "your own .npz file": the dataset is then "npz:<path>"
+methods, datasets = list(METHODS), list(DATASETS) + [NPZ]
+pre_ds = pre.get("dataset")
+pre_choice = NPZ if isinstance(pre_ds, str) and pre_ds.startswith("npz:") else pre_ds
 c1, c2 = st.columns(2)
 method = c1.selectbox("Method", methods, index=methods.index(pre["method"]) if pre.get("method") in methods else
                       methods.index("sat"), key=f"tr_method_{ver}",
                       help="Table 1c: SAT = PGD-CE, TRADES = CE + β·KL, MART, MAIL-TRADES, WEAT (energy weights)")
-dataset = c2.selectbox("Dataset", datasets, index=datasets.index(pre["dataset"]) if pre.get("dataset") in datasets
-                       else 0, key=f"tr_dataset_{ver}",
-                       format_func=lambda d: f"{d} — {DATASETS[d].description}")
+choice = c2.selectbox("Dataset", datasets, index=datasets.index(pre_choice) if pre_choice in datasets else 0,
+                      key=f"tr_dataset_{ver}",
+                      format_func=lambda d: "your own .npz file (npz:<path>)" if d == NPZ else
+                      f"{d} — {DATASETS[d].description}")
+if choice == NPZ:
+    npz_path = c2.text_input("Path of the .npz file", value=pre_ds[4:] if pre_choice == NPZ else "",
+                             key=f"tr_npz_{ver}", placeholder="/data/my_images.npz",
+                             help="Arrays x (N×H×W×3 or N×3×H×W, uint8 or floats in [0, 1]) and y (integer labels); "
+                                  "a fixed slice of it is held out for evaluation")
+    dataset = f"npz:{npz_path.strip()}"
+else:
+    dataset = choice
 dd = dataset_defaults(dataset)
 P = pre if pre.get("dataset") == dataset else {}    # prefill only applies to the run's own dataset
 
@@ -106,7 +118,7 @@ def pv(name, default):
     return default if v is None else v
 
 
-sfx = f"{ver}_{dataset}"
+sfx = f"{ver}_{choice}"  # not the npz path: typing it must not reset the form
 lcfg = METHODS[method]
 with st.form(f"tr_form_{ver}"):
     a1, a2, a3 = st.columns([2, 1, 1])
@@ -211,6 +223,8 @@ def form_config() -> dict:
 
 def validate(cfg: dict) -> TrainConfig:
     """TrainConfig.validate with the real training-set size; raises EnergyLensError with the message."""
+    if cfg["dataset"] == "npz:":
+        raise InputError("enter the path of your .npz file (arrays x and y) under Dataset")
     if cfg["eps"] < 0:
         raise InputError(f"ε must be >= 0, got {cfg['eps'] * 255:g}/255")
     if cfg.get("train_limit", 1) < 0:

@@ -296,3 +296,37 @@ def test_run_list_shows_material_icons_and_no_running_time_while_queued(runs, mo
         for j in jobs.list_jobs(runs):
             if j.active:
                 jobs.stop_job(j.id, runs, grace=5)
+
+
+def test_training_form_can_pick_an_npz_dataset(runs, tmp_path):
+    """Issue 13 item 10: the Dataset choice offers 'your own .npz file'; its path becomes dataset npz:<path>,
+    which is validated (a missing file is a clear error) and written to the CLI config."""
+    from core import jobs
+
+    x = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(300) % 10
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=x, y=y)
+    at = open_page()
+    ds = next(s for s in at.selectbox if s.key.startswith("tr_dataset_"))
+    assert "npz" in ds.options[-1]
+    ds.set_value("npz").run()
+    no_crash(at)
+    box = next(t for t in at.text_input if t.key.startswith("tr_npz_"))
+    next(b for b in at.button if b.key.startswith("tr_check_")).click().run()
+    assert any("enter the path of your .npz file" in e.value for e in at.error), [e.value for e in at.error]
+    box.set_value(str(tmp_path / "missing.npz")).run()
+    set_form(at, epochs=2, bs=64)
+    next(b for b in at.button if b.key.startswith("tr_check_")).click().run()
+    no_crash(at)
+    assert any("dataset file not found" in e.value for e in at.error), [e.value for e in at.error]
+    next(t for t in at.text_input if t.key.startswith("tr_npz_")).set_value(str(path)).run()
+    set_form(at, epochs=2, bs=64)
+    next(b for b in at.button if b.key.startswith("tr_check_")).click().run()
+    no_crash(at)
+    assert not at.error, [e.value for e in at.error]
+    assert any("The settings are valid" in s.value for s in at.success)
+    code = "\n".join(c.value for c in at.code)
+    cfg = json.loads(code.split("<<'EOF'\n", 1)[1].split("\nEOF", 1)[0])
+    assert cfg["dataset"] == f"npz:{path}" and cfg["epochs"] == 2
+    assert jobs.list_jobs(runs) == []
