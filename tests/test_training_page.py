@@ -59,7 +59,8 @@ def wait_done(job_id: str, timeout: float = 300.0):
 
 
 def chart_specs(at) -> list[str]:
-    return [el.proto.spec for el in at.get("plotly_chart")]
+    """The charts' JSON re-serialised without ASCII escapes (plotly's json engine writes ΔE as \\u0394E)."""
+    return [json.dumps(json.loads(el.proto.spec), ensure_ascii=False) for el in at.get("plotly_chart")]
 
 
 def set_form(at, **values):
