@@ -107,7 +107,9 @@ def test_landscape_computes_for_two_bundled_models(env):
     assert _wait(at, lambda a: len(_charts(a)) >= 2 or a.exception or _errors(a))
     assert not at.exception, [e.message for e in at.exception]
     assert not _errors(at), _errors(at)
-    spec = _charts(at)[0].proto.spec
+    import json
+
+    spec = json.dumps(json.loads(_charts(at)[0].proto.spec), ensure_ascii=False)  # plotly's json writes ΔE as \u0394E
     assert "robust acc." in spec and "ΔE(x)" in spec and "ΔE(x,y)" in spec
     assert at.dataframe, "the table behind the plot is shown"
     # the same request again is served from the disk cache
