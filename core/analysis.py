@@ -47,7 +47,7 @@ from .models.checkpoint import LoadedModel
 from .storage import atomic_write, atomic_write_json
 
 __all__ = [
-    "LandscapeResult", "landscape", "landscape_table", "robustness_trend", "default_cache_dir", "model_sha256", "weights_sha256",
+    "LandscapeResult", "landscape", "drift_summary", "landscape_table", "robustness_trend", "default_cache_dir", "model_sha256", "weights_sha256",
     "file_sha256", "describe_ref", "validate_landscape_request", "sample_images", "load_landscape_results", "save_landscape_results", "run_landscape_job",
     "symlog", "symlog_inverse", "symlog_ticks",
     "SampleStats", "Correlation", "PerClassStats", "probabilistic_margin", "entropy", "correlation",
@@ -405,6 +405,25 @@ def landscape(models: Sequence[LoadedModel], x: torch.Tensor | None = None, y: t
     return out
 
 
+DRIFT_MAX_IMAGES = 1000
+
+
+def drift_summary(lm: LoadedModel, *, max_images: int = DRIFT_MAX_IMAGES, seed: int = 0,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """The README's per-model drift: PGD-10 at the dataset's L∞ budget (the zoo model's own budget) on the
+    model's test set (all of it, at most ``max_images``), through :func:`landscape` and its disk cache.
+    Returns :meth:`LandscapeResult.summary` (``dE_abs_mean`` = mean |ΔE(x)|) plus ``eps`` and ``steps``."""
+    from .data import load_dataset
+    from .evaluation import default_eps
+
+    ds = load_dataset(lm.meta.dataset, "test")
+    n = min(len(ds), int(max_images))
+    eps = default_eps(lm.meta, "Linf")
+    spec = AttackSpec("pgd", eps=eps, steps=10, seed=seed, batch_size=128)
+    res = landscape([lm], spec=spec, n=n, seed=seed, split="test", names=[_model_name(lm)], progress=progress)[0]
+    return {**res.summary(), "eps": eps, "steps": 10}
+
+
 def landscape_table(results: Sequence[LandscapeResult], sort: bool = True) -> list[dict[str, Any]]:
     """One summary row per model (the table behind Fig. 4), sorted by robust accuracy when ``sort``."""
     rows = [r.summary() for r in results]
@@ -539,7 +558,9 @@ def _fmt_tick(v: float) -> str:
 def symlog_ticks(lo: float, hi: float, c: float = 1.0, max_ticks: int = 11) -> tuple[list[float], list[str]]:
     """Tick positions (in symlog units) and labels (original units) covering [lo, hi].
 
-    Ticks at 0 and +-10^k, and also at 2·10^k and 5·10^k when the range spans few decades.
+    Candidates are 0 and +-m·10^k (m = 1, 5, 2, in that order of preference, down to c/10); a candidate is
+    kept only when it lies at least 1/max_ticks of the axis span (in symlog units) from every kept tick, so
+    labels never overlap (e.g. ±0.1 next to 0 on a ±1 linear range). At most ``max_ticks`` ticks.
     """
     lo, hi = float(min(lo, hi)), float(max(lo, hi))
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -547,22 +568,27 @@ def symlog_ticks(lo: float, hi: float, c: float = 1.0, max_ticks: int = 11) -> t
     amax = max(abs(lo), abs(hi), c)
     kmin = math.floor(math.log10(c)) - 1
     kmax = math.ceil(math.log10(amax))
-    out = None
-    for mults in ((1, 2, 5), (1,)):
-        mags = [m * 10.0 ** k for k in range(kmin, kmax + 1) for m in mults]
-        # at least a tenth of c apart from 0 (smaller ticks crowd the linear region)
-        mags = sorted({round(m, 12) for m in mags if m >= c / 10})
-        vals = [0.0] + [m for m in mags] + [-m for m in mags]
-        tol = 1e-9 * amax
-        vals = sorted(v for v in vals if lo - tol <= v <= hi + tol)
-        out = vals
-        if len(vals) <= max_ticks:
+    tol = 1e-9 * amax
+    cands: list[float] = [0.0]
+    for m in (1, 5, 2):
+        for k in sorted(range(kmin, kmax + 1), key=lambda k: -abs(k - math.log10(c))):
+            v = round(m * 10.0 ** k, 12)
+            if v >= c / 10:
+                cands += [v, -v]
+    cands = [v for v in cands if lo - tol <= v <= hi + tol]
+    t_lo, t_hi = float(symlog(lo, c)), float(symlog(hi, c))
+    span = max(t_hi - t_lo, 1e-12)
+    gap = span / max(max_ticks, 1)
+    while True:
+        kept: list[float] = []
+        for v in cands:
+            t = float(symlog(v, c))
+            if all(abs(t - float(symlog(u, c))) >= gap for u in kept):
+                kept.append(v)
+        if len(kept) <= max_ticks:
             break
-    if out is not None and len(out) > max_ticks:  # thin to every other decade, keep 0
-        pos = [v for v in out if v > 0][::2]
-        out = sorted([-v for v in pos if -v >= lo] + ([0.0] if lo <= 0 <= hi else []) + [v for v in pos if v <= hi])
-    if not out:
-        out = [lo, hi]
+        gap *= 1.25
+    out = sorted(kept) or [lo, hi]
     return [float(symlog(v, c)) for v in out], [_fmt_tick(v) for v in out]
 
 
@@ -772,6 +798,7 @@ class SubsetSelection:
     mean_energy: dict[str, float]
     mean_energy_all: float
     seed: int = 0
+    e_x: np.ndarray | None = None       # E(x) of every training sample (for the preview histogram)
 
     def summary(self) -> dict[str, Any]:
         return {"size": self.size, "n_train": self.n_train, "n_correct": self.n_correct,
@@ -814,7 +841,7 @@ def select_subsets(e_x, correct, size: int | None = None, *, seed: int = 0) -> S
            "misclassified": np.sort(rng.choice(wrong, size=size, replace=False))}
     return SubsetSelection(indices=idx, size=size, n_train=int(e.size), n_correct=int(len(cor)),
                            n_misclassified=int(len(wrong)), mean_energy={k: float(e[v].mean()) for k, v in idx.items()},
-                           mean_energy_all=float(e.mean()), seed=seed)
+                           mean_energy_all=float(e.mean()), seed=seed, e_x=e)
 
 
 def _train_fields() -> set[str]:

@@ -141,8 +141,12 @@ class EnergyTrace:
                 rows.append(row)
         return rows
 
-    def to_csv(self) -> str:
+    def to_csv(self, context: dict[str, Any] | None = None) -> str:
+        """The rows of :meth:`to_rows` as CSV; ``context`` (e.g. model, attack, ε) becomes leading columns
+        repeated on every row, so an exported file says what it is."""
         rows = self.to_rows()
+        if context:
+            rows = [{**context, **r} for r in rows]
         buf = io.StringIO()
         if rows:
             w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))

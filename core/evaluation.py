@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .attacks import AttackSpec, run_attack
-from .attacks.base import eval_mode
+from .attacks.base import eval_mode, format_eps
 from .errors import EnergyLensError, InputError
 from .models import device_of
 from .storage import atomic_write_json
@@ -105,7 +105,7 @@ def resolve_config(config: dict, meta=None) -> dict:
         cfg["eps"] = default_eps(meta, cfg["norm"])
     cfg["eps"] = float(cfg["eps"])
     if not math.isfinite(cfg["eps"]) or cfg["eps"] < 0:
-        raise InputError(f"epsilon must be a finite number >= 0, got {cfg['eps']}")
+        raise InputError(f"epsilon must be a finite number >= 0, got {format_eps(cfg['eps'], cfg['norm'])}")
     if cfg["pgd_step_size"] is None:
         cfg["pgd_step_size"] = cfg["eps"] / 4
     cfg["pgd_step_size"] = float(cfg["pgd_step_size"])

@@ -149,8 +149,9 @@ class JobInfo:
 
     @property
     def duration(self) -> float | None:
-        """Seconds since the (last) start, up to the end when finished."""
-        if self.started is None:
+        """Seconds since the (last) start, up to the end when finished; None while queued (a resumed job
+        waiting for its slot keeps its previous start time, which must not count as running time)."""
+        if self.started is None or self.status == "queued":
             return None
         return (self.finished or time.time()) - self.started
 

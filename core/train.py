@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .attacks import AttackSpec, run_attack
-from .attacks.base import eval_mode, is_oom_error
+from .attacks.base import eval_mode, format_eps, is_oom_error
 from .attacks.gradient import gradient_attack
 from .data import augment as augment_batch
 from .data import dataset_spec, load_dataset, probe_indices
@@ -115,7 +115,7 @@ class TrainConfig:
         if self.lr == 0:
             raise InputError("learning rate must be > 0")
         if self.eps is not None and (not math.isfinite(self.eps) or self.eps < 0 or self.eps > 1):
-            raise InputError(f"epsilon must lie in [0, 1], got {self.eps}")
+            raise InputError(f"epsilon must lie in [0, 1] (0 to 255/255), got {format_eps(self.eps)}")
         if self.step_size is not None and not (self.step_size > 0):
             raise InputError(f"step size must be > 0, got {self.step_size}")
         if self.beta is not None and not (self.beta >= 0):

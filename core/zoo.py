@@ -21,7 +21,9 @@ readable :class:`~core.errors.ZooError` messages instead of tracebacks:
 * an HTML page saved as ``.pt`` (Google Drive quota/login page, RobustBench's infamous
   ``invalid load key, '<'``) -> refused before loading, with :func:`quarantine` to move it aside;
 * a pickle that would run code -> refused: loading is forced to ``weights_only=True``;
-* a file for another architecture -> "does not match architecture ...".
+* a file for another architecture -> "does not match architecture ...";
+* a download without internet (DNS failure, refused or timed-out connection) -> "needs internet",
+  with the URL and the exact path to put the file at by hand (never "could not read the folder").
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import difflib
 import importlib.util
 import os
 import re
+import socket
 import threading
+import urllib.error
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -641,12 +645,57 @@ def _summarise_load_error(text: str) -> str:
     return "; ".join(parts)
 
 
+#: Exception classes (by name, in requests / urllib3) that mean "the server could not be reached".
+_NETWORK_CLASSES = {"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "ProxyError", "NewConnectionError",
+                    "NameResolutionError", "MaxRetryError", "ConnectTimeoutError", "ReadTimeoutError", "ProtocolError"}
+#: ... and the messages they (or the OS) carry when wrapped in something else.
+_NETWORK_TEXT = ("NameResolutionError", "Temporary failure in name resolution", "Name or service not known",
+                 "nodename nor servname", "getaddrinfo failed", "Failed to establish a new connection",
+                 "Max retries exceeded", "Network is unreachable", "No route to host", "Connection refused",
+                 "timed out")
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """True when ``e`` (or an exception it wraps) says the download server could not be reached: DNS
+    failures, refused / reset / timed-out connections from socket, urllib, requests, urllib3 or gdown.
+    An HTTP error *response* (the server answered) is not one."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen and len(seen) < 20:
+        seen.add(id(cur))
+        if isinstance(cur, urllib.error.HTTPError):
+            return False
+        if isinstance(cur, (socket.gaierror, socket.herror, socket.timeout, ConnectionError, TimeoutError,
+                            urllib.error.URLError)):
+            return True
+        for k in type(cur).__mro__:
+            if k.__module__.split(".")[0] in ("requests", "urllib3", "gdown") and k.__name__ in _NETWORK_CLASSES:
+                return True
+        if type(cur).__module__.split(".")[0] in ("requests", "urllib3", "gdown") and \
+                any(t in str(cur) for t in _NETWORK_TEXT):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _network_message(e: BaseException, entry: ZooEntry, files: list[Path]) -> str:
+    urls = entry.urls
+    where = "\n".join(str(p) for p in files) or "?"
+    return (f"Downloading RobustBench model '{entry.name}' ({entry.dataset}, {entry.threat_model}) needs internet "
+            f"access, and the download server could not be reached ({type(e).__name__}: {_first_line(e, 160)}). "
+            f"Connect to the internet and try again, or download the file on another machine"
+            f"{' from ' + ' and '.join(urls) if urls else ''} and put it by hand exactly at {where}; it then loads "
+            "offline.")
+
+
 def _translate(e: BaseException, entry: ZooEntry, files: list[Path]) -> ZooError:
     """A readable ZooError for whatever robustbench / torch raised."""
     text = str(e)
     label = f"'{entry.name}' ({entry.dataset}, {entry.threat_model})"
     if isinstance(e, _DownloadBlocked):
         return ZooError(_missing_message(entry, Path(text)))
+    if _is_network_error(e):  # before the OSError branch: requests' errors are OSErrors too
+        return ZooError(_network_message(e, entry, files))
     for p in files:
         kind = sniff_format(p)
         if kind not in _OK_FORMATS and kind != "missing":

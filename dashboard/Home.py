@@ -10,9 +10,10 @@ import common  # noqa: E402  (also puts the repo root on sys.path for `core`)
 
 import streamlit as st  # noqa: E402
 
-st.set_page_config(page_title="EnergyLens", page_icon=":material/flare:", layout="wide")
-
 HERE = Path(__file__).resolve().parent
+# A local file: a ":material/...:" page icon makes the browser fetch the favicon from fonts.gstatic.com.
+st.set_page_config(page_title="EnergyLens", page_icon=str(HERE / "assets" / "favicon.svg"), layout="wide")
+
 PAGES = [
     ("home", "Home", ":material/home:", True),
     ("models", "Models", ":material/inventory_2:", False),

@@ -61,7 +61,11 @@ def landscape_figure(results: Sequence[Any], c: float = 1.0, kind: str = "violin
                 fig.add_trace(go.Violin(box_visible=True, meanline_visible=True, points="all" if show_points else False,
                                         spanmode="hard", scalemode="width", width=0.9, **common), row=row, col=col)
         fig.add_hline(y=0, line=dict(color="black", width=0.6, dash="dot"), row=row, col=col)
-    fig.update_yaxes(tickvals=tickvals, ticktext=ticktext, zeroline=False)
+    # an explicit range over every (transformed) value: the auto range clipped the top of a long violin
+    t_all = symlog(allv, c) if allv.size else np.zeros(1)
+    t_lo, t_hi = min(float(t_all.min()), 0.0), max(float(t_all.max()), 0.0)
+    pad = 0.06 * max(t_hi - t_lo, 1e-3)
+    fig.update_yaxes(tickvals=tickvals, ticktext=ticktext, zeroline=False, range=[t_lo - pad, t_hi + pad])
     fig.update_yaxes(title_text=f"signed ΔE (symmetric log, linear within ±{c:g})", row=1, col=1)
     fig.update_xaxes(showticklabels=False)
     fig.update_layout(violinmode="group" if kind == "violin" else None, boxmode="group" if kind == "box" else None,
@@ -128,7 +132,10 @@ def per_class_figure(rows: Sequence[dict], corr: dict | None = None) -> go.Figur
                              name="entropy"), row=2, col=1)
     fig.add_trace(go.Scatter(x=names, y=[r["energy"] for r in rows], mode="lines+markers", marker_color=MARG_COLOR,
                              name="E(x)"), row=3, col=1)
-    fig.update_xaxes(type="category", title_text="class (sorted by error)", row=3, col=1)
+    # one categorical axis for all three rows, in the same error order: numeric-looking class names ("0".."9")
+    # would otherwise give the upper rows a linear axis sorted by value
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=names, showticklabels=True)
+    fig.update_xaxes(title_text="class (sorted by error)", row=3, col=1)
     fig.update_layout(showlegend=False)
     for a in fig.layout.annotations:
         a.font = dict(size=12)
@@ -215,8 +222,31 @@ def embedding_figure(coords: np.ndarray, color_by: str, *, energy: np.ndarray, l
     return _margin(fig, 540, top=50)
 
 
+def customdata_index(cd: Any) -> int | None:
+    """``customdata[0]`` of one selected point, in every shape the Streamlit frontend sends it.
+
+    * ``{"0": 28}``: Streamlit 1.67 with plotly.py >= 6 (numpy customdata travels as a typed array; plotly.js
+      decodes an N x 1 array to one typed array per point, which JSON turns into an object with string index keys);
+    * ``[28]``: customdata given as Python lists;
+    * ``28`` (or ``"28"``): one-dimensional customdata.
+
+    Returns None for anything else (no customdata, NaN, a non-integer).
+    """
+    if isinstance(cd, dict):
+        cd = cd.get("0", cd.get(0)) if cd else None
+    elif isinstance(cd, (list, tuple)):
+        cd = cd[0] if cd else None
+    if cd is None or isinstance(cd, bool):
+        return None
+    try:
+        v = float(cd)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if np.isfinite(v) and v == int(v) else None
+
+
 def selection_indices(event: Any) -> list[int]:
-    """Global point indices (customdata[0]) of a ``st.plotly_chart(on_select=...)`` selection."""
+    """Global point indices (customdata[0]) of a ``st.plotly_chart(on_select=...)`` selection, sorted, unique."""
     sel = None
     try:
         sel = event.selection if hasattr(event, "selection") else (event or {}).get("selection")
@@ -224,12 +254,10 @@ def selection_indices(event: Any) -> list[int]:
         sel = None
     pts = (sel or {}).get("points", []) if isinstance(sel, dict) else getattr(sel, "points", []) or []
     out = []
-    for p in pts:
-        cd = p.get("customdata")
-        if isinstance(cd, (list, tuple)) and cd:
-            out.append(int(cd[0]))
-        elif isinstance(cd, (int, float)):
-            out.append(int(cd))
+    for p in pts or []:
+        i = customdata_index(p.get("customdata")) if isinstance(p, dict) else None
+        if i is not None and i >= 0:
+            out.append(i)
     return sorted(set(out))
 
 

@@ -14,6 +14,27 @@ ADV_COLOR = "#d62728"
 PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2, "filename": "energylens"}}
 
 
+def _padded(*arrays, frac: float = 0.05) -> list[float]:
+    """[lo, hi] of the finite values of ``arrays``, padded by ``frac`` of the span (at least 0.05)."""
+    v = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return [-1.0, 1.0]
+    lo, hi = float(v.min()), float(v.max())
+    pad = max(frac * (hi - lo), 0.05)
+    return [lo - pad, hi + pad]
+
+
+def _zero_loss_line(fig: go.Figure, xr: list[float], yr: list[float]) -> None:
+    """The dashed E(x,y) = E(x) line across the plot; the axes keep the data's own ranges, so a diagonal far
+    from the points (e.g. at epoch 1, E(x,y) well above E(x)) no longer squashes them into a corner."""
+    lo, hi = min(xr[0], yr[0]), max(xr[1], yr[1])
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="zero loss: E(x,y) = E(x)",
+                             line=dict(color="black", dash="dash", width=1)))
+    fig.update_xaxes(range=xr)
+    fig.update_yaxes(range=yr)
+
+
 def energy_arrows(e_nat: np.ndarray, ey_nat: np.ndarray, e_adv: np.ndarray, ey_adv: np.ndarray,
                   title: str = "Energy drift: natural → adversarial", max_arrows: int = 2000, labels=None,
                   x_range: tuple[float, float] | None = None, y_range: tuple[float, float] | None = None) -> go.Figure:
@@ -47,11 +68,7 @@ def energy_arrows(e_nat: np.ndarray, ey_nat: np.ndarray, e_adv: np.ndarray, ey_a
             marker=dict(symbol=sym, size=size, angleref="previous", color=col, colorscale="Blues", cmin=0,
                         colorbar=dict(title="drift"), line=dict(width=0)),
             text=text, hoverinfo="text", showlegend=False))
-        lo = float(np.nanmin([e_nat.min(), e_adv.min(), ey_nat.min(), ey_adv.min()]))
-        hi = float(np.nanmax([e_nat.max(), e_adv.max(), ey_nat.max(), ey_adv.max()]))
-        pad = 0.05 * (hi - lo + 1e-6)
-        fig.add_trace(go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="zero loss: E(x,y) = E(x)",
-                                 line=dict(color="black", dash="dash", width=1)))
+        _zero_loss_line(fig, _padded(e_nat, e_adv), _padded(ey_nat, ey_adv))
     fig.update_layout(title=title, xaxis_title="marginal energy E(x)", yaxis_title="joint energy E(x, y)",
                       height=480, margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.15))
     if x_range is not None:
@@ -84,10 +101,7 @@ def natural_energies(e_nat: np.ndarray, ey_nat: np.ndarray, labels: list[str], c
         fig.add_trace(go.Scatter(x=e_nat[sel], y=ey_nat[sel], mode="markers", name=str(c), marker=dict(size=6),
                                  hovertemplate="E(x) %{x:.2f}<br>E(x,y) %{y:.2f}"))
     if len(e_nat):
-        lo, hi = float(min(e_nat.min(), ey_nat.min())), float(max(e_nat.max(), ey_nat.max()))
-        pad = 0.05 * (hi - lo + 1e-6)
-        fig.add_trace(go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines",
-                                 name="zero loss: E(x,y) = E(x)", line=dict(color="black", dash="dash", width=1)))
+        _zero_loss_line(fig, _padded(e_nat), _padded(ey_nat))
     fig.update_layout(title=title, xaxis_title="marginal energy E(x)", yaxis_title="joint energy E(x, y)", height=420,
                       margin=dict(l=10, r=10, t=50, b=10))
     return fig
@@ -156,9 +170,10 @@ def amplify(delta: np.ndarray) -> np.ndarray:
     return 0.5 + 0.5 * delta / m
 
 
-def image_grid_png(images: np.ndarray, ncol: int = 8, scale: int = 2) -> bytes:
-    """N x C x H x W float [0,1] -> PNG bytes of a grid."""
-    from PIL import Image
+def image_grid_png(images: np.ndarray, ncol: int = 8, scale: int = 2, row_labels: list[str] | None = None) -> bytes:
+    """N x C x H x W float [0,1] -> PNG bytes of a grid, ``ncol`` images per row. With ``row_labels`` each
+    grid row gets its label written in a white strip on the left (e.g. natural / adversarial / perturbation)."""
+    from PIL import Image, ImageDraw, ImageFont
 
     n = len(images)
     if n == 0:
@@ -173,6 +188,21 @@ def image_grid_png(images: np.ndarray, ncol: int = 8, scale: int = 2) -> bytes:
             u = np.repeat(u, 3, axis=2)
         grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, q * (w + 2) + 1:q * (w + 2) + 1 + w] = u
     img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    if row_labels:
+        row_h = (h + 2) * scale
+        try:
+            font = ImageFont.load_default(size=max(10, min(16, row_h // 3)))
+        except TypeError:  # Pillow < 10.1: the fixed bitmap font
+            font = ImageFont.load_default()
+        draw = ImageDraw.Draw(img)
+        strip = 8 + max(int(draw.textlength(str(t), font=font)) for t in row_labels)
+        out = Image.new("RGB", (img.width + strip, img.height), "white")
+        out.paste(img, (strip, 0))
+        draw = ImageDraw.Draw(out)
+        for r, label in enumerate(row_labels[:nrow]):
+            top, bottom = draw.textbbox((0, 0), str(label), font=font)[1::2]
+            draw.text((4, r * row_h + (row_h - (bottom - top)) // 2 - top), str(label), fill=(0, 0, 0), font=font)
+        img = out
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

@@ -57,7 +57,9 @@ def phase_figure(epochs: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndar
         fig.add_trace(go.Scatter(x=epochs, y=vals, mode="lines", name=label,
                                  line=dict(color=c, width=1.8, dash="solid" if j == 0 else "dash"),
                                  hovertemplate=f"{label}: %{{y:.1%}}<extra></extra>"), secondary_y=True)
-    if epochs.size and phase is not None:
+    # phases are shaded only when the detector found a boundary: with too few epochs (or no distinct phase 1
+    # and no phase 3) the caption says it cannot tell, and the plot must not claim a "phase 2"
+    if epochs.size and phase is not None and (phase.phase1_end is not None or phase.phase3_start is not None):
         x0, x1 = float(epochs.min()), float(epochs.max())
         p1 = phase.phase1_end if phase.phase1_end is not None else x0
         p3 = phase.phase3_start if phase.phase3_start is not None else x1
@@ -74,8 +76,27 @@ def phase_figure(epochs: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndar
     fig.update_layout(title=title, height=height, hovermode="x unified", **LAYOUT)
     fig.update_xaxes(title_text="epoch")
     fig.update_yaxes(title_text="energy gap (training probe set)", secondary_y=False)
-    fig.update_yaxes(title_text="test error", tickformat=".0%", secondary_y=True, showgrid=False)
+    fig.update_yaxes(title_text="test error", tickformat=".0%", secondary_y=True, showgrid=False,
+                     **error_axis([v for v in errors.values()]))
     return fig
+
+
+def error_axis(series) -> dict:
+    """Round ticks for an error axis in [0, 1]: a range on multiples of 5, 10 or 20 % that covers the finite
+    values, ticks on those multiples (plotly's own choice on a secondary axis gives ticks like 89 %, 74 %, 58 %)."""
+    vals = np.concatenate([np.asarray(v, dtype=float).ravel() for v in series]) if len(series) else np.zeros(0)
+    vals = vals[np.isfinite(vals)]
+    if not vals.size:
+        return dict(range=[0.0, 1.0], tickmode="linear", tick0=0.0, dtick=0.2)
+    lo, hi = max(0.0, float(vals.min())), min(1.0, float(vals.max()))
+    span = hi - lo
+    dtick = 0.05 if span <= 0.25 else 0.1 if span <= 0.6 else 0.2
+    a = max(0.0, np.floor(lo / dtick + 1e-9) * dtick)
+    b = min(1.0, np.ceil(hi / dtick - 1e-9) * dtick)
+    if b - a < dtick:
+        b = min(1.0, a + dtick) if a + dtick <= 1.0 else b
+        a = b - dtick
+    return dict(range=[round(float(a), 4), round(float(b), 4)], tickmode="linear", tick0=0.0, dtick=dtick)
 
 
 def weight_figure(w_probe: np.ndarray | None, epoch: int | None, epochs: np.ndarray | None = None,

@@ -137,6 +137,9 @@ with tab_a:
         st.markdown(f"**Selection**: {sel.size} samples per subset out of {sel.n_train} training images "
                     f"({sel.n_misclassified} misclassified). Mean E(x): " + ", ".join(
                         f"{k} {v:.2f}" for k, v in sel.mean_energy.items()) + f" (all: {sel.mean_energy_all:.2f}).")
+        if sel.e_x is not None:
+            with common.guard("drawing the subsets"):
+                st.plotly_chart(af.subset_energy_figure(sel.e_x, sel.indices), width="stretch", key="sub_preview_fig")
 
     if launch:
         with common.guard("launching the subset experiment"):

@@ -8,7 +8,7 @@ import torch
 import figures as fig
 import persist
 import tour
-from core.attacks import ATTACKS, AttackSpec, run_attack
+from core.attacks import ATTACKS, AttackSpec, attack_slug, describe_attack, format_eps, run_attack
 from core.claims import marginal_claim
 from core.drift import EnergyTrace, natural_trace
 from core.energy import joint_energies, marginal_energy, typicality
@@ -54,10 +54,12 @@ if compare and others:
                                    format_func=lambda n: f"{n} ({meta_b[n].method})")
     ref_b = by_b[name_b]
 names = list(ATTACKS)
+SQUARE_QUERIES = 300  # ~20 s on 64 digits images on a busy 2-core CPU (issue 13); AutoAttack uses 5,000
 # defaults live in session state (the guided tour sets the same keys); ε follows the model's dataset
 common.widget_default("atk_eps255", round(default_eps * 255, 2), scope=meta.dataset)
 for k, v in {"atk_name": "pgd", "atk_norm": "Linf", "atk_eps_l2": 0.5, "atk_steps": 10, "atk_auto_step": True,
-             "atk_step": 2 / 255, "atk_n": 64, "atk_seed": 0, "atk_targeted": False, "atk_tmode": "random"}.items():
+             "atk_step": 2 / 255, "atk_n": 64, "atk_seed": 0, "atk_targeted": False, "atk_tmode": "random",
+             "atk_queries": SQUARE_QUERIES}.items():
     common.widget_default(k, v)
 with st.form("attack_form"):
     c1, c2, c3, c4 = st.columns(4)
@@ -68,19 +70,32 @@ with st.form("attack_form"):
         eps = float(eps255) / 255
     else:
         eps = float(c3.number_input("ε (L2)", step=0.1, key="atk_eps_l2"))
-    steps = int(c4.number_input("Steps (Square: queries)", step=1, key="atk_steps"))
+    steps = int(c4.number_input("Steps", step=1, key="atk_steps", help="Square counts queries instead: below"))
     c5, c6, c7, c8 = st.columns(4)
     auto_step = c5.checkbox("Auto step size (2.5·ε/steps)", key="atk_auto_step")
     step_size = None if auto_step else float(c6.number_input("Step size", format="%.5f", key="atk_step"))
     n_samples = int(c7.number_input("Number of test images", step=16, key="atk_n"))
     seed = int(c8.number_input("Seed", step=1, key="atk_seed"))
-    c9, c10, c11 = st.columns(3)
+    c9, c10, c11, c12 = st.columns(4)
     targeted = c9.checkbox("Targeted", key="atk_targeted",
                            help="PGD and CW only; APGD-T and FAB-T choose their targets themselves")
     tmode = c10.selectbox("Target", ["random", "chosen", "least-likely"], key="atk_tmode")
     tclass = c11.selectbox("Target class (for 'chosen')", range(len(classes)), format_func=lambda i: classes[i],
                            key="atk_tclass")
-    submitted = st.form_submit_button("Run attack", type="primary")
+    queries = int(c12.number_input("Square: queries", value=SQUARE_QUERIES, step=100, key="atk_queries",
+                                   help="Square is a black-box attack: each query is one forward pass of the images "
+                                        "it has not broken yet. AutoAttack's standard evaluation uses 5,000 queries; "
+                                        f"{SQUARE_QUERIES} answer in seconds on a CPU and already lower the accuracy, "
+                                        "more keep lowering it."))
+    if name == "square":
+        steps = queries
+    b1, b2 = st.columns([1, 3])
+    submitted = b1.form_submit_button("Run attack", type="primary")
+    # form values reach the server only with a submit: attacking an upload needs its own submit button,
+    # so that it uses the settings on screen
+    upload_submitted = b2.form_submit_button("Attack my uploaded image (below) with these settings",
+                                             disabled=st.session_state.get("atk_upload") is None,
+                                             help="Upload a PNG or JPEG under 'Your own image' first")
 
 st.caption(ATTACKS[name].description)
 
@@ -104,19 +119,20 @@ def attack_job(task, x, y, spec, model_name, lm_b=None):
     return out
 
 
-def run_label(model_name: str, s: AttackSpec) -> str:
-    eps = f"{s.eps * 255:.3g}/255" if s.norm == "Linf" else f"{s.eps:.3g}"
-    return f"{model_name} · {ATTACKS[s.name].label}{' targeted' if s.targeted else ''} ε={eps}"
-
-
 def on_done(task):
     r = task.result
     st.session_state["atk_result"] = r
     hist = st.session_state.setdefault("atk_history", {})
-    s = r["spec"]
-    hist[f"{run_label(r['model'], s)} ({len(hist) + 1})"] = r["trace"].step_statistics("marginal")
+    label = f"{r['model']} · {describe_attack(r['spec'], classes)} ({len(hist) + 1})"
+    hist[label] = r["trace"].step_statistics("marginal")
+    new = [label]
     if "b" in r:
-        hist[f"{run_label(r['b']['model'], s)} ({len(hist) + 1})"] = r["b"]["trace"].step_statistics("marginal")
+        label_b = f"{r['b']['model']} · {describe_attack(r['spec'], classes)} ({len(hist) + 1})"
+        hist[label_b] = r["b"]["trace"].step_statistics("marginal")
+        new.append(label_b)
+    # a new run is shown on the step curve; runs the user took off stay off (the selector is drawn after this)
+    if "atk_curves" in st.session_state:
+        st.session_state["atk_curves"] = [k for k in st.session_state["atk_curves"] if k in hist] + new
     persist.keep("attack", *persist.pack_attack(r, hist))
 
 
@@ -164,9 +180,7 @@ elif r is not None:
     s = r["spec"]
     tr: EnergyTrace = r["trace"]
     b = r.get("b")
-    eps_txt = f" ({s.eps * 255:.1f}/255)" if s.norm == "Linf" else ""
-    st.subheader(f"{ATTACKS[s.name].label}{' (targeted)' if s.targeted else ''}, {s.norm} ε = {s.eps:.4g}{eps_txt}, "
-                 f"{s.steps} steps — {r['model']}" + (f" and {b['model']}" if b else ""))
+    st.subheader(f"{describe_attack(s, classes)} — {r['model']}" + (f" and {b['model']}" if b else ""))
     runs = [(r["model"], tr, r["seconds"], r.get("notes") or [], r["x_adv"])]
     if b:
         runs.append((b["model"], b["trace"], b["seconds"], b.get("notes") or [], b["x_adv"]))
@@ -201,7 +215,8 @@ elif r is not None:
                             width="stretch", config=fig.PLOT_CONFIG, key=f"fig_arrows_{model_name}" if b else "fig_arrows")
 
     hist = st.session_state.get("atk_history", {})
-    chosen = st.multiselect("Runs on the step curve", list(hist), default=list(hist)[-3:], key="atk_curves")
+    chosen = st.multiselect("Runs on the step curve", list(hist), key="atk_curves",
+                            default=None if "atk_curves" in st.session_state else list(hist)[-3:])
     series = {k: hist[k] for k in chosen} or {"this run": tr.step_statistics("marginal")}
     st.plotly_chart(fig.step_curve(series), width="stretch", config=fig.PLOT_CONFIG, key="fig_steps")
     if not tr.meta.get("per_step", True):
@@ -232,10 +247,17 @@ elif r is not None:
     d1, d2, d3 = st.columns(3)
     with d3:
         persist.clear_button("attack", ("atk_result", "atk_history", "atk_curves"))
-    d1.download_button("Download trace (CSV)", tr.to_csv(), file_name="energy_trace.csv", mime="text/csv",
-                       key="dl_trace")
-    d2.download_button("Download examples (PNG)", fig.image_grid_png(np.concatenate([r["x"], r["x_adv"]])),
-                       file_name="examples.png", mime="image/png", key="dl_examples")
+    stem = f"{r['model']}_{attack_slug(s)}"
+    context = {"model": r["model"], "attack": s.name, "norm": s.norm, "eps": s.eps,
+               "eps_text": format_eps(s.eps, s.norm), "steps": s.steps, "targeted": s.targeted,
+               "target_mode": s.target_mode if s.targeted else "", "seed": s.seed}
+    d1.download_button("Download trace (CSV)", tr.to_csv(context), file_name=f"energy_trace_{stem}.csv",
+                       mime="text/csv", key="dl_trace")
+    nx = len(r["x"])
+    grid = np.concatenate([r["x"], r["x_adv"], np.stack([fig.amplify(d) for d in r["x_adv"] - r["x"]])])
+    d2.download_button("Download examples (PNG)",
+                       fig.image_grid_png(grid, ncol=nx, row_labels=["natural", "adversarial", "perturbation (amplified)"]),
+                       file_name=f"examples_{stem}.png", mime="image/png", key="dl_examples")
     st.caption("Each chart's camera icon saves it as PNG.")
 
 # ---------------------------------------------------------------- upload
@@ -272,15 +294,19 @@ if up is not None:
                         width="stretch", key="fig_upload_bars")
         true = st.selectbox("True label of this image", range(len(classes)), index=pred,
                             format_func=lambda i: classes[i], key="atk_upload_label")
-        if st.button("Attack this image with the settings above", key="atk_upload_run"):
+        if upload_submitted:  # the form's values are the ones on screen
             spec = AttackSpec(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, targeted=targeted,
                               target_mode=tmode, target_class=int(tclass), seed=seed)
             res = run_attack(lm.model, x1, torch.tensor([true]), spec)
-            t = res.trace
-            st.session_state["atk_upload_result"] = (x1.numpy(), res.x_adv.numpy(), t)
+            st.session_state["atk_upload_result"] = (x1.numpy(), res.x_adv.numpy(), res.trace, describe_attack(spec, classes))
+        else:
+            st.caption("Set the attack in the form above and press **Attack my uploaded image (below) with these "
+                       "settings**.")
     ur = st.session_state.get("atk_upload_result")
     if ur is not None:
-        x1n, xan, t = ur
+        x1n, xan, t, what = ur
+        if what:
+            st.markdown(f"**{what}**")
         c1, c2, c3 = st.columns(3)
         c1.image(fig.to_uint8_image(x1n[0]), caption=f"natural: pred {classes[int(t.pred[0, 0])]}, "
                  f"E(x)={t.marginal[0, 0]:.2f}, E(x,y)={t.joint[0, 0]:.2f}", width=180)

@@ -37,7 +37,7 @@ if os.environ.get("ENERGYLENS_UMAP_WARMUP", "1") != "0":
     _umap_warmer()
 ust = analysis.umap_state()
 if ust["state"] == "warming" or (ust["state"] == "cold" and os.environ.get("ENERGYLENS_UMAP_WARMUP", "1") != "0"):
-    st.caption("⏳ warming up UMAP (first time ~10–30 s) in the background — PCA works right away.")
+    st.caption(":material/hourglass_top: warming up UMAP (first time ~10–30 s) in the background — PCA works right away.")
 elif ust["state"] == "cold":
     st.caption("UMAP compiles on first use (~10–30 s); PCA works right away.")
 elif ust["state"] == "failed":
@@ -170,7 +170,7 @@ with common.guard("drawing the map"):
     counts = {g: int((data["groups"] == g).sum()) for g in dict.fromkeys(data["groups"].tolist())}
     st.caption(" · ".join(f"{g}: {k} points, mean E(x) {data['energy'][data['groups'] == g].mean():.2f}"
                           for g, k in counts.items()))
-    sel = af.selection_indices(event)
+    sel = [i for i in af.selection_indices(event) if i < len(data["energy"])]  # a stale selection may index past the data
     if sel:
         st.markdown(f"**{len(sel)} selected** (showing up to 24) — mean E(x) {data['energy'][sel].mean():.3f}")
         shown = sel[:24]

@@ -1,26 +1,86 @@
 """Models: bundled and local checkpoints with their metadata, and the RobustBench zoo catalogue."""
 
+from pathlib import Path
+
 import common
 import streamlit as st
 
+from core.attacks import format_eps
 from core.errors import EnergyLensError
 from core.models.registry import BUNDLED_DIR, LOCAL_DIR, list_bundled, list_local
 
 st.title("Models")
 
+DRIFT_COL = "mean |ΔE(x)| (PGD-10, test)"
+
+
+def pct(v) -> str:
+    return "–" if not isinstance(v, (int, float)) else f"{v:.1%}"
+
+
+def zoo_pct(v) -> str:
+    """The leaderboard's accuracies are in percent already."""
+    return "–" if not isinstance(v, (int, float)) else f"{v:.2f}%"
+
+
+def signed(v) -> str:
+    return "–" if not isinstance(v, (int, float)) else f"{v:+.3f}"
+
+
+def _drift_key(ref) -> str:
+    p = Path(ref.path) if ref.path else None
+    return f"{ref.key}@{p.stat().st_mtime if p is not None and p.exists() else 0}"
+
 
 def meta_rows(entries):
+    drift = st.session_state.get("models_drift", {})
     rows = []
     for ref, meta, err in entries:
         if meta is None:
             rows.append({"name": ref.name, "file": ref.path, "status": f"unreadable: {err}"})
             continue
         m = meta.metrics or {}
+        hp = meta.hparams or {}
+        eps = hp.get("eps")
+        d = drift.get(_drift_key(ref))
         rows.append({"name": ref.name, "architecture": meta.arch, "dataset": meta.dataset, "classes": meta.num_classes,
-                     "method": meta.method, "epoch": meta.epoch,
-                     "natural acc": m.get("nat_acc"), "PGD acc": m.get("pgd_acc"), "ΔE(x)": m.get("dE_mean"),
-                     "eps": (meta.hparams or {}).get("eps"), "file": ref.path})
+                     "method": meta.method, "epoch": "–" if meta.epoch is None else str(meta.epoch),
+                     "natural acc.": pct(m.get("nat_acc")), "PGD acc.": pct(m.get("pgd_acc")),
+                     "training ε": "–" if not isinstance(eps, (int, float)) else format_eps(eps, hp.get("norm", "Linf")),
+                     DRIFT_COL: "–" if d is None else f"{d['dE_abs_mean']:.2f} (N = {d['n']})",
+                     "ΔE(x) in training (probe, signed mean)": signed(m.get("dE_mean")), "file": ref.path})
     return rows
+
+
+def _measure(task, entries):
+    from core.analysis import drift_summary
+    from core.models.registry import load_model_ref
+
+    out = {}
+    good = [(r, m) for r, m, _ in entries if m is not None]
+    for i, (ref, _) in enumerate(good):
+        def sub(f, msg="", i=i):
+            task.progress((i + f) / len(good), msg)
+
+        lm = load_model_ref(ref, device=common.resolve_device(st.session_state.get("device", "auto")))
+        out[_drift_key(ref)] = drift_summary(lm, progress=sub)
+    return out
+
+
+def models_table(entries, what: str) -> None:
+    key = f"models_drift_task_{what}"
+    if st.button("Measure mean |ΔE(x)|", key=f"models_measure_{what}",
+                 disabled=not any(m is not None for _, m, _ in entries),
+                 help="PGD-10 on the test set of every model listed here, in the background"):
+        with common.guard("measuring the drift"):
+            task = common.start_task(key, f"PGD-10 drift of {len(entries)} models", lambda t: _measure(t, entries))
+            common.wait_briefly(task, 1.5)
+    common.task_panel(key, lambda t: st.session_state.setdefault("models_drift", {}).update(t.result))
+    st.dataframe(meta_rows(entries), width="stretch", hide_index=True)
+    st.caption(f"**{DRIFT_COL}**: the drift of the README's table and the Energy landscape page, ΔE(x) = E(x) − E(x*) "
+               "under PGD-10 at the dataset's L∞ budget on the test set (all of it, at most 1,000 images); press "
+               "**Measure** (results are cached on disk). **ΔE(x) in training** is what the trainer recorded at its "
+               "last epoch: the signed mean over its training probe set under the training attack.")
 
 
 t1, t2, t3 = st.tabs(["Bundled", "Local checkpoints & runs", "RobustBench zoo"])
@@ -30,14 +90,14 @@ with t1:
                "embedded 8×8 digits. Rebuild: `bash scripts/build_demo_models.sh all` and "
                "`bash scripts/build_bundled.sh`.")
     with common.guard("listing bundled checkpoints"):
-        st.dataframe(meta_rows(list_bundled()), width="stretch", hide_index=True)
+        models_table(list_bundled(), "bundled")
 with t2:
     st.caption(f"Checkpoints you put in `{LOCAL_DIR}` (EnergyLens `.safetensors`) and the best/last checkpoints of "
                "training runs in `runs/`.")
     with common.guard("listing local checkpoints"):
-        rows = meta_rows(list_local())
-        if rows:
-            st.dataframe(rows, width="stretch", hide_index=True)
+        local = list_local()
+        if local:
+            models_table(local, "local")
         else:
             st.info("No local checkpoints yet. Train one on the Training page or copy a `.safetensors` file there.")
 with t3:
@@ -55,8 +115,9 @@ with t3:
     status_text = {"ok": "✓ downloaded", "missing": "", "html": "⚠ HTML page, not weights", "empty": "⚠ empty file",
                    "unknown": "⚠ not a torch file", "safetensors": "⚠ unexpected format", "hub": "hub (download only)"}
     rows = [{"★ paper": "★" if e.paper_model else "", "name": e.name, "architecture": e.architecture,
-             "clean acc": e.clean_acc, "AutoAttack acc": e.aa_acc,
-             "file": status_text.get(e.file_status, e.file_status), "note": e.note}
+             "clean acc.": zoo_pct(e.clean_acc), "AutoAttack acc.": zoo_pct(e.aa_acc),
+             "ε": format_eps(e.eps, e.threat_model),
+             "file": status_text.get(e.file_status, e.file_status), "note": e.note or ""}
             for e in entries if e.paper_model or not only_paper]
     st.dataframe(rows, width="stretch", hide_index=True)
     st.markdown("**Get a zoo model**")

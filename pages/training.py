@@ -92,7 +92,10 @@ if pre:
         st.session_state["tr_form_ver"] = ver + 1
         st.rerun()
 
-methods, datasets = list(METHODS), list(DATASETS)
+NPZ = "npz"  # the choice "your own .npz file": the dataset is then "npz:<path>"
+methods, datasets = list(METHODS), list(DATASETS) + [NPZ]
+pre_ds = pre.get("dataset")
+pre_choice = NPZ if isinstance(pre_ds, str) and pre_ds.startswith("npz:") else pre_ds
 c1, c2 = st.columns(2)
 method = c1.selectbox("Method", methods, index=methods.index(pre["method"]) if pre.get("method") in methods else
                       methods.index("sat"), key=f"tr_method_{ver}",
@@ -100,9 +103,18 @@ method = c1.selectbox("Method", methods, index=methods.index(pre["method"]) if p
 from core.data.demo import train_available  # noqa: E402
 
 default_ds = "cifar10-demo" if train_available() else "digits"  # the demo's training images may be absent (fresh clone)
-dataset = c2.selectbox("Dataset", datasets, index=datasets.index(pre["dataset"]) if pre.get("dataset") in datasets
-                       else datasets.index(default_ds), key=f"tr_dataset_{ver}",
-                       format_func=lambda d: f"{d} — {DATASETS[d].description}")
+choice = c2.selectbox("Dataset", datasets, index=datasets.index(pre_choice) if pre_choice in datasets
+                      else datasets.index(default_ds), key=f"tr_dataset_{ver}",
+                      format_func=lambda d: "your own .npz file (npz:<path>)" if d == NPZ else
+                      f"{d} — {DATASETS[d].description}")
+if choice == NPZ:
+    npz_path = c2.text_input("Path of the .npz file", value=pre_ds[4:] if pre_choice == NPZ else "",
+                             key=f"tr_npz_{ver}", placeholder="/data/my_images.npz",
+                             help="Arrays x (N×H×W×3 or N×3×H×W, uint8 or floats in [0, 1]) and y (integer labels); "
+                                  "a fixed slice of it is held out for evaluation")
+    dataset = f"npz:{npz_path.strip()}"
+else:
+    dataset = choice
 if dataset == "cifar10-demo" and not train_available():
     st.warning("The CIFAR-10 demo's 4,585 training images are not on this machine (they are rebuilt from the 5,085-image "
                "CIFAR-10 subset or a full CIFAR-10; see checkpoints/demo/README.md). Its recorded runs below show what "
@@ -117,7 +129,7 @@ def pv(name, default):
     return default if v is None else v
 
 
-sfx = f"{ver}_{dataset}"
+sfx = f"{ver}_{choice}"  # not the npz path: typing it must not reset the form
 lcfg = METHODS[method]
 with st.form(f"tr_form_{ver}"):
     a1, a2, a3 = st.columns([2, 1, 1])
@@ -222,6 +234,8 @@ def form_config() -> dict:
 
 def validate(cfg: dict) -> TrainConfig:
     """TrainConfig.validate with the real training-set size; raises EnergyLensError with the message."""
+    if cfg["dataset"] == "npz:":
+        raise InputError("enter the path of your .npz file (arrays x and y) under Dataset")
     if cfg["eps"] < 0:
         raise InputError(f"ε must be >= 0, got {cfg['eps'] * 255:g}/255")
     if cfg.get("train_limit", 1) < 0:
@@ -275,7 +289,9 @@ def fmt_time(seconds) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-STATUS_ICON = {"queued": "⏳", "running": "🏃", "done": "✅", "failed": "❌", "stopped": "⏹️"}
+# Material icons (as the sidebar uses): emoji render as empty boxes in a browser without an emoji font
+STATUS_ICON = {"queued": ":material/hourglass_empty:", "running": ":material/directions_run:",
+               "done": ":material/check_circle:", "failed": ":material/error:", "stopped": ":material/stop_circle:"}
 
 
 def run_actions(info) -> None:
@@ -332,7 +348,8 @@ def runs_panel() -> None:
                 c1.markdown(f"{STATUS_ICON.get(info.status, '')} **{info.name}** · `{info.id}` · {info.status}  \n"
                             f"{cfg.get('method', '?')} · {cfg.get('dataset', '?')} · {cfg.get('arch', '?')} · "
                             f"{cfg.get('epochs', '?')} epochs · device {info.device} · "
-                            f"running time {fmt_time(info.duration)}")
+                            + ("waiting for a free slot" if info.status == "queued"
+                               else f"running time {fmt_time(info.duration)}"))
                 c1.progress(max(0.0, min(1.0, float(info.progress or 0.0))), text=info.message or info.status)
                 run_actions(info)
                 if info.status == "failed" and info.error:

@@ -114,7 +114,9 @@ def test_landscape_computes_for_two_bundled_models(env):
     assert _wait(at, lambda a: len(_charts(a)) >= 2 or a.exception or _errors(a))
     assert not at.exception, [e.message for e in at.exception]
     assert not _errors(at), _errors(at)
-    spec = _charts(at)[0].proto.spec
+    import json
+
+    spec = json.dumps(json.loads(_charts(at)[0].proto.spec), ensure_ascii=False)  # plotly's json writes ΔE as \u0394E
     assert "robust acc." in spec and "ΔE(x)" in spec and "ΔE(x,y)" in spec
     assert at.dataframe, "the table behind the plot is shown"
     # the same request again is served from the disk cache
@@ -215,6 +217,25 @@ def test_analysis_subset_preview(env):
     assert any("too large" in e for e in _errors(at)), _errors(at)
 
 
+def test_analysis_subset_preview_draws_where_the_subsets_sit(env):
+    """Issue 13 item 10: the preview draws subset_energy_figure (the training-set E(x) histogram with the
+    three subsets), with as many samples in each subset as the selection says."""
+    import json
+
+    at = _app()
+    at.switch_page("../pages/analysis.py").run()
+    at.number_input(key="sub_size").set_value(7)
+    at.button(key="FormSubmitter:subset_form-Preview the subsets").click().run()
+    assert _wait(at, lambda a: any("**Selection**" in m.value for m in a.markdown) or a.exception or _errors(a))
+    assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
+    spec = next((json.loads(c.proto.spec) for c in _charts(at) if "E(x) under the robust model" in c.proto.spec), None)
+    assert spec is not None, "no subset histogram"
+    names = [t["name"] for t in spec["data"]]
+    assert names == ["all training samples", "high-energy", "low-energy", "misclassified"], names
+    sel = at.session_state["sub_preview"]["sel"]
+    assert sel.e_x is not None and len(sel.e_x) == sel.n_train
+
+
 def test_embeddings_page_pca_and_selection(env):
     at = _app()
     at.switch_page("../pages/embeddings.py").run()
@@ -231,6 +252,52 @@ def test_embeddings_page_pca_and_selection(env):
     at.number_input(key="emb_n").set_value(100_000)
     at.button(key="FormSubmitter:emb_form-Compute features").click().run()
     assert any(f"only {_n_test(at)} test images are available" in e for e in _errors(at)), _errors(at)
+
+
+def _box_select(at, key: str, indices, coords, energy):
+    """Send a box selection of ``indices`` on the keyed chart exactly as the browser does: the widget value
+    is a JSON string, and Streamlit 1.67's frontend sends each point's customdata[0] as an object with string
+    index keys, ``{"0": 28}`` (captured from Chromium by tests/test_browser.py::test_embedding_box_selection_in_real_browser)."""
+    import json
+
+    from streamlit.proto.WidgetStates_pb2 import WidgetState
+
+    chart = next(c for c in _charts(at) if c.proto.id.endswith(key))
+    pts = [{"curve_number": 0, "point_number": int(i), "point_index": int(i), "x": float(coords[i, 0]),
+            "y": float(coords[i, 1]), "customdata": {"0": int(i)}, "text": f"#{int(i)}",
+            "marker_color": float(energy[i])} for i in indices]
+    xs, ys = coords[list(indices), 0], coords[list(indices), 1]
+    payload = {"selection": {"points": pts, "point_indices": [int(i) for i in indices],
+                             "box": [{"xref": "x", "yref": "y", "x": [float(xs.min()), float(xs.max())],
+                                      "y": [float(ys.max()), float(ys.min())]}], "lasso": []}}
+    states = at._tree.get_widget_states()
+    w = WidgetState()
+    w.id = chart.proto.id
+    w.string_value = json.dumps(payload)
+    states.widgets.append(w)
+    return at._run(states)
+
+
+def test_embeddings_box_selection_shows_the_selected_images(env):
+    """Issue 13 item 5: a box selection (payload shape of the real frontend) shows the selected images."""
+    at = _app()
+    at.switch_page("../pages/embeddings.py").run()
+    at.number_input(key="emb_n").set_value(40)
+    at.checkbox(key="emb_adv").set_value(False)
+    at.button(key="FormSubmitter:emb_form-Compute features").click().run()
+    assert _wait(at, lambda a: len(_charts(a)) >= 1 or a.exception or _errors(a))
+    assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
+    assert not at.image, "no images before a selection"
+    data = at.session_state["emb_data"]
+    chosen = [3, 7, 11, 12, 30]
+    _box_select(at, "emb_chart", chosen, data["pca"], data["energy"])
+    assert not at.exception, [e.message for e in at.exception]
+    assert any(f"**{len(chosen)} selected**" in m.value for m in at.markdown), [m.value for m in at.markdown]
+    captions = [c for im in at.image for c in im.captions]
+    assert len(captions) == len(chosen), captions
+    assert all("natural · y=" in c for c in captions), captions
+    mean_e = float(data["energy"][chosen].mean())
+    assert any(f"mean E(x) {mean_e:.3f}" in m.value for m in at.markdown)
 
 
 @pytest.mark.slow
@@ -299,6 +366,47 @@ def test_figure_helpers():
     assert titles[0].startswith("<b>m1</b>") and "robust acc. 20.0%" in titles[0]   # sorted by robust accuracy
     assert len(fig.data) == 6 and fig.layout.yaxis.ticktext
     assert af.landscape_figure(res, kind="box").data[0].type == "box"
+
+
+def test_selection_indices_accepts_every_customdata_shape_the_frontend_sends():
+    """Issue 13 item 5: {"0": 28} (Streamlit 1.67 + numpy customdata), [28] (lists) and 28 (1-D customdata)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "dashboard"))
+    import analysis_figures as af
+
+    ev = {"selection": {"points": [{"customdata": {"0": 28}}, {"customdata": [5]}, {"customdata": 2},
+                                   {"customdata": 2.0}, {"customdata": "7"}, {"customdata": {"0": 28}},
+                                   {"customdata": {}}, {"customdata": None}, {"customdata": float("nan")},
+                                   {"customdata": True}, {"customdata": 1.5}, {"x": 1}]},
+          "box": [], "lasso": []}
+    assert af.selection_indices(ev) == [2, 5, 7, 28]
+
+    class Event:  # the attribute-style object st.plotly_chart returns
+        selection = {"points": [{"customdata": {"0": 4}}, {"customdata": {"0": 1}}]}
+
+    assert af.selection_indices(Event()) == [1, 4]
+    assert af.customdata_index({"0": 3, "1": 9}) == 3
+
+
+def test_per_class_figure_rows_share_one_categorical_class_axis():
+    """Issue 13 item 6: the error, entropy and energy rows of Fig. 5d use the same categorical class axis, in
+    the order of the error (digit class names would otherwise make the upper rows numeric)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "dashboard"))
+    import analysis_figures as af
+
+    errs = [0.30, 0.05, 0.20, 0.10]
+    rows = [{"name": str(k), "count": 10, "prob_error": e, "hard_error": e, "entropy": 2 * e, "energy": -e}
+            for k, e in enumerate(errs)]
+    fig = af.per_class_figure(rows)
+    order = ["1", "3", "2", "0"]
+    axes = [fig.layout[a] for a in ("xaxis", "xaxis2", "xaxis3")]
+    assert [ax.type for ax in axes] == ["category"] * 3
+    assert all(list(ax.categoryarray) == order and ax.categoryorder == "array" for ax in axes)
+    assert [list(tr.x) for tr in fig.data] == [order] * 3
+    assert axes[2].title.text == "class (sorted by error)"
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """A real browser (Playwright driving Debian's chromium) opens the app, runs an attack on the
-Attack Lab and saves a screenshot to test-artifacts/attack_lab.png."""
+Attack Lab and saves a screenshot to test-artifacts/attack_lab.png; makes a box selection on the
+Embedding explorer and checks the selected images appear (recording the selection payload the
+frontend sends, the shape the AppTests feed); and checks the pages never reach beyond localhost."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import json
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -33,7 +37,8 @@ def app_url():
         pytest.skip("Debian chromium is not installed (bash scripts/test.sh installs it)")
     pytest.importorskip("playwright.sync_api")
     port = _free_port()
-    env = {**os.environ, "STREAMLIT_SERVER_HEADLESS": "true", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    env = {**os.environ, "STREAMLIT_SERVER_HEADLESS": "true", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+           "ENERGYLENS_UMAP_WARMUP": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "dashboard/Home.py", "--server.port", str(port),
          "--server.address", "127.0.0.1"],
@@ -58,13 +63,17 @@ def app_url():
             proc.kill()
 
 
+def _launch(p):
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+
+
 def test_attack_lab_in_real_browser(app_url):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = _launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -89,3 +98,92 @@ def test_attack_lab_in_real_browser(app_url):
     assert page_charts >= 3, f"expected the Fig. 1, Fig. 1a and Fig. 2 charts, found {page_charts}"
     assert not errors, f"JavaScript errors in the page: {errors}"
     assert (ARTIFACTS / "attack_lab.png").stat().st_size > 10_000
+
+
+def _selection_payload(frames: list) -> dict | None:
+    """The JSON value of a plotly selection among the websocket frames the page sent (BackMsg protobufs
+    carry a widget's JSON string verbatim)."""
+    for f in frames:
+        if not isinstance(f, (bytes, bytearray)):
+            continue
+        i = f.find(b'{"selection"')
+        if i >= 0:
+            obj, _ = json.JSONDecoder().raw_decode(f[i:].decode("utf-8", "replace"))
+            return obj
+    return None
+
+
+def test_embedding_box_selection_in_real_browser(app_url):
+    """Issue 13 item 5: a box selection on the Embedding explorer shows the selected images. The payload the
+    frontend sends is saved to test-artifacts/embedding_selection.json; its customdata shape ({"0": i} in
+    Streamlit 1.67) is the one tests/test_analysis_pages.py feeds to AppTest."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    sent: list = []
+    with sync_playwright() as p:
+        browser = _launch(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(payload)))
+        page.goto(f"{app_url}/embeddings", wait_until="domcontentloaded")
+        page.get_by_role("button", name="Compute features").wait_for(timeout=60_000)
+        n = page.get_by_label("Natural images")
+        n.fill("60")
+        n.press("Tab")
+        page.get_by_role("button", name="Compute features").click()
+        page.get_by_text("Select points with the box or lasso tool").wait_for(timeout=120_000)
+        chart = page.locator(".js-plotly-plot").first
+        chart.hover()
+        page.locator('.modebar-btn[data-val="select"]').first.click()  # plotly's box-select tool
+        box = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
+        x0, y0 = box["x"] + 0.05 * box["width"], box["y"] + 0.05 * box["height"]
+        x1, y1 = box["x"] + 0.95 * box["width"], box["y"] + 0.95 * box["height"]
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
+        page.mouse.move(x1, y1, steps=5)
+        page.mouse.up()
+        page.get_by_text("selected (showing up to 24)").wait_for(timeout=60_000)
+        time.sleep(1.0)
+        page.screenshot(path=str(ARTIFACTS / "embedding_selection.png"), full_page=True)
+        body = page.inner_text("body")
+        shown = page.locator('[data-testid="stImage"]').count()
+        browser.close()
+    payload = _selection_payload(sent)
+    assert payload is not None, "no selection was sent to the server"
+    (ARTIFACTS / "embedding_selection.json").write_text(json.dumps(payload, indent=1))
+    pts = payload["selection"]["points"]
+    assert pts and "box" in payload["selection"]
+    cd = pts[0]["customdata"]
+    # the shape the AppTest feeds: if a new Streamlit sends another one, update tests/test_analysis_pages.py
+    assert isinstance(cd, dict) and set(cd) == {"0"}, cd
+    assert "Traceback" not in body and "Unexpected error" not in body
+    assert f"{len({p['customdata']['0'] for p in pts})} selected" in body
+    assert shown == min(24, len(pts)), shown
+    assert not errors, f"JavaScript errors in the page: {errors}"
+
+
+def test_pages_make_no_requests_beyond_localhost(app_url):
+    """Issue 13 item 10: the favicon (and everything else) is served by the app itself; an offline machine
+    shows the same page."""
+    from playwright.sync_api import sync_playwright
+
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = _launch(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.on("request", lambda r: requests.append(r.url))
+        for path, text in (("", "Look at adversarially robust image classifiers"), ("models", "Small models trained by"),
+                           ("training", "New training run"), ("attack_lab", "Natural energies of the chosen test images")):
+            page.goto(f"{app_url}/{path}", wait_until="domcontentloaded")
+            page.get_by_text(text).first.wait_for(timeout=90_000)
+            time.sleep(1.5)
+        icon = page.evaluate("() => [...document.querySelectorAll('link[rel~=icon]')].map(l => l.href)")
+        browser.close()
+    outside = sorted({u for u in requests if urllib.parse.urlsplit(u).scheme in ("http", "https", "ws", "wss")
+                      and urllib.parse.urlsplit(u).hostname not in ("127.0.0.1", "localhost")})
+    assert not outside, f"requests beyond localhost: {outside}"
+    assert icon and all(u.startswith("data:image/") or urllib.parse.urlsplit(u).hostname in ("127.0.0.1", "localhost")
+                        for u in icon), icon

@@ -452,3 +452,23 @@ def test_registry_recreated_or_corrupt(runs):
     with pytest.raises(JobError, match="corrupt") as e:
         jobs.list_jobs(runs)
     assert str(runs / "registry.sqlite") in str(e.value)
+
+
+def test_a_queued_job_has_no_running_time(runs):
+    """Issue 13 item 10: a resumed job waiting for its slot keeps its old start time, but its running time
+    does not count while it waits (it showed the time since its first start, growing while queued)."""
+    b = jobs.submit("sleepy", {"steps": 40, "dt": 0.1}, device="cpu", runs_dir=runs)
+    wait_for(lambda: jobs.get_job(b.id, runs).progress >= 0.05, what="progress")
+    jobs.stop_job(b.id, runs, grace=5)
+    a = jobs.submit("sleepy", {"steps": 400, "dt": 0.05}, device="cpu", runs_dir=runs)  # holds the only cpu slot
+    wait_status(a.id, runs, ("running",), timeout=30)
+    queued = jobs.resume_job(b.id, runs)
+    time.sleep(1.2)
+    queued = jobs.get_job(b.id, runs)
+    assert queued.status == "queued" and queued.started is not None
+    assert queued.duration is None
+    never = jobs.submit("quick", {}, device="cpu", runs_dir=runs)
+    assert jobs.get_job(never.id, runs).status == "queued" and jobs.get_job(never.id, runs).duration is None
+    assert jobs.get_job(a.id, runs).duration > 0
+    for j in (never, queued, a):
+        jobs.stop_job(j.id, runs, grace=5)

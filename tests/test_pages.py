@@ -107,7 +107,7 @@ def test_attack_lab_runs_pgd_and_draws_the_paper_figures():
 
 
 @pytest.mark.parametrize("field,value,expected", [
-    ("atk_eps255", -3.0, "epsilon must be >= 0"),
+    ("atk_eps255", -3.0, "epsilon must be >= 0, got -3/255"),  # in the widget's units (issue 13)
     ("atk_steps", 0, "steps must be a positive integer"),
     ("atk_n", 100000, "test images are available"),
 ])
@@ -123,3 +123,137 @@ def test_attack_lab_bad_input_is_reported_and_keeps_results(field, value, expect
     assert expected in errors, errors
     assert at.session_state["atk_result"] is before, "earlier results must survive a bad run"
     assert at.metric, "the earlier results are still displayed"
+
+
+def _submit(at: AppTest, label: str) -> AppTest:
+    """Press the attack form's submit button with this label (form values are sent with the submit)."""
+    next(b for b in at.button if b.label == label).click().run()
+    return at
+
+
+def _wait_attack(at: AppTest, before: int, timeout: float = 120.0) -> AppTest:
+    t0 = time.time()
+    while len(at.session_state["atk_history"] if "atk_history" in at.session_state else {}) <= before:
+        if time.time() - t0 > timeout:
+            pytest.fail("attack did not finish")
+        time.sleep(0.3)
+        at.run()
+    at.run()
+    return at
+
+
+def test_attack_lab_shows_every_new_run_on_the_step_curve_and_keeps_deselections():
+    """Issue 13 items 7 and 10: a targeted run, then a run at ε = 64/255, each appear on Fig. 1a by default
+    (labelled as targeted / with their ε in /255); a run the user took off stays off."""
+    at = fresh_app()
+    at.switch_page("../pages/attack_lab.py").run()
+    at.number_input(key="atk_n").set_value(16)
+    _wait_attack(_submit(at, "Run attack"), 0)
+    first = list(at.session_state["atk_history"])[0]
+    assert at.multiselect(key="atk_curves").value == [first]
+    assert "Linf ε = 8/255" in first and "targeted" not in first, first  # the demo model's default budget
+
+    at.checkbox(key="atk_targeted").set_value(True)
+    _wait_attack(_submit(at, "Run attack"), 1)
+    second = list(at.session_state["atk_history"])[1]
+    assert "targeted (random targets)" in second, second
+    assert at.multiselect(key="atk_curves").value == [first, second]
+    assert any("targeted (random targets)" in h.value for h in at.subheader), [h.value for h in at.subheader]
+
+    at.multiselect(key="atk_curves").unselect(first).run()
+    at.checkbox(key="atk_targeted").set_value(False)
+    at.number_input(key="atk_eps255").set_value(64.0)
+    _wait_attack(_submit(at, "Run attack"), 2)
+    third = list(at.session_state["atk_history"])[2]
+    assert "Linf ε = 64/255" in third, third
+    assert at.multiselect(key="atk_curves").value == [second, third]
+    assert not at.exception, [e.message for e in at.exception]
+    assert not [w.value for w in at.warning if "Session State" in w.value]
+    import json
+
+    step_fig = json.loads(next(c.proto.spec for c in at.get("plotly_chart") if "along the attack" in c.proto.spec))
+    names = [t.get("name") for t in step_fig["data"] if t.get("name")]
+    assert names == [second, third], names
+
+
+def _png(seed: int = 0) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_attack_lab_attacks_an_upload_with_the_settings_on_screen():
+    """Issue 13 item 8: ε typed as 0 (not yet submitted with 'Run attack') leaves the upload unchanged; the
+    previously submitted default (8/255 for the CIFAR-10 demo model) perturbs it."""
+    import numpy as np
+
+    at = fresh_app()
+    at.switch_page("../pages/attack_lab.py").run()
+    at.file_uploader(key="atk_upload").upload("x.png", _png(), "image/png").run()
+    assert not at.exception, [e.message for e in at.exception]
+    button = "Attack my uploaded image (below) with these settings"
+    _submit(at, button)  # the defaults: PGD-10 at 8/255
+    x, xa, _, what = at.session_state["atk_upload_result"]
+    assert "8/255" in what and np.abs(xa - x).max() > 1 / 255
+    at.number_input(key="atk_eps255").set_value(0.0)  # typed on screen ...
+    _submit(at, button)                                 # ... and used by this button
+    assert not at.exception, [e.message for e in at.exception]
+    x, xa, trace, what = at.session_state["atk_upload_result"]
+    assert "Linf ε = 0," in what, what
+    assert np.abs(xa - x).max() == 0.0
+    assert any(what in m.value for m in at.markdown)
+    assert "atk_result" not in at.session_state, "the upload button does not run the test-image attack"
+
+
+def test_attack_lab_square_defaults_to_hundreds_of_queries_and_says_why():
+    """Issue 13 item 10: Square's default query budget is not 10 (which looks like a failed attack), and the
+    help text gives AutoAttack's 5,000 for scale."""
+    at = fresh_app()
+    at.switch_page("../pages/attack_lab.py").run()
+    q = at.number_input(key="atk_queries")
+    assert q.value >= 100 and "5,000" in q.help
+    at.selectbox(key="atk_name").set_value("square")
+    at.number_input(key="atk_n").set_value(8)
+    at.number_input(key="atk_queries").set_value(20)  # keep the test quick; the spec must carry it
+    _wait_attack(_submit(at, "Run attack"), 0)
+    assert at.session_state["atk_result"]["spec"].steps == 20
+    assert "20 queries" in list(at.session_state["atk_history"])[0]
+
+
+def test_models_table_formats_values_and_measures_the_readmes_drift(tmp_path, monkeypatch):
+    """Issue 13 item 10: percentages instead of 0.9861, ε as 16/255, no raw None; the drift column is the
+    README's mean |ΔE(x)| (PGD-10 on the test set, 2.56 for digits-plain), measured on request."""
+    from core.models import registry
+
+    monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
+    real = registry.list_bundled
+    monkeypatch.setattr(registry, "list_bundled",
+                        lambda folder=registry.BUNDLED_DIR: [e for e in real(folder) if e[0].name == "digits-plain"])
+    at = fresh_app()
+    at.switch_page("../pages/models.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    df = at.dataframe[0].value
+    row = df[df["name"] == "digits-plain"].iloc[0]
+    assert row["natural acc."] == "98.6%" and row["PGD acc."] == "0.8%", row.to_dict()
+    assert row["training ε"] == "16/255" and row["epoch"] == "15", row.to_dict()
+    assert row["mean |ΔE(x)| (PGD-10, test)"] == "–" and row["ΔE(x) in training (probe, signed mean)"] == "-1.218"
+    assert "None" not in df.astype(str).to_numpy().ravel().tolist()
+    zoo = at.dataframe[-1].value
+    acc = zoo["clean acc."]
+    assert (acc.str.endswith("%") | (acc == "–")).all() and acc.str.endswith("%").any(), acc.tolist()
+    assert set(zoo["ε"]) <= {"8/255", "0.5"}
+    at.button(key="models_measure_bundled").click().run()
+    t0 = time.time()
+    while at.session_state["models_drift_task_bundled"] is not None and not at.session_state["models_drift_task_bundled"].done:
+        assert time.time() - t0 < 120, "measuring did not finish"
+        time.sleep(0.5)
+    at.run()
+    assert not at.exception and not at.error, ([e.message for e in at.exception], [e.value for e in at.error])
+    df = at.dataframe[0].value
+    assert df[df["name"] == "digits-plain"].iloc[0]["mean |ΔE(x)| (PGD-10, test)"] == "2.56 (N = 359)"

@@ -62,7 +62,8 @@ def wait_done(job_id: str, timeout: float = 300.0):
 
 
 def chart_specs(at) -> list[str]:
-    return [el.proto.spec for el in at.get("plotly_chart")]
+    """The charts' JSON re-serialised without ASCII escapes (plotly's json engine writes ΔE as \\u0394E)."""
+    return [json.dumps(json.loads(el.proto.spec), ensure_ascii=False) for el in at.get("plotly_chart")]
 
 
 def set_form(at, **values):
@@ -291,3 +292,62 @@ def test_broken_run_folder_shows_a_message_not_a_traceback(runs, monkeypatch):
     no_crash(at)
     assert any("not readable" in e.value for e in at.error)          # the bad snapshot, reported
     assert any("ΔE during training" in s for s in chart_specs(at))   # Fig. 3 still drawn
+
+
+def test_run_list_shows_material_icons_and_no_running_time_while_queued(runs, monkeypatch):
+    """Issue 13 item 10: status icons are Material icons (emoji render as empty boxes without an emoji font),
+    and a queued run says it waits instead of showing a running time."""
+    from core import jobs
+
+    fixtures = Path(__file__).resolve().parent / "jobs_fixtures.py"
+    monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps({"train": f"{__file__}:fake_train_runner",
+                                                              "sleepy": f"{fixtures}:sleepy"}))
+    monkeypatch.setenv("ENERGYLENS_MAX_JOBS_PER_DEVICE", "1")
+    hold = jobs.submit("sleepy", {"steps": 600, "dt": 0.05}, device="cpu", runs_dir=runs)  # holds the cpu slot
+    try:
+        queued = jobs.submit("train", {"method": "sat", "dataset": "digits", "epochs": 3}, name="waiting run",
+                             device="cpu", runs_dir=runs)
+        at = open_page()
+        line = next(m.value for m in at.markdown if queued.id in m.value)
+        assert line.startswith(":material/hourglass_empty: **waiting run**"), line
+        assert "waiting for a free slot" in line and "running time" not in line, line
+        text = " ".join(m.value for m in at.markdown)
+        assert not [c for c in text if ord(c) >= 0x1F000 or c in "⏳⏹✅❌"], "emoji in the page"
+    finally:
+        for j in jobs.list_jobs(runs):
+            if j.active:
+                jobs.stop_job(j.id, runs, grace=5)
+
+
+def test_training_form_can_pick_an_npz_dataset(runs, tmp_path):
+    """Issue 13 item 10: the Dataset choice offers 'your own .npz file'; its path becomes dataset npz:<path>,
+    which is validated (a missing file is a clear error) and written to the CLI config."""
+    from core import jobs
+
+    x = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(300) % 10
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=x, y=y)
+    at = open_page()
+    ds = next(s for s in at.selectbox if s.key.startswith("tr_dataset_"))
+    assert "npz" in ds.options[-1]
+    ds.set_value("npz").run()
+    no_crash(at)
+    box = next(t for t in at.text_input if t.key.startswith("tr_npz_"))
+    next(b for b in at.button if b.key.startswith("tr_check_")).click().run()
+    assert any("enter the path of your .npz file" in e.value for e in at.error), [e.value for e in at.error]
+    box.set_value(str(tmp_path / "missing.npz")).run()
+    set_form(at, epochs=2, bs=64)
+    next(b for b in at.button if b.key.startswith("tr_check_")).click().run()
+    no_crash(at)
+    assert any("dataset file not found" in e.value for e in at.error), [e.value for e in at.error]
+    next(t for t in at.text_input if t.key.startswith("tr_npz_")).set_value(str(path)).run()
+    set_form(at, epochs=2, bs=64)
+    next(b for b in at.button if b.key.startswith("tr_check_")).click().run()
+    no_crash(at)
+    assert not at.error, [e.value for e in at.error]
+    assert any("The settings are valid" in s.value for s in at.success)
+    code = "\n".join(c.value for c in at.code)
+    cfg = json.loads(code.split("<<'EOF'\n", 1)[1].split("\nEOF", 1)[0])
+    assert cfg["dataset"] == f"npz:{path}" and cfg["epochs"] == 2
+    assert jobs.list_jobs(runs) == []

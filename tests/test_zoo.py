@@ -387,3 +387,113 @@ def _patch_downloaders(monkeypatch, rb_utils, fn):
     assert names, "robustbench has no known download function"
     for n in names:
         monkeypatch.setattr(rb_utils, n, fn)
+
+
+# --------------------------------------------------------------------------------------------
+# downloads without internet (issue 13 item 9): local fakes, no network
+# --------------------------------------------------------------------------------------------
+
+def _name_resolution_error():
+    """What requests raises on a machine without DNS: ConnectionError(MaxRetryError(NameResolutionError))."""
+    import socket
+
+    import requests
+    from urllib3.exceptions import MaxRetryError, NameResolutionError
+
+    url = "/uc?export=download&confirm=t&id=x"
+    nre = NameResolutionError("docs.google.com", None, socket.gaierror(-3, "Temporary failure in name resolution"))
+    return requests.exceptions.ConnectionError(MaxRetryError(None, url, reason=nre))
+
+
+def _refused_connection():
+    """A real requests.get to a closed port on this machine: a genuine ConnectionError, no internet needed."""
+    import socket
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        requests.get(f"http://127.0.0.1:{port}/uc?id=x", timeout=2)
+    except requests.exceptions.RequestException as e:
+        return e
+    raise AssertionError("a closed port accepted a connection")
+
+
+def _wrapped_gaierror():
+    import socket
+
+    try:
+        raise socket.gaierror(-2, "Name or service not known")
+    except OSError as inner:
+        try:
+            raise RuntimeError("download failed") from inner
+        except RuntimeError as outer:
+            return outer
+
+
+@pytest.mark.parametrize("make", [
+    _name_resolution_error,
+    _refused_connection,
+    lambda: __import__("requests").exceptions.ConnectTimeout("connect timeout=10"),
+    lambda: __import__("socket").gaierror(-3, "Temporary failure in name resolution"),
+    lambda: TimeoutError("timed out"),
+    lambda: __import__("urllib.error").error.URLError(__import__("socket").gaierror(-3, "no DNS")),
+    _wrapped_gaierror,
+], ids=["requests-NameResolutionError", "requests-refused-local-port", "requests-ConnectTimeout", "socket.gaierror",
+        "TimeoutError", "urllib-URLError", "wrapped-gaierror"])
+def test_download_without_internet_says_so_and_where_to_put_the_file(tmp_path, rb_utils, monkeypatch, make):
+    err = make()
+
+    def offline(gdrive_id, fname_save):
+        raise err
+
+    _patch_downloaders(monkeypatch, rb_utils, offline)
+    with pytest.raises(ZooError) as ei:
+        zoo.load_zoo_model(*SMALL, model_dir=tmp_path, allow_download=True)
+    msg = str(ei.value)
+    assert "needs internet" in msg and "could not be reached" in msg, msg
+    assert "zoo folder" not in msg, msg
+    assert str(_target(tmp_path)) in msg and zoo.get_zoo_entry(*SMALL).urls[0] in msg, msg
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda: PermissionError(13, "Permission denied"), "could not read or write the zoo folder"),
+    (lambda: __import__("gdown").exceptions.FileURLRetrievalError("Too many users have viewed or downloaded"),
+     "Google Drive often limits downloads"),
+])
+def test_other_download_failures_keep_their_own_message(tmp_path, rb_utils, monkeypatch, make, expected):
+    err = make()
+
+    def failing(gdrive_id, fname_save):
+        raise err
+
+    _patch_downloaders(monkeypatch, rb_utils, failing)
+    with pytest.raises(ZooError, match=expected) as ei:
+        zoo.load_zoo_model(*SMALL, model_dir=tmp_path, allow_download=True)
+    assert "needs internet" not in str(ei.value)
+
+
+def test_models_page_download_now_offline_says_it_needs_internet(tmp_path, rb_utils, monkeypatch):
+    """Issue 13 item 9, on the page: Models → RobustBench zoo → Download now, with the network unreachable."""
+    import functools
+
+    from streamlit.testing.v1 import AppTest
+
+    def offline(gdrive_id, fname_save):
+        raise _name_resolution_error()
+
+    _patch_downloaders(monkeypatch, rb_utils, offline)
+    monkeypatch.setattr(zoo, "load_zoo_model", functools.partial(zoo.load_zoo_model, model_dir=tmp_path))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "Home.py"), default_timeout=120)
+    at.run()
+    at.switch_page("../pages/models.py").run()
+    at.selectbox(key="models_zoo_ds").set_value("cifar10")
+    at.selectbox(key="models_zoo_tm").set_value("L2").run()
+    at.selectbox(key="models_zoo_name").set_value(SMALL[0]).run()
+    at.button(key="models_zoo_download").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    errors = [e.value for e in at.error]
+    assert any("needs internet" in e and "NameResolutionError" in e for e in errors), errors
+    assert not any("zoo folder" in e or "Unexpected error" in e for e in errors), errors

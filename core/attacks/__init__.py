@@ -14,10 +14,11 @@ from ..models import device_of
 from ..models.folding import folded
 from . import autoattack as _aa
 from . import gradient as _g
-from .base import (AttackInfo, AttackResult, AttackSpec, Progress, choose_targets, eval_mode, is_oom_error,
+from .base import (AttackInfo, AttackResult, AttackSpec, Progress, choose_targets, eval_mode, format_eps, is_oom_error,
                    make_recorder, project, timed)
 
-__all__ = ["ATTACKS", "AttackSpec", "AttackResult", "AttackInfo", "run_attack", "eval_mode", "project"]
+__all__ = ["ATTACKS", "AttackSpec", "AttackResult", "AttackInfo", "run_attack", "eval_mode", "project", "format_eps",
+           "describe_attack", "attack_slug"]
 
 ATTACKS: dict[str, AttackInfo] = {
     "pgd": AttackInfo("PGD (cross-entropy)", _g.pgd,
@@ -134,3 +135,29 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
             trace = trace.concat(t)
         trace.meta.update({"attack": spec.to_dict(), "per_step": info.per_step_trace, "notes": notes})
     return AttackResult(torch.cat(advs) if advs else x.clone(), trace, spec, elapsed(), notes)
+
+
+def describe_attack(spec: AttackSpec, class_names=None) -> str:
+    """One line naming a run: attack, targeting, threat model and budget, e.g.
+    ``PGD (cross-entropy), targeted (random targets), Linf ε = 16/255, 10 steps``."""
+    info = ATTACKS.get(spec.name)
+    parts = [info.label if info else spec.name]
+    if spec.targeted:
+        if spec.target_mode == "chosen" and spec.target_class is not None:
+            t = int(spec.target_class)
+            name = class_names[t] if class_names is not None and 0 <= t < len(class_names) else str(t)
+            parts.append(f"targeted → class {name}")
+        else:
+            parts.append(f"targeted ({spec.target_mode} targets)")
+    parts.append(f"{spec.norm} ε = {format_eps(spec.eps, spec.norm)}")
+    parts.append(f"{spec.steps} {'queries' if spec.name == 'square' else 'steps'}")
+    return ", ".join(parts)
+
+
+def attack_slug(spec: AttackSpec) -> str:
+    """The run's settings for a file name, e.g. ``pgd_Linf-16-255_10steps_targeted-random``."""
+    eps = format_eps(spec.eps, spec.norm).replace("/", "-")
+    s = f"{spec.name}_{spec.norm}-{eps}_{spec.steps}{'queries' if spec.name == 'square' else 'steps'}"
+    if spec.targeted:
+        s += f"_targeted-{spec.target_class if spec.target_mode == 'chosen' else spec.target_mode}"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in s)

@@ -24,12 +24,26 @@ from ..drift import EnergyTrace, TraceRecorder
 from ..errors import InputError
 
 __all__ = ["AttackSpec", "AttackResult", "AttackInfo", "eval_mode", "project", "choose_targets", "is_oom_error",
-           "Progress"]
+           "Progress", "format_eps"]
 
 Progress = Callable[[float, str], None]
 
 NORMS = ("Linf", "L2")
 TARGET_MODES = ("random", "chosen", "least-likely")
+
+
+def format_eps(eps: float, norm: str = "Linf") -> str:
+    """ε in the units people type it: ``16/255`` (``0.5/255``, ``-5/255``) for Linf, ``0.5`` for L2."""
+    e = float(eps)
+    if not math.isfinite(e):
+        return str(e)
+    if norm != "Linf":
+        return f"{e:g}"
+    k = e * 255
+    if k == 0:
+        return "0"
+    r = round(k)
+    return f"{r}/255" if abs(k - r) < 1e-6 else f"{k:.3g}/255"
 
 
 @dataclass
@@ -71,10 +85,11 @@ class AttackSpec:
             if v is not None and not math.isfinite(float(v)):
                 raise InputError(f"{nm} must be a finite number, got {v}")
         if self.eps < 0:
-            raise InputError(f"epsilon must be >= 0, got {self.eps}")
+            raise InputError(f"epsilon must be >= 0, got {format_eps(self.eps, self.norm)}")
         limit = 1.0 if self.norm == "Linf" else 64.0
         if self.eps > limit:
-            raise InputError(f"epsilon {self.eps:g} is absurd for {self.norm} on [0,1] images (max {limit:g})")
+            raise InputError(f"epsilon {format_eps(self.eps, self.norm)} is absurd for {self.norm} on [0,1] images "
+                             f"(max {format_eps(limit, self.norm)})")
         if int(self.steps) != self.steps or self.steps <= 0:
             raise InputError(f"steps must be a positive integer, got {self.steps}")
         if self.steps > info.max_steps:
