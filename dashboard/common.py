@@ -344,7 +344,12 @@ def model_picker() -> None:
                       horizontal=False, label_visibility="collapsed")
     ref = None
     if source in ("Bundled", "Local checkpoints"):
-        entries = list_bundled() if source == "Bundled" else list_local()
+        try:
+            entries = list_bundled() if source == "Bundled" else list_local()
+        except Exception as e:  # noqa: BLE001 - the picker is on every page: nothing may break it
+            log.error("listing checkpoints failed\n%s", traceback.format_exc())
+            sb.error(f"Could not list the checkpoints: {type(e).__name__}: {e}")
+            entries = []
         good = [(r, m) for r, m, err in entries if m is not None]
         bad = [(r, err) for r, m, err in entries if m is None]
         if not good:

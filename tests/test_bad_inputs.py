@@ -139,7 +139,66 @@ CKPT_CASES = [
      ["list.safetensors", "malformed metadata"]),
     ("metadata-not-json",
      lambda t, g: _safetensors_with_meta(t / "badjson.safetensors", "{not json"), None, ["corrupt metadata"]),
+    # issue 14 (F2, F6, F14): metadata is checked (ranges, then the stored shapes) before any model is built
+    ("metadata-nested-100k-deep",
+     lambda t, g: _safetensors_with_meta(t / "deep.safetensors", "[" * 100_000 + "]" * 100_000), None,
+     ["deep.safetensors", "malformed metadata", "nested too deeply"]),
+    ("metadata-over-1MB",
+     lambda t, g: _safetensors_with_meta(t / "big.safetensors", _meta_json(hparams={"x": "a" * 1_100_000})), None,
+     ["big.safetensors", "malformed metadata", "the limit is 1 MB"]),
+    ("metadata-num-classes-1e9",
+     lambda t, g: _safetensors_with_meta(t / "k.safetensors", _meta_json(num_classes=10**9)), None,
+     ["num_classes=1000000000 is impossible or absurd", "2..100,000"]),
+    ("metadata-num-classes-negative",
+     lambda t, g: _safetensors_with_meta(t / "k.safetensors", _meta_json(num_classes=-5)), None,
+     ["num_classes=-5 is impossible or absurd"]),
+    ("metadata-num-classes-not-a-number",
+     lambda t, g: _safetensors_with_meta(t / "k.safetensors", _meta_json(num_classes="ten")), None,
+     ["num_classes must be an integer"]),
+    ("metadata-wideresnet-depth-10000-widen-100",
+     lambda t, g: _safetensors_with_meta(t / "w.safetensors", _meta_json(
+         arch="wideresnet", arch_kwargs={"depth": 10000, "widen_factor": 100})), None,
+     ["wideresnet argument depth=10000 is impossible or absurd", "10..160"]),
+    ("metadata-wideresnet-widen-100",
+     lambda t, g: _safetensors_with_meta(t / "w.safetensors", _meta_json(
+         arch="wideresnet", arch_kwargs={"depth": 28, "widen_factor": 100})), None,
+     ["widen_factor=100 is impossible or absurd"]),
+    ("metadata-arch-kwargs-a-string",
+     lambda t, g: _safetensors_with_meta(t / "x.safetensors", _meta_json(arch_kwargs="x")), None,
+     ["arch_kwargs must be an object", "'x'"]),
+    ("metadata-arch-kwargs-unknown-argument",
+     lambda t, g: _safetensors_with_meta(t / "x.safetensors", _meta_json(arch_kwargs={"dpeth": 3})), None,
+     ["architecture 'smallcnn' has no argument(s) dpeth"]),
+    ("metadata-input-shape-absurd",
+     lambda t, g: _safetensors_with_meta(t / "x.safetensors", _meta_json(input_shape=[3, 10**6, 10**6])), None,
+     ["input_shape", "is absurd"]),
+    ("metadata-class-names-count-wrong",
+     lambda t, g: _safetensors_with_meta(t / "x.safetensors", _meta_json(class_names=["cat", "dog"])), None,
+     ["it names 2 classes but num_classes is 10"]),
+    ("metadata-50000-classes-vs-stored-shapes",
+     lambda t, g: _relabelled(g, t / "k5.safetensors", num_classes=50_000), None,
+     ["does not match the model architecture (smallcnn, 50000 classes", "file (10, 128) vs model (50000, 128)",
+      "a different number of classes?"]),
+    ("metadata-width-vs-stored-shapes",
+     lambda t, g: _relabelled(g, t / "wd.safetensors", arch_kwargs={"width": 64}), None,
+     ["does not match the model architecture", "features.0.weight: file (32, 3, 3, 3) vs model (64, 3, 3, 3)"]),
 ]
+
+
+def _meta_json(**changes) -> str:
+    import json
+
+    return json.dumps({"arch": "smallcnn", "num_classes": 10, "dataset": "digits", **changes})
+
+
+def _relabelled(good: Path, path: Path, **changes) -> Path:
+    """The good checkpoint's real weights with altered metadata."""
+    import json
+
+    from safetensors.torch import load_file, save
+
+    path.write_bytes(save(load_file(str(good)), metadata={"energylens": _meta_json(**changes)}))
+    return path
 
 
 def _safetensors_with_meta(path: Path, raw: str) -> Path:
@@ -646,3 +705,40 @@ def test_zoo_model_not_downloaded_shows_where_to_put_the_file(app):
     assert "Could not load model **Standard**" in errs and "is not downloaded" in errs, errs
     assert "save it exactly at" in errs and str(path) in errs, errs
     assert not path.exists()
+
+
+# =============================================================================================
+# The sidebar model picker survives any file (issue 14, F2)
+# =============================================================================================
+def test_no_checkpoint_file_can_break_the_model_picker(app, tmp_path, monkeypatch):
+    import core.models.registry as registry
+
+    local = tmp_path / "local"
+    local.mkdir()
+    save_checkpoint(local / "fine.safetensors", _small_model(), ModelMeta("smallcnn", 10, "digits", name="fine"))
+    _safetensors_with_meta(local / "deep.safetensors", "[" * 100_000 + "]" * 100_000)
+    _safetensors_with_meta(local / "huge.safetensors", _meta_json(num_classes=10**9))
+    _safetensors_with_meta(local / "weird.safetensors", _meta_json())
+    real = registry.read_metadata
+
+    def flaky(p):  # any other exception a future bug might raise
+        if Path(p).name == "weird.safetensors":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(p)
+
+    monkeypatch.setattr(registry, "LOCAL_DIR", local)
+    monkeypatch.setattr(registry, "read_metadata", flaky)
+    at = app
+    at.sidebar.radio(key="model_source").set_value("Local checkpoints").run()
+    assert not at.exception, [e.message for e in at.exception]
+    notes = " | ".join(c.value for c in at.sidebar.caption)
+    assert "skipped deep.safetensors (unreadable)" in notes and "nested too deeply" in notes, notes
+    assert "skipped huge.safetensors (unreadable)" in notes and "num_classes=1000000000" in notes, notes
+    assert "skipped weird.safetensors (unreadable)" in notes and "RecursionError" in notes, notes
+    assert at.session_state["model_ref"].name == "fine"
+    # even a listing that fails as a whole only shows an error in the sidebar
+    monkeypatch.setattr(registry, "list_local", lambda *a, **k: 1 / 0)  # imported by the picker at call time
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    errs = " | ".join(e.value for e in at.sidebar.error)
+    assert "Could not list the checkpoints: ZeroDivisionError" in errs, errs
