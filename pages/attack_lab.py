@@ -171,7 +171,10 @@ if up is not None:
         from core.uploads import decode_image
 
         shape = tuple(meta.input_shape[1:]) if meta.input_shape else (32, 32)
-        x1 = decode_image(up.getvalue(), size=shape)
+        upload_notes: list[str] = []  # what decoding changed: alpha on white, EXIF rotation, 16-bit, MPO
+        x1 = decode_image(up.getvalue(), size=shape, notes=upload_notes)
+        for note in upload_notes:
+            st.info(f"Note: {note}.")
         dev = device_of(lm.model)
         with torch.no_grad():
             logits = lm.model.eval()(x1.to(dev)).cpu()

@@ -492,6 +492,13 @@ UPLOAD_CASES = [
     ("oversize-over-10MB", lambda: _png(8, 8) + b"\0" * (MAX_UPLOAD_BYTES + 1), ["MB; the limit is 10 MB"]),
     ("too-many-pixels-25MP", lambda: _png(5000, 5000, "1"), ["5000 x 5000", "the limit is 16 megapixels"]),
     ("decompression-bomb-400MP", lambda: _png(20000, 20000, "1"), ["megapixels", "decompression bomb"]),
+    # issue 14 (F1): under the pixel cap, but scaling the short side to 32 needed gigabytes
+    ("strip-1000000x1", lambda: _png(1_000_000, 1, "1"), ["1000000 x 1 pixels", "aspect ratio of 1,000,000:1",
+                                                          "the limit is 20:1"]),
+    ("strip-100000x1", lambda: _png(100_000, 1, "1"), ["aspect ratio of 100,000:1"]),
+    ("strip-16000000x1", lambda: _png(16_000_000, 1, "1"), ["aspect ratio of 16,000,000:1"]),
+    ("strip-1x4000000", lambda: _png(1, 4_000_000, "1"), ["1 x 4000000 pixels", "aspect ratio"]),
+    ("strip-21x1", lambda: _png(2100, 100), ["aspect ratio of 21:1", "the limit is 20:1"]),
 ]
 
 
@@ -742,3 +749,236 @@ def test_no_checkpoint_file_can_break_the_model_picker(app, tmp_path, monkeypatc
     assert not at.exception, [e.message for e in at.exception]
     errs = " | ".join(e.value for e in at.sidebar.error)
     assert "Could not list the checkpoints: ZeroDivisionError" in errs, errs
+
+
+# =============================================================================================
+# Bounded memory and time (issue 14, F1 and F6): hostile uploads and metadata run in a child process
+# whose address space is capped at what it had after imports + 200 MB (RLIMIT_AS), never uncapped
+# =============================================================================================
+BOUND_MB = 200
+_BOUNDED_CHILD = r"""
+import io, json, resource, sys, time
+kind, files = sys.argv[1], sys.argv[2:]
+import torch
+from core.errors import EnergyLensError
+
+if kind == "upload":
+    from PIL import Image
+    from core.uploads import decode_image
+    for mode, fmt in (("RGB", "PNG"), ("RGB", "JPEG"), ("I;16", "PNG"), ("RGBA", "PNG")):  # warm up lazy imports
+        buf = io.BytesIO(); Image.new(mode, (40, 30)).save(buf, fmt); decode_image(buf.getvalue(), notes=[])
+    items = [open(f, "rb").read() for f in files]
+    call = lambda b: decode_image(b, notes=[])
+else:
+    from core.models import load_checkpoint
+    warm, files = files[0], files[1:]
+    load_checkpoint(warm)
+    items = files
+    call = load_checkpoint
+
+def vm_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+
+cap = vm_bytes() + __BOUND_MB__ * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = []
+for it in items:
+    t0 = time.perf_counter()
+    try:
+        call(it)
+        res = {"ok": True}
+    except EnergyLensError as e:
+        res = {"error": type(e).__name__, "msg": str(e)}
+    except BaseException as e:
+        res = {"error": type(e).__name__, "msg": str(e)[:300], "unexpected": True}
+    res["seconds"] = time.perf_counter() - t0
+    res["peak_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    out.append(res)
+print("RESULT " + json.dumps(out))
+""".replace("__BOUND_MB__", str(BOUND_MB))
+
+
+def _bounded(kind: str, paths: list[Path]) -> list[dict]:
+    import json
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc to cap the child's address space")
+    r = subprocess.run([sys.executable, "-c", _BOUNDED_CHILD, kind, *map(str, paths)], cwd=str(REPO),
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert r.returncode == 0 and line, f"child failed (rc {r.returncode}): {r.stderr[-3000:]}"
+    return json.loads(line[len("RESULT "):])
+
+
+HOSTILE_UPLOADS = [
+    ("strip-1000000x1", lambda: _png(1_000_000, 1, "1"), "aspect ratio"),
+    ("strip-100000x1", lambda: _png(100_000, 1, "1"), "aspect ratio"),
+    ("strip-16000000x1", lambda: _png(16_000_000, 1, "1"), "aspect ratio"),
+    ("strip-1x4000000", lambda: _png(1, 4_000_000, "1"), "aspect ratio"),
+    ("decompression-bomb-400MP", lambda: _png(20000, 20000, "1"), "megapixels"),
+    ("too-many-pixels-25MP", lambda: _png(5000, 5000, "1"), "megapixels"),
+]
+
+
+def _big_uploads() -> list[tuple[str, bytes]]:
+    """Large uploads that are accepted: the worst cases for decoding memory under the 10 MB / 16 Mpx caps."""
+    import numpy as np
+    from PIL import Image
+
+    def enc(im, fmt, **kw):
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    ramp = np.tile(np.linspace(0, 65535, 4000).astype(np.uint16), (4000, 1))
+    return [("png-rgb-16MP", enc(Image.new("RGB", (4000, 4000), (10, 100, 200)), "PNG")),
+            ("png-rgba-16MP", enc(Image.new("RGBA", (4000, 4000), (10, 100, 200, 128)), "PNG")),
+            ("png-16bit-gray-16MP", enc(Image.fromarray(ramp), "PNG")),
+            ("jpeg-16MP", enc(Image.new("RGB", (4000, 4000), (10, 100, 200)), "JPEG", quality=90)),
+            ("png-20x1-panorama", enc(Image.new("RGB", (8000, 400), (1, 2, 3)), "PNG"))]
+
+
+def test_hostile_uploads_are_refused_in_bounded_memory_and_time(tmp_path):
+    paths = []
+    for name, make, _ in HOSTILE_UPLOADS:
+        paths.append(tmp_path / f"{name}.png")
+        paths[-1].write_bytes(make())
+        assert paths[-1].stat().st_size < 100_000, "each hostile file is small"
+    results = _bounded("upload", paths)
+    for (name, _, needle), res in zip(HOSTILE_UPLOADS, results):
+        assert res.get("error") == "InputError" and needle in res["msg"], (name, res)
+        assert res["seconds"] < 1.0, (name, res)
+        assert res["peak_growth_mb"] < BOUND_MB, (name, res)
+
+
+def test_large_valid_uploads_decode_in_bounded_memory(tmp_path):
+    big = _big_uploads()
+    paths = []
+    for name, data in big:
+        assert len(data) <= MAX_UPLOAD_BYTES, name
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(data)
+    results = _bounded("upload", paths)
+    for (name, _), res in zip(big, results):
+        assert res.get("ok"), (name, res)
+        assert res["peak_growth_mb"] < BOUND_MB, (name, res)
+        assert res["seconds"] < 5.0, (name, res)  # 0.7 s measured on two busy cores for the 16 Mpx PNG
+
+
+def test_hostile_metadata_is_refused_before_any_model_is_built(tmp_path, ckpt):
+    cases = [
+        ("num-classes-1e9", _meta_json(num_classes=10**9), "num_classes=1000000000"),
+        ("wideresnet-10000-100", _meta_json(arch="wideresnet", arch_kwargs={"depth": 10000, "widen_factor": 100}),
+         "depth=10000"),
+        ("num-classes-50000", None, "does not match the model architecture"),
+        ("nested-100k", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ]
+    paths = []
+    for name, raw, _ in cases:
+        p = tmp_path / f"{name}.safetensors"
+        _relabelled(ckpt, p, num_classes=50_000) if raw is None else _safetensors_with_meta(p, raw)
+        paths.append(p)
+    results = _bounded("checkpoint", [ckpt, *paths])
+    for (name, _, needle), res in zip(cases, results):
+        assert res.get("error") == "CheckpointError" and needle in res["msg"], (name, res)
+        assert res["seconds"] < 1.0 and res["peak_growth_mb"] < BOUND_MB, (name, res)
+
+
+def test_metadata_shapes_are_checked_before_the_real_model_is_built(ckpt, tmp_path, monkeypatch):
+    import core.models.checkpoint as cp
+
+    built = []
+    real = cp.build_model
+
+    def spy(arch, num_classes, **kw):
+        m = real(arch, num_classes, **kw)
+        built.append((num_classes, next(m.parameters()).device.type))
+        return m
+
+    monkeypatch.setattr(cp, "build_model", spy)
+    p = _relabelled(ckpt, tmp_path / "k.safetensors", num_classes=5000)
+    _expect(lambda: load_checkpoint(p), CheckpointError, "does not match the model architecture")
+    assert built == [(5000, "meta")], "only a shape-only skeleton is built for metadata that does not match"
+    built.clear()
+    assert load_checkpoint(ckpt).meta.num_classes == 10
+    assert built == [(10, "meta"), (10, "cpu")]
+
+
+# =============================================================================================
+# Uploads that are accepted but changed: the user is told (issue 14: F8, F12, F13, RGBA)
+# =============================================================================================
+def _encode(im, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_16bit_grayscale_png_is_scaled_not_clipped():
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))  # left dark, right bright
+    data = _encode(Image.fromarray(ramp), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    notes: list[str] = []
+    x = decode_image(data, size=(32, 32), notes=notes)
+    assert abs(float(x.mean()) - 0.5) < 0.02, "a 0..65535 ramp averages to 1/2, not 0.987 (clipped to white)"
+    cols = x[0, 0].mean(dim=0)
+    assert float(cols[0]) < 0.05 and float(cols[-1]) > 0.95 and bool((cols[1:] >= cols[:-1]).all())
+    assert torch.equal(x[0, 0], x[0, 1]) and torch.equal(x[0, 0], x[0, 2]), "gray in all three channels"
+    assert notes == ["16-bit grayscale image: scaled from 0..65535"]
+    # 8-bit grayscale with the same ramp gives the same picture
+    x8 = decode_image(_encode(Image.fromarray((ramp // 257).astype(np.uint8)), "PNG"), size=(32, 32))
+    assert float((x - x8).abs().max()) < 0.01
+
+
+def test_rgba_alpha_is_composited_on_white_and_said():
+    from PIL import Image
+
+    im = Image.new("RGBA", (40, 40), (255, 0, 0, 255))
+    im.paste((0, 0, 255, 0), (0, 0, 40, 20))  # top half fully transparent blue
+    notes: list[str] = []
+    x = decode_image(_encode(im, "PNG"), size=(32, 32), notes=notes)
+    assert notes == ["the image has transparent areas (alpha channel): they are shown on white"]
+    assert torch.allclose(x[0, :, 2, 16], torch.ones(3)), "transparent pixels are white, not the hidden blue"
+    assert torch.allclose(x[0, :, 29, 16], torch.tensor([1.0, 0.0, 0.0])), "opaque pixels keep their colour"
+    notes.clear()
+    decode_image(_encode(Image.new("RGBA", (40, 40), (1, 2, 3, 255)), "PNG"), notes=notes)
+    assert notes == [], "a fully opaque alpha channel changes nothing and needs no note"
+
+
+def test_mpo_camera_jpeg_is_accepted_with_its_first_picture():
+    from PIL import Image
+
+    frames = [Image.new("RGB", (64, 48), (200, 10, 10)), Image.new("RGB", (64, 48), (10, 10, 200))]
+    data = _encode(frames[0], "MPO", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    notes: list[str] = []
+    x = decode_image(data, notes=notes)
+    assert x.shape == (1, 3, 32, 32)
+    assert float(x[0, 0].mean()) > 0.7 and float(x[0, 2].mean()) < 0.1, "the first (red) picture is used"
+    assert notes == ["the file holds 2 pictures (a multi-picture camera JPEG): the first is used"]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(orientation):
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(orientation)
+    base = Image.fromarray(rng.integers(0, 255, (30, 60, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(base, "JPEG", exif=exif.tobytes(), quality=95)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))  # what a photo viewer shows
+    notes: list[str] = []
+    got = decode_image(data, size=(16, 32), notes=notes)
+    want = decode_image(_encode(upright, "PNG"), size=(16, 32))
+    assert got.shape == want.shape == (1, 3, 16, 32)
+    assert float((got - want).abs().max()) < 1e-6
+    assert bool(notes) == (orientation != 1)
