@@ -370,12 +370,21 @@ def model_picker() -> None:
         except EnergyLensError as e:
             sb.error(str(e))
             entries = []
+        except Exception as e:  # noqa: BLE001 - the picker is on every page: nothing may break it
+            log.error("listing the zoo failed\n%s", traceback.format_exc())
+            sb.error(f"Could not list the RobustBench zoo: {type(e).__name__}: {e}")
+            entries = []
         entries = sorted(entries, key=lambda e: (not e.paper_model, e.name))
         if entries:
             names = [e.name for e in entries]
-            fmt = {e.name: ("★ " if e.paper_model else "") + e.name + (" ✓" if getattr(e, "downloaded", False) else "")
-                   for e in entries}
-            name = sb.selectbox("Model (★ = in the paper, ✓ = downloaded)", names, format_func=lambda n: fmt[n], key="zoo_name")
+            def mark(e) -> str:
+                if getattr(e, "downloaded", False):
+                    return " ✓"
+                return " ⚠" if getattr(e, "file_status", None) not in (None, "missing", "hub") else ""
+
+            fmt = {e.name: ("★ " if e.paper_model else "") + e.name + mark(e) for e in entries}
+            name = sb.selectbox("Model (★ = in the paper, ✓ = downloaded, ⚠ = bad file)", names,
+                                format_func=lambda n: fmt[n], key="zoo_name")
             ref = ModelRef("zoo", name, dataset=ds, threat_model=tm)
         sb.checkbox("Allow download (needs internet)", key="allow_download")
     import torch

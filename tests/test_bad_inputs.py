@@ -982,3 +982,37 @@ def test_exif_orientation_is_applied(orientation):
     assert got.shape == want.shape == (1, 3, 16, 32)
     assert float((got - want).abs().max()) < 1e-6
     assert bool(notes) == (orientation != 1)
+
+
+# =============================================================================================
+# Zoo list: a refused file is not "downloaded" (issue 14)
+# =============================================================================================
+def test_zoo_file_that_would_run_code_is_not_listed_as_downloaded(tmp_path):
+    marker = tmp_path / "PWNED"
+    p = tmp_path / "cifar10" / "Linf" / "Standard.pt"
+    p.parent.mkdir(parents=True)
+    torch.save({"state_dict": _Payload(marker)}, p)
+    [e] = [e for e in zoo.list_zoo("cifar10", "Linf", model_dir=tmp_path) if e.name == "Standard"]
+    assert (e.file_status, e.downloaded) == ("unsafe", False)
+    assert not marker.exists(), "listing never unpickles"
+
+
+def test_zoo_file_refused_when_loaded_is_no_longer_listed_as_downloaded(tmp_path):
+    marker = tmp_path / "PWNED"
+    p = tmp_path / "cifar10" / "Linf" / "Standard.pt"
+    p.parent.mkdir(parents=True)
+    with open(p, "wb") as f:  # a raw pickle: its globals are only seen when loading
+        pickle.dump({"state_dict": _Payload(marker)}, f, protocol=2)
+
+    def status():
+        [e] = [e for e in zoo.list_zoo("cifar10", "Linf", model_dir=tmp_path) if e.name == "Standard"]
+        return e.file_status, e.downloaded
+
+    assert status() == ("ok", True)  # cannot be told without loading it
+    with pytest.raises(ZooError):
+        zoo.load_zoo_model("Standard", model_dir=tmp_path)
+    assert status() == ("refused", False)
+    assert not marker.exists()
+    time.sleep(0.01)
+    torch.save({"w": torch.zeros(2)}, p)  # replaced: looked at again
+    assert status() == ("ok", True)
