@@ -365,6 +365,12 @@ SPEC_CASES = [
     ("target-class-out-of-range", dict(targeted=True, target_mode="chosen", target_class=42),
      ["target class 42 does not exist", "10 classes"]),
     ("unknown-target-mode", dict(targeted=True, target_mode="nearest"), ["target mode must be one of"]),
+    # issue 14 (F15): values that overflowed inside torch
+    ("kappa-1e300", dict(name="cw", kappa=1e300), ["kappa (the CW confidence margin) must lie in [0, 10000]"]),
+    ("kappa-negative", dict(name="cw", kappa=-1.0), ["kappa (the CW confidence margin) must lie in [0, 10000]"]),
+    ("seed-2**70", dict(seed=2**70), ["seed must be an integer in [0, 4294967295]", str(2**70)]),
+    ("seed-negative", dict(seed=-1), ["seed must be an integer in [0, 4294967295]"]),
+    ("seed-fractional", dict(seed=1.5), ["seed must be an integer"]),
 ]
 
 

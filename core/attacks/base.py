@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -29,6 +30,8 @@ __all__ = ["AttackSpec", "AttackResult", "AttackInfo", "eval_mode", "project", "
 Progress = Callable[[float, str], None]
 
 NORMS = ("Linf", "L2")
+MAX_KAPPA = 1e4          # a logit margin; far beyond any real one, and exactly representable in float32
+MAX_SEED = 2**32 - 1     # seeds feed torch.manual_seed and pyautoattack (which also seeds CUDA)
 TARGET_MODES = ("random", "chosen", "least-likely")
 
 
@@ -70,6 +73,11 @@ class AttackSpec:
         for nm, v in (("eps", self.eps), ("step size", self.step_size), ("kappa", self.kappa)):
             if v is not None and not math.isfinite(float(v)):
                 raise InputError(f"{nm} must be a finite number, got {v}")
+        if not 0 <= float(self.kappa) <= MAX_KAPPA:
+            raise InputError(f"kappa (the CW confidence margin) must lie in [0, {MAX_KAPPA:g}], got {self.kappa:g}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or not 0 <= int(self.seed) <= MAX_SEED):
+            raise InputError(f"seed must be an integer in [0, {MAX_SEED}] (or None), got {self.seed!r}")
         if self.eps < 0:
             raise InputError(f"epsilon must be >= 0, got {self.eps}")
         limit = 1.0 if self.norm == "Linf" else 64.0
