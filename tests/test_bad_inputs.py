@@ -402,6 +402,15 @@ TRAIN_CASES = [
     ("unknown-method", dict(method="magic"), ["unknown training method 'magic'"]),
     ("unknown-schedule", dict(schedule="sawtooth"), ["schedule must be one of"]),
     ("unknown-device", dict(device="tpu"), ["device must be"]),
+    # issue 14 (F5): accepted before ("The settings are valid"), then the job hung at 0%
+    ("attack-steps-1e6", dict(attack_steps=10**6),
+     ["attack steps=1000000 is too many for the training attack (PGD (cross-entropy)) (max 10000)"]),
+    ("attack-steps-trades-20000", dict(method="trades", attack_steps=20_000),
+     ["too many for the training attack (TRADES-KL) (max 10000)"]),
+    ("eval-steps-1e6", dict(eval_steps=10**6), ["eval steps=1000000 is too many for the evaluation attack (PGD)"]),
+    ("eval-samples-1e9", dict(eval_samples=10**9), ["eval samples=1000000000 is absurd", "max 100,000"]),
+    ("probe-size-1e7", dict(probe_size=10**7), ["probe size=10000000 is absurd", "max 10,000"]),
+    ("seed-2**70", dict(seed=2**70), ["seed must be an integer in [0, 4294967295]"]),
 ]
 
 
