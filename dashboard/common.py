@@ -18,6 +18,7 @@ if str(REPO_ROOT) not in sys.path:  # `streamlit run dashboard/Home.py` only put
 
 import streamlit as st  # noqa: E402
 
+from core.errors import Cancelled as _CoreCancelled  # noqa: E402
 from core.errors import EnergyLensError  # noqa: E402
 
 log = logging.getLogger("energylens.dashboard")
@@ -49,8 +50,8 @@ def guard(what: str = "this action"):
 
 
 # ---------------------------------------------------------------------------------------------
-class Cancelled(EnergyLensError):
-    """The user cancelled a background task."""
+class Cancelled(_CoreCancelled):
+    """The user cancelled a background task (core code that asks ``should_stop`` catches it too)."""
 
 
 @dataclass
@@ -66,6 +67,10 @@ class Task:
     started: float = field(default_factory=time.time)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+
+    def cancelled(self) -> bool:
+        """True once Cancel was pressed (hand it to core functions as ``should_stop``)."""
+        return self.cancel_event.is_set()
 
     def progress(self, fraction: float, message: str = "") -> None:
         if self.cancel_event.is_set():
@@ -89,8 +94,9 @@ def start_task(key: str, label: str, fn: Callable[[Task], Any]) -> Task:
     def body():
         try:
             task.result = fn(task)
-        except Cancelled:
-            task.error = "Cancelled."
+        except _CoreCancelled as e:
+            detail = str(e)
+            task.error = "Cancelled." if detail in ("", "cancelled") else f"Cancelled: {detail}."
         except EnergyLensError as e:
             task.error = str(e)
         except Exception as e:  # noqa: BLE001

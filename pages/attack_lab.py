@@ -63,8 +63,8 @@ def chosen_images(ds, n: int, seed: int):
 
 
 def attack_job(task, x, y, spec, model_name):
-    res = run_attack(lm.model, x, y, spec, progress=task.progress)
-    keep = min(16, len(x))
+    res = run_attack(lm.model, x, y, spec, progress=task.progress, should_stop=task.cancelled)
+    keep = min(16, len(res.x_adv))  # a cancelled attack returns the images attacked so far
     return {"trace": res.trace, "spec": spec, "model": model_name, "seconds": res.seconds,
             "x": x[:keep].cpu().numpy(), "x_adv": res.x_adv[:keep].cpu().numpy(), "notes": res.notes}
 

@@ -24,8 +24,8 @@ import torch.nn as nn
 from ..drift import EnergyTrace, TraceRecorder
 from ..errors import InputError
 
-__all__ = ["AttackSpec", "AttackResult", "AttackInfo", "eval_mode", "project", "choose_targets", "is_oom_error",
-           "Progress"]
+__all__ = ["AttackSpec", "AttackResult", "AttackInfo", "AttackInterrupted", "eval_mode", "project", "choose_targets",
+           "is_oom_error", "Progress"]
 
 Progress = Callable[[float, str], None]
 
@@ -115,6 +115,7 @@ class AttackResult:
     spec: AttackSpec
     seconds: float
     notes: list[str] = field(default_factory=list)
+    partial: bool = False                # cancelled: only part of the images / steps (see notes)
 
 
 @dataclass
@@ -179,6 +180,15 @@ def is_oom_error(e: BaseException) -> bool:
     if isinstance(e, MemoryError):
         return True
     return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+class AttackInterrupted(Exception):
+    """Internal: a stop request reached an attack mid-way. ``x_adv`` / ``step``: the iterate reached (None when
+    the attack cannot expose it). Never escapes :func:`core.attacks.run_attack`."""
+
+    def __init__(self, x_adv: torch.Tensor | None = None, step: int | None = None):
+        super().__init__("attack interrupted")
+        self.x_adv, self.step = x_adv, step
 
 
 def make_recorder(y: torch.Tensor, targets: torch.Tensor | None, spec: AttackSpec) -> TraceRecorder:
