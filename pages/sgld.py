@@ -172,6 +172,8 @@ def _run_done(task):
 common.task_panel("sgld_task", _run_done)
 if st.session_state.get("sgld_task-error") == "Cancelled." and sampler is not None:
     st.caption(f"Cancelled: the chains keep the {sampler.steps_done} steps made so far.")
+for note in getattr(sampler, "notes", None) or []:  # e.g. out of memory: fewer chains per pass
+    st.warning(note)
 
 
 # ---------------------------------------------------------------- results

@@ -394,3 +394,112 @@ def test_attack_lab_cancel_keeps_the_images_so_far(tmp_path, monkeypatch):
     warnings = " | ".join(w.value for w in at.warning)
     assert "cancelled at step" in warnings and "of 5000" in warnings, warnings
     assert any(m.label == "Robust accuracy" for m in at.metric), "the partial result is shown"
+
+
+# =============================================================================================
+# Non-finite logits (issue 14, F7)
+# =============================================================================================
+class _NaNModel(torch.nn.Module):
+    """A broken classifier: NaN logits everywhere (e.g. NaN weights), or only away from the natural images."""
+
+    def __init__(self, only_perturbed: bool = False):
+        super().__init__()
+        self.lin = torch.nn.Linear(3 * 8 * 8, 10)
+        self.only_perturbed = only_perturbed
+
+    def forward(self, x):
+        z = self.lin(x.flatten(1))
+        if not self.only_perturbed:
+            return z * float("nan")
+        off_grid = (x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-3  # attacked pixels leave the grid
+        return torch.where(off_grid[:, None], torch.full_like(z, float("inf")), z)
+
+
+def test_nan_logits_are_refused_by_attacks_and_evaluation():
+    from core.evaluation import evaluate
+    from core.models import LoadedModel, ModelMeta
+
+    x = torch.randint(0, 256, (6, 3, 8, 8)).float() / 255
+    y = torch.arange(6) % 10
+    with pytest.raises(InputError, match="NaN or infinite logits"):
+        run_attack(_NaNModel(), x, y, AttackSpec("pgd", steps=2))
+    with pytest.raises(InputError, match="NaN or infinite logits for 6 of 6 natural images"):
+        run_attack(_NaNModel(), x, y, AttackSpec("pgd", steps=2), num_classes=10)  # no probe forward
+    lm = LoadedModel(_NaNModel(), ModelMeta("smallcnn", 10, "digits"))
+    with pytest.raises(InputError, match="NaN or infinite logits for 6 of 6 images"):
+        evaluate(lm, x, y, {"n": 6, "autoattack": False, "pgd_steps": 2}, model_sha="x")
+
+
+def test_logits_that_become_infinite_during_the_attack_are_named():
+    from core.evaluation import evaluate
+    from core.models import LoadedModel, ModelMeta
+
+    x = torch.randint(0, 256, (6, 3, 8, 8)).float() / 255
+    y = torch.arange(6) % 10
+    model = _NaNModel(only_perturbed=True)
+    res = run_attack(model, x, y, AttackSpec("pgd", steps=2))
+    assert any("logits became NaN or infinite during the attack for 6 of 6 images (first at step" in n
+               for n in res.notes), res.notes
+    lm = LoadedModel(model, ModelMeta("smallcnn", 10, "digits"))
+    out = evaluate(lm, x, y, {"n": 6, "autoattack": False, "pgd_steps": 2}, model_sha="x")
+    assert out["pgd_acc"] == 0.0, "a point with infinite logits is not counted as robust (argmax means nothing)"
+    assert any("NaN or infinite" in n for n in out["notes"])
+
+
+# =============================================================================================
+# Out of memory in SGLD and in evaluation (issue 14, F9): halved and retried, and said
+# =============================================================================================
+def test_sgld_out_of_memory_processes_fewer_chains_at_a_time_with_the_same_result(monkeypatch):
+    import core.sampling as sampling
+    from core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10).eval()
+    kw = dict(init="random", image_shape=(3, 32, 32), num_classes=10, seed=3)
+    ref = sampling.SGLDSampler(model, [0, 1], 4, **kw).step(3)
+    real = sampling.SGLDSampler._energy_grad_part
+    seen: list[int] = []
+
+    def small_memory(self, x, labels):
+        seen.append(len(x))
+        if len(x) > 2:
+            raise RuntimeError(OOM_TEXT)
+        return real(self, x, labels)
+
+    monkeypatch.setattr(sampling.SGLDSampler, "_energy_grad_part", small_memory)
+    s = sampling.SGLDSampler(model, [0, 1], 4, **kw)
+    msgs: list[str] = []
+    out = s.step(3, progress=lambda f, m: msgs.append(m))
+    assert torch.allclose(out.images, ref.images, atol=1e-5), "chains are independent: same numbers"
+    assert s.notes == ["out of memory: computing the energies 4 chains at a time (same results, slower)",
+                       "out of memory: computing the energies 2 chains at a time (same results, slower)"]
+    assert seen[:3] == [8, 4, 2]
+    monkeypatch.setattr(sampling.SGLDSampler, "_energy_grad_part",
+                        lambda self, x, labels: (_ for _ in ()).throw(RuntimeError(OOM_TEXT)))
+    with pytest.raises(InputError, match="out of memory even with one SGLD chain at a time"):
+        sampling.SGLDSampler(model, [0, 1], 4, **kw)
+
+
+def test_evaluation_out_of_memory_halves_the_batch_and_says_so(monkeypatch):
+    import core.evaluation as ev
+    from core.models import LoadedModel, ModelMeta, build_model
+
+    torch.manual_seed(0)
+    net = build_model("smallcnn", 10).eval()
+    x, y = torch.rand(12, 3, 32, 32), torch.arange(12) % 10
+    cfg = {"n": 12, "autoattack": True, "aa_version": "custom", "aa_attacks": ["apgd-ce"], "pgd_steps": 2,
+           "batch_size": 12, "chunk_size": 12}
+    ref = ev.evaluate(LoadedModel(net, ModelMeta("smallcnn", 10, "digits")), x, y, cfg, model_sha="x")
+    forward = net.forward
+    net.forward = _oom_above(3)(forward)
+    msgs: list[str] = []
+    out = ev.evaluate(LoadedModel(net, ModelMeta("smallcnn", 10, "digits")), x, y, cfg, model_sha="x",
+                      progress=lambda f, m: msgs.append(m))
+    assert (out["natural_acc"], out["pgd_acc"]) == (ref["natural_acc"], ref["pgd_acc"])
+    notes = " | ".join(out["notes"])
+    for what in ("the natural forward pass", "AutoAttack"):
+        assert f"out of memory during {what}: retrying with batch size 3" in notes, notes
+    assert any("out of memory during" in m for m in msgs), "the progress line says so while it runs"
+    net.forward = _oom_above(0)(forward)
+    with pytest.raises(InputError, match="out of memory during the natural forward pass even with batch size 1"):
+        ev.evaluate(LoadedModel(net, ModelMeta("smallcnn", 10, "digits")), x, y, cfg, model_sha="x")
