@@ -485,6 +485,12 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         except OSError as e:
             from .storage import StorageError
             raise StorageError(f"cannot create the run folder {out}: {e.strerror or e}") from e
+        if cfg.resume:  # temp files of writes a killed earlier run left behind (state.pt's: hundreds of MB for a WRN)
+            from .jobs import remove_stale_temp_files
+
+            stale = remove_stale_temp_files(out)
+            if stale:
+                print(f"removed {len(stale)} stale temp file(s) of interrupted writes", file=sys.stderr, flush=True)
         atomic_write_json(out / "config.json", cfg.to_dict())
 
     torch.manual_seed(cfg.seed)

@@ -155,6 +155,29 @@ def task_panel(key: str, on_done: Callable[[Task], None]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+_MD_SPECIAL = "\\`*_{}[]<>()#+-.!|~$"
+
+
+def plain(text) -> str:
+    """Free text (a job name) for st.markdown: control characters and escape sequences removed, markdown
+    syntax escaped, so that it shows as typed and cannot format or link anything."""
+    from core.jobs import clean_text
+
+    return "".join("\\" + c if c in _MD_SPECIAL else c for c in clean_text(text, 200))
+
+
+def registry_warning() -> None:
+    """The job registry was rebuilt from the job folders recently (core.jobs.registry_notice): say so."""
+    from core import jobs
+
+    try:
+        notice = jobs.registry_notice()
+    except EnergyLensError:
+        return
+    if notice:
+        st.warning(notice)
+
+
 def job_failure(where, info, what: str = "") -> None:
     """A failed job: its first error line, and the full error with the log tail in an expander."""
     from core import jobs
@@ -188,7 +211,7 @@ def job_panel(job_id: str, what: str, on_done: Callable[[Any], None], *, every: 
             st.error(str(e))
             return
         if info.active:
-            st.progress(info.progress, text=f"{what} {info.id} ({info.status}): {info.message}")
+            st.progress(info.progress, text=f"{what} {info.id} ({info.status}): {plain(info.message)}")
             return
         if poll and not running(info):
             st.rerun()  # everything ended: refresh the whole page and stop polling
@@ -231,16 +254,17 @@ def job_list(kind: str, prefix: str, show_done: Callable[[Any, Any, Any], dict |
             st.rerun()  # everything finished: refresh the whole page (tables built from results) and stop polling
         if heading:
             st.subheader(heading)
+        registry_warning()
         if not js:
             st.caption(empty)
             return
         rows = []
         for j in js[:limit]:
             c1, c2, c3 = st.columns(list(widths))
-            c1.markdown(f"**{j.name}**  \n`{j.id}` · {j.status} · {j.device}"
+            c1.markdown(f"**{plain(j.name)}**  \n`{j.id}` · {j.status} · {j.device}"
                         + (f" · {j.duration:.0f} s" if j.duration is not None else ""))
             if j.active:
-                c2.progress(j.progress, text=j.message or j.status)
+                c2.progress(j.progress, text=plain(j.message or j.status))
                 if c3.button("Stop", key=f"{prefix}_stop_{j.id}"):
                     with guard("stopping the job"):
                         jobs.stop_job(j.id)
