@@ -133,8 +133,10 @@ def _to_array(im, box, out_size, transpose, notes: list[str]) -> np.ndarray:
     if mode.startswith("I;16") or mode == "I":
         # 16-bit grayscale (32-bit 'I' as some Pillow versions open it): scale 0..65535 to 0..1 ('RGB' would
         # clip every value above 255 to white)
-        small = im.convert("F") if mode != "F" else im
-        small = small.resize(out_size, Image.BILINEAR, box=box)
+        try:  # resize the 16-bit image itself (Pillow does), converting only the small result: no 4-byte copy
+            small = im.resize(out_size, Image.BILINEAR, box=box).convert("F")
+        except (ValueError, OSError):  # a Pillow that cannot resize this mode
+            small = im.convert("F").resize(out_size, Image.BILINEAR, box=box)
         if transpose is not None:
             small = small.transpose(transpose)
         a = np.asarray(small, dtype=np.float32)
@@ -144,7 +146,7 @@ def _to_array(im, box, out_size, transpose, notes: list[str]) -> np.ndarray:
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info) \
         or (mode in ("L", "RGB") and "transparency" in im.info)
     if has_alpha:
-        rgba = im.convert("RGBA")
+        rgba = im if mode == "RGBA" else im.convert("RGBA")  # no full-size copy of an RGBA image
         small = rgba.resize(out_size, Image.BILINEAR, box=box)
         alpha = np.asarray(small.getchannel("A"), dtype=np.float32) / 255.0
         if float(alpha.min()) < 1.0:
