@@ -28,3 +28,7 @@ class ZooError(EnergyLensError):
 
 class JobError(EnergyLensError):
     """A background job could not be launched, found or controlled."""
+
+
+class Cancelled(EnergyLensError):
+    """The user cancelled the work (a background task's Cancel button, a stop request)."""

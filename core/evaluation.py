@@ -65,6 +65,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "autoattack": True, "aa_version": "standard", "aa_attacks": None, "chunk_size": 200, "batch_size": 200,
     "seed": 0, "device": "auto",
 }
+MAX_EVAL_SEED = 1_000_000  # chunk seeds seed * 1000 + k stay below 2**32 (AttackSpec's limit)
 # keys that do not change the numbers (ignored when checking whether partial results can be resumed)
 _NOT_RESULT_KEYS = {"device", "batch_size"}
 
@@ -100,6 +101,9 @@ def resolve_config(config: dict, meta=None) -> dict:
         if isinstance(v, bool) or int(v) != v or v <= 0:
             raise InputError(f"{k.replace('_', ' ')} must be a positive integer, got {v}")
         cfg[k] = int(v)
+    if isinstance(cfg["seed"], bool) or int(cfg["seed"]) != cfg["seed"] or not 0 <= cfg["seed"] <= MAX_EVAL_SEED:
+        raise InputError(f"seed must be an integer in [0, {MAX_EVAL_SEED:,}] (chunk k is attacked with seed "
+                         f"* 1000 + k), got {cfg['seed']!r}")
     cfg["seed"] = int(cfg["seed"])
     if cfg["eps"] is None:
         cfg["eps"] = default_eps(meta, cfg["norm"])
@@ -158,13 +162,51 @@ def load_partial(run_dir: str | Path) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------
-def _natural_correct(model, x, y, batch_size: int) -> torch.Tensor:
+def _halving(fn: Callable[[int], Any], batch_size: int, what: str, notes: list[str] | None,
+             progress: Callable[[str], None] | None = None) -> Any:
+    """``fn(batch_size)``, retried with half the batch size after an out-of-memory error (as run_attack does),
+    each retry noted in ``notes`` and told to ``progress``; InputError when even a batch of 1 does not fit."""
+    from .attacks.base import is_oom_error
+
+    bs = int(batch_size)
+    while True:
+        try:
+            return fn(bs)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not is_oom_error(e):
+                raise
+            if bs <= 1:
+                raise InputError(f"out of memory during {what} even with batch size 1: evaluate fewer or smaller "
+                                 "images, or use the CPU") from e
+        bs = max(1, bs // 2)  # outside the except block, so the failed attempt's tensors can be freed
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        msg = f"out of memory during {what}: retrying with batch size {bs}"
+        if notes is not None and msg not in notes:
+            notes.append(msg)
+        if progress is not None:
+            progress(msg)
+
+
+def _natural_correct(model, x, y, batch_size: int, notes: list[str] | None = None,
+                     progress: Callable[[str], None] | None = None) -> torch.Tensor:
     dev = device_of(model)
-    preds = []
-    with eval_mode(model), torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            preds.append(model(x[i:i + batch_size].to(dev)).argmax(1).cpu())
-    return torch.cat(preds) == y
+
+    def run(bs: int) -> torch.Tensor:
+        logits = []
+        with eval_mode(model), torch.no_grad():
+            for i in range(0, len(x), bs):
+                logits.append(model(x[i:i + bs].to(dev)).float().cpu())
+        return torch.cat(logits)
+
+    logits = _halving(run, batch_size, "the natural forward pass", notes, progress)
+    finite = torch.isfinite(logits).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten()
+        raise InputError(f"the model returns NaN or infinite logits for {len(bad)} of {len(x)} images (e.g. image "
+                         f"{int(bad[0])}): accuracies would be meaningless (argmax of NaN). Its weights may be corrupt "
+                         "(NaN) or overflow: check the checkpoint.")
+    return logits.argmax(1) == y
 
 
 class _AALogForward(logging.Handler):
@@ -183,8 +225,14 @@ class _AALogForward(logging.Handler):
                 pass
 
 
-def _autoattack_correct(model, x, y, cfg: dict, seed: int, on_message: Callable[[str], None] | None = None
-                        ) -> torch.Tensor:
+def _autoattack_correct(model, x, y, cfg: dict, seed: int, on_message: Callable[[str], None] | None = None,
+                        notes: list[str] | None = None) -> torch.Tensor:
+    return _halving(lambda bs: _autoattack_run(model, x, y, {**cfg, "batch_size": bs}, seed, on_message),
+                    min(cfg["batch_size"], len(x)), "AutoAttack", notes, on_message)
+
+
+def _autoattack_run(model, x, y, cfg: dict, seed: int, on_message: Callable[[str], None] | None = None
+                    ) -> torch.Tensor:
     try:
         from pyautoattack import AutoAttack
     except ImportError as e:  # pragma: no cover - installed with the project
@@ -245,6 +293,7 @@ def evaluate(lm, x: torch.Tensor, y: torch.Tensor, config: dict, *, run_dir: str
     bounds = [(s, min(s + cfg["chunk_size"], n)) for s in range(0, n, cfg["chunk_size"])]
     t_start = time.time()
     model = lm.model
+    notes: list[str] = []  # out-of-memory retries, non-finite logits
     for k, (s, e) in enumerate(bounds):
         key = str(k)
         if key in chunks and chunks[key].get("start") == s and chunks[key].get("end") == e:
@@ -257,13 +306,17 @@ def evaluate(lm, x: torch.Tensor, y: torch.Tensor, config: dict, *, run_dir: str
         def sub(f, msg="", base=base, width=width, k=k):
             progress(base + width * (0.05 + 0.45 * min(max(f, 0.0), 1.0)), f"chunk {k + 1}/{len(bounds)}: {msg}")
 
-        nat = _natural_correct(model, xb, yb, cfg["batch_size"])
+        nat = _natural_correct(model, xb, yb, cfg["batch_size"], notes,
+                               lambda m, b=base, k=k: progress(b, f"chunk {k + 1}/{len(bounds)}: {m}"))
         spec = AttackSpec("pgd", norm=cfg["norm"], eps=cfg["eps"], steps=cfg["pgd_steps"],
                           step_size=cfg["pgd_step_size"], random_start=True, seed=cfg["seed"] * 1000 + k,
                           batch_size=cfg["batch_size"])
         if cfg["eps"] > 0:
-            tr = run_attack(model, xb, yb, spec, progress=sub, num_classes=int(lm.meta.num_classes)).trace
-            pgd = nat & torch.from_numpy(tr.pred[-1] == tr.labels)
+            res = run_attack(model, xb, yb, spec, progress=sub, num_classes=int(lm.meta.num_classes))
+            tr = res.trace
+            notes.extend(m for m in res.notes if m not in notes)
+            # a point whose adversarial logits are NaN/inf is not counted as robust (its argmax means nothing)
+            pgd = nat & torch.from_numpy((tr.pred[-1] == tr.labels) & np.isfinite(tr.marginal[-1]))
         else:
             pgd = nat.clone()
         aa = None
@@ -271,7 +324,8 @@ def evaluate(lm, x: torch.Tensor, y: torch.Tensor, config: dict, *, run_dir: str
             progress(base + width * 0.55, f"chunk {k + 1}/{len(bounds)}: AutoAttack ({cfg['aa_version']})")
             tag = f"chunk {k + 1}/{len(bounds)}: AutoAttack"
             aa = (nat & _autoattack_correct(model, xb, yb, cfg, cfg["seed"] * 1000 + k,
-                                            on_message=lambda m, b=base, w=width, t=tag: progress(b + w * 0.6, f"{t}: {m}"))
+                                            on_message=lambda m, b=base, w=width, t=tag: progress(b + w * 0.6, f"{t}: {m}"),
+                                            notes=notes)
                   ) if cfg["eps"] > 0 else nat
         chunks[key] = {"start": s, "end": e, "nat": nat.int().tolist(), "pgd": pgd.int().tolist(),
                        "aa": None if aa is None else aa.int().tolist(), "seconds": time.time() - t0}
@@ -290,7 +344,7 @@ def evaluate(lm, x: torch.Tensor, y: torch.Tensor, config: dict, *, run_dir: str
     return {
         "config": cfg, "model_sha": sha, "n": n, "natural_acc": float(nat_v.mean()), "pgd_acc": float(pgd_v.mean()),
         "aa_acc": None if aa_v is None else float(aa_v.mean()), "natural_correct": nat_v, "pgd_correct": pgd_v,
-        "aa_correct": aa_v, "chunks": len(bounds), "chunks_resumed": resumed,
+        "aa_correct": aa_v, "chunks": len(bounds), "chunks_resumed": resumed, "notes": notes,
         "seconds": float(sum(c.get("seconds", 0.0) for c in order)), "wall_seconds": time.time() - t_start,
     }
 
@@ -328,6 +382,7 @@ def run_job(config: dict, run_dir: Path, report: Progress) -> dict:
         "train_seed": hp.get("seed"), "config": res["config"], "n": res["n"],
         "natural_acc": res["natural_acc"], "pgd_acc": res["pgd_acc"], "aa_acc": res["aa_acc"],
         "seconds": res["seconds"], "chunks_resumed": res["chunks_resumed"], "finished": time.time(),
+        "notes": res["notes"],
     }
     atomic_write_json(Path(run_dir) / "result.json", record)
     report(1.0, f"natural {record['natural_acc']:.1%}, PGD-{cfg['pgd_steps']} {record['pgd_acc']:.1%}"

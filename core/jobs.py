@@ -11,8 +11,17 @@ On disk, under the runs folder (``<repo>/runs``; override with env ``ENERGYLENS_
 
     registry.sqlite          one row per job (WAL mode; every write in a transaction)
     <job id>/job.json        kind, runner, name, device and config (written atomically)
+    <job id>/job-state.json  status, pid, error and result, mirrored from the registry row (atomically)
     <job id>/log.txt         stdout + stderr of the job process (appended on every launch)
     <job id>/...             whatever the runner writes
+
+The registry can be rebuilt from the job folders: when ``registry.sqlite`` is missing (deleted, or
+moved away as the corrupt-registry message advises) while job folders exist, the next access
+rebuilds it from every ``job.json`` + ``job-state.json``, a job whose process still runs (its pid and
+start time, or a ``core.jobs run <folder>`` process found in /proc) as running, so that it stays
+visible, stoppable and counted against its device slot. Jobs that were queued come back stopped
+(resume them to run them): a rebuild never starts anything. :func:`registry_notice` says that it
+happened (the dashboard and ``list`` show it for a day).
 
 Who writes what: the job process updates its own row (status, pid, progress, message, result,
 error); the dashboard or the CLI only submit, stop, resume, delete, and *reconcile*
@@ -65,7 +74,8 @@ from .errors import EnergyLensError, JobError
 
 __all__ = ["RUNS_DIR", "KINDS", "STATUSES", "JobInfo", "JobStopped", "available_kinds", "submit", "list_jobs",
            "get_job", "refresh", "stop_job", "resume_job", "delete_job", "duplicate_job", "read_metrics",
-           "read_log_tail", "job_dir", "max_jobs_per_device", "stop_requested", "main"]
+           "read_log_tail", "job_dir", "max_jobs_per_device", "stop_requested", "registry_notice", "clean_text",
+           "remove_stale_temp_files", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNS_DIR = REPO_ROOT / "runs"
@@ -87,7 +97,11 @@ ENV_MAX_JOBS = "ENERGYLENS_MAX_JOBS_PER_DEVICE"
 
 REGISTRY_NAME = "registry.sqlite"
 JOB_FILE = "job.json"
+STATE_FILE = "job-state.json"
 LOG_FILE = "log.txt"
+BALLAST_FILE = ".job-state.reserve"  # room kept free so that the outcome can be recorded on a full disk
+BALLAST_BYTES = 256 * 1024
+NOTICE_S = 24 * 3600          # how long registry_notice() reports a rebuild
 
 STOP_GRACE_S = 10.0          # SIGTERM -> SIGKILL delay of stop_job
 REPORT_INTERVAL_S = 0.5      # at most ~2 progress writes per second per job
@@ -116,7 +130,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, device, created);
+CREATE TABLE IF NOT EXISTS notices (key TEXT PRIMARY KEY, message TEXT NOT NULL, created REAL NOT NULL);
 """
+_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
+# ANSI escape sequences (CSI, OSC, two-byte) and other terminal control characters, incl. bidi overrides
+_ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 
 
 # ============================================================================================
@@ -254,6 +273,111 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, default=_json_default, sort_keys=True)
 
 
+def clean_text(text: Any, limit: int | None = None) -> str:
+    """``text`` safe to print on a terminal or show in the UI: ANSI escape sequences and other control
+    characters (also bidirectional overrides) removed, line breaks and tabs as spaces, cut at ``limit``."""
+    out = _ANSI_RE.sub("", str(text))
+    out = out.replace("\r\n", " ").replace("\n", " ").replace("\r", " ").replace("\t", " ")
+    out = _CONTROL_RE.sub("", out)
+    if limit is not None and len(out) > limit:
+        out = out[:max(0, limit - 1)] + "…"
+    return out
+
+
+# ============================================================================================
+# Job folders: the state file, stale temp files, the disk-full reserve
+# ============================================================================================
+def _atomic_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file, fsync, rename); OSError on failure (the temp file is removed)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_state(folder: Path) -> dict | None:
+    try:
+        d = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and d.get("status") in STATUSES else None
+
+
+def _write_state(folder: Path, **fields: Any) -> bool:
+    """Merge ``fields`` into ``<folder>/job-state.json`` (the registry row's copy used to rebuild the registry).
+
+    Never raises: a failed write is retried once after releasing the disk-full reserve; returns success."""
+    path = folder / STATE_FILE
+    for attempt in range(2):
+        try:
+            state = _read_state(folder) or {}
+            state.update(fields, updated=time.time())
+            _atomic_json(path, state)
+            return True
+        except OSError:
+            if attempt == 0 and _release_ballast(folder):
+                continue
+            return False
+        except Exception:  # noqa: BLE001 - e.g. a result that cannot be stored as JSON
+            return False
+    return False
+
+
+def _make_ballast(folder: Path) -> None:
+    """Reserve a little disk space in the job folder (released to record the outcome when the disk is full)."""
+    path = folder / BALLAST_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    except OSError:
+        return
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, BALLAST_BYTES)  # really allocated (a sparse file would free nothing)
+        else:  # pragma: no cover - macOS
+            os.write(fd, b"\0" * BALLAST_BYTES)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def _release_ballast(folder: Path) -> bool:
+    try:
+        os.unlink(folder / BALLAST_FILE)
+        return True
+    except OSError:
+        return False
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Delete the temp files of interrupted atomic writes (``.<name>.<8 random chars>.tmp``) in a run folder and
+    its subfolders (symbolic links are not followed). Only call it while no other process writes there (a job
+    process does it when it starts, before its runner). Returns the removed paths relative to ``folder``."""
+    folder = Path(folder)
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for fn in filenames:
+            if _TEMP_RE.match(fn):
+                p = Path(dirpath) / fn
+                try:
+                    if p.is_symlink() or not p.is_file():
+                        continue
+                    p.unlink()
+                    removed.append(str(p.relative_to(folder)))
+                except OSError:
+                    pass
+    return removed
+
+
 # ============================================================================================
 # Registry (SQLite)
 # ============================================================================================
@@ -262,11 +386,16 @@ _init_lock = threading.Lock()
 
 @contextlib.contextmanager
 def _connect(root: Path, create: bool = False) -> Iterator[sqlite3.Connection | None]:
-    """A short-lived connection to ``<root>/registry.sqlite``; yields None when absent and not ``create``."""
+    """A short-lived connection to ``<root>/registry.sqlite``; yields None when absent and not ``create``.
+
+    A missing registry is rebuilt from the job folders first (see the module doc) when there are any, and
+    whenever ``create`` is set: a registry file always appears complete, never empty while jobs exist."""
     path = root / REGISTRY_NAME
-    if not create and not path.exists():
-        yield None
-        return
+    if not path.exists():
+        if not create and not _job_folders(root):
+            yield None
+            return
+        _rebuild_registry(root)
     try:
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
     except sqlite3.Error as e:
@@ -282,16 +411,35 @@ def _connect(root: Path, create: bool = False) -> Iterator[sqlite3.Connection | 
         conn.close()
 
 
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _disk_full_text(folder: Path) -> str | None:
+    """'the disk holding X is full (N KiB free)' when it is (nearly) full, else None."""
+    free = _free_bytes(folder)
+    if free is None or free >= MIN_FREE_BYTES:
+        return None
+    return f"the disk holding {folder} is full ({free / 1024:.0f} KiB free)"
+
+
 def _db_error_message(e: sqlite3.Error, path: Path) -> str:
     msg = str(e)
     low = msg.lower()
+    full = _disk_full_text(path.parent) if ("disk i/o" in low or "full" in low or "unable to open" in low) else None
+    if full:  # SQLite reports a full disk as "disk I/O error" when it cannot even create its -shm/-wal files
+        return (f"{full}: the job registry {path} cannot be read or updated ({msg}). Free some space (delete old runs"
+                " or other files); job folders and their results are kept")
     if "readonly" in low or "unable to open" in low or "disk i/o" in low:
         return f"the job registry {path} cannot be written ({msg}): check that {path.parent} is writable"
     if "full" in low:
         return f"the disk holding {path.parent} is full: the job registry {path} cannot be updated"
     if "not a database" in low or "malformed" in low:
-        return (f"the job registry {path} is corrupt ({msg}); move it away and the registry starts empty "
-                "(job folders are kept)")
+        return (f"the job registry {path} is corrupt ({msg}); move it away and the registry is rebuilt from the "
+                "job folders (they are kept)")
     if "locked" in low or "busy" in low:
         return f"the job registry {path} stayed locked for {BUSY_TIMEOUT_S:.0f} s ({msg}); try again"
     return f"job registry error in {path}: {msg}"
@@ -304,7 +452,8 @@ def _init_schema(conn: sqlite3.Connection, path: Path) -> None:
     re-created while a process runs gets its schema again.
     """
     conn.execute("PRAGMA synchronous = NORMAL")
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone():
+    if conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('jobs', 'notices')"
+                    ).fetchone()[0] == 2:
         return
     with _init_lock:
         try:
@@ -312,6 +461,158 @@ def _init_schema(conn: sqlite3.Connection, path: Path) -> None:
         except sqlite3.OperationalError:  # e.g. a file system without shared memory: keep the default journal
             pass
         conn.executescript(_SCHEMA)  # each CREATE ... IF NOT EXISTS is atomic on its own
+
+
+def _job_folders(root: Path) -> list[Path]:
+    """Folders of ``root`` that hold a job.json (plain folders only: symbolic links are left out)."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        try:
+            if _ID_RE.match(e.name) and e.is_dir(follow_symlinks=False) and os.path.isfile(os.path.join(e.path, JOB_FILE)):
+                out.append(Path(e.path))
+        except OSError:
+            continue
+    return sorted(out)
+
+
+def _job_processes() -> dict[str, tuple[int, int | None]]:
+    """Live ``python -m core.jobs run <folder>`` processes: resolved folder -> (pid, start time), from /proc."""
+    found: dict[str, tuple[int, int | None]] = {}
+    if not _HAS_PROC:
+        return found
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode("utf-8", "replace") for a in args if a]
+        for i in range(len(args) - 3):
+            if args[i] == "-m" and args[i + 1] == "core.jobs" and args[i + 2] == "run":
+                st = _read_proc_stat(pid)
+                if st is not None and st[0] not in ("Z", "X", "x"):
+                    with contextlib.suppress(OSError):
+                        found[str(Path(args[i + 3]).resolve())] = (pid, st[1])
+                break
+    return found
+
+
+def _rebuilt_row(folder: Path, procs: dict[str, tuple[int, int | None]], now: float) -> tuple | None:
+    """The registry row of one job folder: its job.json, its job-state.json and whether its process runs."""
+    try:
+        spec = _read_job_file(folder)
+    except JobError:
+        return None
+    state = _read_state(folder) or {}
+    job_id = folder.name
+    kind = str(spec.get("kind") or "unknown")
+    name = clean_text(spec.get("name") or kind, 200)
+    device = str(spec.get("device") or "cpu")
+    created = float(spec.get("created") or now)
+    config = spec.get("config") if isinstance(spec.get("config"), dict) else {}
+    status = state.get("status")
+    pid, pstart = state.get("pid"), state.get("proc_start")
+    live = status == "running" and isinstance(pid, int) and _process_matches(pid, pstart)
+    if not live and status in (None, "queued", "running"):
+        hit = procs.get(str(folder.resolve()))
+        if hit is not None:
+            (pid, pstart), live = hit, True
+    error, message = state.get("error"), str(state.get("message") or "")
+    if live:
+        status, message = "running", "running (the registry was rebuilt)"
+    elif status == "queued" or status is None:
+        # never start anything from a rebuild: the user resumes what should still run
+        status = "stopped"
+        message = ("was queued when the registry was lost: resume it to run it" if state.get("status") == "queued"
+                   else "status unknown (rebuilt from the job folder, which has no job-state.json): resume it if needed")
+    # status 'running' with a dead process is left as it is: refresh() then marks it failed with the right cause
+    return (job_id, kind, name, status, pid if status == "running" else state.get("pid"),
+            pstart if status == "running" else state.get("proc_start"), device, created, state.get("started"),
+            state.get("finished"), float(state.get("progress") or (1.0 if status == "done" else 0.0)), message,
+            _dumps(config), error, None if state.get("result") is None else _dumps(state.get("result")), now)
+
+
+def _rebuild_registry(root: Path) -> None:
+    """Create ``<root>/registry.sqlite`` from the job folders, published atomically (no reader ever sees it
+    half-built); under a lock file so that concurrent processes rebuild it once."""
+    import fcntl
+
+    path = root / REGISTRY_NAME
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".registry.lock", "a+b")
+    except OSError as e:
+        full = _disk_full_text(root)
+        raise JobError(f"the job registry {path} is missing and cannot be created: {full or (e.strerror or e)}"
+                       ) from e
+    with lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if path.exists():
+            return  # another process rebuilt it meanwhile
+        folders = _job_folders(root)
+        now = time.time()
+        procs = _job_processes() if folders else {}
+        rows = [r for r in (_rebuilt_row(f, procs, now) for f in folders) if r is not None]
+        tmp = root / f".{REGISTRY_NAME}.{_random_suffix()}.rebuild"
+        try:
+            conn = sqlite3.connect(str(tmp), isolation_level=None)
+            try:
+                conn.executescript(_SCHEMA)
+                with _tx(conn):
+                    conn.executemany("INSERT OR IGNORE INTO jobs (id, kind, name, status, pid, proc_start, device, "
+                                     "created, started, finished, progress, message, config, error, result, updated) "
+                                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                    if rows:
+                        running = sum(r[3] == "running" for r in rows)
+                        conn.execute("INSERT OR REPLACE INTO notices (key, message, created) VALUES ('rebuilt', ?, ?)",
+                                     (f"The job registry {path} was missing and was rebuilt on "
+                                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))} from the "
+                                      f"{len(rows)} job folders in {root} ({running} still running). Statuses come "
+                                      "from each folder's job-state.json and the running processes; jobs that "
+                                      "were queued are stopped (resume them).", now))
+                conn.execute("PRAGMA journal_mode = WAL")
+            finally:
+                conn.close()
+            # stale WAL files of a deleted registry would be replayed into the new one
+            for suffix in ("-wal", "-shm", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{path}{suffix}")
+            os.link(tmp, path)  # fails if a registry appeared meanwhile: never replace one
+        except FileExistsError:
+            pass
+        except (OSError, sqlite3.Error) as e:
+            full = _disk_full_text(root)
+            raise JobError(f"the job registry {path} is missing and could not be rebuilt from the job folders: "
+                           f"{full or e}") from e
+        finally:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{tmp}{suffix}")
+    if rows:
+        print(f"[energylens] warning: the job registry {path} was missing: rebuilt from {len(rows)} job folders",
+              file=sys.stderr, flush=True)
+
+
+def registry_notice(runs_dir: str | os.PathLike | None = None) -> str | None:
+    """A warning to show when the registry was rebuilt from the job folders in the last day, else None."""
+    root = _runs_dir(runs_dir)
+    if not (root / REGISTRY_NAME).exists():
+        return None
+    with _connect(root) as conn:
+        if conn is None:
+            return None
+        row = conn.execute("SELECT message, created FROM notices WHERE key = 'rebuilt'").fetchone()
+    if row is None or time.time() - float(row["created"]) > NOTICE_S:
+        return None
+    return str(row["message"])
 
 
 @contextlib.contextmanager
@@ -489,10 +790,37 @@ def _log_tail_lines(run_dir: Path, n: int) -> list[str]:
     return out[-n:]
 
 
+_DISK_FULL_MARKERS = ("no space left on device", "disk is full", "database or disk is full", "errno 28",
+                      "disk quota exceeded")
+
+
 def _crash_message(pid: int | None, run_dir: Path) -> str:
-    tail = "\n".join(_log_tail_lines(run_dir, ERROR_LOG_LINES)) or "(the log is empty)"
+    lines = _log_tail_lines(run_dir, ERROR_LOG_LINES)
+    tail = "\n".join(lines) or "(the log is empty)"
+    logged = next((ln.strip() for ln in reversed(lines) if any(m in ln.lower() for m in _DISK_FULL_MARKERS)), None)
+    full = _disk_full_text(run_dir.parent)
+    if logged:  # the disk filled up: that is the cause, not "killed (out of memory ...)"
+        why = "; ".join(x for x in (full, f"its log says: {logged[:300]}") if x)
+        return (f"the job process (pid {pid}) ended without reporting a result because the disk was full ({why}). "
+                "Free some space, then resume the job.\n\nLast log lines:\n" + tail)
+    if full:
+        return (f"the job process (pid {pid}) ended without reporting a result while {full}: most likely it could "
+                "not write (free some space, then resume the job); otherwise it was killed (out of memory, by hand, "
+                f"or the machine restarted) or it crashed.\n\nLast log lines:\n{tail}")
     return (f"the job process (pid {pid}) ended without reporting a result: it was killed (out of memory, "
             f"by hand, or the machine restarted) or it crashed.\n\nLast log lines:\n{tail}")
+
+
+def _dead_job_outcome(r: sqlite3.Row, root: Path) -> tuple[str, str | None, str | None, str]:
+    """(status, error, result JSON, message) for a 'running' row whose process is gone: the outcome the job
+    process recorded in its job-state.json when the registry could not be written (a full disk), else a crash."""
+    folder = root / r["id"]
+    state = _read_state(folder)
+    if state is not None and state.get("status") in FINISHED and state.get("pid") == r["pid"]:
+        res = state.get("result")
+        return (state["status"], state.get("error"), None if res is None else _dumps(res),
+                str(state.get("message") or state["status"]))
+    return "failed", _crash_message(r["pid"], folder), None, "the job process disappeared"
 
 
 def _reconcile_and_launch(conn: sqlite3.Connection, root: Path) -> None:
@@ -504,9 +832,13 @@ def _reconcile_and_launch(conn: sqlite3.Connection, root: Path) -> None:
             if _process_matches(r["pid"], r["proc_start"]):
                 busy[r["device"]] += 1
             else:
-                conn.execute("UPDATE jobs SET status = 'failed', finished = ?, updated = ?, error = ?, "
-                             "message = 'the job process disappeared' WHERE id = ?",
-                             (now, now, _crash_message(r["pid"], root / r["id"]), r["id"]))
+                status, error, result, message = _dead_job_outcome(r, root)
+                conn.execute("UPDATE jobs SET status = ?, finished = ?, updated = ?, error = ?, result = ?, "
+                             "message = ?, progress = CASE WHEN ? = 'done' THEN 1.0 ELSE progress END WHERE id = ?",
+                             (status, now, now, error, result, message, status, r["id"]))
+                _release_ballast(root / r["id"])  # the reserve of a process that was killed
+                if status == "failed":
+                    _write_state(root / r["id"], status="failed", finished=now, error=error, message=message)
         cap = max_jobs_per_device()
         for r in conn.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created, id").fetchall():
             if busy[r["device"]] >= cap:
@@ -520,6 +852,8 @@ def _reconcile_and_launch(conn: sqlite3.Connection, root: Path) -> None:
             conn.execute("UPDATE jobs SET status = 'running', pid = ?, proc_start = ?, started = ?, finished = NULL, "
                          "error = NULL, result = NULL, message = 'starting', updated = ? WHERE id = ?",
                          (pid, pstart, now, now, r["id"]))
+            _write_state(root / r["id"], status="running", pid=pid, proc_start=pstart, started=now, finished=None,
+                         error=None, result=None, message="starting")
             busy[r["device"]] += 1
 
 
@@ -660,7 +994,7 @@ def submit(kind: str, config: dict, *, name: str | None = None, device: str = "a
     _prepare_runs_dir(root)
     now = time.time()
     label = (name if name is not None else config.get("name")) or ""
-    label = str(label).strip() or f"{kind} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}"
+    label = clean_text(label, 200).strip() or f"{kind} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}"
     with _connect(root, create=True) as conn:
         job_id, folder = _new_job_folder(root, kind)
         try:
@@ -670,6 +1004,7 @@ def submit(kind: str, config: dict, *, name: str | None = None, device: str = "a
                 (folder / LOG_FILE).touch()
             except OSError as e:
                 raise JobError(f"cannot create {folder / LOG_FILE}: {e.strerror or e}") from e
+            _write_state(folder, status="queued", created=now)
             with _tx(conn):
                 conn.execute("INSERT INTO jobs (id, kind, name, status, device, created, progress, message, config, "
                              "updated) VALUES (?, ?, ?, 'queued', ?, ?, 0, 'queued', ?, ?)",
@@ -749,6 +1084,7 @@ def stop_job(job_id: str, runs_dir: str | os.PathLike | None = None, *, grace: f
                                        "message = 'stopped before it started' WHERE id = ? AND status = 'queued'",
                                        (now, now, job_id))
                 if cur.rowcount:
+                    _write_state(root / job_id, status="stopped", finished=now, message="stopped before it started")
                     return _get(root, job_id)
                 continue  # it was started meanwhile: stop the running process instead
             if row["status"] != "running":
@@ -762,9 +1098,11 @@ def stop_job(job_id: str, runs_dir: str | os.PathLike | None = None, *, grace: f
         with _connect(root) as conn:
             with _tx(conn):
                 now = time.time()
-                conn.execute("UPDATE jobs SET status = 'stopped', finished = ?, updated = ?, "
-                             "message = 'stopped by user' WHERE id = ? AND status = 'running' AND pid IS ?",
-                             (now, now, job_id, pid))
+                cur = conn.execute("UPDATE jobs SET status = 'stopped', finished = ?, updated = ?, "
+                                   "message = 'stopped by user' WHERE id = ? AND status = 'running' AND pid IS ?",
+                                   (now, now, job_id, pid))
+        if cur.rowcount:
+            _write_state(root / job_id, status="stopped", pid=pid, finished=now, message="stopped by user")
         refresh(root)  # the slot is free: start what waits for it
         return _get(root, job_id)
     raise JobError(f"could not stop job '{job_id}': its state kept changing; try again")
@@ -797,6 +1135,8 @@ def resume_job(job_id: str, runs_dir: str | os.PathLike | None = None) -> JobInf
                                (_dumps(config), now, job_id))
     if not cur.rowcount:
         raise JobError(f"job '{job_id}' changed state while being resumed; try again")
+    _write_state(folder, status="queued", pid=None, proc_start=None, finished=None, error=None, result=None,
+                 message="queued (resume)")
     refresh(root)
     return _get(root, job_id)
 
@@ -812,13 +1152,18 @@ def delete_job(job_id: str, runs_dir: str | os.PathLike | None = None) -> None:
             raise JobError(f"unknown job '{job_id}' in {root}")
         if row["status"] == "running":
             raise JobError(f"job '{job_id}' is running: stop it before deleting it")
+        # refuse before anything is removed (nothing half-done): a folder that is a link, or leads outside root
+        if folder.is_symlink() or (folder.exists() and folder.resolve().parent != root):
+            target = os.readlink(folder) if folder.is_symlink() else folder.resolve()
+            raise JobError(f"refusing to delete job '{job_id}': its folder {folder} is "
+                           f"{'a symbolic link to ' if folder.is_symlink() else 'outside '}{target}"
+                           f"{'' if folder.is_symlink() else f' (not inside {root})'}. Nothing was deleted; remove "
+                           "the link or folder yourself if you mean to")
         with _tx(conn):
             cur = conn.execute("DELETE FROM jobs WHERE id = ? AND status != 'running'", (job_id,))
     if not cur.rowcount:
         raise JobError(f"job '{job_id}' started meanwhile: stop it before deleting it")
     if folder.exists():
-        if folder.resolve().parent != root:
-            raise JobError(f"refusing to delete {folder}: it is not inside {root}")
         try:
             shutil.rmtree(folder)
         except OSError as e:
@@ -975,7 +1320,10 @@ def _load_runner(target: str) -> Callable[..., Any]:
 
 def _finish(root: Path, job_id: str, pid: int, status: str, *, result: Any = None, error: str | None = None,
             message: str = "") -> None:
+    """Record the outcome: first in the job's job-state.json (which survives a registry that cannot be written,
+    e.g. on a full disk: refresh() adopts it later), then in the registry row."""
     now = time.time()
+    _write_state(root / job_id, status=status, pid=pid, finished=now, result=result, error=error, message=message)
     with _connect(root) as conn:
         if conn is None:
             return
@@ -985,6 +1333,14 @@ def _finish(root: Path, job_id: str, pid: int, status: str, *, result: Any = Non
                          "WHERE id = ? AND pid = ? AND status = 'running'",
                          (status, now, now, None if result is None else _dumps(result), error, message, status,
                           job_id, pid))
+
+
+def _warn(text: str, prefix: str = "warning: ") -> None:
+    """A line on stderr (the job's log) that never raises: writing the log fails too when the disk is full."""
+    try:
+        print(f"[energylens] {prefix}{text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _run_in_this_process(run_dir: str | os.PathLike) -> int:
@@ -1012,8 +1368,17 @@ def _run_in_this_process(run_dir: str | os.PathLike) -> int:
                          "finished = NULL, message = 'starting', updated = ? WHERE id = ?",
                          (me, _proc_start_time(me), now, now, job_id))
     kind, slot = row["kind"], row["device"]
+    _write_state(folder, status="running", pid=me, proc_start=_proc_start_time(me), started=row["started"] or now,
+                 finished=None, error=None, result=None, message="starting")
     print(f"[energylens] {time.strftime('%Y-%m-%d %H:%M:%S')} job {job_id} ({kind}) pid {me} on {slot}",
           file=sys.stderr, flush=True)
+    # only this process writes into the folder now: temp files of atomic writes interrupted by an earlier
+    # process of this job (SIGKILL, a crash) are garbage (a WRN's state.pt temp file is hundreds of MB)
+    stale = remove_stale_temp_files(folder)
+    if stale:
+        print(f"[energylens] removed {len(stale)} stale temp file(s) of interrupted writes: {', '.join(stale[:5])}"
+              + (" ..." if len(stale) > 5 else ""), file=sys.stderr, flush=True)
+    _make_ballast(folder)
     reporter: _Reporter | None = None
     status, result, error, message = "failed", None, None, ""
     try:
@@ -1037,19 +1402,21 @@ def _run_in_this_process(run_dir: str | os.PathLike) -> int:
     except (JobStopped, KeyboardInterrupt):
         _child.armed = False
         status, message = "stopped", "stopped by user"
-        print(f"[energylens] job {job_id} stopped", file=sys.stderr, flush=True)
+        _warn(f"job {job_id} stopped", prefix="")
     except EnergyLensError as e:
         _child.armed = False
-        traceback.print_exc()
         status, error, message = "failed", str(e), "failed"
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError, ValueError):  # the log cannot be written when the disk is full
+            traceback.print_exc()
+            print(f"error: {e}", file=sys.stderr, flush=True)
     except BaseException as e:  # noqa: BLE001 - any crash of the runner is recorded, never lost
         _child.armed = False
-        traceback.print_exc()
-        sys.stderr.flush()
+        status, message, error = "failed", "failed", f"{type(e).__name__}: {e}"
+        with contextlib.suppress(OSError, ValueError):
+            traceback.print_exc()
+            sys.stderr.flush()
         tail = "\n".join(_log_tail_lines(folder, ERROR_LOG_LINES))
-        status, message = "failed", "failed"
-        error = f"{type(e).__name__}: {e}\n\nLast log lines:\n{tail}"
+        error = f"{error}\n\nLast log lines:\n{tail}"
     finally:
         _child.armed = False
         if reporter is not None:
@@ -1058,13 +1425,24 @@ def _run_in_this_process(run_dir: str | os.PathLike) -> int:
             except Exception:  # noqa: BLE001
                 pass
         try:
-            _finish(root, job_id, me, status, result=result, error=error, message=message)
+            try:
+                _finish(root, job_id, me, status, result=result, error=error, message=message)
+            except Exception as e:  # noqa: BLE001 - e.g. a full disk: the outcome is in job-state.json if it fits
+                if _release_ballast(folder):  # the reserved space may be enough for the registry's few pages
+                    try:
+                        _finish(root, job_id, me, status, result=result, error=error, message=message)
+                        e = None
+                    except Exception as e2:  # noqa: BLE001
+                        e = e2
+                if e is not None:
+                    _warn(f"could not record the outcome ({status}) in the job registry: {e}")
         finally:
+            _release_ballast(folder)
             try:  # hand the device slot to the next queued job (no daemon needed)
                 refresh(root)
             except Exception as e:  # noqa: BLE001
-                print(f"[energylens] warning: could not start queued jobs: {e}", file=sys.stderr, flush=True)
-    print(f"[energylens] {time.strftime('%Y-%m-%d %H:%M:%S')} job {job_id} {status}", file=sys.stderr, flush=True)
+                _warn(f"could not start queued jobs: {e}")
+    _warn(f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {job_id} {status}", prefix="")
     return 0 if status in ("done", "stopped") else 1
 
 
@@ -1082,8 +1460,9 @@ def _print_table(jobs: list[JobInfo]) -> None:
     rows = [("ID", "STATUS", "PROGRESS", "DEVICE", "CREATED", "NAME", "MESSAGE")]
     for j in jobs:
         msg = (j.error or "").splitlines()[0] if j.status == "failed" and j.error else j.message
-        rows.append((j.id, j.status, f"{j.progress:.0%}", j.device, _fmt_time(j.created), j.name[:30],
-                     (msg or "")[:60]))
+        # names and messages may hold terminal escape sequences (a name is free text): never print them raw
+        rows.append((clean_text(j.id), clean_text(j.status), f"{j.progress:.0%}", clean_text(j.device),
+                     _fmt_time(j.created), clean_text(j.name, 30), clean_text(msg or "", 60)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
@@ -1133,6 +1512,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{info.id}  {info.status}  {info.run_dir}")
         elif args.cmd == "list":
             jobs = list_jobs(rd, kind=args.kind)
+            notice = registry_notice(rd)
+            if notice:
+                print(f"warning: {notice}", file=sys.stderr)
             if args.json:
                 print(json.dumps([j.to_dict() for j in jobs], indent=2, default=_json_default))
             else:

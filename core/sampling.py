@@ -70,7 +70,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .attacks.base import eval_mode, project
+from .attacks.base import eval_mode, is_oom_error, project
 from .errors import DataError, InputError
 from .models.folding import folded
 
@@ -457,6 +457,7 @@ class StepOutput:
     trace: SGLDTrace          # rows of the steps made by this call
     steps_done: int           # chain length after the call
     seconds: float
+    notes: list[str] = field(default_factory=list)  # e.g. out-of-memory retries with fewer chains at a time
 
 
 # =============================================================================================
@@ -545,6 +546,9 @@ class SGLDSampler:
         self._lock = threading.Lock()
         self._max_rows = int(max(16, min(20_000, trace_budget_bytes // max(1, self.n_chains * self.num_classes * 4))))
         self.custom_start = x0 is not None
+        self.notes: list[str] = []       # what the sampler had to change (out of memory: fewer chains per pass)
+        self._chunk: int | None = None   # chains per forward/backward pass (None = all), halved on out of memory
+        self._progress: Progress | None = None
         self.x0 = self._check_x0(x0) if x0 is not None else self._draw_init()
         self.reset()
 
@@ -616,18 +620,23 @@ class SGLDSampler:
             raise InputError("the sampler is busy with another run; wait for it or cancel it")
         t0 = time.perf_counter()
         start = self._step
+        notes_before = len(self.notes)
+        self._progress = progress
         try:
             with eval_mode(self.model), torch.enable_grad():
                 last_report = t0
                 for i in range(n):
+                    self._frac = i / n
                     self._one_step()
                     if progress is not None and (time.perf_counter() - last_report > 0.25 or i == n - 1):
                         last_report = time.perf_counter()
                         progress((i + 1) / n, f"step {self._step} ({i + 1}/{n})")
         finally:
+            self._progress = None
             self._lock.release()
         rows = [r for r in self._rows if r[0] > start]
-        return StepOutput(self.images(), self._build_trace(rows), self._step, time.perf_counter() - t0)
+        return StepOutput(self.images(), self._build_trace(rows), self._step, time.perf_counter() - t0,
+                          list(self.notes[notes_before:]))
 
     # ---- internals ---------------------------------------------------------------------------
     def _probe_num_classes(self, meta) -> int:
@@ -662,11 +671,39 @@ class SGLDSampler:
         return torch.cat(parts).to(self.device)
 
     def _energy_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits at x and ∇ₓ Σ E(x, y). The caller holds eval_mode (frozen parameters)."""
+        """Logits at x and ∇ₓ Σ E(x, y). The caller holds eval_mode (frozen parameters).
+
+        Out of memory: the chains are processed in two halves (then quarters, ...) from then on; chains are
+        independent in eval mode, so the numbers do not change. Each reduction is noted and reported."""
+        while True:
+            chunk = self._chunk or len(x)
+            try:
+                parts = [self._energy_grad_part(x[i:i + chunk], self.labels[i:i + chunk])
+                         for i in range(0, len(x), chunk)]
+                break
+            except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
+                if not is_oom_error(e):
+                    raise
+                if chunk <= 1:
+                    raise InputError("out of memory even with one SGLD chain at a time: use fewer chains, a smaller "
+                                     "model or the CPU") from e
+            self._chunk = (chunk + 1) // 2  # outside the except block, so the failed attempt's tensors can be freed
+            if x.is_cuda:
+                torch.cuda.empty_cache()
+            msg = f"out of memory: computing the energies {self._chunk} chains at a time (same results, slower)"
+            self.notes.append(msg)
+            log.warning(msg)
+            if self._progress is not None:
+                self._progress(getattr(self, "_frac", 0.0), msg)
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _energy_grad_part(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             logits = folded(self.model)(xr)  # BatchNorm folded: same function, cheaper input gradients
-            e_xy = -logits.gather(1, self.labels[:, None]).squeeze(1)
+            e_xy = -logits.gather(1, labels[:, None]).squeeze(1)
             (grad,) = torch.autograd.grad(e_xy.sum(), xr)
         return logits.detach(), grad
 
@@ -930,6 +967,7 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
     total_steps = cfg.steps * len(chunks)
     gen_share = 0.85 if cfg.metrics.get("enabled", True) else 0.98
     xs, ys, finals_j, finals_m, curves = [], [], [], [], []
+    job_notes: list[str] = []  # out-of-memory retries
     for ci, lab in enumerate(chunks):
         cls, cnt = np.unique(lab, return_counts=True)
         sampler = SGLDSampler(lm, cls.tolist(), cnt.tolist(), init=cfg.init, eta=cfg.eta, zeta=cfg.zeta,
@@ -943,6 +981,7 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
                    f"batch {ci + 1}/{len(chunks)}: {msg}")
 
         out = sampler.step(cfg.steps, prog)
+        job_notes.extend(m for m in sampler.notes if m not in job_notes)
         xs.append(out.images)
         ys.append(sampler.labels.cpu())
         tr = sampler.trace
@@ -1004,6 +1043,7 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
             m["notes"].append("features from the generating model itself: SGLD optimises the samples for it, "
                               "so these numbers are optimistic; choose another classifier for a fairer score")
         result["metrics"] = m
+    result["notes"] = job_notes
     result["seconds"] = round(time.time() - t0, 3)
     atomic_write_json(run_dir / "metrics.json", result)
     report(1.0, "done")

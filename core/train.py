@@ -47,6 +47,8 @@ from .storage import append_jsonl, atomic_torch_save, atomic_write_json, read_js
 __all__ = ["TrainConfig", "train", "train_step", "main", "TrainingStopped"]
 
 SCHEDULES = ("onecycle", "piecewise", "cosine", "constant")
+MAX_EVAL_SAMPLES = 100_000   # held-out images attacked after every epoch (CIFAR test: 10,000; SVHN: 26,032)
+MAX_PROBE_SIZE = 10_000      # probe images attacked after every epoch
 
 
 class TrainingStopped(EnergyLensError):
@@ -134,6 +136,24 @@ class TrainConfig:
                                  f"got {v}")
         if self.epochs > 10_000:
             raise InputError(f"epochs={self.epochs} is absurd (max 10000)")
+        # the training attack, the evaluation attack and the probe attack run through the attack code: the same
+        # step limits as run_attack (AttackInfo.max_steps), so that nothing is accepted here that fails (or hangs) later
+        from .attacks import ATTACKS
+
+        inner = "trades-kl" if self.loss_config().inner == "kl" else "pgd"
+        for k, limit, what in (("attack_steps", min(ATTACKS[inner].max_steps, ATTACKS["pgd"].max_steps),
+                                f"for the training attack ({ATTACKS[inner].label})"),
+                               ("eval_steps", ATTACKS["pgd"].max_steps, "for the evaluation attack (PGD)")):
+            if getattr(self, k) > limit:
+                raise InputError(f"{k.replace('_', ' ')}={getattr(self, k)} is too many {what} (max {limit})")
+        if self.eval_samples > MAX_EVAL_SAMPLES:
+            raise InputError(f"eval samples={self.eval_samples} is absurd: every epoch attacks that many test images "
+                             f"(max {MAX_EVAL_SAMPLES:,}; the whole test set is used when it is smaller)")
+        if self.probe_size is not None and self.probe_size > MAX_PROBE_SIZE:
+            raise InputError(f"probe size={self.probe_size} is absurd: every epoch attacks that many training images "
+                             f"(max {MAX_PROBE_SIZE:,}; the default is 3% of the training set, at most {PROBE_MAX})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
+            raise InputError(f"seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"schedule must be one of {SCHEDULES}")
         if not 0 < self.val_fraction < 1:
@@ -467,6 +487,12 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         except OSError as e:
             from .storage import StorageError
             raise StorageError(f"cannot create the run folder {out}: {e.strerror or e}") from e
+        if cfg.resume:  # temp files of writes a killed earlier run left behind (state.pt's: hundreds of MB for a WRN)
+            from .jobs import remove_stale_temp_files
+
+            stale = remove_stale_temp_files(out)
+            if stale:
+                print(f"removed {len(stale)} stale temp file(s) of interrupted writes", file=sys.stderr, flush=True)
         atomic_write_json(out / "config.json", cfg.to_dict())
 
     torch.manual_seed(cfg.seed)

@@ -484,12 +484,66 @@ def zoo_files(entry: ZooEntry, model_dir: str | os.PathLike = DEFAULT_ZOO_DIR) -
     return [base]
 
 
+#: files this process refused to load: path -> (size, mtime_ns, status); a changed file is looked at again
+_refused: dict[str, tuple[int, int, str]] = {}
+_scan_cache: dict[tuple[str, int, int], bool] = {}
+_refused_lock = threading.Lock()
+
+
+def _stamp(p: Path) -> tuple[int, int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _holds_code(p: Path) -> bool:
+    """True when a torch zip checkpoint names globals that weights-only loading refuses (code that would run).
+
+    Only the pickle of the archive is disassembled (no tensor is read, nothing is executed); cached per
+    (path, size, mtime)."""
+    stamp = _stamp(p)
+    if stamp is None:
+        return False
+    key = (str(p), *stamp)
+    with _refused_lock:
+        if key in _scan_cache:
+            return _scan_cache[key]
+    try:
+        from torch.serialization import get_unsafe_globals_in_checkpoint
+
+        unsafe = bool(get_unsafe_globals_in_checkpoint(str(p)))
+    except Exception:  # noqa: BLE001 - an unreadable archive is reported when it is loaded
+        unsafe = False
+    with _refused_lock:
+        _scan_cache[key] = unsafe
+    return unsafe
+
+
+def _remember_refusal(files: list[Path], status: str) -> None:
+    for p in files:
+        stamp = _stamp(p)
+        if stamp is not None:
+            with _refused_lock:
+                _refused[str(p)] = (*stamp, status)
+
+
 def _file_status(entry: ZooEntry, model_dir) -> tuple[str, Path | None]:
     files = zoo_files(entry, model_dir)
     if not files:
         return "hub", None
     kinds = [sniff_format(p) for p in files]
     bad = next((k for k in kinds if k not in _OK_FORMATS), None)
+    if bad is None:
+        for p, k in zip(files, kinds):
+            stamp = _stamp(p)
+            with _refused_lock:
+                seen = _refused.get(str(p))
+            if seen is not None and stamp is not None and seen[:2] == stamp:
+                return seen[2], files[0]
+            if k == "torch-zip" and _holds_code(p):
+                return "unsafe", files[0]
     return (bad or "ok"), files[0]
 
 
@@ -498,8 +552,11 @@ def list_zoo(dataset: str | None = None, threat_model: str | None = None,
     """Catalogue entries (robustbench order), each with its download status in ``model_dir``.
 
     ``file_status`` is ``'ok'`` (a torch file), ``'missing'``, ``'html'`` (a failed download),
-    ``'empty'``, ``'safetensors'``/``'unknown'`` (not what robustbench can load) or ``'hub'`` (timm
-    model, no local file); ``downloaded`` is ``file_status == 'ok'``. Only file headers are read.
+    ``'empty'``, ``'safetensors'``/``'unknown'`` (not what robustbench can load), ``'unsafe'`` (its
+    pickle names code that weights-only loading refuses), ``'refused'`` (this process refused to load
+    it as corrupt or unsafe, and it has not changed since) or ``'hub'`` (timm model, no local file);
+    ``downloaded`` is ``file_status == 'ok'``. Only file headers (and a torch archive's pickle, never
+    its tensors) are read.
     """
     datasets = DATASETS if dataset is None else (canonical_dataset(dataset),)
     threats = THREAT_MODELS if threat_model is None else (canonical_threat_model(threat_model),)
@@ -770,6 +827,11 @@ def load_zoo_model(name: str, dataset: str = "cifar10", threat_model: str = "Lin
                                         dataset=entry.dataset, threat_model=entry.threat_model)
         except Exception as e:  # noqa: BLE001 - everything becomes a readable ZooError
             err = _translate(e, entry, files)
+            text = str(e)
+            if not isinstance(e, _DownloadBlocked) and not was_missing and (
+                    "Weights only load failed" in text or "Unsupported global" in text or "zip archive" in text
+                    or "load key" in text or "unpickl" in text.lower() or isinstance(e, EOFError)):
+                _remember_refusal(files, "refused")  # the listing no longer shows it as downloaded
             # A file this very call downloaded that turned out to be an HTML page (quota/login
             # page) is moved aside so that the next attempt downloads it again.
             moved = [quarantine(p) for p in was_missing if sniff_format(p) not in _OK_FORMATS + ("missing",)]

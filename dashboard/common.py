@@ -18,6 +18,7 @@ if str(REPO_ROOT) not in sys.path:  # `streamlit run dashboard/Home.py` only put
 
 import streamlit as st  # noqa: E402
 
+from core.errors import Cancelled as _CoreCancelled  # noqa: E402
 from core.errors import EnergyLensError  # noqa: E402
 
 log = logging.getLogger("energylens.dashboard")
@@ -49,8 +50,8 @@ def guard(what: str = "this action"):
 
 
 # ---------------------------------------------------------------------------------------------
-class Cancelled(EnergyLensError):
-    """The user cancelled a background task."""
+class Cancelled(_CoreCancelled):
+    """The user cancelled a background task (core code that asks ``should_stop`` catches it too)."""
 
 
 @dataclass
@@ -66,6 +67,10 @@ class Task:
     started: float = field(default_factory=time.time)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+
+    def cancelled(self) -> bool:
+        """True once Cancel was pressed (hand it to core functions as ``should_stop``)."""
+        return self.cancel_event.is_set()
 
     def progress(self, fraction: float, message: str = "") -> None:
         if self.cancel_event.is_set():
@@ -89,8 +94,9 @@ def start_task(key: str, label: str, fn: Callable[[Task], Any]) -> Task:
     def body():
         try:
             task.result = fn(task)
-        except Cancelled:
-            task.error = "Cancelled."
+        except _CoreCancelled as e:
+            detail = str(e)
+            task.error = "Cancelled." if detail in ("", "cancelled") else f"Cancelled: {detail}."
         except EnergyLensError as e:
             task.error = str(e)
         except Exception as e:  # noqa: BLE001
@@ -149,6 +155,29 @@ def task_panel(key: str, on_done: Callable[[Task], None]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+_MD_SPECIAL = "\\`*_{}[]<>()#+-.!|~$"
+
+
+def plain(text) -> str:
+    """Free text (a job name) for st.markdown: control characters and escape sequences removed, markdown
+    syntax escaped, so that it shows as typed and cannot format or link anything."""
+    from core.jobs import clean_text
+
+    return "".join("\\" + c if c in _MD_SPECIAL else c for c in clean_text(text, 200))
+
+
+def registry_warning() -> None:
+    """The job registry was rebuilt from the job folders recently (core.jobs.registry_notice): say so."""
+    from core import jobs
+
+    try:
+        notice = jobs.registry_notice()
+    except EnergyLensError:
+        return
+    if notice:
+        st.warning(notice)
+
+
 def job_failure(where, info, what: str = "") -> None:
     """A failed job: its first error line, and the full error with the log tail in an expander."""
     from core import jobs
@@ -182,7 +211,7 @@ def job_panel(job_id: str, what: str, on_done: Callable[[Any], None], *, every: 
             st.error(str(e))
             return
         if info.active:
-            st.progress(info.progress, text=f"{what} {info.id} ({info.status}): {info.message}")
+            st.progress(info.progress, text=f"{what} {info.id} ({info.status}): {plain(info.message)}")
             return
         if poll and not running(info):
             st.rerun()  # everything ended: refresh the whole page and stop polling
@@ -225,16 +254,17 @@ def job_list(kind: str, prefix: str, show_done: Callable[[Any, Any, Any], dict |
             st.rerun()  # everything finished: refresh the whole page (tables built from results) and stop polling
         if heading:
             st.subheader(heading)
+        registry_warning()
         if not js:
             st.caption(empty)
             return
         rows = []
         for j in js[:limit]:
             c1, c2, c3 = st.columns(list(widths))
-            c1.markdown(f"**{j.name}**  \n`{j.id}` · {j.status} · {j.device}"
+            c1.markdown(f"**{plain(j.name)}**  \n`{j.id}` · {j.status} · {j.device}"
                         + (f" · {j.duration:.0f} s" if j.duration is not None else ""))
             if j.active:
-                c2.progress(j.progress, text=j.message or j.status)
+                c2.progress(j.progress, text=plain(j.message or j.status))
                 if c3.button("Stop", key=f"{prefix}_stop_{j.id}"):
                     with guard("stopping the job"):
                         jobs.stop_job(j.id)
@@ -437,9 +467,9 @@ def model_picker() -> None:
     if source in ("Bundled", "Local checkpoints"):
         try:
             entries = list_bundled() if source == "Bundled" else list_local()
-        except Exception as e:  # noqa: BLE001 - no file may break the picker
+        except Exception as e:  # noqa: BLE001 - the picker is on every page: nothing may break it
             log.error("listing checkpoints failed\n%s", traceback.format_exc())
-            sb.error(f"Cannot list the checkpoints: {type(e).__name__}: {e}")
+            sb.error(f"Could not list the checkpoints: {type(e).__name__}: {e}")
             entries = []
         good = [(r, m) for r, m, err in entries if m is not None]
         bad = [(r, err) for r, m, err in entries if m is None]
@@ -469,12 +499,21 @@ def model_picker() -> None:
         except EnergyLensError as e:
             sb.error(str(e))
             entries = []
+        except Exception as e:  # noqa: BLE001 - the picker is on every page: nothing may break it
+            log.error("listing the zoo failed\n%s", traceback.format_exc())
+            sb.error(f"Could not list the RobustBench zoo: {type(e).__name__}: {e}")
+            entries = []
         entries = sorted(entries, key=lambda e: (not e.paper_model, e.name))
         if entries:
             names = [e.name for e in entries]
-            fmt = {e.name: ("★ " if e.paper_model else "") + e.name + (" ✓" if getattr(e, "downloaded", False) else "")
-                   for e in entries}
-            name = sb.selectbox("Model (★ = in the paper, ✓ = downloaded)", names, format_func=lambda n: fmt[n], key="zoo_name")
+            def mark(e) -> str:
+                if getattr(e, "downloaded", False):
+                    return " ✓"
+                return " ⚠" if getattr(e, "file_status", None) not in (None, "missing", "hub") else ""
+
+            fmt = {e.name: ("★ " if e.paper_model else "") + e.name + mark(e) for e in entries}
+            name = sb.selectbox("Model (★ = in the paper, ✓ = downloaded, ⚠ = bad file)", names,
+                                format_func=lambda n: fmt[n], key="zoo_name")
             ref = ModelRef("zoo", name, dataset=ds, threat_model=tm)
         sb.checkbox("Allow download (needs internet)", key="allow_download")
     import torch

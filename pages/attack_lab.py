@@ -108,14 +108,18 @@ def chosen_images(ds, n: int, seed: int):
 
 def attack_job(task, x, y, spec, model_name, lm_b=None):
     share = 0.5 if lm_b is not None else 1.0
-    res = run_attack(lm.model, x, y, spec, progress=lambda f, m: task.progress(f * share, m))
-    keep = min(16, len(x))
+    res = run_attack(lm.model, x, y, spec, progress=lambda f, m: task.progress(f * share, m), should_stop=task.cancelled)
+    keep = min(16, len(res.x_adv))  # a cancelled attack returns the images attacked so far
     out = {"trace": res.trace, "spec": spec, "model": model_name, "seconds": res.seconds,
            "x": x[:keep].cpu().numpy(), "x_adv": res.x_adv[:keep].cpu().numpy(), "notes": res.notes}
-    if lm_b is not None:
-        rb = run_attack(lm_b.model, x, y, spec, progress=lambda f, m: task.progress(0.5 + 0.5 * f, f"{lm_b.meta.name}: {m}"))
-        out["b"] = {"trace": rb.trace, "model": lm_b.meta.name, "method": lm_b.meta.method, "seconds": rb.seconds,
-                    "x_adv": rb.x_adv[:keep].cpu().numpy(), "notes": rb.notes}
+    if lm_b is not None and not res.partial:
+        rb = run_attack(lm_b.model, x, y, spec, should_stop=task.cancelled,
+                        progress=lambda f, m: task.progress(0.5 + 0.5 * f, f"{lm_b.meta.name}: {m}"))
+        if rb.partial:  # side by side needs the same images on both models
+            out["notes"] = list(res.notes) + [f"Cancelled while attacking {lm_b.meta.name}: only {model_name} is shown."]
+        else:
+            out["b"] = {"trace": rb.trace, "model": lm_b.meta.name, "method": lm_b.meta.method, "seconds": rb.seconds,
+                        "x_adv": rb.x_adv[:keep].cpu().numpy(), "notes": rb.notes}
     return out
 
 
@@ -269,7 +273,10 @@ if up is not None:
         from core.uploads import decode_image
 
         shape = tuple(meta.input_shape[1:]) if meta.input_shape else (32, 32)
-        x1 = decode_image(up.getvalue(), size=shape)
+        upload_notes: list[str] = []  # what decoding changed: alpha on white, EXIF rotation, 16-bit, MPO
+        x1 = decode_image(up.getvalue(), size=shape, notes=upload_notes)
+        for note in upload_notes:
+            st.info(f"Note: {note}.")
         dev = device_of(lm.model)
         with torch.no_grad():
             logits = lm.model.eval()(x1.to(dev)).cpu()

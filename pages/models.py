@@ -113,7 +113,8 @@ with t3:
         st.error(str(e))
         entries = []
     status_text = {"ok": "✓ downloaded", "missing": "", "html": "⚠ HTML page, not weights", "empty": "⚠ empty file",
-                   "unknown": "⚠ not a torch file", "safetensors": "⚠ unexpected format", "hub": "hub (download only)"}
+                   "unknown": "⚠ not a torch file", "safetensors": "⚠ unexpected format", "hub": "hub (download only)",
+                   "unsafe": "⚠ refused: would run code", "refused": "⚠ refused when loaded (corrupt or unsafe)"}
     rows = [{"★ paper": "★" if e.paper_model else "", "name": e.name, "architecture": e.architecture,
              "clean acc.": zoo_pct(e.clean_acc), "AutoAttack acc.": zoo_pct(e.aa_acc),
              "ε": format_eps(e.eps, e.threat_model),
@@ -133,7 +134,7 @@ with t3:
             f"{'s' if len(files) > 1 else ''} at exactly:\n\n{where}")
         if entry.urls:
             st.caption("Download link(s): " + ", ".join(entry.urls))
-        bad = [f for f in files if f.exists() and entry.file_status in ("html", "empty", "unknown")]
+        bad = [f for f in files if f.exists() and entry.file_status in ("html", "empty", "unknown", "unsafe", "refused")]
         if bad:
             st.warning(f"`{bad[0].name}` is not a valid weights file ({status_text.get(entry.file_status)}): "
                        "usually a failed Google-Drive download. Move it aside and download again.")

@@ -207,6 +207,8 @@ if st.session_state.pop("sgld_dirty", False):
     _keep_chains()
 if st.session_state.get("sgld_task-error") == "Cancelled." and sampler is not None:
     st.caption(f"Cancelled: the chains keep the {sampler.steps_done} steps made so far.")
+for note in getattr(sampler, "notes", None) or []:  # e.g. out of memory: fewer chains per pass
+    st.warning(note)
 
 
 # ---------------------------------------------------------------- results

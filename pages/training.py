@@ -258,8 +258,8 @@ if launch or check:
             info = jobs.submit("train", cfg, name=name, device=device)
             st.session_state["tr_view_request"] = info.id
             st.session_state.pop("tr_prefill", None)
-            st.success(f"Started training job **{info.name}** ({info.id}, status {info.status}). It runs in the "
-                       f"background; its progress and plots show below.")
+            st.success(f"Started training job **{common.plain(info.name)}** ({info.id}, status {info.status}). "
+                       "It runs in the background; its progress and plots show below.")
         else:
             st.success("The settings are valid.")
         with st.expander("Equivalent command line", expanded=bool(check)):
@@ -337,6 +337,7 @@ def runs_panel() -> None:
         cur = list_train_jobs()
         if sorted(j.id for j in cur if j.active) != active_ids:
             st.rerun(scope="app")          # a run started or ended: refresh everything (and stop polling)
+        common.registry_warning()          # the registry was rebuilt from the run folders
         if not cur:
             st.info("No training runs of yours yet. Launch one above, or open a recorded run below to see Fig. 3 at "
                     "once.")
@@ -345,7 +346,8 @@ def runs_panel() -> None:
             with st.container(border=True):
                 cfg = info.config or {}
                 c1 = st.container()
-                c1.markdown(f"{STATUS_ICON.get(info.status, '')} **{info.name}** · `{info.id}` · {info.status}  \n"
+                c1.markdown(f"{STATUS_ICON.get(info.status, '')} **{common.plain(info.name)}** · `{info.id}` · "
+                            f"{info.status}  \n"
                             f"{cfg.get('method', '?')} · {cfg.get('dataset', '?')} · {cfg.get('arch', '?')} · "
                             f"{cfg.get('epochs', '?')} epochs · device {info.device} · "
                             + ("waiting for a free slot" if info.status == "queued"

@@ -88,3 +88,58 @@ def stubborn(config, run_dir, report):
     report(0.1, "ignoring stop requests")
     time.sleep(float(config.get("seconds", 60)))
     return {}
+
+
+def torn_write(config, run_dir, report):
+    """First run: dies by SIGKILL in the middle of two atomic writes (their temp files stay behind).
+    Resumed: records which temp files it finds, then finishes."""
+    import tempfile
+
+    run_dir = Path(run_dir)
+    if not config.get("resume"):
+        (run_dir / "probe").mkdir(exist_ok=True)
+        for folder, name in ((run_dir, "state.pt"), (run_dir / "probe", "epoch_0001.npz")):
+            fd, _ = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)  # as core.storage.atomic_write
+            os.write(fd, b"\0" * 100_000)
+            os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+    found = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*.tmp"))
+    _marker(run_dir, temp_files_seen=found)
+    return {"ok": True}
+
+
+def disk_full_outcome(config, run_dir, report):
+    """Fails with a disk-full error, and the registry cannot be written either (as on a full disk)."""
+    import core.jobs as jobs
+    from core.errors import EnergyLensError, JobError
+
+    def full(*a, **k):
+        raise JobError("the disk holding the runs folder is full: the job registry cannot be updated")
+
+    jobs._connect = full  # this process only: its final registry write fails, its job-state.json does not
+    raise EnergyLensError(f"could not write {Path(run_dir) / 'last.safetensors'}: No space left on device")
+
+
+def disk_full_crash(config, run_dir, report):
+    """Dies without recording anything after a write failed with ENOSPC (its log says so)."""
+    print("OSError: [Errno 28] No space left on device: 'runs/x/state.pt'", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fill_disk(config, run_dir, report):
+    """Writes until the disk is really full, then fails as core.storage does (for a small tmpfs)."""
+    import errno
+
+    from core.errors import EnergyLensError
+
+    path = Path(run_dir) / "big.bin"
+    try:
+        with open(path, "wb") as f:
+            while True:
+                f.write(b"\1" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise EnergyLensError(f"could not write {path}: {e.strerror}") from e

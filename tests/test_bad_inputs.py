@@ -139,7 +139,56 @@ CKPT_CASES = [
      ["list.safetensors", "malformed metadata"]),
     ("metadata-not-json",
      lambda t, g: _safetensors_with_meta(t / "badjson.safetensors", "{not json"), None, ["corrupt metadata"]),
+    # issue 14 (F2, F6, F14): metadata is checked (ranges, then the stored shapes) before any model is built
+    ("metadata-nested-100k-deep",
+     lambda t, g: _safetensors_with_meta(t / "deep.safetensors", "[" * 100_000 + "]" * 100_000), None,
+     ["deep.safetensors", "malformed metadata", "nested too deeply"]),
+    ("metadata-over-1MB",
+     lambda t, g: _safetensors_with_meta(t / "big.safetensors", _meta_json(hparams={"x": "a" * 1_100_000})), None,
+     ["big.safetensors", "malformed metadata", "the limit is 1 MB"]),
+    # (num_classes 1e9 and WideResNet depth 10000 / widen 100 are memory cases: MEMORY_CKPT_CASES, run capped)
+    ("metadata-num-classes-negative",
+     lambda t, g: _safetensors_with_meta(t / "k.safetensors", _meta_json(num_classes=-5)), None,
+     ["num_classes=-5 is impossible or absurd"]),
+    ("metadata-num-classes-not-a-number",
+     lambda t, g: _safetensors_with_meta(t / "k.safetensors", _meta_json(num_classes="ten")), None,
+     ["num_classes must be an integer"]),
+    ("metadata-arch-kwargs-a-string",
+     lambda t, g: _safetensors_with_meta(t / "x.safetensors", _meta_json(arch_kwargs="x")), None,
+     ["arch_kwargs must be an object", "'x'"]),
+    ("metadata-arch-kwargs-unknown-argument",
+     lambda t, g: _safetensors_with_meta(t / "x.safetensors", _meta_json(arch_kwargs={"dpeth": 3})), None,
+     ["architecture 'smallcnn' has no argument(s) dpeth"]),
+    ("metadata-input-shape-absurd",
+     lambda t, g: _safetensors_with_meta(t / "x.safetensors", _meta_json(input_shape=[3, 10**6, 10**6])), None,
+     ["input_shape", "is absurd"]),
+    ("metadata-class-names-count-wrong",
+     lambda t, g: _safetensors_with_meta(t / "x.safetensors", _meta_json(class_names=["cat", "dog"])), None,
+     ["it names 2 classes but num_classes is 10"]),
+    ("metadata-50000-classes-vs-stored-shapes",
+     lambda t, g: _relabelled(g, t / "k5.safetensors", num_classes=50_000), None,
+     ["does not match the model architecture (smallcnn, 50000 classes", "file (10, 128) vs model (50000, 128)",
+      "a different number of classes?"]),
+    ("metadata-width-vs-stored-shapes",
+     lambda t, g: _relabelled(g, t / "wd.safetensors", arch_kwargs={"width": 64}), None,
+     ["does not match the model architecture", "features.0.weight: file (32, 3, 3, 3) vs model (64, 3, 3, 3)"]),
 ]
+
+
+def _meta_json(**changes) -> str:
+    import json
+
+    return json.dumps({"arch": "smallcnn", "num_classes": 10, "dataset": "digits", **changes})
+
+
+def _relabelled(good: Path, path: Path, **changes) -> Path:
+    """The good checkpoint's real weights with altered metadata."""
+    import json
+
+    from safetensors.torch import load_file, save
+
+    path.write_bytes(save(load_file(str(good)), metadata={"energylens": _meta_json(**changes)}))
+    return path
 
 
 def _safetensors_with_meta(path: Path, raw: str) -> Path:
@@ -306,6 +355,12 @@ SPEC_CASES = [
     ("target-class-out-of-range", dict(targeted=True, target_mode="chosen", target_class=42),
      ["target class 42 does not exist", "10 classes"]),
     ("unknown-target-mode", dict(targeted=True, target_mode="nearest"), ["target mode must be one of"]),
+    # issue 14 (F15): values that overflowed inside torch
+    ("kappa-1e300", dict(name="cw", kappa=1e300), ["kappa (the CW confidence margin) must lie in [0, 10000]"]),
+    ("kappa-negative", dict(name="cw", kappa=-1.0), ["kappa (the CW confidence margin) must lie in [0, 10000]"]),
+    ("seed-2**70", dict(seed=2**70), ["seed must be an integer in [0, 4294967295]", str(2**70)]),
+    ("seed-negative", dict(seed=-1), ["seed must be an integer in [0, 4294967295]"]),
+    ("seed-fractional", dict(seed=1.5), ["seed must be an integer"]),
 ]
 
 
@@ -337,6 +392,15 @@ TRAIN_CASES = [
     ("unknown-method", dict(method="magic"), ["unknown training method 'magic'"]),
     ("unknown-schedule", dict(schedule="sawtooth"), ["schedule must be one of"]),
     ("unknown-device", dict(device="tpu"), ["device must be"]),
+    # issue 14 (F5): accepted before ("The settings are valid"), then the job hung at 0%
+    ("attack-steps-1e6", dict(attack_steps=10**6),
+     ["attack steps=1000000 is too many for the training attack (PGD (cross-entropy)) (max 10000)"]),
+    ("attack-steps-trades-20000", dict(method="trades", attack_steps=20_000),
+     ["too many for the training attack (TRADES-KL) (max 10000)"]),
+    ("eval-steps-1e6", dict(eval_steps=10**6), ["eval steps=1000000 is too many for the evaluation attack (PGD)"]),
+    ("eval-samples-1e9", dict(eval_samples=10**9), ["eval samples=1000000000 is absurd", "max 100,000"]),
+    ("probe-size-1e7", dict(probe_size=10**7), ["probe size=10000000 is absurd", "max 10,000"]),
+    ("seed-2**70", dict(seed=2**70), ["seed must be an integer in [0, 4294967295]"]),
 ]
 
 
@@ -433,6 +497,8 @@ UPLOAD_CASES = [
     ("oversize-over-10MB", lambda: _png(8, 8) + b"\0" * (MAX_UPLOAD_BYTES + 1), ["MB; the limit is 10 MB"]),
     ("too-many-pixels-25MP", lambda: _png(5000, 5000, "1"), ["5000 x 5000", "the limit is 16 megapixels"]),
     ("decompression-bomb-400MP", lambda: _png(20000, 20000, "1"), ["megapixels", "decompression bomb"]),
+    # issue 14 (F1); the strips that needed gigabytes are memory cases: MEMORY_UPLOAD_CASES, run capped
+    ("strip-21x1", lambda: _png(2100, 100), ["aspect ratio of 21:1", "the limit is 20:1"]),
 ]
 
 
@@ -646,3 +712,348 @@ def test_zoo_model_not_downloaded_shows_where_to_put_the_file(app):
     assert "Could not load model **Standard**" in errs and "is not downloaded" in errs, errs
     assert "save it exactly at" in errs and str(path) in errs, errs
     assert not path.exists()
+
+
+# =============================================================================================
+# The sidebar model picker survives any file (issue 14, F2)
+# =============================================================================================
+def test_no_checkpoint_file_can_break_the_model_picker(app, tmp_path, monkeypatch):
+    import core.models.registry as registry
+
+    local = tmp_path / "local"
+    local.mkdir()
+    save_checkpoint(local / "fine.safetensors", _small_model(), ModelMeta("smallcnn", 10, "digits", name="fine"))
+    _safetensors_with_meta(local / "deep.safetensors", "[" * 100_000 + "]" * 100_000)
+    _safetensors_with_meta(local / "huge.safetensors", _meta_json(num_classes=10**9))
+    _safetensors_with_meta(local / "weird.safetensors", _meta_json())
+    real = registry.read_metadata
+
+    def flaky(p):  # any other exception a future bug might raise
+        if Path(p).name == "weird.safetensors":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(p)
+
+    monkeypatch.setattr(registry, "LOCAL_DIR", local)
+    monkeypatch.setattr(registry, "read_metadata", flaky)
+    at = app
+    at.sidebar.radio(key="model_source").set_value("Local checkpoints").run()
+    assert not at.exception, [e.message for e in at.exception]
+    notes = " | ".join(c.value for c in at.sidebar.caption)
+    assert "skipped deep.safetensors (unreadable)" in notes and "nested too deeply" in notes, notes
+    assert "skipped huge.safetensors (unreadable)" in notes and "num_classes=1000000000" in notes, notes
+    assert "skipped weird.safetensors (unreadable)" in notes and "RecursionError" in notes, notes
+    assert at.session_state["model_ref"].name == "fine"
+    # even a listing that fails as a whole only shows an error in the sidebar
+    monkeypatch.setattr(registry, "list_local", lambda *a, **k: 1 / 0)  # imported by the picker at call time
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    errs = " | ".join(e.value for e in at.sidebar.error)
+    assert "Could not list the checkpoints: ZeroDivisionError" in errs, errs
+
+
+# =============================================================================================
+# Bounded memory and time (issue 14, F1 and F6): hostile uploads and metadata run in a child process
+# whose address space is capped at what it had after imports + 200 MB (RLIMIT_AS), never uncapped; the peak
+# resident memory of each call (VmHWM, reset before it) must stay under 200 MB as well
+# =============================================================================================
+BOUND_MB = 200
+_BOUNDED_CHILD = r"""
+import io, json, resource, sys, time
+kind, files = sys.argv[1], sys.argv[2:]
+import torch
+from core.errors import EnergyLensError
+
+if kind == "upload":
+    from PIL import Image
+    from core.uploads import decode_image
+    for mode, fmt in (("RGB", "PNG"), ("RGB", "JPEG"), ("I;16", "PNG"), ("RGBA", "PNG")):  # warm up lazy imports
+        buf = io.BytesIO(); Image.new(mode, (40, 30)).save(buf, fmt); decode_image(buf.getvalue())
+    items = [open(f, "rb").read() for f in files]
+    call = decode_image
+else:
+    from core.models import load_checkpoint
+    warm, files = files[0], files[1:]
+    load_checkpoint(warm)
+    items = files
+    call = load_checkpoint
+
+def status_kb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+def reset_peak():  # the peak resident size (VmHWM) back to the current one; False where not allowed
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+cap = status_kb("VmSize") * 1024 + __BOUND_MB__ * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+out = []
+for it in items:
+    exact = reset_peak()
+    base = status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    try:
+        call(it)
+        res = {"ok": True}
+    except EnergyLensError as e:
+        res = {"error": type(e).__name__, "msg": str(e)}
+    except BaseException as e:
+        res = {"error": type(e).__name__, "msg": str(e)[:300], "unexpected": True}
+    res["seconds"] = time.perf_counter() - t0
+    peak = status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res["peak_growth_mb"] = (peak - base) / 1024  # peak resident memory during the call, above the start
+    out.append(res)
+print("RESULT " + json.dumps(out))
+""".replace("__BOUND_MB__", str(BOUND_MB))
+
+
+def _bounded(kind: str, paths: list[Path]) -> list[dict]:
+    import json
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc to cap the child's address space")
+    r = subprocess.run([sys.executable, "-c", _BOUNDED_CHILD, kind, *map(str, paths)], cwd=str(REPO),
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert r.returncode == 0 and line, f"child failed (rc {r.returncode}): {r.stderr[-3000:]}"
+    return json.loads(line[len("RESULT "):])
+
+
+# Memory cases: each would allocate gigabytes in code that does not check first, so they only ever run in the
+# capped child (one child for all uploads, one for all checkpoints; the tests look their results up)
+MEMORY_UPLOAD_CASES = [
+    ("strip-1000000x1", lambda: _png(1_000_000, 1, "1"),
+     ["1000000 x 1 pixels, an aspect ratio of 1,000,000:1; the limit is 20:1"]),
+    ("strip-100000x1", lambda: _png(100_000, 1, "1"), ["aspect ratio of 100,000:1"]),
+    ("strip-16000000x1", lambda: _png(16_000_000, 1, "1"), ["aspect ratio of 16,000,000:1"]),
+    ("strip-1x4000000", lambda: _png(1, 4_000_000, "1"), ["1 x 4000000 pixels", "aspect ratio"]),
+    ("decompression-bomb-400MP", lambda: _png(20000, 20000, "1"), ["megapixels", "decompression bomb"]),
+    ("too-many-pixels-25MP", lambda: _png(5000, 5000, "1"), ["5000 x 5000", "the limit is 16 megapixels"]),
+]
+MEMORY_CKPT_CASES = [
+    ("metadata-num-classes-1e9", lambda g: _meta_json(num_classes=10**9),
+     ["num_classes=1000000000 is impossible or absurd", "2..100,000"]),
+    ("metadata-wideresnet-depth-10000-widen-100",
+     lambda g: _meta_json(arch="wideresnet", arch_kwargs={"depth": 10000, "widen_factor": 100}),
+     ["wideresnet argument depth=10000 is impossible or absurd", "10..160"]),
+    ("metadata-wideresnet-widen-100", lambda g: _meta_json(arch="wideresnet", arch_kwargs={"widen_factor": 100}),
+     ["widen_factor=100 is impossible or absurd"]),
+    ("metadata-wideresnet-34-10-for-a-smallcnn-file", lambda g: _meta_json(arch="wrn-34-10"),
+     ["does not match the model architecture (wrn-34-10, 10 classes", "weights missing"]),
+    ("metadata-num-classes-50000", None, ["file (10, 128) vs model (50000, 128)"]),
+    ("metadata-nested-100k-deep", lambda g: "[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bounded_results(tmp_path_factory) -> dict[str, dict]:
+    t = tmp_path_factory.mktemp("bounded")
+    uploads = []
+    for name, make, _ in MEMORY_UPLOAD_CASES:
+        uploads.append(t / f"{name}.png")
+        uploads[-1].write_bytes(make())
+        assert uploads[-1].stat().st_size < 100_000, "each hostile file is small"
+    good = save_checkpoint(t / "good.safetensors", _small_model(), SMALL_META)
+    ckpts = []
+    for name, raw, _ in MEMORY_CKPT_CASES:
+        ckpts.append(t / f"{name}.safetensors")
+        if raw is None:
+            _relabelled(good, ckpts[-1], num_classes=50_000)
+        else:
+            ckpts[-1].write_bytes(_with_meta_of(good, raw(good)))
+    results = dict(zip([c[0] for c in MEMORY_UPLOAD_CASES], _bounded("upload", uploads)))
+    results.update(zip([c[0] for c in MEMORY_CKPT_CASES], _bounded("checkpoint", [good, *ckpts])))
+    return results
+
+
+def _with_meta_of(good: Path, raw: str) -> bytes:
+    """The good checkpoint's real weights with the raw metadata string ``raw``."""
+    from safetensors.torch import load_file, save
+
+    return save(load_file(str(good)), metadata={"energylens": raw})
+
+
+@pytest.mark.parametrize("needles", [c[2] for c in MEMORY_UPLOAD_CASES], ids=[c[0] for c in MEMORY_UPLOAD_CASES])
+def test_memory_hostile_uploads_are_refused_in_bounded_memory_and_time(bounded_results, request, needles):
+    res = bounded_results[request.node.callspec.id]
+    assert res.get("error") == "InputError", res
+    for n in needles:
+        assert n in res["msg"], res
+    assert res["seconds"] < 1.0 and res["peak_growth_mb"] < BOUND_MB, res
+
+
+@pytest.mark.parametrize("needles", [c[2] for c in MEMORY_CKPT_CASES], ids=[c[0] for c in MEMORY_CKPT_CASES])
+def test_memory_hostile_metadata_is_refused_before_any_model_is_built(bounded_results, request, needles):
+    res = bounded_results[request.node.callspec.id]
+    assert res.get("error") == "CheckpointError", res
+    for n in needles:
+        assert n in res["msg"], res
+    assert res["seconds"] < 1.0 and res["peak_growth_mb"] < BOUND_MB, res
+
+
+def _big_uploads() -> list[tuple[str, bytes]]:
+    """Large uploads that are accepted: the worst cases for decoding memory under the 10 MB / 16 Mpx caps."""
+    import numpy as np
+    from PIL import Image
+
+    def enc(im, fmt, **kw):
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    ramp = np.tile(np.linspace(0, 65535, 4000).astype(np.uint16), (4000, 1))
+    return [("png-rgb-16MP", enc(Image.new("RGB", (4000, 4000), (10, 100, 200)), "PNG")),
+            ("png-rgba-16MP", enc(Image.new("RGBA", (4000, 4000), (10, 100, 200, 128)), "PNG")),
+            ("png-16bit-gray-16MP", enc(Image.fromarray(ramp), "PNG")),
+            ("jpeg-16MP", enc(Image.new("RGB", (4000, 4000), (10, 100, 200)), "JPEG", quality=90)),
+            ("png-20x1-panorama", enc(Image.new("RGB", (8000, 400), (1, 2, 3)), "PNG"))]
+
+
+def test_large_valid_uploads_decode_in_bounded_memory(tmp_path):
+    big = _big_uploads()
+    paths = []
+    for name, data in big:
+        assert len(data) <= MAX_UPLOAD_BYTES, name
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(data)
+    results = _bounded("upload", paths)
+    for (name, _), res in zip(big, results):
+        assert res.get("ok"), (name, res)
+        assert res["peak_growth_mb"] < BOUND_MB, (name, res)
+        assert res["seconds"] < 5.0, (name, res)  # at most 0.5 s measured on two busy cores (16 Mpx RGBA PNG)
+
+
+def test_metadata_shapes_are_checked_before_the_real_model_is_built(ckpt, tmp_path, monkeypatch):
+    import core.models.checkpoint as cp
+
+    built = []
+    real = cp.build_model
+
+    def spy(arch, num_classes, **kw):
+        m = real(arch, num_classes, **kw)
+        built.append((num_classes, next(m.parameters()).device.type))
+        return m
+
+    monkeypatch.setattr(cp, "build_model", spy)
+    p = _relabelled(ckpt, tmp_path / "k.safetensors", num_classes=5000)
+    _expect(lambda: load_checkpoint(p), CheckpointError, "does not match the model architecture")
+    assert built == [(5000, "meta")], "only a shape-only skeleton is built for metadata that does not match"
+    built.clear()
+    assert load_checkpoint(ckpt).meta.num_classes == 10
+    assert built == [(10, "meta"), (10, "cpu")]
+
+
+# =============================================================================================
+# Uploads that are accepted but changed: the user is told (issue 14: F8, F12, F13, RGBA)
+# =============================================================================================
+def _encode(im, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_16bit_grayscale_png_is_scaled_not_clipped():
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))  # left dark, right bright
+    data = _encode(Image.fromarray(ramp), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    notes: list[str] = []
+    x = decode_image(data, size=(32, 32), notes=notes)
+    assert abs(float(x.mean()) - 0.5) < 0.02, "a 0..65535 ramp averages to 1/2, not 0.987 (clipped to white)"
+    cols = x[0, 0].mean(dim=0)
+    assert float(cols[0]) < 0.05 and float(cols[-1]) > 0.95 and bool((cols[1:] >= cols[:-1]).all())
+    assert torch.equal(x[0, 0], x[0, 1]) and torch.equal(x[0, 0], x[0, 2]), "gray in all three channels"
+    assert notes == ["16-bit grayscale image: scaled from 0..65535"]
+    # 8-bit grayscale with the same ramp gives the same picture
+    x8 = decode_image(_encode(Image.fromarray((ramp // 257).astype(np.uint8)), "PNG"), size=(32, 32))
+    assert float((x - x8).abs().max()) < 0.01
+
+
+def test_rgba_alpha_is_composited_on_white_and_said():
+    from PIL import Image
+
+    im = Image.new("RGBA", (40, 40), (255, 0, 0, 255))
+    im.paste((0, 0, 255, 0), (0, 0, 40, 20))  # top half fully transparent blue
+    notes: list[str] = []
+    x = decode_image(_encode(im, "PNG"), size=(32, 32), notes=notes)
+    assert notes == ["the image has transparent areas (alpha channel): they are shown on white"]
+    assert torch.allclose(x[0, :, 2, 16], torch.ones(3)), "transparent pixels are white, not the hidden blue"
+    assert torch.allclose(x[0, :, 29, 16], torch.tensor([1.0, 0.0, 0.0])), "opaque pixels keep their colour"
+    notes.clear()
+    decode_image(_encode(Image.new("RGBA", (40, 40), (1, 2, 3, 255)), "PNG"), notes=notes)
+    assert notes == [], "a fully opaque alpha channel changes nothing and needs no note"
+
+
+def test_mpo_camera_jpeg_is_accepted_with_its_first_picture():
+    from PIL import Image
+
+    frames = [Image.new("RGB", (64, 48), (200, 10, 10)), Image.new("RGB", (64, 48), (10, 10, 200))]
+    data = _encode(frames[0], "MPO", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    notes: list[str] = []
+    x = decode_image(data, notes=notes)
+    assert x.shape == (1, 3, 32, 32)
+    assert float(x[0, 0].mean()) > 0.7 and float(x[0, 2].mean()) < 0.1, "the first (red) picture is used"
+    assert notes == ["the file holds 2 pictures (a multi-picture camera JPEG): the first is used"]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(orientation):
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(orientation)
+    base = Image.fromarray(rng.integers(0, 255, (30, 60, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(base, "JPEG", exif=exif.tobytes(), quality=95)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))  # what a photo viewer shows
+    notes: list[str] = []
+    got = decode_image(data, size=(16, 32), notes=notes)
+    want = decode_image(_encode(upright, "PNG"), size=(16, 32))
+    assert got.shape == want.shape == (1, 3, 16, 32)
+    assert float((got - want).abs().max()) < 1e-6
+    assert bool(notes) == (orientation != 1)
+
+
+# =============================================================================================
+# Zoo list: a refused file is not "downloaded" (issue 14)
+# =============================================================================================
+def test_zoo_file_that_would_run_code_is_not_listed_as_downloaded(tmp_path):
+    marker = tmp_path / "PWNED"
+    p = tmp_path / "cifar10" / "Linf" / "Standard.pt"
+    p.parent.mkdir(parents=True)
+    torch.save({"state_dict": _Payload(marker)}, p)
+    [e] = [e for e in zoo.list_zoo("cifar10", "Linf", model_dir=tmp_path) if e.name == "Standard"]
+    assert (e.file_status, e.downloaded) == ("unsafe", False)
+    assert not marker.exists(), "listing never unpickles"
+
+
+def test_zoo_file_refused_when_loaded_is_no_longer_listed_as_downloaded(tmp_path):
+    marker = tmp_path / "PWNED"
+    p = tmp_path / "cifar10" / "Linf" / "Standard.pt"
+    p.parent.mkdir(parents=True)
+    with open(p, "wb") as f:  # a raw pickle: its globals are only seen when loading
+        pickle.dump({"state_dict": _Payload(marker)}, f, protocol=2)
+
+    def status():
+        [e] = [e for e in zoo.list_zoo("cifar10", "Linf", model_dir=tmp_path) if e.name == "Standard"]
+        return e.file_status, e.downloaded
+
+    assert status() == ("ok", True)  # cannot be told without loading it
+    with pytest.raises(ZooError):
+        zoo.load_zoo_model("Standard", model_dir=tmp_path)
+    assert status() == ("refused", False)
+    assert not marker.exists()
+    time.sleep(0.01)
+    torch.save({"w": torch.zeros(2)}, p)  # replaced: looked at again
+    assert status() == ("ok", True)

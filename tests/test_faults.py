@@ -281,3 +281,225 @@ def test_run_folder_below_a_file_is_a_storage_error(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     with pytest.raises(StorageError, match="afile"):
         train(_tiny_cfg(tmp_path / "afile" / "run"))
+
+
+# =============================================================================================
+# Cancel during an attack (issue 14, F4): honoured at the next step, the images so far kept
+# =============================================================================================
+class _StopAfter:
+    """should_stop() that says True from its (k+1)-th question on, counting the questions."""
+
+    def __init__(self, k: int):
+        self.k, self.asked = k, 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.asked > self.k
+
+
+def _steps_of(res) -> int:
+    return int(res.trace.steps[-1])
+
+
+def test_cancel_is_asked_before_every_pgd_step_and_keeps_the_partial_attack(tiny_linear_model):
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 10
+    spec = AttackSpec("pgd", eps=8 / 255, steps=3000, batch_size=256)
+    stop = _StopAfter(1 + 7)  # the check before the batch, then 7 steps
+    res = run_attack(tiny_linear_model, x, y, spec, should_stop=stop)
+    assert res.partial and stop.asked == 9, "asked once per step, stopped at the first True"
+    assert res.x_adv.shape == x.shape and _steps_of(res) == 7 and res.trace.n_samples == 8
+    assert res.notes == ["cancelled at step 7 of 3000: showing the 8 images of the first batch as attacked so far "
+                         "(7 steps)"]
+    assert float((res.x_adv - x).abs().max()) <= 8 / 255 + 1e-6, "the partial result is a valid attack point"
+    # it is exactly where an uncancelled 7-step run with the same step size gets to
+    full = run_attack(tiny_linear_model, x, y, AttackSpec("pgd", eps=8 / 255, steps=7, step_size=spec.alpha))
+    assert torch.allclose(res.x_adv, full.x_adv, atol=1e-6)
+    assert res.trace.meta.get("partial") is True
+
+
+def test_cancel_between_batches_keeps_the_finished_batches(tiny_linear_model):
+    x = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(10) % 10
+    done: list[float] = []
+
+    def stop():
+        return len(done) >= 1  # after the first batch reported progress
+
+    res = run_attack(tiny_linear_model, x, y, AttackSpec("pgd", steps=5, batch_size=4), should_stop=stop,
+                     progress=lambda f, m: done.append(f))
+    assert res.partial and res.x_adv.shape[0] == 4 and res.trace.n_samples == 4 and _steps_of(res) == 5
+    assert res.notes == ["cancelled: showing the 4 of 10 images whose attack had finished"]
+
+
+def test_cancel_of_an_autoattack_component_stops_within_one_model_evaluation(tiny_linear_model):
+    from core.errors import Cancelled
+
+    calls = []
+    real = tiny_linear_model.forward
+    tiny_linear_model.forward = lambda x: (calls.append(1), real(x))[1]
+    stop = _StopAfter(1 + 5)  # the check before the batch, then 5 model evaluations inside APGD
+    with pytest.raises(Cancelled, match="APGD-CE does not expose its intermediate images"):
+        run_attack(tiny_linear_model, torch.rand(4, 3, 8, 8), torch.arange(4), AttackSpec("apgd-ce", steps=500),
+                   should_stop=stop, fold_bn=False)
+    evaluations = len(calls)
+    assert stop.asked == 7 and evaluations <= 7, (stop.asked, evaluations)  # probe + 5 (+ the one refused)
+
+
+def test_cancel_arrives_within_a_second_on_a_real_model():
+    """The issue's case: 3,000 PGD steps ran on for 898 s after Cancel. Now the next step sees it."""
+    import threading
+
+    from core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10).eval()
+    x, y = torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    ev = threading.Event()
+    timer = threading.Timer(1.0, ev.set)
+    timer.start()
+    t0 = time.perf_counter()
+    res = run_attack(model, x, y, AttackSpec("pgd", steps=3000), should_stop=ev.is_set)
+    after = time.perf_counter() - t0 - 1.0
+    timer.cancel()
+    assert res.partial and 0 < _steps_of(res) < 3000 and res.trace.n_samples == 64
+    assert after < 5.0, f"returned {after:.2f} s after the cancel (one step is ~0.1 s here)"
+
+
+def test_attack_lab_cancel_keeps_the_images_so_far(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+    st.cache_data.clear()
+    at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=120)
+    at.run()
+    at.switch_page("../pages/attack_lab.py").run()
+    at.number_input(key="atk_n").set_value(16)
+    at.number_input(key="atk_steps").set_value(5000)
+    at.button[0].click().run()
+    task = at.session_state["atk_task"]
+    t0 = time.time()
+    while task.fraction == 0 and not task.done and time.time() - t0 < 3:
+        time.sleep(0.1)
+    assert not task.done, "5000 steps take far longer than this"
+    at.button(key="atk_task-cancel").click().run()  # the Cancel button of the progress panel
+    t_cancel = time.time()
+    task.thread.join(timeout=30)
+    assert task.done and time.time() - t_cancel < 10
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    warnings = " | ".join(w.value for w in at.warning)
+    assert "cancelled at step" in warnings and "of 5000" in warnings, warnings
+    assert any(m.label == "Robust accuracy" for m in at.metric), "the partial result is shown"
+
+
+# =============================================================================================
+# Non-finite logits (issue 14, F7)
+# =============================================================================================
+class _NaNModel(torch.nn.Module):
+    """A broken classifier: NaN logits everywhere (e.g. NaN weights), or only away from the natural images."""
+
+    def __init__(self, only_perturbed: bool = False):
+        super().__init__()
+        self.lin = torch.nn.Linear(3 * 8 * 8, 10)
+        self.only_perturbed = only_perturbed
+
+    def forward(self, x):
+        z = self.lin(x.flatten(1))
+        if not self.only_perturbed:
+            return z * float("nan")
+        off_grid = (x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-3  # attacked pixels leave the grid
+        return torch.where(off_grid[:, None], torch.full_like(z, float("inf")), z)
+
+
+def test_nan_logits_are_refused_by_attacks_and_evaluation():
+    from core.evaluation import evaluate
+    from core.models import LoadedModel, ModelMeta
+
+    x = torch.randint(0, 256, (6, 3, 8, 8)).float() / 255
+    y = torch.arange(6) % 10
+    with pytest.raises(InputError, match="NaN or infinite logits"):
+        run_attack(_NaNModel(), x, y, AttackSpec("pgd", steps=2))
+    with pytest.raises(InputError, match="NaN or infinite logits for 6 of 6 natural images"):
+        run_attack(_NaNModel(), x, y, AttackSpec("pgd", steps=2), num_classes=10)  # no probe forward
+    lm = LoadedModel(_NaNModel(), ModelMeta("smallcnn", 10, "digits"))
+    with pytest.raises(InputError, match="NaN or infinite logits for 6 of 6 images"):
+        evaluate(lm, x, y, {"n": 6, "autoattack": False, "pgd_steps": 2}, model_sha="x")
+
+
+def test_logits_that_become_infinite_during_the_attack_are_named():
+    from core.evaluation import evaluate
+    from core.models import LoadedModel, ModelMeta
+
+    x = torch.randint(0, 256, (6, 3, 8, 8)).float() / 255
+    y = torch.arange(6) % 10
+    model = _NaNModel(only_perturbed=True)
+    res = run_attack(model, x, y, AttackSpec("pgd", steps=2))
+    assert any("logits became NaN or infinite during the attack for 6 of 6 images (first at step" in n
+               for n in res.notes), res.notes
+    lm = LoadedModel(model, ModelMeta("smallcnn", 10, "digits"))
+    out = evaluate(lm, x, y, {"n": 6, "autoattack": False, "pgd_steps": 2}, model_sha="x")
+    assert out["pgd_acc"] == 0.0, "a point with infinite logits is not counted as robust (argmax means nothing)"
+    assert any("NaN or infinite" in n for n in out["notes"])
+
+
+# =============================================================================================
+# Out of memory in SGLD and in evaluation (issue 14, F9): halved and retried, and said
+# =============================================================================================
+def test_sgld_out_of_memory_processes_fewer_chains_at_a_time_with_the_same_result(monkeypatch):
+    import core.sampling as sampling
+    from core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10).eval()
+    kw = dict(init="random", image_shape=(3, 32, 32), num_classes=10, seed=3)
+    ref = sampling.SGLDSampler(model, [0, 1], 4, **kw).step(3)
+    real = sampling.SGLDSampler._energy_grad_part
+    seen: list[int] = []
+
+    def small_memory(self, x, labels):
+        seen.append(len(x))
+        if len(x) > 2:
+            raise RuntimeError(OOM_TEXT)
+        return real(self, x, labels)
+
+    monkeypatch.setattr(sampling.SGLDSampler, "_energy_grad_part", small_memory)
+    s = sampling.SGLDSampler(model, [0, 1], 4, **kw)
+    msgs: list[str] = []
+    out = s.step(3, progress=lambda f, m: msgs.append(m))
+    assert torch.allclose(out.images, ref.images, atol=1e-5), "chains are independent: same numbers"
+    assert s.notes == ["out of memory: computing the energies 4 chains at a time (same results, slower)",
+                       "out of memory: computing the energies 2 chains at a time (same results, slower)"]
+    assert seen[:3] == [8, 4, 2]
+    monkeypatch.setattr(sampling.SGLDSampler, "_energy_grad_part",
+                        lambda self, x, labels: (_ for _ in ()).throw(RuntimeError(OOM_TEXT)))
+    with pytest.raises(InputError, match="out of memory even with one SGLD chain at a time"):
+        sampling.SGLDSampler(model, [0, 1], 4, **kw)
+
+
+def test_evaluation_out_of_memory_halves_the_batch_and_says_so(monkeypatch):
+    import core.evaluation as ev
+    from core.models import LoadedModel, ModelMeta, build_model
+
+    torch.manual_seed(0)
+    net = build_model("smallcnn", 10).eval()
+    x, y = torch.rand(12, 3, 32, 32), torch.arange(12) % 10
+    cfg = {"n": 12, "autoattack": True, "aa_version": "custom", "aa_attacks": ["apgd-ce"], "pgd_steps": 2,
+           "batch_size": 12, "chunk_size": 12}
+    ref = ev.evaluate(LoadedModel(net, ModelMeta("smallcnn", 10, "digits")), x, y, cfg, model_sha="x")
+    forward = net.forward
+    net.forward = _oom_above(3)(forward)
+    msgs: list[str] = []
+    out = ev.evaluate(LoadedModel(net, ModelMeta("smallcnn", 10, "digits")), x, y, cfg, model_sha="x",
+                      progress=lambda f, m: msgs.append(m))
+    assert (out["natural_acc"], out["pgd_acc"]) == (ref["natural_acc"], ref["pgd_acc"])
+    notes = " | ".join(out["notes"])
+    for what in ("the natural forward pass", "AutoAttack"):
+        assert f"out of memory during {what}: retrying with batch size 3" in notes, notes
+    assert any("out of memory during" in m for m in msgs), "the progress line says so while it runs"
+    net.forward = _oom_above(0)(forward)
+    with pytest.raises(InputError, match="out of memory during the natural forward pass even with batch size 1"):
+        ev.evaluate(LoadedModel(net, ModelMeta("smallcnn", 10, "digits")), x, y, cfg, model_sha="x")

@@ -439,12 +439,16 @@ def test_cli_parity(runs, tmp_path):
 
 
 def test_registry_recreated_or_corrupt(runs):
-    jobs.submit("quick", {}, device="cpu", runs_dir=runs, start=False)
+    a = jobs.submit("quick", {}, device="cpu", runs_dir=runs, start=False)
     for f in runs.glob("registry.sqlite*"):
         f.unlink()
-    assert jobs.list_jobs(runs) == []  # the job folders stay; the registry starts empty
+    # rebuilt from the job folders (tests/test_bad_inputs.py has the running-job case); a rebuild never starts
+    # anything, so the queued job comes back stopped, to be resumed
+    [j] = jobs.list_jobs(runs)
+    assert (j.id, j.status) == (a.id, "stopped") and "resume it" in j.message
+    assert "rebuilt" in (jobs.registry_notice(runs) or "")
     b = jobs.submit("quick", {}, device="cpu", runs_dir=runs, start=False)
-    assert [j.id for j in jobs.list_jobs(runs)] == [b.id]
+    assert [j.id for j in jobs.list_jobs(runs)] == [b.id, a.id]
     wait_status(b.id, runs, "done")
     for f in runs.glob("registry.sqlite*"):
         f.unlink()

@@ -114,6 +114,11 @@ def test_demo_without_training_images_says_so(runs):
     ("lr", -0.1, "lr must be a finite number >= 0"),
     ("beta", -1.0, "beta must be >= 0"),
     ("bs", 5000, "larger than the training set"),
+    # issue 14 (F5): accepted before, then the job hung at 0%
+    ("steps", 10**6, "attack steps=1000000 is too many for the training attack"),
+    ("evals", 10**6, "eval steps=1000000 is too many for the evaluation attack"),
+    ("evaln", 10**9, "eval samples=1000000000 is absurd"),
+    ("probe", 10**7, "probe size=10000000 is absurd"),
 ])
 def test_invalid_settings_show_an_error_and_submit_nothing(runs, field, value, needle):
     from core import jobs
@@ -141,6 +146,16 @@ def test_cifar_defaults_and_missing_data_is_an_error(runs, tmp_path, monkeypatch
     no_crash(at)
     assert at.error and "cifar" in at.error[0].value.lower()
     assert jobs.list_jobs(runs) == []
+
+
+def test_check_button_refuses_absurd_attack_steps(runs):
+    """Issue 14 (F5): 'Check settings' said "The settings are valid" for 10**6 attack steps."""
+    at = open_page()
+    set_form(at, steps=10**6)
+    next(b for b in at.button if b.key.startswith("tr_check_")).click().run()
+    no_crash(at)
+    assert not [s for s in at.success if "The settings are valid" in s.value]
+    assert any("attack steps=1000000 is too many" in e.value for e in at.error), [e.value for e in at.error]
 
 
 def test_check_button_shows_the_cli(runs):

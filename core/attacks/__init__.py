@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from typing import Callable
+
+import numpy as np
+
 from ..data import validate_images
-from ..errors import InputError
+from ..errors import Cancelled, InputError
 from ..models import device_of
 from ..models.folding import folded
 from . import autoattack as _aa
 from . import gradient as _g
-from .base import (AttackInfo, AttackResult, AttackSpec, Progress, choose_targets, eval_mode, format_eps, is_oom_error,
-                   make_recorder, project, timed)
+from .base import (AttackInfo, AttackInterrupted, AttackResult, AttackSpec, Progress, choose_targets, eval_mode,
+                   format_eps, is_oom_error, make_recorder, project, timed)
 
 __all__ = ["ATTACKS", "AttackSpec", "AttackResult", "AttackInfo", "run_attack", "eval_mode", "project", "format_eps",
            "describe_attack", "attack_slug"]
@@ -55,18 +59,63 @@ def _probe_num_classes(model: torch.nn.Module, x1: torch.Tensor) -> int:
                          f"(C x H x W): {first}") from e
     if logits.dim() != 2:
         raise InputError(f"the model must return N x K logits, got shape {tuple(logits.shape)}")
+    if not bool(torch.isfinite(logits).all()):
+        raise InputError(_NONFINITE_NATURAL.format(what="the first image"))
     return int(logits.shape[1])
+
+
+_NONFINITE_NATURAL = ("the model returns NaN or infinite logits for {what}: its predictions, accuracies and energies "
+                      "would be meaningless (argmax of NaN). Its weights may be corrupt (NaN) or overflow: check the "
+                      "checkpoint, or retrain it with a smaller learning rate.")
+
+
+class _StopOnForward(torch.nn.Module):
+    """Checks ``should_stop`` at every forward pass: attacks that run inside pyautoattack (no access to their
+    loop) are interrupted at their next model evaluation, i.e. within one step."""
+
+    def __init__(self, net: torch.nn.Module, should_stop: Callable[[], bool]):
+        super().__init__()
+        self.net, self.should_stop = net, should_stop
+
+    def forward(self, x):
+        if self.should_stop():
+            raise AttackInterrupted()
+        return self.net(x)
+
+
+def _nonfinite_note(trace, n_total: int) -> str | None:
+    """Refuse non-finite natural logits; describe adversarial ones (a note the pages show as a warning)."""
+    finite = np.isfinite(trace.marginal) & np.isfinite(trace.joint)
+    if not finite[0].all():
+        bad = np.flatnonzero(~finite[0])
+        raise InputError(_NONFINITE_NATURAL.format(
+            what=f"{len(bad)} of {trace.n_samples} natural images (e.g. image {int(bad[0])})"))
+    if finite.all():
+        return None
+    rows = ~finite.all(axis=1)
+    per_image = ~finite.all(axis=0)
+    return (f"the model's logits became NaN or infinite during the attack for {int(per_image.sum())} of {n_total} "
+            f"images (first at step {int(trace.steps[np.argmax(rows)])}): their energies are not finite and their "
+            "predictions there are meaningless (argmax of NaN); treat the robust accuracy and ΔE with care")
 
 
 def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, *,
                record_trace: bool = True, progress: Progress | None = None, num_classes: int | None = None,
-               fold_bn: bool = True) -> AttackResult:
+               fold_bn: bool = True, should_stop: Callable[[], bool] | None = None) -> AttackResult:
     """Attack ``x`` (float N x C x H x W in [0,1]) with true labels ``y``.
 
     Returns the adversarial images (on the input's device) and the EnergyTrace (``None`` when
     ``record_trace`` is False). Batches of ``spec.batch_size``; halves the batch on OOM.
     ``fold_bn``: attack the BatchNorm-folded view of the model (:mod:`core.models.folding`: the same
     function up to float rounding, ~1.6x faster on the bundled CNN); False attacks the module as it is.
+
+    ``should_stop()`` (e.g. a Cancel button's event) is asked before every attack step (every model
+    evaluation for the pyautoattack attacks). When it says True the attack ends within one step and
+    the result is *partial* (``result.partial``, explained in ``result.notes``): the images of the
+    batches already finished, or, when the first batch was interrupted, that batch as attacked so far
+    (the trace ends at the step reached). An attack that cannot expose its iterates (APGD, FAB,
+    Square) interrupted in its first batch has nothing to keep: :class:`~core.errors.Cancelled`.
+    Non-finite logits: natural ones raise InputError, adversarial ones add a note.
     """
     x = validate_images(x)
     y = torch.as_tensor(y).long().reshape(-1)
@@ -91,7 +140,13 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
         bs = min(spec.batch_size, n)
         advs, traces = [], []
         i = 0
+        stopped = False
+        step_kw = {"should_stop": should_stop} if should_stop is not None and info.per_step_trace else {}
+        net_b = _StopOnForward(net, should_stop) if should_stop is not None and not info.per_step_trace else net
         while i < n:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
             xb = x[i:i + bs].to(device)
             if device.type == "cpu" and info.per_step_trace and xb.dim() == 4:
                 # our gradient attacks take the layout the architecture runs fastest with on a CPU (channels-last
@@ -108,7 +163,20 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
                     targets = choose_targets(nat_logits if nat_logits is not None else torch.empty(len(yb), num_classes),
                                              yb, spec, gen).to(device)
                 rec = make_recorder(yb, targets, spec) if record_trace else None
-                xa = info.fn(net, xb, yb, spec, rec, targets, generator=gen, nat_logits=nat_logits)
+                xa = info.fn(net_b, xb, yb, spec, rec, targets, generator=gen, nat_logits=nat_logits, **step_kw)
+            except AttackInterrupted as stop:
+                stopped = True
+                if not advs and stop.x_adv is not None and stop.step:  # first batch: keep it as attacked so far
+                    xs, s_done = stop.x_adv, int(stop.step)
+                    if rec is not None:
+                        with torch.no_grad():
+                            rec.record(s_done, net(xs))
+                        traces.append(rec.finish())
+                    advs.append(xs.to(out_device).contiguous())
+                    notes.append(f"cancelled at step {s_done} of {spec.steps}: showing the {len(yb)} images of the "
+                                 f"first batch{'' if len(yb) == n else f' (of {n})'} as attacked so far "
+                                 f"({s_done} step{'' if s_done == 1 else 's'})")
+                break
             except Exception as e:  # noqa: BLE001
                 if is_oom_error(e) and bs > 1:
                     bs = max(1, bs // 2)
@@ -116,8 +184,9 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
                         torch.cuda.empty_cache()
                     msg = f"out of memory: retrying with batch size {bs}"
                     notes.append(msg)
-                    if progress:
-                        progress(i / n, msg)
+                    if progress and not _report(progress, i / n, msg):
+                        stopped = True
+                        break
                     continue
                 if is_oom_error(e):
                     raise InputError("out of memory even with batch size 1: use fewer or smaller images, or the CPU") from e
@@ -126,15 +195,41 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
             if rec is not None:
                 traces.append(rec.finish())
             i += len(yb)
-            if progress:
-                progress(i / n, f"{info.label}: {i}/{n} images")
+            if i < n and should_stop is not None and should_stop():
+                stopped = True
+                break
+            if progress and not _report(progress, i / n, f"{info.label}: {i}/{n} images") and i < n:
+                stopped = True
+                break
+    if stopped:
+        if not advs:
+            raise Cancelled(f"cancelled before any image was finished: {info.label} does not expose its intermediate "
+                            "images, so there is nothing to show" if not info.per_step_trace
+                            else "cancelled before the first attack step")
+        if not any(m.startswith("cancelled at step") for m in notes):
+            k = sum(len(a) for a in advs)
+            notes.append(f"cancelled: showing the {k} of {n} images whose attack had finished")
     trace = None
     if traces:
         trace = traces[0]
         for t in traces[1:]:
             trace = trace.concat(t)
+        note = _nonfinite_note(trace, trace.n_samples)
+        if note:
+            notes.append(note)
         trace.meta.update({"attack": spec.to_dict(), "per_step": info.per_step_trace, "notes": notes})
-    return AttackResult(torch.cat(advs) if advs else x.clone(), trace, spec, elapsed(), notes)
+        if stopped:
+            trace.meta["partial"] = True
+    return AttackResult(torch.cat(advs) if advs else x.clone(), trace, spec, elapsed(), notes, partial=stopped)
+
+
+def _report(progress: Progress, fraction: float, message: str) -> bool:
+    """Call ``progress``; False when it raised :class:`Cancelled` (a cancel request that arrived meanwhile)."""
+    try:
+        progress(fraction, message)
+    except Cancelled:
+        return False
+    return True
 
 
 def describe_attack(spec: AttackSpec, class_names=None) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -23,12 +24,14 @@ import torch.nn as nn
 from ..drift import EnergyTrace, TraceRecorder
 from ..errors import InputError
 
-__all__ = ["AttackSpec", "AttackResult", "AttackInfo", "eval_mode", "project", "choose_targets", "is_oom_error",
-           "Progress", "format_eps"]
+__all__ = ["AttackSpec", "AttackResult", "AttackInfo", "AttackInterrupted", "eval_mode", "project", "choose_targets",
+           "is_oom_error", "Progress", "format_eps"]
 
 Progress = Callable[[float, str], None]
 
 NORMS = ("Linf", "L2")
+MAX_KAPPA = 1e4          # a logit margin; far beyond any real one, and exactly representable in float32
+MAX_SEED = 2**32 - 1     # seeds feed torch.manual_seed and pyautoattack (which also seeds CUDA)
 TARGET_MODES = ("random", "chosen", "least-likely")
 
 
@@ -84,6 +87,11 @@ class AttackSpec:
         for nm, v in (("eps", self.eps), ("step size", self.step_size), ("kappa", self.kappa)):
             if v is not None and not math.isfinite(float(v)):
                 raise InputError(f"{nm} must be a finite number, got {v}")
+        if not 0 <= float(self.kappa) <= MAX_KAPPA:
+            raise InputError(f"kappa (the CW confidence margin) must lie in [0, {MAX_KAPPA:g}], got {self.kappa:g}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or not 0 <= int(self.seed) <= MAX_SEED):
+            raise InputError(f"seed must be an integer in [0, {MAX_SEED}] (or None), got {self.seed!r}")
         if self.eps < 0:
             raise InputError(f"epsilon must be >= 0, got {format_eps(self.eps, self.norm)}")
         limit = 1.0 if self.norm == "Linf" else 64.0
@@ -122,6 +130,7 @@ class AttackResult:
     spec: AttackSpec
     seconds: float
     notes: list[str] = field(default_factory=list)
+    partial: bool = False                # cancelled: only part of the images / steps (see notes)
 
 
 @dataclass
@@ -186,6 +195,15 @@ def is_oom_error(e: BaseException) -> bool:
     if isinstance(e, MemoryError):
         return True
     return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+class AttackInterrupted(Exception):
+    """Internal: a stop request reached an attack mid-way. ``x_adv`` / ``step``: the iterate reached (None when
+    the attack cannot expose it). Never escapes :func:`core.attacks.run_attack`."""
+
+    def __init__(self, x_adv: torch.Tensor | None = None, step: int | None = None):
+        super().__init__("attack interrupted")
+        self.x_adv, self.step = x_adv, step
 
 
 def make_recorder(y: torch.Tensor, targets: torch.Tensor | None, spec: AttackSpec) -> TraceRecorder:

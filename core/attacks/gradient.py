@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..drift import TraceRecorder
-from .base import AttackSpec, project
+from .base import AttackInterrupted, AttackSpec, project
 
 __all__ = ["objective", "gradient_attack", "pgd", "trades_kl", "cw_margin"]
 
@@ -64,10 +64,13 @@ def _random_start(x: torch.Tensor, spec: AttackSpec, kind: str, generator: torch
 
 def gradient_attack(model, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, kind: str,
                     recorder: TraceRecorder | None, targets: torch.Tensor | None,
-                    generator: torch.Generator | None = None, nat_logits: torch.Tensor | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, nat_logits: torch.Tensor | None = None,
+                    should_stop=None) -> torch.Tensor:
     """Iterated steepest ascent on ``objective(kind)`` with projection on the ball and the box.
 
     ``nat_logits`` (no-grad logits of x) may be passed in to avoid a second natural forward.
+    ``should_stop()`` is asked before every step; when it says True, :class:`AttackInterrupted` carries
+    the iterate reached (x_s after s steps, the recorder holding steps 0..s-1).
     """
     logp_nat = None
     if kind == "kl" or (recorder is not None and spec.random_start):
@@ -82,6 +85,8 @@ def gradient_attack(model, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, k
     x_adv = _random_start(x, spec, kind, generator) if spec.random_start and spec.eps > 0 else x.clone()
     alpha = spec.alpha
     for s in range(spec.steps):
+        if should_stop is not None and should_stop():
+            raise AttackInterrupted(x_adv.detach(), s)
         x_adv = x_adv.detach().requires_grad_(True)
         logits = model(x_adv)
         obj = objective(kind, logits, y, targets, logp_nat, spec.kappa)
@@ -103,13 +108,13 @@ def gradient_attack(model, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, k
     return x_adv
 
 
-def pgd(model, x, y, spec, recorder, targets, generator=None, nat_logits=None):
-    return gradient_attack(model, x, y, spec, "ce", recorder, targets, generator, nat_logits)
+def pgd(model, x, y, spec, recorder, targets, generator=None, nat_logits=None, should_stop=None):
+    return gradient_attack(model, x, y, spec, "ce", recorder, targets, generator, nat_logits, should_stop)
 
 
-def trades_kl(model, x, y, spec, recorder, targets, generator=None, nat_logits=None):
-    return gradient_attack(model, x, y, spec, "kl", recorder, None, generator, nat_logits)
+def trades_kl(model, x, y, spec, recorder, targets, generator=None, nat_logits=None, should_stop=None):
+    return gradient_attack(model, x, y, spec, "kl", recorder, None, generator, nat_logits, should_stop)
 
 
-def cw_margin(model, x, y, spec, recorder, targets, generator=None, nat_logits=None):
-    return gradient_attack(model, x, y, spec, "margin", recorder, targets, generator, nat_logits)
+def cw_margin(model, x, y, spec, recorder, targets, generator=None, nat_logits=None, should_stop=None):
+    return gradient_attack(model, x, y, spec, "margin", recorder, targets, generator, nat_logits, should_stop)

@@ -211,6 +211,8 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(ch[3], num_classes)
         for m in self.modules():
+            if getattr(getattr(m, "weight", None), "is_meta", False):
+                continue  # a shape-only skeleton (checkpoint shape checks): normal_ on meta would import torch._dynamo
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):

@@ -50,6 +50,8 @@ def _entries(paths, source: str, runs_dir: Path | None = None) -> list[tuple[Mod
             err = None
         except EnergyLensError as e:
             meta, err = None, str(e)
+        except Exception as e:  # noqa: BLE001 - no file may break a listing (or the model picker)
+            meta, err = None, f"{p} could not be read ({type(e).__name__}: {str(e)[:200]})"
         name = meta.name if meta and meta.name else p.stem
         if source == "local" and runs_dir is not None and p.parent.parent == runs_dir:
             name = f"{p.parent.name}/{p.stem}"
