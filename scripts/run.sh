@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 . scripts/venv.sh
 energylens_venv runtime || exit 1
 export PATH="$(dirname "$ENERGYLENS_PY"):$PATH"
-echo "== streamlit run dashboard/Home.py   (open http://localhost:8501)"
+echo "== streamlit run dashboard/Home.py $*   (then open http://localhost:8501, or the URL printed below)"
 exec streamlit run dashboard/Home.py "$@"

@@ -26,28 +26,34 @@ _el_hash() {
   } | sha256sum | cut -c1-16
 }
 
-_el_install() {  # venv profile
+_el_tail() {  # log lines: the end of pip's log without its progress chatter
+  grep -v -e '^\s*$' -e 'WARNING: Location .* is ignored' -e ': started$' -e "finished with status 'done'" "$1" |
+    tail -n "$2" | sed 's/^/   | /'
+}
+
+_el_install() {  # venv profile; pip's output goes to <venv>/install-*.log
   local venv="$1" profile="$2" req=requirements.txt
   [ "$profile" = test ] && req=requirements-dev.txt
-  local log="$venv/install.log" t0=$SECONDS
+  local t0=$SECONDS
   local pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-  if ! "${pip[@]}" install --progress-bar off -c constraints.txt --upgrade pip >>"$log" 2>&1; then
-    echo "   note: pip could not be upgraded to constraints.txt's version (see $log); using $("${pip[@]}" --version | cut -d' ' -f1-2)"
+  if ! "${pip[@]}" install --progress-bar off -c constraints.txt --upgrade pip >"$venv/install-pip.log" 2>&1; then
+    echo "   note: pip could not be upgraded to constraints.txt's version (see $venv/install-pip.log);" \
+         "using $("${pip[@]}" --version | cut -d' ' -f1-2)"
   fi
   echo "== installing EnergyLens from this clone ($req) with constraints.txt"
-  if "${pip[@]}" install --progress-bar off -r "$req" -c constraints.txt >>"$log" 2>&1; then
+  if "${pip[@]}" install --progress-bar off -r "$req" -c constraints.txt >"$venv/install-constrained.log" 2>&1; then
     echo "   installed with constraints.txt in $((SECONDS - t0)) s"
-  else
-    echo "WARNING: installing with constraints.txt (the versions last seen green) failed here. pip said:"
-    grep -v '^\s*$' "$log" | tail -n 25 | sed 's/^/   | /'
-    echo "== retrying without constraints.txt: versions may differ from the last green set (listed below)"
-    if ! "${pip[@]}" install --progress-bar off -r "$req" >>"$log" 2>&1; then
-      echo "error: installing $req failed. The end of $log:" >&2
-      grep -v '^\s*$' "$log" | tail -n 40 | sed 's/^/   | /' >&2
-      return 1
-    fi
-    echo "   installed WITHOUT constraints.txt in $((SECONDS - t0)) s"
+    return 0
   fi
+  echo "WARNING: installing with constraints.txt (the versions last seen green) failed here. pip said:"
+  _el_tail "$venv/install-constrained.log" 25
+  echo "== retrying without constraints.txt: versions may differ from the last green set (listed below)"
+  if ! "${pip[@]}" install --progress-bar off -r "$req" >"$venv/install-unconstrained.log" 2>&1; then
+    echo "error: installing $req failed. The end of $venv/install-unconstrained.log:" >&2
+    _el_tail "$venv/install-unconstrained.log" 40 >&2
+    return 1
+  fi
+  echo "   installed WITHOUT constraints.txt in $((SECONDS - t0)) s"
 }
 
 energylens_venv() {  # test | runtime
