@@ -280,6 +280,41 @@ def test_robustbench_imports_after_alias(rb_utils):
         assert not hasattr(robustbench.eval, "AutoAttack")
 
 
+_NO_PKG_RESOURCES_SCRIPT = r"""
+import importlib.abc, sys
+
+
+class _Gone(importlib.abc.MetaPathFinder):  # as with setuptools >= 81, which removed pkg_resources
+    def find_spec(self, name, path=None, target=None):
+        if name == "pkg_resources" or name.startswith("pkg_resources."):
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Gone())
+sys.modules.pop("pkg_resources", None)
+from core.compat import import_robustbench_utils
+from core.errors import ZooError
+
+try:
+    import_robustbench_utils()
+except ZooError as e:
+    print("ZooError:", e)
+else:
+    print("imported")
+"""
+
+
+@pytest.mark.slow
+def test_robustbench_without_pkg_resources_says_which_setuptools_to_install():
+    _installed_robustbench()
+    r = subprocess.run([sys.executable, "-c", _NO_PKG_RESOURCES_SCRIPT], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ZooError: RobustBench models are unavailable" in r.stdout, r.stdout
+    assert "setuptools<81" in r.stdout and "pkg_resources" in r.stdout
+
+
 _EVAL_VARIANT_SCRIPT = r"""
 import json, sys
 from pathlib import Path
