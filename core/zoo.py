@@ -4,8 +4,11 @@ The catalogue lists the RobustBench CIFAR-10 / CIFAR-100 models for the ``Linf``
 threat models. Names, Google-Drive ids and constructors are read by *parsing* (``ast``) the
 installed ``robustbench/model_zoo/cifar10.py`` and ``cifar100.py``; importing robustbench takes
 seconds and pulls in timm/torchvision, so ``import core.zoo`` and :func:`list_zoo` never do it.
-When parsing fails (robustbench missing or its layout changed) a small built-in list of the
-paper's models is used instead.
+The catalogue is therefore exactly what the installed files offer: builds of robustbench 1.1.1
+differ (one has the timm-hosted ``Debenedetti2022Light_XCiT-*`` entries commented out; see
+:mod:`core.compat`), and a model the installed build lacks is reported as an unknown model, with
+suggestions, like any other name. When parsing fails (robustbench missing or its layout changed)
+a small built-in list of the paper's models is used instead.
 
 Weights live where RobustBench itself puts them::
 
@@ -31,7 +34,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import difflib
-import importlib.util
 import os
 import re
 import socket
@@ -44,6 +46,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+from .compat import robustbench_info
 from .errors import ZooError
 from .storage import sniff_format
 
@@ -388,10 +391,12 @@ def _make_entry(name: str, dataset: str, threat: str, arch: str | None, gid, cto
 
 
 def _robustbench_zoo_dir() -> Path:
-    spec = importlib.util.find_spec("robustbench")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
+    info = robustbench_info()  # locates the package without importing it
+    if not info.installed:
         raise FileNotFoundError("robustbench is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "model_zoo"
+    if info.model_zoo is None:
+        raise FileNotFoundError(f"robustbench at {info.location} has no model_zoo folder")
+    return info.model_zoo
 
 
 @lru_cache(maxsize=1)
@@ -406,7 +411,8 @@ def _catalogue() -> tuple[dict[tuple[str, str], "OrderedDict[str, ZooEntry]"], s
                 cat[(dataset, threat)] = OrderedDict((e.name, e) for e in entries)
         if not cat[("cifar10", "Linf")]:
             raise ValueError("no CIFAR-10 Linf entries found")
-        return cat, f"robustbench ({zoo_dir})"
+        version = robustbench_info().version
+        return cat, f"robustbench{' ' + version if version else ''} ({zoo_dir})"
     except Exception:  # noqa: BLE001 - any parse problem (new robustbench layout...) -> built-in list
         pass
     for (dataset, threat), items in _FALLBACK.items():
@@ -621,28 +627,6 @@ class _DownloadBlocked(Exception):
     """Raised by the stand-in download function while downloads are disabled."""
 
 
-@contextlib.contextmanager
-def _weights_only_env() -> Iterator[None]:
-    """Force ``torch.load`` to ``weights_only=True`` (even where a caller does not pass it).
-
-    Sets ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` and hides ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` (torch
-    refuses to load when both are set) for the duration, then restores both exactly. The
-    environment is process-wide: a ``torch.load`` in another thread during this window is also
-    weights-only, which is the safe direction.
-    """
-    saved = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 #: robustbench's Google-Drive download functions (the name changed between releases).
 _DOWNLOADERS = ("download_gdrive", "download_gdrive_new")
 
@@ -818,10 +802,10 @@ def load_zoo_model(name: str, dataset: str = "cifar10", threat_model: str = "Lin
         elif kind not in _OK_FORMATS:
             raise ZooError(_bad_file_message(entry, p, kind))
 
-    from .compat import import_robustbench_utils
+    from .compat import forced_weights_only, import_robustbench_utils
 
     rb_utils = import_robustbench_utils()
-    with _load_lock, _weights_only_env(), _downloads(rb_utils, allow_download):
+    with _load_lock, forced_weights_only(), _downloads(rb_utils, allow_download):
         try:
             model = rb_utils.load_model(model_name=entry.name, model_dir=str(model_dir),
                                         dataset=entry.dataset, threat_model=entry.threat_model)

@@ -128,10 +128,15 @@ with t3:
         entry = by_name[name]
         files = zoo.zoo_files(entry)
         where = "\n".join(f"`{f}`" for f in files)
-        st.markdown(
-            f"*Online:* pick it in the sidebar under **RobustBench zoo**, tick **Allow download**, or press the button "
-            f"below; it is fetched into `{files[0].parent}`.  \n*Offline:* put the weights file"
-            f"{'s' if len(files) > 1 else ''} at exactly:\n\n{where}")
+        if not files:  # timm-hosted: no file of its own
+            st.markdown("*Online only:* this model is hosted on the Hugging Face hub via timm, so there is no file to "
+                        "put in place; pick it in the sidebar under **RobustBench zoo** and tick **Allow download**, or "
+                        "press the button below.")
+        else:
+            st.markdown(
+                f"*Online:* pick it in the sidebar under **RobustBench zoo**, tick **Allow download**, or press the "
+                f"button below; it is fetched into `{files[0].parent}`.  \n*Offline:* put the weights file"
+                f"{'s' if len(files) > 1 else ''} at exactly:\n\n{where}")
         if entry.urls:
             st.caption("Download link(s): " + ", ".join(entry.urls))
         bad = [f for f in files if f.exists() and entry.file_status in ("html", "empty", "unknown", "unsafe", "refused")]

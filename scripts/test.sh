@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Installs everything the test suite needs (Python packages, Debian's chromium for the browser
-# test) and runs the whole suite. Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
+# The README's test command (and CI's, through .ci/run). From this clone's own files it builds, or
+# reuses when its requirements are unchanged, the virtualenv .venv (see scripts/venv.sh), prints the
+# versions it resolved, installs Debian's chromium for the real-browser test when it is missing, and
+# runs the whole suite with the venv's Python. Extra arguments go to pytest, e.g.
+# `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -r requirements-dev.txt
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" = "0" ] || SUDO="sudo"
-  $SUDO apt-get install -y -q chromium >/dev/null 2>&1 \
-    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium >/dev/null 2>&1; } \
-    || echo "warning: could not install chromium; the real-browser test will be skipped"
-fi
-exec python -m pytest "$@"
+t0=$SECONDS
+
+. scripts/venv.sh
+energylens_venv test || exit 1
+bash scripts/install_chromium.sh
+echo "== environment ready in $((SECONDS - t0)) s; running the tests with $ENERGYLENS_PY"
+exec "$ENERGYLENS_PY" -m pytest "$@"

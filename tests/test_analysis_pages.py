@@ -10,7 +10,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+from apptest_helpers import charts
 
 from core.models import registry
 from core.models.checkpoint import load_checkpoint, save_checkpoint
@@ -82,7 +84,16 @@ def _errors(at) -> list[str]:
 
 
 def _charts(at):
-    return at.get("plotly_chart")
+    return charts(at)
+
+
+def _assert_landscape(chart, n_models: int) -> None:
+    """Fig. 4: one panel per model titled with its robust accuracy, ΔE(x) and ΔE(x,y) in each panel."""
+    panels = [a for a in chart.annotations if "robust acc." in a]
+    assert len(panels) == n_models, chart.annotations
+    assert chart.title.startswith("ΔE = E(natural) − E(adversarial)"), chart.title
+    names = chart.trace_names
+    assert names.count("ΔE(x)") == n_models and names.count("ΔE(x,y)") == n_models, names
 
 
 def _landscape_keys(at):
@@ -114,10 +125,7 @@ def test_landscape_computes_for_two_bundled_models(env):
     assert _wait(at, lambda a: len(_charts(a)) >= 2 or a.exception or _errors(a))
     assert not at.exception, [e.message for e in at.exception]
     assert not _errors(at), _errors(at)
-    import json
-
-    spec = json.dumps(json.loads(_charts(at)[0].proto.spec), ensure_ascii=False)  # plotly's json writes ΔE as \u0394E
-    assert "robust acc." in spec and "ΔE(x)" in spec and "ΔE(x,y)" in spec
+    _assert_landscape(_charts(at)[0], 2)
     assert at.dataframe, "the table behind the plot is shown"
     # the same request again is served from the disk cache
     at.button(key="FormSubmitter:land_form-Compute landscape").click().run()
@@ -165,7 +173,7 @@ def test_landscape_background_job_progress_then_results(env):
                  if "land_job_loaded" in a.session_state else bool(a.exception or _errors(a)), 180)
     assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
     assert len(at.session_state["land_results"]) == 2
-    assert "robust acc." in _charts(at)[0].proto.spec
+    _assert_landscape(_charts(at)[0], 2)
 
 
 def test_landscape_failed_job_shows_error_and_log(env):
@@ -194,8 +202,9 @@ def test_analysis_page_computes_fig5(env):
     assert _wait(at, lambda a: len(_charts(a)) >= 3 or a.exception or _errors(a))
     assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
     assert any("Pearson(PM, E(x,y))" == m.label for m in at.metric)
-    specs = " ".join(c.proto.spec for c in _charts(at))
-    assert "PM vs E(x, y)" in specs and "entropy" in specs
+    figs = _charts(at)
+    assert any(c.title.startswith("PM vs E(x, y)") for c in figs), [c.title for c in figs]
+    assert any("entropy" in c.trace_names for c in figs), [c.trace_names for c in figs]
     # bad input
     at.selectbox(key="ana_split").set_value("test")
     at.number_input(key="ana_n").set_value(5000)
@@ -243,8 +252,11 @@ def test_embeddings_page_pca_and_selection(env):
     at.button(key="FormSubmitter:emb_form-Compute features").click().run()
     assert _wait(at, lambda a: len(_charts(a)) >= 1 or a.exception or _errors(a))
     assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
-    spec = _charts(at)[0].proto.spec
-    assert "PCA" in spec and "customdata" in spec
+    chart = _charts(at)[0]
+    assert chart.title.startswith("PCA of"), chart.title
+    # every point carries its global index (customdata[0]) for selections: 40 natural + 40 adversarial
+    idx = np.concatenate([chart.array(t, "customdata")[:, 0] for t in chart.traces])
+    assert sorted(idx.astype(int).tolist()) == list(range(80))
     assert any("natural: 40 points" in c.value and "adversarial: 40 points" in c.value for c in at.caption)
     for colour in ("class", "group"):
         at.radio(key="emb_color").set_value(colour).run()
@@ -419,6 +431,6 @@ def test_embeddings_page_umap_in_the_background(env):
     assert _wait(at, lambda a: len(_charts(a)) >= 1 or a.exception or _errors(a))
     at.radio(key="emb_method").set_value("UMAP").run()
     assert not at.exception, [e.message for e in at.exception]
-    assert "PCA" in _charts(at)[0].proto.spec or "UMAP" in _charts(at)[0].proto.spec  # PCA until UMAP is ready
-    assert _wait(at, lambda a: bool(_charts(a)) and "UMAP of" in _charts(a)[0].proto.spec or bool(_errors(a)), 180)
+    assert _charts(at)[0].title.startswith(("PCA of", "UMAP of"))  # PCA until UMAP is ready
+    assert _wait(at, lambda a: bool(_charts(a)) and _charts(a)[0].title.startswith("UMAP of") or bool(_errors(a)), 180)
     assert not _errors(at), _errors(at)

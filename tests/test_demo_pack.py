@@ -3,7 +3,6 @@ the 500 test images and the models are committed), its recorded runs, and what h
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +225,9 @@ def test_training_page_opens_a_recorded_run_read_only(tmp_path, monkeypatch):
     at.switch_page("../pages/training.py").run()
     assert not at.exception, [e.message for e in at.exception]
     assert at.selectbox(key="tr_view").value.startswith("recorded:cifar10-demo-")
-    titles = [json.loads(c.proto.spec)["layout"].get("title", {}).get("text") or "" for c in at.get("plotly_chart")]
+    from apptest_helpers import charts
+
+    titles = [c.title for c in charts(at)]
     assert any(t.startswith("ΔE during training") for t in titles), titles
     assert any("Fig. 1 b–d" in t for t in titles), titles
     # read-only: no Stop / Resume / Delete for recorded runs

@@ -5,7 +5,6 @@ uploads get an energy-based out-of-distribution hint, and results survive a page
 from __future__ import annotations
 
 import io
-import json
 import time
 from pathlib import Path
 
@@ -53,7 +52,9 @@ def wait_attack(at, timeout=120):
 
 
 def titles(at) -> list[str]:
-    return [json.loads(c.proto.spec)["layout"].get("title", {}).get("text") or "" for c in at.get("plotly_chart")]
+    from apptest_helpers import charts
+
+    return [c.title for c in charts(at)]
 
 
 # ------------------------------------------------------------------------------------------------ opening
@@ -95,8 +96,9 @@ def test_tour_steps_2_to_4_run_the_attacks_they_describe():
     t = titles(at)
     assert "Energy drift — cifar10-demo-plain" in t and "Energy drift — cifar10-demo-sat" in t
     # shared axes: both arrow charts have the same fixed ranges
-    arrows = [json.loads(c.proto.spec)["layout"] for c in at.get("plotly_chart")
-              if "Energy drift —" in (json.loads(c.proto.spec)["layout"].get("title", {}).get("text") or "")]
+    from apptest_helpers import charts
+
+    arrows = [c.layout for c in charts(at) if c.title.startswith("Energy drift —")]
     assert arrows[0]["xaxis"]["range"] == arrows[1]["xaxis"]["range"]
     plain_d = abs(r["trace"].delta_marginal()).mean()
     sat_d = abs(r["b"]["trace"].delta_marginal()).mean()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("streamlit")
+from apptest_helpers import charts  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +72,10 @@ def test_attack_lab_previews_the_natural_energies_of_the_images_it_will_attack()
     at = fresh_app()
     at.switch_page("../pages/attack_lab.py").run()  # the form's defaults: 64 images, seed 0
     assert not at.exception, [e.message for e in at.exception]
-    charts = at.get("plotly_chart")
-    assert len(charts) == 1 and "Natural energies of the chosen test images" in charts[0].proto.spec
+    figs = charts(at)
+    assert len(figs) == 1 and figs[0].title.startswith("Natural energies of the chosen test images"), \
+        [c.title for c in figs]
+    assert figs[0].axis_titles == {"xaxis": "marginal energy E(x)", "yaxis": "joint energy E(x, y)"}
     _, trace = at.session_state["atk_preview"]
     # the same 64 images the attack will use (seed 0), with the model's own energies
     ref = at.session_state["model_ref"]
@@ -88,8 +91,9 @@ def test_attack_lab_previews_the_natural_energies_of_the_images_it_will_attack()
     assert abs(trace.joint[0] - joint_energy(logits, ds.labels(idx)).numpy()).max() < 1e-4
     # an attack replaces the preview by the paper's figures
     run_attack_and_wait(at, n=24)
-    specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
-    assert "Natural energies of the chosen" not in specs and "zero loss" in specs
+    figs = charts(at)
+    assert not any(c.title.startswith("Natural energies of the chosen") for c in figs), [c.title for c in figs]
+    assert any(c.has_text("zero loss") for c in figs)
 
 
 def test_attack_lab_runs_pgd_and_draws_the_paper_figures():
@@ -101,9 +105,12 @@ def test_attack_lab_runs_pgd_and_draws_the_paper_figures():
     nat = float(metrics["Natural accuracy"].rstrip("%"))
     rob = float(metrics["Robust accuracy"].rstrip("%"))
     assert nat > 50 and rob < nat - 40, metrics  # the default (non-robust CIFAR-10 demo) model is broken by PGD
-    specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
-    assert "zero loss" in specs and "natural" in specs and "adversarial" in specs
-    assert len(at.get("plotly_chart")) >= 3
+    figs = charts(at)
+    assert len(figs) >= 3, [c.title for c in figs]
+    arrows = next(c for c in figs if c.title.startswith("Energy drift"))
+    assert "zero loss: E(x,y) = E(x)" in arrows.trace_names                       # Fig. 1
+    hist = next(c for c in figs if "marginal energy E(x)" in c.annotations)       # Fig. 2
+    assert {"natural", "adversarial"} <= set(hist.trace_names)
 
 
 @pytest.mark.parametrize("field,value,expected", [

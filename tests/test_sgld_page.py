@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import pytest
+from apptest_helpers import charts
 
 st_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = st_testing.AppTest
@@ -66,10 +66,9 @@ def test_initialise_step_plot_and_bad_input(app):
     assert _sampler(at).steps_done == 10
     at.button(key="sgld_btn_step1").click().run()
     assert _sampler(at).steps_done == 11
-    charts = at.get("plotly_chart")
-    assert charts
-    spec = json.loads(charts[0].proto.spec)
-    names = {t.get("name") for t in spec["data"]}
+    figs = charts(at)
+    assert figs
+    names = set(figs[0].trace_names)
     assert {"target E(x, y)", "other classes E(x, y′)", "marginal E(x)", "Ē(x, y) of real images"} <= names
     assert any(m.label == "Steps" and m.value == "11" for m in at.metric)
     img_before = _sampler(at).images()
@@ -136,8 +135,7 @@ def test_compare_initialisations(app):
     assert set(cmp) == {"random", "gaussian", "pca"}
     assert all(int(r["summary"]["step"][-1]) == 5 for r in cmp.values())
     assert len(at.get("image")) >= 6     # start + result for each initialisation
-    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-    assert any(any((t.get("name") or "").startswith("pca") for t in s["data"]) for s in specs)
+    assert any(n.startswith("pca") for c in charts(at) for n in c.trace_names)
 
 
 @pytest.mark.slow

@@ -61,9 +61,25 @@ def wait_done(job_id: str, timeout: float = 300.0):
     raise AssertionError(f"job {job_id} did not finish in {timeout:.0f} s: {jobs.read_log_tail(job_id, 30)}")
 
 
-def chart_specs(at) -> list[str]:
-    """The charts' JSON re-serialised without ASCII escapes (plotly's json engine writes ΔE as \\u0394E)."""
-    return [json.dumps(json.loads(el.proto.spec), ensure_ascii=False) for el in at.get("plotly_chart")]
+# The chart reader is imported inside these functions: job processes import this file by path (the
+# fake runner below), without tests/ on sys.path.
+def charts(at) -> list[Chart]:
+    from apptest_helpers import charts as decoded
+
+    return decoded(at)
+
+
+def chart_with(figs: list[Chart], fragment: str) -> Chart:
+    from apptest_helpers import chart_with as find
+
+    return find(figs, fragment)
+
+
+def fig3_of(figs: list[Chart]) -> Chart:
+    """Fig. 3 of the viewed run: ΔE per epoch with the test errors on the right axis."""
+    fig3 = next((c for c in figs if c.title.startswith("ΔE during training")), None)
+    assert fig3 is not None, [c.title for c in figs]
+    return fig3
 
 
 def set_form(at, **values):
@@ -200,11 +216,11 @@ def test_tiny_launch_runs_and_shows_the_plots(runs):
 
     at = open_page()      # a fresh session re-attaches from the registry on disk
     assert not at.error, [e.value for e in at.error]
-    specs = chart_specs(at)
-    assert any("ΔE during training" in s and "robust test error" in s for s in specs)      # Fig. 3
-    assert any("natural → adversarial (Fig. 1 b–d)" in s for s in specs)                 # arrow snapshot
-    assert any("WEAT weight of the probe samples" in s for s in specs)
-    assert any("Table 2a" in s for s in specs)
+    figs = charts(at)
+    assert "robust test error" in fig3_of(figs).trace_names                              # Fig. 3
+    assert any(c.title.endswith("natural → adversarial (Fig. 1 b–d)") for c in figs)     # arrow snapshot
+    assert any(a.startswith("WEAT weight of the probe samples") for c in figs for a in c.annotations)
+    assert any(c.title.endswith("(Table 2a)") for c in figs)
     assert any("tiny sat" in m.value for m in at.markdown)
 
     # duplicate-with-changes opens the prefilled form
@@ -268,28 +284,31 @@ def test_precomputed_run_renders_all_plots(runs, monkeypatch):
     assert not at.error, [e.value for e in at.error]
     at.selectbox(key="tr_view").set_value(a.id).run()
     no_crash(at)
-    specs = chart_specs(at)
-    fig3 = next(s for s in specs if "ΔE during training" in s)
-    assert "overfitting from epoch 28" in fig3                       # detected phase 3 is marked
-    assert "phase 1" in fig3 and "phase 3" in fig3                  # phases shaded
-    assert "robust test error" in fig3 and "natural test error" in fig3
+    figs = charts(at)
+    fig3 = fig3_of(figs)
+    assert "overfitting from epoch 28" in fig3.annotations          # detected phase 3 is marked
+    assert {"phase 1", "phase 3"} <= set(fig3.annotations)          # phases shaded
+    assert {"robust test error", "natural test error"} <= set(fig3.trace_names)
     assert any("Robust overfitting" in w.value for w in at.warning)
-    assert any("Fig. 1 b–d" in s for s in specs)
-    weights = next(s for s in specs if "WEAT weight of the probe samples" in s)
-    assert "training-batch weights per epoch" in weights            # w_mean/min/max panel
-    cmp_specs = [s for s in specs if "several runs" in s or "Table 2a" in s]
-    assert len(cmp_specs) == 2 and all("fake sat" in s and "fake trades" in s for s in cmp_specs)
+    assert any(c.title.endswith("(Fig. 1 b–d)") for c in figs)
+    weights = chart_with(figs, "WEAT weight of the probe samples")
+    assert "training-batch weights per epoch" in weights.annotations  # w_mean/min/max panel
+    compare, table2a = chart_with(figs, "several runs"), chart_with(figs, "(Table 2a)")
+    assert compare is not table2a
+    bars = [str(x) for t in table2a.traces for x in table2a.array(t, "x")]
+    for run in ("fake sat", "fake trades"):                         # both runs in both comparison charts
+        assert any(run in n for n in compare.trace_names), compare.trace_names
+        assert any(run in b for b in bars), bars
 
     # smoothing keeps the raw line (faint) next to the smoothed one
     at.slider(key="tr_smooth").set_value(0.6).run()
     no_crash(at)
-    fig3 = next(s for s in chart_specs(at) if "ΔE during training" in s)
-    assert "ΔE(x) (raw)" in fig3
+    assert "ΔE(x) (raw)" in fig3_of(charts(at)).trace_names
 
     # an older arrow snapshot via the epoch slider (the run is finished: no follow mode)
     at.select_slider(key=f"tr_arrow_epoch_{a.id}").set_value(20).run()
     no_crash(at)
-    assert any("epoch 20: natural → adversarial" in s for s in chart_specs(at))
+    assert any("epoch 20: natural → adversarial" in c.title for c in charts(at))
 
 
 def test_broken_run_folder_shows_a_message_not_a_traceback(runs, monkeypatch):
@@ -306,7 +325,7 @@ def test_broken_run_folder_shows_a_message_not_a_traceback(runs, monkeypatch):
     at = open_page()
     no_crash(at)
     assert any("not readable" in e.value for e in at.error)          # the bad snapshot, reported
-    assert any("ΔE during training" in s for s in chart_specs(at))   # Fig. 3 still drawn
+    fig3_of(charts(at))                                              # Fig. 3 still drawn
 
 
 def test_run_list_shows_material_icons_and_no_running_time_while_queued(runs, monkeypatch):

@@ -6,8 +6,12 @@ and the download function is either blocked by core.zoo or monkeypatched here.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +20,13 @@ import pytest
 import torch
 
 from core import zoo
-from core.compat import ensure_autoattack_alias, import_robustbench_utils
+from core.compat import ensure_autoattack_alias, import_robustbench_utils, robustbench_info
 from core.errors import ZooError
 from core.models.checkpoint import LoadedModel
 
 SMALL = ("Rice2020Overfitting", "cifar10", "L2")  # PreAct-ResNet-18, 11M parameters
+REPO = Path(__file__).resolve().parents[1]
+HUB_PREFIX = "Debenedetti2022Light_XCiT-"  # the timm-hosted entries one robustbench 1.1.1 build comments out
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,6 +84,61 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
+def _installed_robustbench() -> Path:
+    info = robustbench_info()
+    if not info.installed or info.model_zoo is None:
+        pytest.skip("robustbench is not installed (CI's environment check fails on that)")
+    return info.location
+
+
+def _listed(zoo_file: Path, prefix: str) -> list[str]:
+    """Names starting with ``prefix`` that a zoo file lists on a line that is not commented out."""
+    return re.findall(r"^[ \t]*\(\s*['\"](" + re.escape(prefix) + r"[^'\"]*)['\"]", zoo_file.read_text(), re.M)
+
+
+def _comment_out_entries(text: str, prefix: str) -> tuple[str, int]:
+    """Comment out every ``('<prefix>...', {...}),`` entry of a zoo file, as that robustbench build does."""
+    lines, out, i, n = text.splitlines(keepends=True), [], 0, 0
+    while i < len(lines):
+        m = re.match(r"^([ \t]*)\(\s*['\"]" + re.escape(prefix), lines[i])
+        if not m:
+            out.append(lines[i])
+            i += 1
+            continue
+        indent, n = m.group(1), n + 1
+        while i < len(lines):
+            line = lines[i]
+            out.append(indent + "# " + line[len(indent):] if line.startswith(indent) else "# " + line)
+            i += 1
+            if line.startswith(indent + "})"):
+                break
+    return "".join(out), n
+
+
+@contextlib.contextmanager
+def _zoo_files(monkeypatch, folder: Path):
+    """Parse the catalogue from ``folder`` (a model_zoo with cifar10.py / cifar100.py) instead of robustbench's."""
+    monkeypatch.setattr(zoo, "_robustbench_zoo_dir", lambda: folder)
+    zoo._catalogue.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        zoo._catalogue.cache_clear()
+
+
+def _models_page(select: str | None = None):
+    """The Models page (RobustBench zoo tab) under AppTest, optionally with one zoo model selected."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=90).run()
+    at.switch_page("../pages/models.py").run()
+    if select is not None:
+        at.selectbox(key="models_zoo_name").set_value(select).run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
 # --------------------------------------------------------------------------------------------
 # catalogue
 # --------------------------------------------------------------------------------------------
@@ -102,7 +163,12 @@ def test_catalogue_parsed_from_installed_robustbench():
     assert linf["Standard"].gdrive_id == "1t98aEuzeTL8P7Kpd5DIrCoCL21BNZUhC"
     assert linf["Standard"].urls == ["https://drive.google.com/uc?id=1t98aEuzeTL8P7Kpd5DIrCoCL21BNZUhC"]
     assert linf["Chen2020Adversarial"].is_ensemble
-    assert linf["Debenedetti2022Light_XCiT-S12"].hosted_on_hub
+    # the timm-hosted entries are listed exactly when the installed files list them (one 1.1.1 build
+    # has them commented out), and they are the catalogue's hub-hosted models
+    zoo_dir = _installed_robustbench() / "model_zoo"
+    listed = _listed(zoo_dir / "cifar10.py", HUB_PREFIX)
+    assert sorted(n for n in linf if n.startswith(HUB_PREFIX)) == sorted(listed)
+    assert all(linf[n].hosted_on_hub and linf[n].urls == [] for n in listed)
     assert len(zoo.list_zoo()) == len(linf) + len(l2) + len(c100)
 
 
@@ -203,9 +269,120 @@ def test_autoattack_alias_is_idempotent():
 
 def test_robustbench_imports_after_alias(rb_utils):
     assert callable(rb_utils.load_model)
-    import robustbench.eval  # the module that needs `autoattack`
+    import robustbench
+    import robustbench.eval  # the module that may need `autoattack`
 
-    assert robustbench.eval.AutoAttack is sys.modules["autoattack"].AutoAttack
+    info = robustbench_info()
+    assert info.location == Path(robustbench.__file__).parent
+    if info.eval_imports_autoattack:
+        assert robustbench.eval.AutoAttack is sys.modules["autoattack"].AutoAttack
+    else:  # the build whose eval.py has the import commented out: nothing of EnergyLens needs it
+        assert not hasattr(robustbench.eval, "AutoAttack")
+
+
+_NO_PKG_RESOURCES_SCRIPT = r"""
+import importlib.abc, sys
+
+
+class _Gone(importlib.abc.MetaPathFinder):  # as with setuptools >= 81, which removed pkg_resources
+    def find_spec(self, name, path=None, target=None):
+        if name == "pkg_resources" or name.startswith("pkg_resources."):
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Gone())
+sys.modules.pop("pkg_resources", None)
+from core.compat import import_robustbench_utils
+from core.errors import ZooError
+
+try:
+    import_robustbench_utils()
+except ZooError as e:
+    print("ZooError:", e)
+else:
+    print("imported")
+"""
+
+
+@pytest.mark.slow
+def test_robustbench_without_pkg_resources_says_which_setuptools_to_install():
+    _installed_robustbench()
+    r = subprocess.run([sys.executable, "-c", _NO_PKG_RESOURCES_SCRIPT], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ZooError: RobustBench models are unavailable" in r.stdout, r.stdout
+    assert "setuptools<81" in r.stdout and "pkg_resources" in r.stdout
+
+
+_EVAL_VARIANT_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+
+import torch
+
+from core import zoo
+from core.compat import import_robustbench_utils, robustbench_info
+
+out = Path(sys.argv[1])
+info = robustbench_info()
+import_robustbench_utils()
+import robustbench, robustbench.eval
+from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+from robustbench.model_zoo.models import model_dicts
+
+torch.manual_seed(0)
+ref = model_dicts[BenchmarkDataset("cifar10")][ThreatModel("L2")]["Rice2020Overfitting"]["model"]().eval()
+path = zoo.zoo_path("Rice2020Overfitting", "cifar10", "L2", out)
+path.parent.mkdir(parents=True)
+torch.save(ref.state_dict(), path)
+lm = zoo.load_zoo_model("Rice2020Overfitting", "cifar10", "L2", model_dir=out)
+x = torch.rand(2, 3, 32, 32)
+with torch.no_grad():
+    same = bool(torch.allclose(lm.model(x), ref(x), atol=1e-5))
+aa = getattr(robustbench.eval, "AutoAttack", None)
+print(json.dumps({"location": str(info.location), "imported_from": robustbench.__file__,
+                  "eval_imports_autoattack": info.eval_imports_autoattack, "has_autoattack": aa is not None,
+                  "autoattack_module": getattr(aa, "__module__", None), "same_outputs": same}))
+"""
+
+
+def _set_eval_autoattack_import(eval_py: Path, present: bool) -> None:
+    """Make eval.py import AutoAttack at module level (``present``) or have those lines commented out."""
+    lines = eval_py.read_text().splitlines(keepends=True)
+    imp = re.compile(r"^(from autoattack|import autoattack)")
+    commented = re.compile(r"^#\s*((from autoattack|import autoattack).*)$", re.S)
+    if present:
+        lines = [commented.sub(r"\1", ln) for ln in lines]
+        if not any(imp.match(ln) for ln in lines):
+            lines.insert(0, "from autoattack import AutoAttack\nfrom autoattack.state import EvaluationState\n")
+    else:
+        lines = ["# " + ln if imp.match(ln) else ln for ln in lines]
+    eval_py.write_text("".join(lines))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eval_imports_autoattack", [True, False], ids=["eval-imports-autoattack",
+                                                                     "eval-import-commented-out"])
+def test_zoo_loads_with_each_robustbench_eval_variant(tmp_path, eval_imports_autoattack):
+    """Both robustbench 1.1.1 builds, constructed from the installed one: import_robustbench_utils and
+    an offline zoo load work, and core.compat reports which build it is."""
+    site = tmp_path / "site"
+    shutil.copytree(_installed_robustbench(), site / "robustbench", ignore=shutil.ignore_patterns("__pycache__"))
+    _set_eval_autoattack_import(site / "robustbench" / "eval.py", eval_imports_autoattack)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    r = subprocess.run([sys.executable, "-c", _EVAL_VARIANT_SCRIPT, str(tmp_path / "zoo")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["location"] == str(site / "robustbench")
+    assert got["imported_from"].startswith(str(site / "robustbench"))
+    assert got["eval_imports_autoattack"] is eval_imports_autoattack
+    assert got["has_autoattack"] is eval_imports_autoattack
+    if eval_imports_autoattack and ensure_autoattack_alias() == "pyautoattack":
+        assert got["autoattack_module"].startswith("pyautoattack")
+    assert got["same_outputs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,9 +467,89 @@ def test_missing_file_offline_names_exact_path(tmp_path, rb_utils, monkeypatch):
     assert not (tmp_path / "cifar10").exists()
 
 
-def test_hub_hosted_model_needs_downloads(tmp_path):
-    with pytest.raises(ZooError, match="Hugging Face"):
-        zoo.load_zoo_model("Debenedetti2022Light_XCiT-S12", model_dir=tmp_path)
+_SYNTHETIC_CIFAR10 = """from collections import OrderedDict
+
+import timm
+
+from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+
+linf = OrderedDict([
+    ('Standard', {
+        'model': lambda: WideResNet(depth=28, widen_factor=10),
+        'gdrive_id': '1t98aEuzeTL8P7Kpd5DIrCoCL21BNZUhC',
+    }),
+    ('Debenedetti2022Light_XCiT-S12', {
+        'model': (lambda: timm.create_model(
+            'debenedetti2020light_xcit_s_cifar10_linf', pretrained=True)),
+        'gdrive_id':
+        None
+    }),
+])
+l2 = OrderedDict([])
+"""
+
+
+@pytest.mark.parametrize("hub_entries", [True, False], ids=["zoo-with-hub-entries", "hub-entries-commented-out"])
+def test_hub_hosted_model_in_each_zoo_variant(tmp_path, monkeypatch, hub_entries):
+    """A timm-hosted model (no file of its own) needs downloads; a build without such entries reports the
+    name as unknown. The Models page renders either way."""
+    folder = tmp_path / "model_zoo"
+    folder.mkdir()
+    text, n = _comment_out_entries(_SYNTHETIC_CIFAR10, HUB_PREFIX) if not hub_entries else (_SYNTHETIC_CIFAR10, 0)
+    assert n == (0 if hub_entries else 1)
+    (folder / "cifar10.py").write_text(text)
+    (folder / "cifar100.py").write_text("from collections import OrderedDict\nlinf = OrderedDict([])\n")
+    name = "Debenedetti2022Light_XCiT-S12"
+    with _zoo_files(monkeypatch, folder):
+        assert zoo.catalogue_source().startswith("robustbench")
+        names = [e.name for e in zoo.list_zoo("cifar10", "Linf", model_dir=tmp_path)]
+        if hub_entries:
+            assert names == ["Standard", name]
+            e = zoo.get_zoo_entry(name)
+            assert e.hosted_on_hub and e.urls == [] and zoo.zoo_files(e, tmp_path) == []
+            assert e.architecture == "XCiT-S12" and "Hugging Face" in e.note
+            assert {x.name: x.file_status for x in zoo.list_zoo("cifar10", "Linf", model_dir=tmp_path)}[name] == "hub"
+            with pytest.raises(ZooError, match="Hugging Face"):
+                zoo.load_zoo_model(name, model_dir=tmp_path)
+            at = _models_page(select=name)
+            assert any("Hugging Face hub" in m.value for m in at.markdown)
+        else:
+            assert names == ["Standard"]
+            with pytest.raises(ZooError, match=f"unknown RobustBench model '{name}'"):
+                zoo.load_zoo_model(name, model_dir=tmp_path)
+            at = _models_page()
+            assert at.selectbox(key="models_zoo_name").options == ["Standard"]
+
+
+def test_installed_zoo_without_the_hub_entries(tmp_path, monkeypatch):
+    """The installed model zoo with the Debenedetti2022Light_XCiT-* entries commented out (the other
+    1.1.1 build): the catalogue loses exactly those entries and keeps every other one, in order."""
+    dst = tmp_path / "model_zoo"
+    shutil.copytree(_installed_robustbench() / "model_zoo", dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("cifar10.py", "cifar100.py"):
+        text, n = _comment_out_entries((dst / f).read_text(), HUB_PREFIX)
+        assert n == len(_listed(dst / f, HUB_PREFIX))
+        (dst / f).write_text(text)
+        assert _listed(dst / f, HUB_PREFIX) == []
+    keys = [("cifar10", "Linf"), ("cifar10", "L2"), ("cifar100", "Linf")]
+    before = {k: [e.name for e in zoo.list_zoo(*k)] for k in keys}
+    with _zoo_files(monkeypatch, dst):
+        assert zoo.catalogue_source().startswith("robustbench")
+        for k in keys:
+            assert [e.name for e in zoo.list_zoo(*k)] == [n for n in before[k] if not n.startswith(HUB_PREFIX)]
+        assert not any(e.hosted_on_hub for e in zoo.list_zoo())
+        assert zoo.get_zoo_entry("Standard").clean_acc == 94.78
+        with pytest.raises(ZooError, match=f"unknown RobustBench model '{HUB_PREFIX}S12'"):
+            zoo.get_zoo_entry(f"{HUB_PREFIX}S12")
+
+
+def test_every_hub_hosted_entry_of_the_installed_zoo_needs_downloads(tmp_path):
+    hub = [e for e in zoo.list_zoo() if e.hosted_on_hub]
+    assert {e.name for e in hub} == set(_listed(_installed_robustbench() / "model_zoo" / "cifar10.py", HUB_PREFIX)
+                                         + _listed(_installed_robustbench() / "model_zoo" / "cifar100.py", HUB_PREFIX))
+    for e in hub:
+        with pytest.raises(ZooError, match="Hugging Face"):
+            zoo.load_zoo_model(e.name, e.dataset, e.threat_model, model_dir=tmp_path)
 
 
 @pytest.mark.parametrize("content,kind", [(b"<!DOCTYPE html>\n<html><head><title>Google Drive</title>", "HTML"),
