@@ -464,3 +464,73 @@ def test_uint8_images_are_accepted(model, small):
     assert res.trace is None
     assert res.x_adv.dtype == torch.float32
     _assert_in_ball_and_box(res.x_adv, x8.float() / 255, EPS_LINF, "Linf", "uint8 input")
+
+
+# ---- a model shared by concurrent sessions (st.cache_resource) ------------------------------------------
+def test_eval_mode_is_safe_when_two_threads_hold_the_same_model():
+    """Thread A enters, thread B enters, A leaves: B must still run on the frozen eval-mode model (the
+    BatchNorm-folded view), and once B leaves too the model is back in its state before A entered."""
+    import threading
+
+    from core.attacks import eval_mode
+    from core.models.folding import folded
+
+    torch.manual_seed(0)
+    shared = build_model("smallcnn", 10).train()       # a model some caller is training: grads on, train mode
+    x = torch.rand(4, 3, 32, 32)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict = {}
+    errors: list = []
+
+    def thread_a():
+        try:
+            with eval_mode(shared):
+                a_in.set()
+                assert b_in.wait(10)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            a_in.set()
+            a_out.set()
+
+    def thread_b():
+        try:
+            assert a_in.wait(10)
+            with eval_mode(shared):
+                b_in.set()
+                assert a_out.wait(10)
+                seen["grad"] = [p.requires_grad for p in shared.parameters()]
+                seen["training"] = [m.training for m in shared.modules()]
+                seen["folded"] = folded(shared, x) is not shared
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            b_in.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors, errors
+    assert not any(seen["grad"]), "B ran with parameters that require gradients after A left"
+    assert not any(seen["training"]), "B ran in training mode after A left"
+    assert seen["folded"], "the BatchNorm-folded fast path was off for B"
+    assert all(p.requires_grad for p in shared.parameters()), "the model stayed frozen after both left"
+    assert all(m.training for m in shared.modules()), "the model did not get its training mode back"
+
+
+def test_eval_mode_nested_and_overlapping_models_restore_the_outer_state():
+    from core.attacks import eval_mode
+
+    torch.manual_seed(0)
+    outer = torch.nn.Sequential(build_model("smallcnn", 10), torch.nn.Identity()).train()
+    inner = outer[0]
+    inner.linear.bias.requires_grad_(False)
+    with eval_mode(outer):
+        with eval_mode(inner):                       # a submodule of a held model: shares every parameter
+            assert not inner.training
+        assert not any(p.requires_grad for p in outer.parameters()) and not outer.training
+    assert outer.training and all(m.training for m in outer.modules())
+    assert inner.linear.bias.requires_grad is False
+    assert all(p.requires_grad for n, p in inner.named_parameters() if n != "linear.bias")
