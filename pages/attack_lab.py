@@ -45,12 +45,17 @@ with st.form("attack_form"):
     step_size = None if auto_step else float(c6.number_input("Step size", value=2 / 255, format="%.5f", key="atk_step"))
     n_samples = int(c7.number_input("Number of test images", value=64, step=16, key="atk_n"))
     seed = int(c8.number_input("Seed", value=0, step=1, key="atk_seed"))
-    c9, c10, c11 = st.columns(3)
+    c9, c10, c11, c12 = st.columns(4)
     targeted = c9.checkbox("Targeted", value=False, key="atk_targeted",
                            help="PGD and CW only; APGD-T and FAB-T choose their targets themselves")
     tmode = c10.selectbox("Target", ["random", "chosen", "least-likely"], key="atk_tmode")
     tclass = c11.selectbox("Target class (for 'chosen')", range(len(classes)), format_func=lambda i: classes[i],
                            key="atk_tclass")
+    # always on screen: a form reruns the page only on submit, so a field shown only once CW is picked would appear late
+    kappa = float(c12.number_input("CW confidence κ (CW only)", value=0.0, min_value=0.0, step=0.5, key="atk_kappa",
+                                   help="CW's margin loss is capped at κ: with κ = 0 an image stops moving as soon as "
+                                        "it is misclassified (Carlini-Wagner); a larger κ pushes it that far past the "
+                                        "decision boundary"))
     submitted = st.form_submit_button("Run attack", type="primary")
 
 st.caption(ATTACKS[name].description)
@@ -81,7 +86,7 @@ if submitted:
     with common.guard("starting the attack"):
         ds = common.require_split(lm, "test", n_samples)
         spec = AttackSpec(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, targeted=targeted,
-                          target_mode=tmode, target_class=int(tclass), seed=seed, batch_size=256)
+                          target_mode=tmode, target_class=int(tclass), seed=seed, batch_size=256, kappa=kappa)
         spec.validate(meta.num_classes)
         x, y = chosen_images(ds, n_samples, seed)
         task = common.start_task("atk_task", f"{ATTACKS[name].label} on {n_samples} images",
@@ -187,7 +192,7 @@ if up is not None:
                             format_func=lambda i: classes[i], key="atk_upload_label")
         if st.button("Attack this image with the settings above", key="atk_upload_run"):
             spec = AttackSpec(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, targeted=targeted,
-                              target_mode=tmode, target_class=int(tclass), seed=seed)
+                              target_mode=tmode, target_class=int(tclass), seed=seed, kappa=kappa)
             res = run_attack(lm.model, x1, torch.tensor([true]), spec)
             t = res.trace
             st.session_state["atk_upload_result"] = (x1.numpy(), res.x_adv.numpy(), t)

@@ -161,6 +161,50 @@ def test_targeted_pgd_reaches_its_target(model, data, mode):
     assert (tr.joint_target[-1] - tr.joint_target[0])[keep].mean() < 0
 
 
+def test_cw_margin_is_capped_at_kappa_including_zero():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.5, 1.0], [1.0, 1.2, 0.0]])
+    y = torch.tensor([0, 0, 0])
+    from core.attacks.gradient import objective
+
+    raw = torch.tensor([1.0 - 3.0, 2.5 - 0.0, 1.2 - 1.0])        # max_{i != y} f_i - f_y
+    torch.testing.assert_close(objective("margin", logits, y, None, None, kappa=0.0), raw.clamp(max=0.0))
+    torch.testing.assert_close(objective("margin", logits, y, None, None, kappa=0.5), raw.clamp(max=0.5))
+    t = torch.tensor([1, 1, 2])
+    raw_t = torch.tensor([1.0 - 3.0, 2.5 - 1.0, 0.0 - 1.2])      # f_t - max_{i != t} f_i
+    torch.testing.assert_close(objective("margin", logits, y, t, None, kappa=0.0), raw_t.clamp(max=0.0))
+
+
+def test_cw_with_kappa_zero_stops_at_the_decision_boundary_on_real_cifar(cifar_plain_model):
+    """Paper Fig. 2: CW 'overlaps the natural E(x)' because it stops once the image is misclassified, while
+    PGD keeps pushing CE up and E(x) down. On a plain CIFAR-10 model, 128 images, 20 steps at 8/255."""
+    model, x, y = cifar_plain_model
+    pgd_res = run_attack(model, x, y, AttackSpec("pgd", eps=8 / 255, steps=20))
+    cw_res = run_attack(model, x, y, AttackSpec("cw", eps=8 / 255, steps=20))
+    pgd, cw = pgd_res.trace, cw_res.trace
+    assert pgd.robust_accuracy() <= 0.2 and cw.robust_accuracy() <= 0.2      # both fool the plain model
+    d_pgd, d_cw = float(pgd.delta_marginal().mean()), float(cw.delta_marginal().mean())
+    assert d_pgd > 0.3, f"PGD should lower E(x) on a plain model (mean dE = {d_pgd:+.3f})"
+    assert abs(d_cw) < 0.4 * abs(d_pgd), f"CW mean dE {d_cw:+.3f} is not much closer to 0 than PGD's {d_pgd:+.3f}"
+    # the objective is the capped margin: once it reaches 0 (the boundary is crossed) the gradient is 0 and the
+    # image no longer moves, so its energies stay put for the remaining steps
+    # (row 0 is the natural image, row 1 the first iterate after the random start)
+    crossed = cw.loss[1:-1] >= 0                                # (iterate s, image i) already past the boundary
+    assert crossed.any() and float(cw.loss.max()) <= 1e-6
+    moved = np.abs(cw.marginal[2:] - cw.marginal[1:-1])[crossed]
+    assert float(moved.max()) <= 1e-4, f"images past the boundary kept moving (|dE| up to {moved.max():.3g})"
+
+    # so the adversarial margins max_{i != y} f_i - f_y end just past 0, not far beyond it as with PGD
+    def margins(res):
+        from core.attacks.gradient import _other_max
+
+        with torch.no_grad():
+            lg = model(res.x_adv)
+        m = (_other_max(lg, y) - lg.gather(1, y[:, None]).squeeze(1)).numpy()
+        return m[m > 0]
+
+    assert np.median(margins(cw_res)) < 0.5 * np.median(margins(pgd_res))
+
+
 # ---- energies along attacks (paper Sec. 3.1, Fig. 2) -------------------------------------------------
 @pytest.fixture(scope="module")
 def pgd_runs(model, data):
@@ -421,6 +465,8 @@ BAD_SPECS = [
     (dict(targeted=True, target_mode="chosen", target_class=-1), "target class -1 does not exist"),
     (dict(targeted=True, target_mode="chosen"), "choose a target class"),
     (dict(targeted=True, target_mode="sideways"), "target mode must be one of"),
+    (dict(name="cw", kappa=-1.0), "kappa must be >= 0"),
+    (dict(name="cw", kappa=float("nan")), "kappa must be a finite number"),
 ]
 
 

@@ -103,6 +103,20 @@ def test_attack_lab_runs_pgd_and_draws_the_paper_figures():
     assert len(at.get("plotly_chart")) >= 3
 
 
+def test_attack_lab_sets_the_cw_confidence_kappa():
+    at = fresh_app()
+    at.switch_page("../pages/attack_lab.py").run()
+    at.selectbox(key="atk_name").set_value("cw")
+    at.number_input(key="atk_kappa").set_value(2.0)
+    run_attack_and_wait(at, n=16)
+    assert not at.exception, [e.message for e in at.exception]
+    r = at.session_state["atk_result"]
+    assert r["spec"].name == "cw" and r["spec"].kappa == 2.0
+    loss = r["trace"].loss
+    # the CW objective is the margin capped at kappa: it reaches 2 for the images pushed that far, never more
+    assert loss.max() <= 2.0 + 1e-6 and (loss[-1] > 1.0).any()
+
+
 @pytest.mark.parametrize("field,value,expected", [
     ("atk_eps255", -3.0, "epsilon must be >= 0"),
     ("atk_steps", 0, "steps must be a positive integer"),

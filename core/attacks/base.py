@@ -49,7 +49,7 @@ class AttackSpec:
     random_start: bool = True
     seed: int | None = 0
     batch_size: int = 256
-    kappa: float = 0.0                   # CW confidence margin
+    kappa: float = 0.0                   # CW confidence margin (>= 0; 0 = stop at the boundary)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -74,6 +74,9 @@ class AttackSpec:
                 raise InputError(f"{nm} must be a finite number, got {v}")
         if self.eps < 0:
             raise InputError(f"epsilon must be >= 0, got {self.eps}")
+        if self.kappa is None or float(self.kappa) < 0:
+            raise InputError(f"kappa must be >= 0 (the CW confidence margin; 0 stops at the decision boundary), "
+                             f"got {self.kappa}")
         limit = 1.0 if self.norm == "Linf" else 64.0
         if self.eps > limit:
             raise InputError(f"epsilon {self.eps:g} is absurd for {self.norm} on [0,1] images (max {limit:g})")
