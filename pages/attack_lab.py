@@ -126,13 +126,19 @@ else:
     m1.metric("Natural accuracy", f"{tr.natural_accuracy():.1%}")
     m2.metric("Robust accuracy", f"{tr.robust_accuracy():.1%}",
               delta=f"{tr.robust_accuracy() - tr.natural_accuracy():+.1%}")
-    m3.metric("mean ΔE(x) = E(x) − E(x*)", f"{tr.delta_marginal().mean():+.3f}")
+    ds_ = tr.delta_summary()   # over the images the attack changed (AutoAttack leaves some untouched) and over all
+    some = ds_["n_perturbed"] < ds_["n"]
+    over = f" over {ds_['n_perturbed']}/{ds_['n']} perturbed" if some else ""
+    m3.metric("mean ΔE(x) = E(x) − E(x*)" + over, "n/a" if not ds_["n_perturbed"] else f"{ds_['dE_mean']:+.3f}")
     ts = tr.target_success()
-    m4.metric("Target reached" if ts is not None else "mean ΔE(x,y)",
-              f"{ts:.1%}" if ts is not None else f"{tr.delta_joint().mean():+.3f}")
+    m4.metric("Target reached" if ts is not None else "mean ΔE(x,y)" + over,
+              f"{ts:.1%}" if ts is not None else "n/a" if not ds_["n_perturbed"] else f"{ds_['dEy_mean']:+.3f}")
     for note in r.get("notes") or []:
         st.warning(note)
-    st.caption(f"{tr.n_samples} images in {r['seconds']:.2f} s.")
+    st.caption(f"{tr.n_samples} images in {r['seconds']:.2f} s."
+               + (f" ΔE over the {ds_['n_perturbed']} of {ds_['n']} images the attack changed; the others "
+                  f"(misclassified already, or where the attack failed) are returned untouched. Over all {ds_['n']} "
+                  f"images: mean ΔE(x) {ds_['dE_mean_all']:+.3f}, mean ΔE(x,y) {ds_['dEy_mean_all']:+.3f}." if some else ""))
 
     a, b = st.columns([3, 2])
     nat, fin = tr.natural(), tr.final()

@@ -205,6 +205,29 @@ def test_cw_with_kappa_zero_stops_at_the_decision_boundary_on_real_cifar(cifar_p
     assert np.median(margins(cw_res)) < 0.5 * np.median(margins(pgd_res))
 
 
+def test_autoattack_delta_e_is_reported_over_the_images_it_perturbed(model, data):
+    """pyautoattack hands back misclassified images and those it failed on untouched (Delta E = 0 exactly); the
+    trace knows which images changed and reports Delta E over those, beside the all-images mean."""
+    x, y = data
+    res = run_attack(model, x, y, AttackSpec("apgd-ce", eps=8 / 255, steps=10))
+    tr = res.trace
+    changed = (res.x_adv != x).flatten(1).any(dim=1).numpy()
+    np.testing.assert_array_equal(tr.perturbed, changed)
+    assert 0 < changed.sum() < len(y), "the check needs both touched and untouched images"
+    untouched = ~changed
+    assert np.abs(tr.delta_marginal()[untouched]).max() <= 1e-5      # what used to dilute the mean
+    s = tr.delta_summary()
+    assert s["n"] == len(y) and s["n_perturbed"] == int(changed.sum())
+    assert s["dE_mean"] == pytest.approx(float(tr.delta_marginal()[changed].mean()), rel=1e-6)
+    assert s["dEy_mean"] == pytest.approx(float(tr.delta_joint()[changed].mean()), rel=1e-6)
+    assert s["dE_mean_all"] == pytest.approx(float(tr.delta_marginal().mean()), rel=1e-6)
+    # the all-images mean is the perturbed mean diluted by the share of untouched images
+    assert s["dE_mean_all"] == pytest.approx(s["dE_mean"] * s["n_perturbed"] / s["n"], rel=1e-4, abs=1e-5)
+    # PGD moves every image (random start): both means agree
+    p = run_attack(model, x[:32], y[:32], AttackSpec("pgd", eps=8 / 255, steps=3)).trace.delta_summary()
+    assert p["n_perturbed"] == 32 and p["dE_mean"] == pytest.approx(p["dE_mean_all"])
+
+
 # ---- energies along attacks (paper Sec. 3.1, Fig. 2) -------------------------------------------------
 @pytest.fixture(scope="module")
 def pgd_runs(model, data):
