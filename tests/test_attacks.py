@@ -488,7 +488,7 @@ BAD_SPECS = [
     (dict(targeted=True, target_mode="chosen", target_class=-1), "target class -1 does not exist"),
     (dict(targeted=True, target_mode="chosen"), "choose a target class"),
     (dict(targeted=True, target_mode="sideways"), "target mode must be one of"),
-    (dict(name="cw", kappa=-1.0), "kappa must be >= 0"),
+    (dict(name="cw", kappa=-1.0), "kappa (the CW confidence margin) must"),
     (dict(name="cw", kappa=float("nan")), "kappa must be a finite number"),
 ]
 

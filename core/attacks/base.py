@@ -75,7 +75,7 @@ class AttackSpec:
         if self.eps < 0:
             raise InputError(f"epsilon must be >= 0, got {self.eps}")
         if self.kappa is None or float(self.kappa) < 0:
-            raise InputError(f"kappa must be >= 0 (the CW confidence margin; 0 stops at the decision boundary), "
+            raise InputError(f"kappa (the CW confidence margin) must be >= 0 (0 stops at the decision boundary), "
                              f"got {self.kappa}")
         limit = 1.0 if self.norm == "Linf" else 64.0
         if self.eps > limit:
