@@ -190,17 +190,25 @@ def test_step_defaults_follow_the_models_dataset_family(tmp_path, monkeypatch):
     at.run()
     at.switch_page(PAGE).run()
     _ok(at)
+
+    def pick_bundled(prefix):
+        box = at.sidebar.selectbox(key="pick-Bundled")
+        box.select_index(next(i for i, lab in enumerate(box.options) if str(lab).startswith(prefix))).run()
+        _ok(at)
+        assert at.session_state["model_ref"].name == prefix
+
+    pick_bundled("digits-sat")
     assert at.number_input(key="sgld_eta").value == 1.0 and at.number_input(key="sgld_zeta").value == 0.5
     at.sidebar.radio(key="model_source").set_value("Local checkpoints").run()
     _ok(at)
     assert at.session_state["model_ref"].name.endswith("best")
     assert at.number_input(key="sgld_eta").value == 0.025 and at.number_input(key="sgld_zeta").value == 0.8
     assert at.number_input(key="sgld_gamma").value == 0.001
-    at.sidebar.radio(key="model_source").set_value("Bundled").run()
-    _ok(at)
+    at.sidebar.radio(key="model_source").set_value("Bundled").run()   # (the sidebar pick starts over)
+    pick_bundled("digits-sat")
     assert at.number_input(key="sgld_eta").value == 1.0
     at.number_input(key="sgld_eta").set_value(0.5).run()            # an edit within a family is kept
-    at.sidebar.selectbox(key="pick-Bundled").select_index(1).run()
+    pick_bundled("digits-plain")
     assert at.number_input(key="sgld_eta").value == 0.5
 
 
