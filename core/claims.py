@@ -78,18 +78,23 @@ def marginal_claim(trace: EnergyTrace, attack: str | None = None, targeted: bool
     attack = attack or spec.get("name")
     targeted = bool(spec.get("targeted", False)) if targeted is None else bool(targeted)
     nat, adv = np.asarray(trace.marginal[0], float), np.asarray(trace.marginal[-1], float)
-    ok = np.isfinite(nat) & np.isfinite(adv)
+    # AutoAttack's classes return the images they did not perturb unchanged: judge the attack on those it changed
+    changed = trace.perturbed_mask()
+    ok = np.isfinite(nat) & np.isfinite(adv) & changed
     nat, adv = nat[ok], adv[ok]
     n = int(len(nat))
     name = label or ((attack or "this attack") + (" (targeted)" if targeted else ""))
     if n == 0:
-        return Claim(None, None, float("nan"), float("nan"), float("nan"), 0, "No finite energies to check.")
+        return Claim(None, None, float("nan"), float("nan"), float("nan"), 0,
+                     "No image was perturbed (or no finite energies): nothing to check.")
     delta = nat - adv
     share = float(np.mean(adv < nat))
     mean = float(delta.mean())
     ovl = overlap_coefficient(nat, adv)
     exp = expected_direction(attack or "", targeted)
-    moved = f"{name} lowered E(x) for {share:.0%} of these {n} images, mean ΔE(x) = {mean:+.3g}"
+    whose = (f"of the {n} images it changed ({trace.n_samples - n} left untouched)" if n < trace.n_samples
+             else f"of these {n} images")
+    moved = f"{name} lowered E(x) for {share:.0%} {whose}, mean ΔE(x) = {mean:+.3g}"
     if exp is None:
         return Claim(None, None, share, mean, ovl, n, moved + ".")
     if exp == "lower":

@@ -3,7 +3,9 @@
 A trace records, for every step s = 0..S and every sample i, the marginal energy E(x_s), the joint
 energy E(x_s, y) of the true label (and of the target label for targeted runs), the predicted
 class and the loss. Step 0 is always the natural point. Every figure of the Attack Lab (Fig. 1
-arrows, Fig. 1a step curve, Fig. 2 histograms) and every Delta E is derived from it.
+arrows, Fig. 1a step curve, Fig. 2 histograms) and every Delta E is derived from it. An attack's
+trace also records which images the attack changed (``perturbed``, x* != x):
+:meth:`EnergyTrace.delta_summary` gives the mean Delta E over those and over all images.
 
 Recording is designed to reuse logits the attack already computed: ``record`` takes logits and
 keeps them on their device without synchronising; everything is moved to CPU once, in
@@ -39,6 +41,7 @@ class EnergyTrace:
     targets: np.ndarray | None = None    # (N,) target labels of a targeted run
     joint_target: np.ndarray | None = None  # E(x_s, t) for the target label
     meta: dict[str, Any] = field(default_factory=dict)
+    perturbed: np.ndarray | None = None  # (N,) bool: x* differs from x (None: not recorded, e.g. SGLD chains)
 
     # ---- shape helpers -------------------------------------------------------------------
     @property
@@ -64,6 +67,34 @@ class EnergyTrace:
     def delta_joint(self) -> np.ndarray:
         """Delta E(x, y) = E(x, y) - E(x*, y) per sample."""
         return self.joint[0] - self.joint[-1]
+
+    def perturbed_mask(self) -> np.ndarray:
+        """(N,) bool: the images the attack changed (x* != x). All True when that was not recorded."""
+        if self.perturbed is None:
+            return np.ones(self.n_samples, dtype=bool)
+        return np.asarray(self.perturbed, dtype=bool)
+
+    def delta_summary(self) -> dict[str, float | int]:
+        """Mean Delta E(x) and Delta E(x, y) over the perturbed images and over all images.
+
+        AutoAttack's components (pyautoattack) return an image unchanged when it is already misclassified
+        or when the attack fails on it, so its Delta E is exactly 0 and a mean over all images mixes "no
+        attack" with the drift of the attacked ones; PGD, by contrast, moves every image. The mean over the
+        perturbed images (x* != x) compares like with like; ``n_perturbed`` says how many there are. Means
+        over no images are NaN.
+        """
+        mask = self.perturbed_mask()
+        dm, dj = self.delta_marginal().astype(np.float64), self.delta_joint().astype(np.float64)
+        k = int(mask.sum())
+        nan = float("nan")
+        return {
+            "n": self.n_samples,
+            "n_perturbed": k,
+            "dE_mean": float(dm[mask].mean()) if k else nan,
+            "dEy_mean": float(dj[mask].mean()) if k else nan,
+            "dE_mean_all": float(dm.mean()) if self.n_samples else nan,
+            "dEy_mean_all": float(dj.mean()) if self.n_samples else nan,
+        }
 
     def drift_length(self) -> np.ndarray:
         """Euclidean length of each arrow in the (E(x), E(x,y)) plane (Fig. 1 colour)."""
@@ -118,6 +149,7 @@ class EnergyTrace:
             targets=cat(self.targets, other.targets, 0),
             joint_target=cat(self.joint_target, other.joint_target),
             meta=dict(self.meta),
+            perturbed=cat(self.perturbed, other.perturbed, 0),
         )
 
     # ---- export --------------------------------------------------------------------------
@@ -160,6 +192,8 @@ class EnergyTrace:
             d["targets"] = self.targets
         if self.joint_target is not None:
             d["joint_target"] = self.joint_target
+        if self.perturbed is not None:
+            d["perturbed"] = self.perturbed
         return d
 
     @classmethod
@@ -170,6 +204,7 @@ class EnergyTrace:
             targets=np.asarray(d["targets"]) if "targets" in d else None,
             joint_target=np.asarray(d["joint_target"]) if "joint_target" in d else None,
             meta=dict(meta or {}),
+            perturbed=np.asarray(d["perturbed"], dtype=bool) if "perturbed" in d else None,
         )
 
 

@@ -41,9 +41,13 @@ images and a content hash, so a changed dataset never reuses stale statistics. A
 all rank ≤ min(n − 1, d) components (the Gaussian start needs the full covariance): about 38 MB
 for a CIFAR-10 class (d = 3,072), a few hundred kB for the embedded digits.
 
-Defaults (:data:`DEFAULTS`: η = 1, ζ = 0.5, γ = 0.001) give recognisable digits in about 50 steps
-with the bundled SAT model; the official code used η ∈ [0.025, 0.8], ζ ∈ {0, 0.8}, γ = 0.001 and
-20-500 steps on CIFAR-10 models.
+Step defaults depend on the data (:func:`sgld_defaults`, keyed by :func:`dataset_family`): η = 1,
+ζ = 0.5, γ = 0.001 (:data:`DIGITS_DEFAULTS`) give recognisable digits in about 50 steps with the bundled
+SAT model, but on CIFAR-10 they make PCA-started chains *worse* (FID 30 -> 114 after 100 steps, and the
+target energy far below the real-data level Ē(x, y) in 10/10 classes); natural-image datasets (CIFAR-10/100,
+SVHN, Tiny-ImageNet and any unknown or ``npz:`` dataset) get η = 0.025, ζ = 0.8, γ = 0.001
+(:data:`CIFAR_DEFAULTS`: FID 30 -> 17 after 100 steps). The measurements are in docs/METHODS.md. The
+official code used η ∈ [0.025, 0.8], ζ ∈ {0, 0.8}, γ = 0.001 and 20-500 steps on CIFAR-10 models.
 
 :class:`SGLDSampler` is step-wise: ``step(n)`` continues the chain, returning the images and the
 energies of every step (E(x, y) of the target class, E(x, y') of all classes, E(x)), which also
@@ -75,8 +79,9 @@ from .errors import DataError, InputError
 from .models.folding import folded
 
 __all__ = [
-    "INITS", "NORMS", "MAX_STEPS", "MAX_CHAINS", "DEFAULT_PCA_SIGMA", "DEFAULTS",
-    "sigma_from_official", "ClassMoments", "ClassStats", "dataset_fingerprint", "default_cache_dir",
+    "INITS", "NORMS", "MAX_STEPS", "MAX_CHAINS", "DEFAULT_PCA_SIGMA", "DEFAULTS", "DIGITS_DEFAULTS", "CIFAR_DEFAULTS",
+    "dataset_family", "sgld_defaults", "sigma_from_official", "ClassMoments", "ClassStats", "dataset_fingerprint",
+    "default_cache_dir",
     "SGLDTrace", "StepOutput", "SGLDSampler", "validate_hyperparams", "validate_steps", "reference_energies",
     "reference_joint_energy", "SGLDJobConfig", "run_job",
 ]
@@ -90,10 +95,42 @@ MAX_STEPS = 100_000          # per call of step() and per job
 MAX_CHAINS = 10_000          # chains held by one sampler (a job batches more)
 STATS_VERSION = 1
 DEFAULT_PCA_SIGMA = 0.35     # = official σ 0.005 × √(5000 − 1) for a CIFAR-10 class, see module doc
-DEFAULTS = {"eta": 1.0, "zeta": 0.5, "gamma": 0.001, "pca_sigma": DEFAULT_PCA_SIGMA, "pca_variance": 0.95,
-            "gaussian_ridge": 1e-4}
+_INIT_DEFAULTS = {"pca_sigma": DEFAULT_PCA_SIGMA, "pca_variance": 0.95, "gaussian_ridge": 1e-4}
+# η, ζ, γ per dataset family (docs/METHODS.md, "SGLD step defaults", has the measurements). The model's robustness
+# does not change them: a plain model's chains turn into adversarial noise with either setting.
+DIGITS_DEFAULTS = {"eta": 1.0, "zeta": 0.5, "gamma": 0.001, **_INIT_DEFAULTS}
+CIFAR_DEFAULTS = {"eta": 0.025, "zeta": 0.8, "gamma": 0.001, **_INIT_DEFAULTS}
+_FAMILY_DEFAULTS = {"digits": DIGITS_DEFAULTS, "cifar": CIFAR_DEFAULTS}
+# dataset name -> family; names not listed (npz: files, new datasets) are natural images: the 'cifar' family
+_FAMILIES = {"digits": "digits", "cifar10": "cifar", "cifar100": "cifar", "cifar10-demo": "cifar", "svhn": "cifar",
+             "tinyimagenet": "cifar"}
+DEFAULTS = CIFAR_DEFAULTS    # for a model whose dataset is unknown
 
 Progress = Callable[[float, str], None]
+
+
+def dataset_family(dataset: str | None) -> str:
+    """'digits' for the embedded digits (and names starting with 'digits'), 'cifar' for every other dataset:
+    CIFAR-10/100, their demo subsets, SVHN, Tiny-ImageNet, ``npz:`` files and unknown names."""
+    name = str(dataset or "").strip().lower()
+    if name in _FAMILIES:
+        return _FAMILIES[name]
+    if name.startswith("digits"):
+        return "digits"
+    return "cifar"
+
+
+def sgld_defaults(model=None, dataset: str | None = None) -> dict[str, Any]:
+    """The default SGLD settings (η, ζ, γ and the initialisation's σ, retained variance, ridge) for a model's data.
+
+    ``model``: a LoadedModel or ModelMeta (its ``dataset`` is used), or None; ``dataset`` names the dataset
+    directly. The one place the SGLD page, :class:`SGLDSampler` and the batch job (:func:`run_job`, hence the
+    jobs CLI) take their defaults from. Returns a new dict with the settings and ``family`` / ``dataset``.
+    """
+    meta = getattr(model, "meta", model)
+    name = dataset if dataset is not None else getattr(meta, "dataset", None)
+    family = dataset_family(name)
+    return {**_FAMILY_DEFAULTS[family], "family": family, "dataset": name}
 
 
 def sigma_from_official(sigma_official: float, n_class_images: int) -> float:
@@ -438,6 +475,41 @@ class SGLDTrace:
                 "others_mean": o.mean(axis=1), "others_std": o.std(axis=1),
                 "marginal_mean": m.mean(axis=1), "marginal_std": m.std(axis=1), "target_hit": acc}
 
+    def reference_gap(self, reference: dict, classes: Sequence[int] | None = None) -> np.ndarray:
+        """(S,) mean over chains (optionally of some target classes) of E(x_s, y) − Ē(x, y), with Ē of each chain's
+        own class: ``reference`` maps class -> Ē(x, y), or class -> {'joint': Ē(x, y), ...} as
+        :func:`reference_energies` returns it. Negative: the chains are below the real-data level."""
+        sel = np.ones(self.n_chains, bool) if classes is None else np.isin(self.labels, list(classes))
+        if not sel.any() or not self.n_rows:
+            return np.full(self.n_rows, np.nan)
+        lab = self.labels[sel]
+        try:
+            level = np.array([float(v["joint"] if isinstance(v, dict) else v)
+                              for v in (reference[int(c)] for c in lab)], dtype=np.float64)
+        except KeyError as e:
+            raise InputError(f"no reference energy for class {e.args[0]}") from None
+        return (self.joint[:, sel].astype(np.float64) - level).mean(axis=1)
+
+    def passed_reference(self, reference: dict, classes: Sequence[int] | None = None) -> dict[str, Any]:
+        """When the chains' mean target energy went below the real-data level Ē(x, y) (Fig. 5e's dashed line).
+
+        Returns ``step`` (the first recorded step at which the mean of E(x, y) − Ē(x, y) over the chains is
+        ≤ 0, None if it never was; row 0 counts, so a start already below gives step 0), ``gap`` (that mean at
+        the last row), ``classes_below`` / ``n_classes`` (target classes whose chains' mean E(x, y) is below their
+        Ē(x, y) at the last row) and ``below_now``. A chain far below Ē is past the energy of real images:
+        typically too large a step size or too many steps (docs/METHODS.md)."""
+        gap = self.reference_gap(reference, classes)
+        hit = np.nonzero(gap <= 0)[0] if gap.size else np.zeros(0, int)
+        cls = sorted({int(c) for c in self.labels}) if classes is None else [int(c) for c in classes]
+        below = 0
+        if self.n_rows:
+            for c in cls:
+                g = self.reference_gap(reference, [c])
+                below += int(g.size > 0 and np.isfinite(g[-1]) and g[-1] < 0)
+        return {"step": int(self.steps[hit[0]]) if hit.size else None,
+                "gap": float(gap[-1]) if gap.size else float("nan"),
+                "classes_below": below, "n_classes": len(cls), "below_now": bool(gap.size and gap[-1] < 0)}
+
     def to_energy_trace(self):
         """As a :class:`core.drift.EnergyTrace` (loss = cross-entropy = E(x,y) − E(x))."""
         from .drift import EnergyTrace
@@ -469,7 +541,8 @@ class SGLDSampler:
     ``model`` is an ``nn.Module`` returning logits, or a ``LoadedModel`` (then the image shape and
     the number of classes come from its metadata). The model is put in eval mode with frozen
     parameters during each call and restored afterwards; it is never moved or modified.
-    ``n_per_class`` may be one int or one int per class. ``stats`` (a :class:`ClassStats`) or
+    ``n_per_class`` may be one int or one int per class. ``eta``, ``zeta``, ``gamma`` left at None take
+    :func:`sgld_defaults` of the model's dataset. ``stats`` (a :class:`ClassStats`) or
     ``dataset`` (training images; statistics are then computed/cached) is needed for the 'pca' and
     'gaussian' initialisations. The same seed gives identical chains on the same device, whatever
     the split of the steps into calls.
@@ -479,7 +552,7 @@ class SGLDSampler:
     """
 
     def __init__(self, model, classes: Sequence[int], n_per_class: int | Sequence[int] = 8, init: str = "pca",
-                 eta: float = DEFAULTS["eta"], zeta: float = DEFAULTS["zeta"], gamma: float = DEFAULTS["gamma"],
+                 eta: float | None = None, zeta: float | None = None, gamma: float | None = None,
                  bound: tuple[str, float] | None = None, seed: int = 0, device: str | torch.device | None = None,
                  stats: ClassStats | None = None, *, dataset=None, pca_sigma: float = DEFAULT_PCA_SIGMA,
                  pca_variance: float | None = DEFAULTS["pca_variance"], pca_components: int | None = None,
@@ -491,7 +564,13 @@ class SGLDSampler:
         if not isinstance(net, nn.Module):
             raise InputError("model must be a torch nn.Module (or a loaded EnergyLens model)")
         self.model = net
-        self.eta, self.zeta, self.gamma = validate_hyperparams(eta, zeta, gamma)
+        # None: the default of the model's dataset family (sgld_defaults); without metadata, of the training images'
+        known = meta.dataset if meta is not None and getattr(meta, "dataset", None) not in (None, "unknown") else \
+            stats.dataset_name if stats is not None else getattr(dataset, "name", None)
+        d = sgld_defaults(dataset=known)
+        self.eta, self.zeta, self.gamma = validate_hyperparams(d["eta"] if eta is None else eta,
+                                                               d["zeta"] if zeta is None else zeta,
+                                                               d["gamma"] if gamma is None else gamma)
         self.bound = _validate_bound(bound)
         if init not in INITS:
             raise InputError(f"initialisation must be one of {', '.join(INITS)}, got '{init}'")
@@ -844,16 +923,19 @@ def reference_joint_energy(model, dataset, classes: Sequence[int] | None = None,
 @dataclass
 class SGLDJobConfig:
     """A batch generation run. ``model`` is a ModelRef as a dict (source, name, path, dataset,
-    threat_model); ``metrics.features``: 'auto' | 'inception' | 'classifier'; ``metrics.feature_model``:
-    a ModelRef dict of the classifier whose features to use (default: the sampling model)."""
+    threat_model); ``metrics.features``: 'auto' (Inception-v3 when its weights are present, else a
+    classifier) | 'inception' | 'classifier'; ``metrics.feature_model``: a ModelRef dict of the classifier
+    whose features to use. Without one, an independent classifier of the same data
+    (:func:`core.metrics.independent_classifier`), never the sampling model; when there is none (and no
+    Inception), the metrics are skipped with a note saying why."""
 
     model: dict
     classes: list[int] | None = None          # None = every class of the model
     n_per_class: int = 100
     init: str = "pca"
-    eta: float = DEFAULTS["eta"]
-    zeta: float = DEFAULTS["zeta"]
-    gamma: float = DEFAULTS["gamma"]
+    eta: float | None = None                  # None: sgld_defaults() of the model's dataset (set by run_job)
+    zeta: float | None = None
+    gamma: float | None = None
     steps: int = 100
     bound: list | None = None
     seed: int = 0
@@ -885,7 +967,9 @@ class SGLDJobConfig:
         return asdict(self)
 
     def validate(self) -> "SGLDJobConfig":
-        validate_hyperparams(self.eta, self.zeta, self.gamma)
+        d = DEFAULTS  # stand-ins for the settings left to the model's defaults, which are valid by construction
+        validate_hyperparams(d["eta"] if self.eta is None else self.eta, d["zeta"] if self.zeta is None else self.zeta,
+                             d["gamma"] if self.gamma is None else self.gamma)
         validate_steps(self.steps)
         _validate_bound(self.bound)
         _seeds(self.seed, 1)
@@ -950,6 +1034,9 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
     report(0.0, "loading model and data")
     lm = _load_ref(cfg.model, device)
     meta = lm.meta
+    d = sgld_defaults(lm)   # settings left out take the defaults of the model's dataset; the result records them
+    cfg.eta, cfg.zeta, cfg.gamma = (d[k] if getattr(cfg, k) is None else getattr(cfg, k)
+                                    for k in ("eta", "zeta", "gamma"))
     classes = list(range(meta.num_classes)) if cfg.classes is None else [int(c) for c in cfg.classes]
     ds = None
     try:
@@ -1017,32 +1104,59 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
         ref = reference_energies(lm, ds, classes, device=device)
         result["energy"]["reference_E_xy"] = {str(c): v["joint"] for c, v in ref.items()}
         result["energy"]["reference_E_x"] = {str(c): v["marginal"] for c, v in ref.items()}
+        below = [c for c in classes if float(e_xy[y.numpy() == c].mean()) < ref[c]["joint"]]
+        gap_curve = curve["target"] - float(np.mean([ref[int(c)]["joint"] for c in y.numpy()]))
+        hit = np.nonzero(gap_curve <= 0)[0]
+        result["energy"]["classes_below_reference"] = len(below)
+        result["energy"]["reference_passed_at_step"] = int(steps_axis[hit[0]]) if hit.size else None
     if cfg.metrics.get("enabled", True):
-        from .metrics import choose_extractor, generation_metrics
+        from .metrics import choose_extractor, generation_metrics, inception_status, independent_classifier
 
         mc = cfg.metrics
         fm = mc.get("feature_model")
-        if fm:
+        features = mc.get("features", "auto")
+        own_note = ("features from the generating model itself: SGLD optimises the samples for it, so these numbers "
+                    "are optimistic (and a robust model's features barely tell images apart); choose another "
+                    "classifier for a fairer score")
+        clf = clf_name = None
+        notes: list[str] = []
+        inception_ok, inception_why = inception_status()
+        if fm:   # chosen by the user
             flm = _load_ref(fm, device)
             clf, clf_name = flm.model, flm.meta.name or fm.get("name", "classifier")
+            if flm.path is not None and lm.path is not None and Path(flm.path).resolve() == Path(lm.path).resolve():
+                notes.append(own_note)
+        elif features == "classifier" or (features == "auto" and not inception_ok):
+            # never the generating model by default: an independent classifier of the same data
+            pick = independent_classifier(meta, lm.path)
+            if pick is not None:
+                pref, pmeta = pick
+                flm = _load_ref({"source": pref.source, "name": pref.name, "path": pref.path}, device)
+                clf, clf_name = flm.model, pmeta.name or pref.name
+                notes.append(f"features from {clf_name} ({pmeta.method}, {pmeta.dataset}), a classifier other than "
+                             f"the generating model {meta.name}")
+        if clf is None and (features == "classifier" or (features == "auto" and not inception_ok)):
+            result["metrics"] = None
+            result["metrics_note"] = (
+                f"IS / FID / KID skipped: no feature extractor independent of {meta.name} is available for "
+                f"'{meta.dataset}'. {inception_why.split(';')[0]}; or choose a classifier for the features "
+                "(the generating model's own features are optimistic).")
         else:
-            clf, clf_name = lm.model, meta.name or "model"
-        ext = choose_extractor(mc.get("features", "auto"), clf, clf_name, device)
-        sel = torch.nonzero(torch.isin(ds.y, torch.tensor(classes))).squeeze(1)
-        n_real = mc.get("n_real")
-        if n_real:
-            g = torch.Generator().manual_seed(cfg.seed)
-            sel = sel[torch.randperm(len(sel), generator=g)[:int(n_real)]].sort().values
-        real, real_y = ds.images(sel), ds.y[sel]
-        m = generation_metrics(
-            x, real, ext, fake_labels=y.numpy(), real_labels=real_y.numpy(), is_splits=int(mc.get("is_splits", 10)),
-            kid_subset_size=int(mc.get("kid_subset_size", 1000)), kid_subsets=int(mc.get("kid_subsets", 100)),
-            seed=cfg.seed, lpips=bool(mc.get("lpips", False)),
-            progress=lambda f, msg: report(0.02 + gen_share + (0.98 - gen_share) * f, msg))
-        if ext.label.startswith("classifier:") and not fm:
-            m["notes"].append("features from the generating model itself: SGLD optimises the samples for it, "
-                              "so these numbers are optimistic; choose another classifier for a fairer score")
-        result["metrics"] = m
+            ext = choose_extractor(features, clf, clf_name or "classifier", device)
+            if ext.label.startswith("classifier:"):
+                ext.notes.extend(notes)
+            sel = torch.nonzero(torch.isin(ds.y, torch.tensor(classes))).squeeze(1)
+            n_real = mc.get("n_real")
+            if n_real:
+                g = torch.Generator().manual_seed(cfg.seed)
+                sel = sel[torch.randperm(len(sel), generator=g)[:int(n_real)]].sort().values
+            real, real_y = ds.images(sel), ds.y[sel]
+            m = generation_metrics(
+                x, real, ext, fake_labels=y.numpy(), real_labels=real_y.numpy(),
+                is_splits=int(mc.get("is_splits", 10)), kid_subset_size=int(mc.get("kid_subset_size", 1000)),
+                kid_subsets=int(mc.get("kid_subsets", 100)), seed=cfg.seed, lpips=bool(mc.get("lpips", False)),
+                progress=lambda f, msg: report(0.02 + gen_share + (0.98 - gen_share) * f, msg))
+            result["metrics"] = m
     result["notes"] = job_notes
     result["seconds"] = round(time.time() - t0, 3)
     atomic_write_json(run_dir / "metrics.json", result)

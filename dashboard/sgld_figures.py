@@ -24,9 +24,12 @@ def _band(fig: go.Figure, x, mean, std, color: str, name: str, dash: str | None 
 
 
 def energy_trend(summary: dict[str, np.ndarray], reference: float | None = None,
-                 reference_marginal: float | None = None, title: str = "Energies along the SGLD chain") -> go.Figure:
+                 reference_marginal: float | None = None, title: str = "Energies along the SGLD chain",
+                 passed_at: int | None = None) -> go.Figure:
     """Fig. 5e: mean E(x, y) of the target class (band = ±1 std over chains) falling towards the
-    dashed reference Ē(x, y) of real images, the mean E(x, y') of the other classes rising, and E(x)."""
+    dashed reference Ē(x, y) of real images, the mean E(x, y') of the other classes rising, and E(x).
+    ``passed_at``: the step at which the mean E(x, y) went below Ē(x, y) (``SGLDTrace.passed_reference``),
+    marked by a vertical line and a point on the curve."""
     step = summary["step"]
     fig = go.Figure()
     _band(fig, step, summary["target_mean"], summary["target_std"], TARGET_COLOR, "target E(x, y)")
@@ -35,6 +38,14 @@ def energy_trend(summary: dict[str, np.ndarray], reference: float | None = None,
     if reference is not None and np.isfinite(reference):
         fig.add_trace(go.Scatter(x=[step[0], step[-1]] if len(step) > 1 else [0, 1], y=[reference, reference],
                                  mode="lines", name="Ē(x, y) of real images", line=dict(color=TARGET_COLOR, dash="dash")))
+    if passed_at is not None and reference is not None and np.isfinite(reference):
+        i = int(np.searchsorted(np.asarray(step), passed_at))
+        i = min(i, len(step) - 1)
+        fig.add_vline(x=float(passed_at), line=dict(color="black", dash="dot", width=1),
+                      annotation_text=f"passed Ē(x, y) at step {passed_at}", annotation_position="top right")
+        fig.add_trace(go.Scatter(x=[float(passed_at)], y=[float(np.asarray(summary["target_mean"])[i])], mode="markers",
+                                 name=f"below Ē(x, y) from step {passed_at}",
+                                 marker=dict(color=TARGET_COLOR, size=11, symbol="x")))
     if reference_marginal is not None and np.isfinite(reference_marginal):
         fig.add_trace(go.Scatter(x=[step[0], step[-1]] if len(step) > 1 else [0, 1],
                                  y=[reference_marginal, reference_marginal], mode="lines",

@@ -60,8 +60,8 @@ STEPS: list[Step] = [
     Step("SGLD: generating images with a robust classifier (Eq. 7)", "sgld", model=SAT,
          widgets={"sgld_init_kind": "pca", "sgld_classes": [1, 7], "sgld_chains": 4, "sgld_autorun": True},
          text="SGLD with momentum from a PCA initialisation per class, using only the robust classifier. Press "
-              "*Step 10* a few times and watch the images and the target E(x, y) fall towards the class average "
-              "Ē(x, y) (Fig. 5e)."),
+              "*Run 100 steps* and watch the images sharpen and the target E(x, y) fall towards the class average "
+              "Ē(x, y) of real images (Fig. 5e); the plot marks the step where the chains pass it."),
 ]
 
 

@@ -59,7 +59,7 @@ SQUARE_QUERIES = 300  # ~20 s on 64 digits images on a busy 2-core CPU (issue 13
 common.widget_default("atk_eps255", round(default_eps * 255, 2), scope=meta.dataset)
 for k, v in {"atk_name": "pgd", "atk_norm": "Linf", "atk_eps_l2": 0.5, "atk_steps": 10, "atk_auto_step": True,
              "atk_step": 2 / 255, "atk_n": 64, "atk_seed": 0, "atk_targeted": False, "atk_tmode": "random",
-             "atk_queries": SQUARE_QUERIES}.items():
+             "atk_queries": SQUARE_QUERIES, "atk_kappa": 0.0}.items():
     common.widget_default(k, v)
 with st.form("attack_form"):
     c1, c2, c3, c4 = st.columns(4)
@@ -89,6 +89,12 @@ with st.form("attack_form"):
                                         "more keep lowering it."))
     if name == "square":
         steps = queries
+    # always on screen: a form reruns the page only on submit, so a field shown only once CW is picked would appear late
+    kcol, _ = st.columns([1, 3])
+    kappa = float(kcol.number_input("CW confidence κ (CW only)", min_value=0.0, step=0.5, key="atk_kappa",
+                                    help="CW's margin loss is capped at κ: with κ = 0 an image stops moving as soon as "
+                                         "it is misclassified (Carlini-Wagner); a larger κ pushes it that far past the "
+                                         "decision boundary"))
     b1, b2 = st.columns([1, 3])
     submitted = b1.form_submit_button("Run attack", type="primary")
     # form values reach the server only with a submit: attacking an upload needs its own submit button,
@@ -146,7 +152,7 @@ if submitted:
     with common.guard("starting the attack"):
         ds = common.require_split(lm, "test", n_samples)
         spec = AttackSpec(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, targeted=targeted,
-                          target_mode=tmode, target_class=int(tclass), seed=seed, batch_size=256)
+                          target_mode=tmode, target_class=int(tclass), seed=seed, batch_size=256, kappa=kappa)
         spec.validate(meta.num_classes)
         x, y = chosen_images(ds, n_samples, seed)
         lm_b = common.load_ref(ref_b) if ref_b is not None else None
@@ -201,15 +207,22 @@ elif r is not None:
             m1.metric("Natural accuracy", f"{t.natural_accuracy():.1%}")
             m2.metric("Robust accuracy", f"{t.robust_accuracy():.1%}",
                       delta=f"{t.robust_accuracy() - t.natural_accuracy():+.1%}")
-            m3.metric("mean ΔE(x) = E(x) − E(x*)", f"{t.delta_marginal().mean():+.3f}")
+            ds_ = t.delta_summary()   # over the images the attack changed (AutoAttack leaves some untouched)
+            some = ds_["n_perturbed"] < ds_["n"]
+            over = f" over {ds_['n_perturbed']}/{ds_['n']} perturbed" if some else ""
+            m3.metric("mean ΔE(x) = E(x) − E(x*)" + over, "n/a" if not ds_["n_perturbed"] else f"{ds_['dE_mean']:+.3f}")
             ts = t.target_success()
-            m4.metric("Target reached" if ts is not None else "mean ΔE(x,y)",
-                      f"{ts:.1%}" if ts is not None else f"{t.delta_joint().mean():+.3f}")
+            m4.metric("Target reached" if ts is not None else "mean ΔE(x,y)" + over,
+                      f"{ts:.1%}" if ts is not None else "n/a" if not ds_["n_perturbed"] else f"{ds_['dEy_mean']:+.3f}")
             claim = marginal_claim(t, label=ATTACKS[s.name].label + (" (targeted)" if s.targeted else ""))
             (st.success if claim.holds else st.info if claim.holds is None else st.warning)(claim.text)
             for note in notes:
                 st.warning(note)
-            st.caption(f"{t.n_samples} images in {secs:.2f} s.")
+            st.caption(f"{t.n_samples} images in {secs:.2f} s."
+                       + (f" ΔE over the {ds_['n_perturbed']} of {ds_['n']} images the attack changed; the others "
+                          f"(misclassified already, or where the attack failed) are returned untouched. Over all "
+                          f"{ds_['n']} images: mean ΔE(x) {ds_['dE_mean_all']:+.3f}, mean ΔE(x,y) "
+                          f"{ds_['dEy_mean_all']:+.3f}." if some else ""))
             nat, fin = t.natural(), t.final()
             st.plotly_chart(fig.energy_arrows(nat["marginal"], nat["joint"], fin["marginal"], fin["joint"],
                                               labels=[classes[int(i)] for i in t.labels],
@@ -303,7 +316,7 @@ if up is not None:
                             format_func=lambda i: classes[i], key="atk_upload_label")
         if upload_submitted:  # the form's values are the ones on screen
             spec = AttackSpec(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, targeted=targeted,
-                              target_mode=tmode, target_class=int(tclass), seed=seed)
+                              target_mode=tmode, target_class=int(tclass), seed=seed, kappa=kappa)
             res = run_attack(lm.model, x1, torch.tensor([true]), spec)
             st.session_state["atk_upload_result"] = (x1.numpy(), res.x_adv.numpy(), res.trace, describe_attack(spec, classes))
         else:

@@ -84,12 +84,21 @@ sel = c1.multiselect("Classes", list(range(K)), default=list(range(min(K, 10))),
                      key="sgld_classes")
 chains = int(c2.number_input("Chains per class", value=4, step=1, key="sgld_chains"))
 init = c3.selectbox("Initialisation", inits, format_func=lambda k: INIT_LABELS[k], key="sgld_init_kind")
+# η, ζ, γ start at the defaults of the model's dataset family (core.sampling.sgld_defaults); switching to a model
+# of another family puts them back to that family's defaults, while edits within a family are kept
+sg_def = sampling.sgld_defaults(lm)
+if st.session_state.get("sgld_defaults_family") != sg_def["family"]:
+    for k in ("eta", "zeta", "gamma"):
+        st.session_state[f"sgld_{k}"] = float(sg_def[k])
+    st.session_state["sgld_defaults_family"] = sg_def["family"]
+FAMILY_LABEL = {"digits": "digits", "cifar": "natural images (CIFAR-like)"}
 c4, c5, c6, c7, c8 = st.columns(5)
-eta = float(c4.number_input("Step size η", value=sampling.DEFAULTS["eta"], step=0.1, format="%.4f", key="sgld_eta"))
-zeta = float(c5.number_input("Momentum ζ", value=sampling.DEFAULTS["zeta"], step=0.1, format="%.3f", key="sgld_zeta",
-                             help="0 = plain SGLD; must be in [0, 1)"))
-gamma = float(c6.number_input("Noise γ (std)", value=sampling.DEFAULTS["gamma"], step=0.001, format="%.4f",
-                              key="sgld_gamma"))
+eta = float(c4.number_input("Step size η", step=0.01, format="%.4f", key="sgld_eta",
+                            help=f"default {sg_def['eta']:g} for {FAMILY_LABEL[sg_def['family']]}"))
+zeta = float(c5.number_input("Momentum ζ", step=0.1, format="%.3f", key="sgld_zeta",
+                             help=f"0 = plain SGLD; must be in [0, 1); default {sg_def['zeta']:g}"))
+gamma = float(c6.number_input("Noise γ (std)", step=0.001, format="%.4f", key="sgld_gamma",
+                              help=f"default {sg_def['gamma']:g}"))
 n_run = int(c7.number_input("N (Run N steps)", value=100, step=50, key="sgld_n"))
 seed = int(c8.number_input("Seed", value=0, step=1, key="sgld_seed"))
 with st.expander("Initialisation and constraint settings"):
@@ -231,8 +240,13 @@ def _ref_for(s, classes=None):
 
 
 if sampler is None:
-    st.info("Choose classes and press **Initialise**, then **Step** or **Run**. The defaults (PCA start, η = 1, "
-            "ζ = 0.5) give recognisable digits after about 50 steps with the bundled robust model.")
+    st.info("Choose classes and press **Initialise**, then **Step** or **Run**. "
+            + (f"The defaults for {FAMILY_LABEL[sg_def['family']]} (PCA start, η = {sg_def['eta']:g}, "
+               f"ζ = {sg_def['zeta']:g}, γ = {sg_def['gamma']:g}) "
+               + ("give recognisable digits after about 50 steps with the bundled robust model."
+                  if sg_def["family"] == "digits" else
+                  "improved the FID of PCA-started chains on CIFAR-10 over 100 steps, where the digits' η = 1 "
+                  "made them worse (docs/METHODS.md).")))
 else:
     @st.fragment(run_every=1.0 if _task_running("sgld_task") else None)
     def _live():
@@ -263,9 +277,19 @@ else:
     sub = None if pick == "all chains" else [sampler.classes[[names[c] for c in sampler.classes].index(pick)]]
     with common.guard("drawing the energy plot"):
         ref_j, ref_m = _ref_for(sampler, sub)
+        passed = None
+        if ds_train is not None:
+            passed = tr.passed_reference(_reference(model_key, tuple(sampler.classes), lm, ds_train), sub)
         st.plotly_chart(sf.energy_trend(tr.summary(sub), ref_j, ref_m,
-                                        title=f"Energies along the chain — {pick} (Fig. 5e)"),
+                                        title=f"Energies along the chain — {pick} (Fig. 5e)",
+                                        passed_at=passed["step"] if passed else None),
                         width="stretch", config=fig.PLOT_CONFIG, key="sgld_trend")
+        if passed is not None and passed["step"] is not None:
+            where = (f"below it in {passed['classes_below']}/{passed['n_classes']} classes"
+                     if passed["n_classes"] > 1 else "below it" if passed["below_now"] else "back above it")
+            st.caption(f"The mean target energy E(x, y) passed the real-image level Ē(x, y) at step {passed['step']}; "
+                       f"now {where} (mean E(x, y) − Ē(x, y) = {passed['gap']:+.2f}). Far below Ē the chains are "
+                       "past the energy of real images: a smaller η or fewer steps keeps them nearer the data.")
     with common.guard("preparing the downloads"):
         d1, d2, d3 = st.columns(3)
         ncol = sampler.counts[0] if len(set(sampler.counts)) == 1 else 8
@@ -353,17 +377,27 @@ else:
                "extractor; values from different extractors are not comparable.")
     from core.models.registry import list_bundled, list_local
 
-    others = [(r, m) for r, m, err in list_bundled() + list_local()
-              if m is not None and list(m.input_shape or []) == list(meta.input_shape or [])]
+    entries = list_bundled() + list_local()
+    same_file = (lambda r: ref is not None and r.path is not None and ref.path is not None
+                 and Path(r.path).resolve() == Path(ref.path).resolve())
+    others = [(r, m) for r, m, err in entries if m is not None and not same_file(r)
+              and list(m.input_shape or []) == list(meta.input_shape or [])]
+    indep = gm.independent_classifier(meta, lm.path, entries)   # the default: never the generating model
+    auto_label = (f"independent: {indep[1].name or indep[0].name} ({indep[1].method}, {indep[1].dataset})" if indep
+                  else f"independent: none for {meta.dataset} (metrics skipped)")
     with st.form("sgld_job_form"):
         j1, j2, j3, j4 = st.columns(4)
         job_n = int(j1.number_input("Samples per class", value=100, step=50, key="sgld_job_n"))
         job_steps = int(j2.number_input("Steps", value=n_run, step=50, key="sgld_job_steps"))
         feats = j3.selectbox("Features", ["auto", "classifier", "inception"], key="sgld_job_feats",
                              help="auto = Inception-v3 when its weights are present, else a classifier")
-        fm_labels = ["this model (optimistic)"] + [f"{r.source}: {r.name} ({m.method})" for r, m in others]
+        fm_labels = ([auto_label, "this model (optimistic)"]
+                     + [f"{r.source}: {r.name} ({m.method}, {m.dataset})" for r, m in others])
         fm_i = j4.selectbox("Classifier for features", range(len(fm_labels)), format_func=lambda i: fm_labels[i],
-                            key="sgld_job_fm", help="another classifier gives a fairer score than the generating model")
+                            key="sgld_job_fm",
+                            help="the default is a classifier of the same data other than the generating model: "
+                                 "SGLD optimises the samples for the generating model, which flatters its own "
+                                 "features (a robust model's barely tell Gaussian blobs from real images)")
         j5, j6, j7 = st.columns(3)
         n_real = int(j5.number_input("Real images (0 = all of these classes)", value=0, step=500, key="sgld_job_real"))
         lpips = j6.checkbox("LPIPS (needs local AlexNet weights)", key="sgld_job_lpips")
@@ -380,7 +414,9 @@ else:
                    "bound": list(bound) if bound else None, "seed": seed, "pca_sigma": pca_sigma,
                    "pca_variance": pca_var, "pca_components": pca_k, "gaussian_ridge": ridge,
                    "device": st.session_state.get("device", "auto"),
-                   "metrics": {"enabled": ds_train is not None, "features": feats, "feature_model": dataclasses.asdict(others[fm_i - 1][0]) if fm_i else None,
+                   "metrics": {"enabled": ds_train is not None, "features": feats,
+                               "feature_model": (None if fm_i == 0 else dataclasses.asdict(ref) if fm_i == 1
+                                                 else dataclasses.asdict(others[fm_i - 2][0])),
                                "n_real": n_real or None, "lpips": bool(lpips)}}
             sampling.SGLDJobConfig.from_dict(cfg).validate()   # refuse bad settings before queueing
             info = jobs.submit("sgld", cfg, name=job_name.strip() or f"sgld {meta.name} {init} ×{job_n}/class",
@@ -391,14 +427,19 @@ else:
         m = j.result.get("metrics") or {}
         row = None
         if m:
-            c2.markdown(f"IS **{m['IS']:.2f}** · FID **{m['FID']:.2f}** · KID **{m['KID']:.4f}**"
+            floor = m.get("FID_floor")
+            floor_txt = (f" (real vs real: **{floor:.2f}** at n = {m.get('FID_floor_n')})" if floor is not None
+                         else " (real-vs-real floor: n/a)")
+            c2.markdown(f"IS **{m['IS']:.2f}** · FID **{m['FID']:.2f}**{floor_txt} · KID **{m['KID']:.4f}**"
                         + (f" · LPIPS **{m['LPIPS']:.3f}**" if m.get("LPIPS") is not None else "")
-                        + f"  \nfeatures: `{m['features']}`")
+                        + f"  \nfeatures: `{m['features']}`"
+                        + "".join(f"  \n{note}" for note in m.get("notes") or [] if "generating model" in note))
             row = {"job": j.name, "init": j.result["config"]["init"], "steps": j.result["config"]["steps"],
                    "N": j.result["n_samples"], "features": m["features"], "IS": m["IS"], "FID": m["FID"],
-                   "KID": m["KID"], "label agreement": m.get("label_agreement")}
+                   "FID real vs real": floor, "KID": m["KID"], "label agreement": m.get("label_agreement")}
         else:
-            c2.markdown(f"{j.result.get('n_samples', '?')} samples (no metrics)")
+            c2.markdown(f"{j.result.get('n_samples', '?')} samples (no metrics)"
+                        + (f"  \n{j.result['metrics_note']}" if j.result.get("metrics_note") else ""))
         path = j.result.get("samples")
         if path and os.path.isfile(path):
             c3.download_button("npz", lambda p=path: Path(p).read_bytes(), file_name=f"{j.id}_samples.npz",

@@ -30,6 +30,31 @@ def cifar_subset():
         return d["x"], d["y"]
 
 
+@pytest.fixture(scope="session")
+def cifar_plain_model(cifar_subset):
+    """A plain (not adversarially trained) SmallCNN (width 16) trained for 3 epochs on the first 2,000 images
+    of the real CIFAR-10 subset, and 128 held-out images of it: ~30% accurate and not robust at all, which is
+    what the attack checks on real images need. About 5-15 s on a CPU; skips when the subset is absent."""
+    import torch.nn.functional as F
+
+    from core.models import build_model
+
+    xs, ys = cifar_subset
+    x = torch.from_numpy(xs).float().div_(255)
+    y = torch.from_numpy(ys).long()
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10, width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model.train()
+        for idx in torch.randperm(2000, generator=g).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval(), x[-128:].clone(), y[-128:].clone()
+
+
 @pytest.fixture
 def tiny_linear_model():
     """A deterministic tiny classifier over 3x8x8 images (fast, for unit tests)."""

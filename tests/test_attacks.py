@@ -161,6 +161,73 @@ def test_targeted_pgd_reaches_its_target(model, data, mode):
     assert (tr.joint_target[-1] - tr.joint_target[0])[keep].mean() < 0
 
 
+def test_cw_margin_is_capped_at_kappa_including_zero():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.5, 1.0], [1.0, 1.2, 0.0]])
+    y = torch.tensor([0, 0, 0])
+    from core.attacks.gradient import objective
+
+    raw = torch.tensor([1.0 - 3.0, 2.5 - 0.0, 1.2 - 1.0])        # max_{i != y} f_i - f_y
+    torch.testing.assert_close(objective("margin", logits, y, None, None, kappa=0.0), raw.clamp(max=0.0))
+    torch.testing.assert_close(objective("margin", logits, y, None, None, kappa=0.5), raw.clamp(max=0.5))
+    t = torch.tensor([1, 1, 2])
+    raw_t = torch.tensor([1.0 - 3.0, 2.5 - 1.0, 0.0 - 1.2])      # f_t - max_{i != t} f_i
+    torch.testing.assert_close(objective("margin", logits, y, t, None, kappa=0.0), raw_t.clamp(max=0.0))
+
+
+def test_cw_with_kappa_zero_stops_at_the_decision_boundary_on_real_cifar(cifar_plain_model):
+    """Paper Fig. 2: CW 'overlaps the natural E(x)' because it stops once the image is misclassified, while
+    PGD keeps pushing CE up and E(x) down. On a plain CIFAR-10 model, 128 images, 20 steps at 8/255."""
+    model, x, y = cifar_plain_model
+    pgd_res = run_attack(model, x, y, AttackSpec("pgd", eps=8 / 255, steps=20))
+    cw_res = run_attack(model, x, y, AttackSpec("cw", eps=8 / 255, steps=20))
+    pgd, cw = pgd_res.trace, cw_res.trace
+    assert pgd.robust_accuracy() <= 0.2 and cw.robust_accuracy() <= 0.2      # both fool the plain model
+    d_pgd, d_cw = float(pgd.delta_marginal().mean()), float(cw.delta_marginal().mean())
+    assert d_pgd > 0.3, f"PGD should lower E(x) on a plain model (mean dE = {d_pgd:+.3f})"
+    assert abs(d_cw) < 0.4 * abs(d_pgd), f"CW mean dE {d_cw:+.3f} is not much closer to 0 than PGD's {d_pgd:+.3f}"
+    # the objective is the capped margin: once it reaches 0 (the boundary is crossed) the gradient is 0 and the
+    # image no longer moves, so its energies stay put for the remaining steps
+    # (row 0 is the natural image, row 1 the first iterate after the random start)
+    crossed = cw.loss[1:-1] >= 0                                # (iterate s, image i) already past the boundary
+    assert crossed.any() and float(cw.loss.max()) <= 1e-6
+    moved = np.abs(cw.marginal[2:] - cw.marginal[1:-1])[crossed]
+    assert float(moved.max()) <= 1e-4, f"images past the boundary kept moving (|dE| up to {moved.max():.3g})"
+
+    # so the adversarial margins max_{i != y} f_i - f_y end just past 0, not far beyond it as with PGD
+    def margins(res):
+        from core.attacks.gradient import _other_max
+
+        with torch.no_grad():
+            lg = model(res.x_adv)
+        m = (_other_max(lg, y) - lg.gather(1, y[:, None]).squeeze(1)).numpy()
+        return m[m > 0]
+
+    assert np.median(margins(cw_res)) < 0.5 * np.median(margins(pgd_res))
+
+
+def test_autoattack_delta_e_is_reported_over_the_images_it_perturbed(model, data):
+    """pyautoattack hands back misclassified images and those it failed on untouched (Delta E = 0 exactly); the
+    trace knows which images changed and reports Delta E over those, beside the all-images mean."""
+    x, y = data
+    res = run_attack(model, x, y, AttackSpec("apgd-ce", eps=8 / 255, steps=10))
+    tr = res.trace
+    changed = (res.x_adv != x).flatten(1).any(dim=1).numpy()
+    np.testing.assert_array_equal(tr.perturbed, changed)
+    assert 0 < changed.sum() < len(y), "the check needs both touched and untouched images"
+    untouched = ~changed
+    assert np.abs(tr.delta_marginal()[untouched]).max() <= 1e-5      # what used to dilute the mean
+    s = tr.delta_summary()
+    assert s["n"] == len(y) and s["n_perturbed"] == int(changed.sum())
+    assert s["dE_mean"] == pytest.approx(float(tr.delta_marginal()[changed].mean()), rel=1e-6)
+    assert s["dEy_mean"] == pytest.approx(float(tr.delta_joint()[changed].mean()), rel=1e-6)
+    assert s["dE_mean_all"] == pytest.approx(float(tr.delta_marginal().mean()), rel=1e-6)
+    # the all-images mean is the perturbed mean diluted by the share of untouched images
+    assert s["dE_mean_all"] == pytest.approx(s["dE_mean"] * s["n_perturbed"] / s["n"], rel=1e-4, abs=1e-5)
+    # PGD moves every image (random start): both means agree
+    p = run_attack(model, x[:32], y[:32], AttackSpec("pgd", eps=8 / 255, steps=3)).trace.delta_summary()
+    assert p["n_perturbed"] == 32 and p["dE_mean"] == pytest.approx(p["dE_mean_all"])
+
+
 # ---- energies along attacks (paper Sec. 3.1, Fig. 2) -------------------------------------------------
 @pytest.fixture(scope="module")
 def pgd_runs(model, data):
@@ -421,6 +488,8 @@ BAD_SPECS = [
     (dict(targeted=True, target_mode="chosen", target_class=-1), "target class -1 does not exist"),
     (dict(targeted=True, target_mode="chosen"), "choose a target class"),
     (dict(targeted=True, target_mode="sideways"), "target mode must be one of"),
+    (dict(name="cw", kappa=-1.0), "kappa (the CW confidence margin) must"),
+    (dict(name="cw", kappa=float("nan")), "kappa must be a finite number"),
 ]
 
 
@@ -464,3 +533,73 @@ def test_uint8_images_are_accepted(model, small):
     assert res.trace is None
     assert res.x_adv.dtype == torch.float32
     _assert_in_ball_and_box(res.x_adv, x8.float() / 255, EPS_LINF, "Linf", "uint8 input")
+
+
+# ---- a model shared by concurrent sessions (st.cache_resource) ------------------------------------------
+def test_eval_mode_is_safe_when_two_threads_hold_the_same_model():
+    """Thread A enters, thread B enters, A leaves: B must still run on the frozen eval-mode model (the
+    BatchNorm-folded view), and once B leaves too the model is back in its state before A entered."""
+    import threading
+
+    from core.attacks import eval_mode
+    from core.models.folding import folded
+
+    torch.manual_seed(0)
+    shared = build_model("smallcnn", 10).train()       # a model some caller is training: grads on, train mode
+    x = torch.rand(4, 3, 32, 32)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict = {}
+    errors: list = []
+
+    def thread_a():
+        try:
+            with eval_mode(shared):
+                a_in.set()
+                assert b_in.wait(10)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            a_in.set()
+            a_out.set()
+
+    def thread_b():
+        try:
+            assert a_in.wait(10)
+            with eval_mode(shared):
+                b_in.set()
+                assert a_out.wait(10)
+                seen["grad"] = [p.requires_grad for p in shared.parameters()]
+                seen["training"] = [m.training for m in shared.modules()]
+                seen["folded"] = folded(shared, x) is not shared
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            b_in.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors, errors
+    assert not any(seen["grad"]), "B ran with parameters that require gradients after A left"
+    assert not any(seen["training"]), "B ran in training mode after A left"
+    assert seen["folded"], "the BatchNorm-folded fast path was off for B"
+    assert all(p.requires_grad for p in shared.parameters()), "the model stayed frozen after both left"
+    assert all(m.training for m in shared.modules()), "the model did not get its training mode back"
+
+
+def test_eval_mode_nested_and_overlapping_models_restore_the_outer_state():
+    from core.attacks import eval_mode
+
+    torch.manual_seed(0)
+    outer = torch.nn.Sequential(build_model("smallcnn", 10), torch.nn.Identity()).train()
+    inner = outer[0]
+    inner.linear.bias.requires_grad_(False)
+    with eval_mode(outer):
+        with eval_mode(inner):                       # a submodule of a held model: shares every parameter
+            assert not inner.training
+        assert not any(p.requires_grad for p in outer.parameters()) and not outer.training
+    assert outer.training and all(m.training for m in outer.modules())
+    assert inner.linear.bias.requires_grad is False
+    assert all(p.requires_grad for n, p in inner.named_parameters() if n != "linear.bias")

@@ -130,3 +130,15 @@ def test_saved_corrupt_file_is_dropped_not_raised(cache):
     assert saved.load(sid, "attack") is None and not path.exists()
     with pytest.raises(InputError):
         saved.save(sid, "attack", {"o": np.array([object()], dtype=object)}, {})
+
+
+def test_claim_judges_only_the_images_the_attack_changed():
+    """AutoAttack returns untouched images unchanged (ΔE = 0): they must not dilute the share or the mean."""
+    t = trace(NAT, NAT - 1.0, attack="apgd-ce")
+    t.perturbed = np.arange(200) < 80          # 120 images left untouched
+    t.marginal[-1, 80:] = t.marginal[0, 80:]
+    c = marginal_claim(t)
+    assert c.n == 80 and c.share_lowered == 1.0 and c.mean_delta == pytest.approx(1.0, abs=1e-4)
+    assert "of the 80 images it changed (120 left untouched)" in c.text and c.holds is True
+    t.perturbed = np.zeros(200, bool)
+    assert marginal_claim(t).n == 0 and marginal_claim(t).holds is None

@@ -217,6 +217,28 @@ def test_npz_round_trip(tmp_path):
         assert back.to_csv() == tr.to_csv()
 
 
+def test_perturbed_mask_survives_concat_and_npz_and_sets_the_delta_summary(tmp_path):
+    a, *_ = _record(n=4, steps=2)
+    b, *_ = _record(n=3, steps=2)
+    a.perturbed = np.array([True, False, True, False])
+    b.perturbed = np.array([False, True, True])
+    c = a.concat(b)
+    np.testing.assert_array_equal(c.perturbed, [True, False, True, False, False, True, True])
+    np.savez(tmp_path / "t.npz", **c.to_npz_dict())
+    with np.load(tmp_path / "t.npz", allow_pickle=False) as d:
+        back = EnergyTrace.from_npz_dict(dict(d))
+    np.testing.assert_array_equal(back.perturbed, c.perturbed)
+    s = back.delta_summary()
+    dm = back.delta_marginal().astype(np.float64)
+    assert s["n"] == 7 and s["n_perturbed"] == 4
+    assert s["dE_mean"] == pytest.approx(dm[c.perturbed].mean()) and s["dE_mean_all"] == pytest.approx(dm.mean())
+    a.perturbed = None                       # not recorded (e.g. an SGLD chain): every image counts
+    s = a.delta_summary()
+    assert s["n_perturbed"] == 4 and s["dE_mean"] == pytest.approx(s["dE_mean_all"])
+    a.perturbed = np.zeros(4, bool)
+    assert np.isnan(a.delta_summary()["dE_mean"])
+
+
 def test_natural_trace_matches_direct_energies_across_batches():
     from core.drift import natural_trace
     from core.models import build_model

@@ -253,6 +253,52 @@ def test_generation_metrics_labelled_and_sane():
     assert r_other["label_agreement"] is not None and 0 <= r_other["label_agreement"] <= 1
 
 
+def test_every_fid_comes_with_its_real_vs_real_floor():
+    """FID_floor: the FID of m = min(n_fake, n_real // 2) real images against the other real images (disjoint)."""
+    rng = np.random.default_rng(0)
+    fr = rng.normal(size=(400, 6))
+    floor, m = M.real_fid_floor(fr, 150, seed=3)
+    perm = np.random.default_rng(3).permutation(400)
+    assert m == 150 and floor == pytest.approx(M.fid_from_features(fr[perm[150:]], fr[perm[:150]]))
+    assert M.real_fid_floor(fr, 1000)[1] == 200                       # at most half of the real images
+    assert M.real_fid_floor(fr[:3], 10) == (None, 1)
+    ext = M.ClassifierFeatures(_Net(), "toy")
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(200, 3, 8, 8, generator=g)
+    fake = torch.rand(40, 3, 8, 8, generator=g) * 0.1 + 0.9
+    r = M.generation_metrics(fake, real, ext, kid_subset_size=30, kid_subsets=5, is_splits=2, seed=1)
+    f_real, _ = ext.extract(real)
+    assert r["FID_floor_n"] == 40 and r["FID_floor"] == pytest.approx(M.real_fid_floor(f_real, 40, seed=1)[0])
+    assert r["FID"] > r["FID_floor"]              # shifted images score above what real images of that size do
+
+
+def _cand(name, dataset, method, source="bundled", shape=(3, 32, 32), path=None):
+    from core.models import ModelMeta
+    from core.models.registry import ModelRef
+
+    meta = ModelMeta(arch="smallcnn", num_classes=10, dataset=dataset, method=method, input_shape=list(shape),
+                     name=name)
+    return ModelRef(source, name, path or f"/models/{name}.safetensors"), meta, None
+
+
+def test_independent_classifier_is_never_the_generating_model_and_matches_its_data():
+    gen_ref, gen_meta, _ = _cand("cifar-sat", "cifar10", "sat")
+    pool = [(gen_ref, gen_meta, None), _cand("digits-plain", "digits", "plain"),
+            _cand("cifar-trades", "cifar10", "trades"), _cand("demo-plain", "cifar10-demo", "plain"),
+            _cand("mine-plain", "cifar10", "plain", source="local"),
+            _cand("big-plain", "cifar10", "plain", shape=(3, 64, 64)), _cand("c100-plain", "cifar100", "plain"),
+            (_cand("broken", "cifar10", "plain")[0], None, "unreadable")]
+    pick = lambda cands: (M.independent_classifier(gen_meta, gen_ref.path, cands) or (None, None))[1]  # noqa: E731
+    assert pick(pool).name == "mine-plain"         # same dataset, plain (bundled ones only break ties)
+    assert pick([c for c in pool if c[1] is None or c[1].name != "mine-plain"]).name == "cifar-trades"
+    assert pick([c for c in pool if c[1] is None or c[1].dataset != "cifar10"]).name == "demo-plain"
+    # only the generating model itself, other datasets, shapes or unreadable files: none
+    assert pick([c for c in pool if c[1] is None or c[1].name in ("cifar-sat", "digits-plain", "big-plain",
+                                                                    "c100-plain")]) is None
+    # a zoo model (no path) is recognised by its name
+    assert M.independent_classifier(gen_meta, None, [(gen_ref, gen_meta, None)]) is None
+
+
 def test_lpips_reports_reason_when_weights_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     val, why = M.lpips_to_real(torch.rand(2, 3, 8, 8), [0, 0], torch.rand(2, 3, 8, 8), [0, 0])

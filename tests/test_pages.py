@@ -113,6 +113,36 @@ def test_attack_lab_runs_pgd_and_draws_the_paper_figures():
     assert {"natural", "adversarial"} <= set(hist.trace_names)
 
 
+def test_attack_lab_sets_the_cw_confidence_kappa():
+    at = fresh_app()
+    at.switch_page("../pages/attack_lab.py").run()
+    at.selectbox(key="atk_name").set_value("cw")
+    at.number_input(key="atk_kappa").set_value(2.0)
+    run_attack_and_wait(at, n=16)
+    assert not at.exception, [e.message for e in at.exception]
+    r = at.session_state["atk_result"]
+    assert r["spec"].name == "cw" and r["spec"].kappa == 2.0
+    loss = r["trace"].loss
+    # the CW objective is the margin capped at kappa: it reaches 2 for the images pushed that far, never more
+    assert loss.max() <= 2.0 + 1e-6 and (loss[-1] > 1.0).any()
+
+
+def test_attack_lab_reports_autoattack_delta_e_over_the_perturbed_images():
+    at = fresh_app()
+    at.switch_page("../pages/attack_lab.py").run()
+    at.selectbox(key="atk_name").set_value("apgd-ce")
+    at.number_input(key="atk_eps255").set_value(8.0)
+    run_attack_and_wait(at, n=48)
+    assert not at.exception, [e.message for e in at.exception]
+    s = at.session_state["atk_result"]["trace"].delta_summary()
+    assert 0 < s["n_perturbed"] < s["n"], s                  # digits-plain: some images survive APGD-CE at 8/255
+    metrics = {m.label: m.value for m in at.metric}
+    label = f"mean ΔE(x) = E(x) − E(x*) over {s['n_perturbed']}/{s['n']} perturbed"
+    assert metrics[label] == f"{s['dE_mean']:+.3f}", metrics
+    captions = " ".join(c.value for c in at.caption)
+    assert f"Over all {s['n']} images: mean ΔE(x) {s['dE_mean_all']:+.3f}" in captions, captions
+
+
 @pytest.mark.parametrize("field,value,expected", [
     ("atk_eps255", -3.0, "epsilon must be >= 0, got -3/255"),  # in the widget's units (issue 13)
     ("atk_steps", 0, "steps must be a positive integer"),

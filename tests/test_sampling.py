@@ -385,12 +385,126 @@ def test_run_job_writes_samples_and_labelled_metrics(tmp_path, cache):
     ds = load_dataset(f"npz:{tmp_path / 'run' / 'samples.npz'}", "train")   # usable as a dataset
     assert len(ds) == 12
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert saved["metrics"]["features"] == "classifier:digits-plain"
+    # never the generating model's own features by default: another bundled digits classifier
+    assert saved["metrics"]["features"].startswith("classifier:digits-")
+    assert saved["metrics"]["features"] != "classifier:digits-plain"
+    assert any("other than the generating model digits-plain" in n for n in saved["metrics"]["notes"])
     assert saved["metrics"]["FID"] >= 0 and 1 <= saved["metrics"]["IS"] <= 10
+    assert saved["metrics"]["FID_floor"] >= 0 and saved["metrics"]["FID_floor_n"] == 12   # min(12 fakes, half of real)
     assert set(saved["energy"]["reference_E_xy"]) == {"1", "4"}
-    assert res["metrics"]["features"] == "classifier:digits-plain"
+    assert saved["config"]["eta"] == S.DIGITS_DEFAULTS["eta"]                         # the digits defaults, recorded
+    assert res["metrics"]["features"] == saved["metrics"]["features"]
     assert reports[-1] == 1.0 and all(b >= a - 1e-9 for a, b in zip(reports, reports[1:]))
     with pytest.raises(InputError, match="unknown"):
         S.run_job({**cfg, "bogus": 1}, tmp_path / "bad", lambda f, m: None)
     with pytest.raises(InputError, match="η"):
         S.run_job({**cfg, "eta": 0}, tmp_path / "bad", lambda f, m: None)
+
+
+# ------------------------------------------------------------------------- defaults per dataset family
+def test_sgld_defaults_per_dataset_family():
+    from core.models import ModelMeta
+
+    for name in ("cifar10", "cifar100", "cifar10-demo", "svhn", "tinyimagenet", "npz:/data/mine.npz", "unknown", None):
+        d = S.sgld_defaults(dataset=name)
+        assert d["family"] == "cifar" and (d["eta"], d["zeta"], d["gamma"]) == (0.025, 0.8, 0.001), name
+    d = S.sgld_defaults(dataset="digits")
+    assert d["family"] == "digits" and (d["eta"], d["zeta"], d["gamma"]) == (1.0, 0.5, 0.001)
+    meta = ModelMeta(arch="smallcnn", num_classes=3, dataset="cifar10", input_shape=[1, 4, 4])
+    assert S.sgld_defaults(meta)["eta"] == 0.025
+    # the sampler takes them from the model's dataset (a LoadedModel), or from its training images
+    from core.models import LoadedModel
+
+    s = S.SGLDSampler(LoadedModel(Linear(16, 3), meta), [0], 2, init="random")
+    assert (s.eta, s.zeta, s.gamma) == (0.025, 0.8, 0.001)
+    meta.dataset = "digits"
+    s = S.SGLDSampler(LoadedModel(Linear(16, 3), meta), [0], 2, init="random", zeta=0.1)
+    assert (s.eta, s.zeta) == (1.0, 0.1)                          # an explicit value wins
+    ds = synthetic_dataset()
+    ds.name = "digits"
+    assert S.SGLDSampler(Linear(16, 3), [0], 2, init="pca", dataset=ds).eta == 1.0
+    # a job config leaves them to the model (validated as the defaults), and refuses bad explicit ones
+    cfg = S.SGLDJobConfig.from_dict({"model": {"source": "bundled", "name": "x"}}).validate()
+    assert cfg.eta is None and cfg.zeta is None and cfg.gamma is None
+    with pytest.raises(InputError, match="η"):
+        S.SGLDJobConfig.from_dict({"model": {"source": "bundled", "name": "x"}, "eta": -1}).validate()
+
+
+def test_passed_reference_finds_when_the_chain_went_below_the_real_data_level():
+    joint = np.array([[3.0, 2.0], [1.5, 1.0], [0.5, 0.8], [-1.0, 0.2]], np.float32)     # (rows, chains)
+    tr = S.SGLDTrace(steps=np.array([0, 5, 10, 15]), joint=joint, joint_all=np.zeros((4, 2, 2), np.float32),
+                     marginal=np.zeros((4, 2), np.float32), labels=np.array([0, 1]))
+    ref = {0: {"joint": 1.0, "marginal": 0.0}, 1: 0.5}                  # dicts as reference_energies gives, or floats
+    np.testing.assert_allclose(tr.reference_gap(ref), [1.75, 0.5, -0.1, -1.15])
+    out = tr.passed_reference(ref)
+    assert out["step"] == 10 and out["gap"] == pytest.approx(-1.15) and out["below_now"]
+    assert out["classes_below"] == 2 and out["n_classes"] == 2
+    one = tr.passed_reference(ref, classes=[1])
+    assert one["step"] == 15 and one["classes_below"] == 1 and one["n_classes"] == 1
+    assert tr.passed_reference({0: -5.0, 1: -5.0})["step"] is None      # never below
+    with pytest.raises(InputError, match="class 1"):
+        tr.passed_reference({0: 1.0})
+
+
+def _save_cifar_like(path, model, name, dataset, method):
+    from core.models import ModelMeta, save_checkpoint
+
+    save_checkpoint(path, model, ModelMeta(arch="smallcnn", arch_kwargs={"width": 16}, num_classes=10,
+                                           dataset=dataset, method=method, name=name))
+
+
+@pytest.mark.slow
+def test_default_metrics_rank_gaussian_blobs_below_real_cifar_images(cifar_subset, cifar_plain_model, tmp_path,
+                                                                    monkeypatch, cache):
+    """The batch job's default features are an independent classifier of the same data, never the generating
+    model, and with them Gaussian blobs (SGLD's 'gaussian' start, not moved: η tiny, γ = 0) score far worse
+    than real images of the same number do (the real-vs-real floor that comes with every FID)."""
+    from core import metrics as M
+    from core.models import build_model
+
+    xs, ys = cifar_subset
+    data = tmp_path / "cifar2k.npz"
+    np.savez(data, x=xs[:2000], y=ys[:2000])          # the fixture model's training images
+    dataset = f"npz:{data}"
+    runs = tmp_path / "runs"
+    (runs / "scorer").mkdir(parents=True)
+    _save_cifar_like(runs / "scorer" / "best.safetensors", cifar_plain_model[0], "cifar-plain", dataset, "plain")
+    torch.manual_seed(1)
+    gen = tmp_path / "generator.safetensors"          # the generating model: another network of the same data
+    _save_cifar_like(gen, build_model("smallcnn", 10, width=16).eval(), "generator", dataset, "untrained")
+    monkeypatch.setenv("ENERGYLENS_RUNS", str(runs))
+    monkeypatch.setattr(M, "inception_status", lambda: (False, "Inception weights not found; using a classifier"))
+    # 1,000 blobs against the 2,000 real images: at 200 the real-vs-real floor itself varies by 2x between draws
+    cfg = {"model": {"source": "local", "name": "generator", "path": str(gen)}, "n_per_class": 100, "init": "gaussian",
+           "steps": 1, "eta": 1e-9, "gamma": 0.0, "batch_size": 500, "seed": 0, "device": "cpu",
+           "metrics": {"kid_subset_size": 100, "kid_subsets": 5}}
+    res = S.run_job(cfg, tmp_path / "job", lambda f, m: None)["metrics"]
+    assert res["features"] == "classifier:cifar-plain", res["features"]
+    assert res["n_fake"] == 1000 and res["FID_floor_n"] == 1000
+    # (3.2-4.8x over draws with this scorer; the generator's own, untrained, features give about 1.1x)
+    assert res["FID"] > 2 * res["FID_floor"], (res["FID"], res["FID_floor"])
+    # no independent classifier of these data: no metrics rather than the generating model's own features
+    (runs / "scorer" / "best.safetensors").unlink()
+    out = S.run_job(cfg, tmp_path / "job2", lambda f, m: None)
+    assert out["metrics"] is None and "no feature extractor independent of generator" in out["metrics_note"]
+
+
+def test_run_job_scores_with_inception_when_its_weights_are_present(tmp_path, monkeypatch, cache):
+    """'auto' takes Inception-v3 when its weights are there (a stand-in extractor here: nothing is downloaded)."""
+    if not PLAIN.is_file():
+        pytest.skip("bundled digits-plain checkpoint missing")
+    from core import metrics as M
+
+    def fake_inception(device="cpu"):
+        def fn(x):
+            f = torch.nn.functional.avg_pool2d(M._to_float01(x), 8).flatten(1)
+            return f, torch.zeros(len(x), 1008)
+        return M.InceptionFeatures(label="inception-v3", layer="pool3 (stand-in)", fn=fn)
+
+    monkeypatch.setattr(M, "inception_status", lambda: (True, "Inception-v3 weights from a test file"))
+    monkeypatch.setattr(M, "load_inception", fake_inception)
+    cfg = {"model": {"source": "bundled", "name": "digits-plain", "path": str(PLAIN)}, "classes": [1, 4],
+           "n_per_class": 6, "init": "pca", "steps": 2, "seed": 1, "device": "cpu",
+           "metrics": {"kid_subset_size": 10, "kid_subsets": 5, "is_splits": 2}}
+    m = S.run_job(cfg, tmp_path / "run", lambda f, m: None)["metrics"]
+    assert m["features"] == "inception-v3" and m["FID_floor"] is not None and m["FID_floor_n"] == 12

@@ -157,9 +157,76 @@ def test_batch_job_runs_and_reports_labelled_metrics(app, tmp_path):
         time.sleep(1)
     j = jobs.get_job(js[0].id)
     assert j.status == "done", (j.error, jobs.read_log_tail(j.id, 40))
-    assert j.result["metrics"]["features"].startswith("classifier:")
+    # the default feature classifier is an independent one of the same data, never the generating model
+    gen = at.session_state["model_ref"].name
+    assert j.result["metrics"]["features"].startswith("classifier:digits-")
+    assert j.result["metrics"]["features"] != f"classifier:{gen}"
     assert j.result["n_samples"] == 3 * 4 and j.result["config"]["steps"] == 3
     assert Path(j.result["samples"]).is_file()
     at.run()
     _ok(at)
     assert any("features" in (m.value or "") for m in at.markdown)
+    floor = j.result["metrics"]["FID_floor"]
+    assert any(f"real vs real: **{floor:.2f}** at n = 12" in (m.value or "") for m in at.markdown), \
+        [m.value for m in at.markdown]
+
+
+def test_step_defaults_follow_the_models_dataset_family(tmp_path, monkeypatch):
+    """A CIFAR-10 model gets η = 0.025, ζ = 0.8 (the digits' η = 1 makes CIFAR chains worse); digits keep theirs."""
+    import torch
+
+    from core.models import ModelMeta, build_model, save_checkpoint
+
+    runs = tmp_path / "runs"
+    (runs / "c10").mkdir(parents=True)
+    torch.manual_seed(0)
+    save_checkpoint(runs / "c10" / "best.safetensors", build_model("smallcnn", 10),
+                    ModelMeta(arch="smallcnn", num_classes=10, dataset="cifar10", method="sat", name="c10-sat"))
+    monkeypatch.setenv("ENERGYLENS_RUNS", str(runs))
+    monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(HOME), default_timeout=120)
+    at.run()
+    at.switch_page(PAGE).run()
+    _ok(at)
+
+    def pick_bundled(prefix):
+        box = at.sidebar.selectbox(key="pick-Bundled")
+        box.select_index(next(i for i, lab in enumerate(box.options) if str(lab).startswith(prefix))).run()
+        _ok(at)
+        assert at.session_state["model_ref"].name == prefix
+
+    pick_bundled("digits-sat")
+    assert at.number_input(key="sgld_eta").value == 1.0 and at.number_input(key="sgld_zeta").value == 0.5
+    at.sidebar.radio(key="model_source").set_value("Local checkpoints").run()
+    _ok(at)
+    assert at.session_state["model_ref"].name.endswith("best")
+    assert at.number_input(key="sgld_eta").value == 0.025 and at.number_input(key="sgld_zeta").value == 0.8
+    assert at.number_input(key="sgld_gamma").value == 0.001
+    at.sidebar.radio(key="model_source").set_value("Bundled").run()   # (the sidebar pick starts over)
+    pick_bundled("digits-sat")
+    assert at.number_input(key="sgld_eta").value == 1.0
+    at.number_input(key="sgld_eta").set_value(0.5).run()            # an edit within a family is kept
+    pick_bundled("digits-plain")
+    assert at.number_input(key="sgld_eta").value == 0.5
+
+
+def test_energy_plot_marks_when_the_chain_passed_the_real_data_level(app):
+    at = app
+    at.button(key="sgld_btn_init").click().run()
+    at.number_input(key="sgld_n").set_value(40).run()
+    at.button(key="sgld_btn_run").click().run()
+    _run_until(at, lambda: at.session_state["sgld_task"].done and _sampler(at).steps_done == 40)
+    at.run()
+    _ok(at)
+    s = _sampler(at)
+    from core import sampling as S
+    from core.data import load_dataset
+
+    ref = S.reference_energies(s.model, load_dataset("digits", "train"), s.classes)
+    passed = s.trace.passed_reference(ref)
+    assert passed["step"] is not None, passed          # digits-sat, η = 1: the chains pass Ē(x, y) within 40 steps
+    spec = json.loads(next(c for c in at.get("plotly_chart") if "Fig. 5e" in c.proto.spec).proto.spec)
+    marker = [t for t in spec["data"] if (t.get("name") or "").startswith("below Ē(x, y) from step")]
+    assert marker and marker[0]["x"] == [passed["step"]]
+    assert any(sh.get("type") == "line" and sh.get("x0") == passed["step"] for sh in spec["layout"].get("shapes", []))
+    assert any(f"passed the real-image level Ē(x, y) at step {passed['step']}" in c.value for c in at.caption)

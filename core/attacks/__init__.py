@@ -193,7 +193,11 @@ def run_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, spec: A
                 raise
             advs.append(xa.to(out_device).contiguous())
             if rec is not None:
-                traces.append(rec.finish())
+                t = rec.finish()
+                # which images the attack changed: AutoAttack's components hand back misclassified images and
+                # those they failed on untouched (Delta E = 0), see EnergyTrace.delta_summary
+                t.perturbed = (xa != xb).flatten(1).any(dim=1).cpu().numpy()
+                traces.append(t)
             i += len(yb)
             if i < n and should_stop is not None and should_stop():
                 stopped = True

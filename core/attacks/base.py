@@ -2,7 +2,8 @@
 
 Guarantees, for every attack:
 * the model is in eval mode during the attack and its previous mode (and its parameters'
-  ``requires_grad``) is restored afterwards, even on error;
+  ``requires_grad``) is restored afterwards, even on error, also when several threads attack the same
+  (cached, shared) model at once (:func:`eval_mode`);
 * the result lies in the epsilon-ball around x (Linf or L2) and in the [0, 1] box;
 * an :class:`~core.drift.EnergyTrace` is returned, step 0 being the natural images;
 * work is batched; on an out-of-memory error the batch is halved and retried, and the caller's
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -64,7 +66,7 @@ class AttackSpec:
     random_start: bool = True
     seed: int | None = 0
     batch_size: int = 256
-    kappa: float = 0.0                   # CW confidence margin
+    kappa: float = 0.0                   # CW confidence margin (>= 0; 0 = stop at the boundary)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -146,23 +148,69 @@ class AttackInfo:
     description: str = ""
 
 
+# Who holds which module / parameter in eval mode: id -> [object, holders, state before the first holder].
+# One model is shared by every Streamlit session and task thread (st.cache_resource), so attacks on it overlap;
+# a per-call save/restore would let the first caller to leave restore the state under the others' feet
+# (A enters, B enters and saves A's frozen state, A leaves and unfreezes B's model, B leaves and freezes it
+# for good). Instead the state is saved by the first holder and restored by the last one, under one lock.
+_HOLD_LOCK = threading.Lock()
+_HELD_MODULES: dict[int, list] = {}
+_HELD_PARAMS: dict[int, list] = {}
+
+
+def _hold(table: dict[int, list], obj, current: bool) -> bool:
+    """Count one more holder of ``obj``; True when it is the first (the caller then changes the state)."""
+    entry = table.get(id(obj))
+    if entry is None:
+        table[id(obj)] = [obj, 1, current]
+        return True
+    entry[1] += 1
+    return False
+
+
+def _release(table: dict[int, list], obj):
+    """Count one holder less; the saved state when it was the last one, else None."""
+    entry = table[id(obj)]
+    entry[1] -= 1
+    if entry[1] == 0:
+        del table[id(obj)]
+        return entry[2]
+    return None
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Put the model in eval mode and freeze its parameters; restore both afterwards."""
+    """Put the model in eval mode and freeze its parameters; restore both afterwards.
+
+    Safe when several threads hold the same model (or models sharing submodules) at once: every module's
+    ``training`` flag and every parameter's ``requires_grad`` is saved by the first holder and restored by
+    the last, so the model stays in eval mode and frozen (the BatchNorm-folded fast path on) until every
+    attack on it has finished, and gets back exactly the state it had before the first one. A model being
+    trained (parameters that require gradients, e.g. core.train's inner attack) gets them back afterwards.
+    """
     # Every submodule's own flag is saved: model.train(was_training) alone would flip submodules that
     # were deliberately in the other mode (e.g. frozen BatchNorm inside a model being fine-tuned).
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
+    modules = list(model.modules())
+    params = list(model.parameters())
+    with _HOLD_LOCK:
+        for m in modules:
+            if _hold(_HELD_MODULES, m, m.training):
+                m.training = False
+        for p in params:
+            if _hold(_HELD_PARAMS, p, p.requires_grad):
+                p.requires_grad_(False)
     try:
         yield model
     finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        for m, t in modes:
-            m.training = t
+        with _HOLD_LOCK:
+            for p in params:
+                flag = _release(_HELD_PARAMS, p)
+                if flag is not None:
+                    p.requires_grad_(flag)
+            for m in modules:
+                mode = _release(_HELD_MODULES, m)
+                if mode is not None:
+                    m.training = mode
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:

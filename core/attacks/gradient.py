@@ -3,8 +3,10 @@
 * PGD (Linf / L2), cross-entropy: untargeted maximises CE(x*, y); targeted minimises CE(x*, t).
 * TRADES-KL: maximises KL(p(.|x) || p(.|x*)), the TRADES / WEAT inner maximisation
   (start x + 0.001 * N(0, I), sign steps, Linf).
-* CW-Linf: the Carlini-Wagner margin loss max(max_{i!=y} f_i - f_y, ...) under an eps bound,
-  untargeted or targeted (f_t - max_{i!=t} f_i), capped at the confidence kappa.
+* CW-Linf: the Carlini-Wagner margin loss min(max_{i!=y} f_i - f_y, kappa) under an eps bound,
+  untargeted or targeted (min(f_t - max_{i!=t} f_i, kappa)), capped at the confidence kappa >= 0: with
+  the default kappa = 0 an image stops moving once it has crossed the decision boundary (Linf sign steps
+  of a zero gradient are zero), as in Carlini & Wagner and torchattacks.
 
 The trace reuses the logits of each step's gradient forward, so recording costs one extra
 natural forward (none without a random start) and the final forward needed for the result.
@@ -39,12 +41,15 @@ def objective(kind: str, logits: torch.Tensor, y: torch.Tensor, targets: torch.T
         logp_adv = F.log_softmax(logits, dim=1)
         return (logp_nat.exp() * (logp_nat - logp_adv)).sum(dim=1)
     if kind == "margin":
+        # capped at kappa >= 0, 0 included (Carlini & Wagner's max(., -kappa) on the loss they minimise): a point
+        # whose margin has reached kappa gets a zero gradient and stops, so kappa = 0 stops at the boundary
         if targets is None:
             z_y = logits.gather(1, y.unsqueeze(1)).squeeze(1)
-            return (_other_max(logits, y) - z_y).clamp(max=kappa) if kappa > 0 else _other_max(logits, y) - z_y
-        z_t = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-        m = z_t - _other_max(logits, targets)
-        return m.clamp(max=kappa) if kappa > 0 else m
+            m = _other_max(logits, y) - z_y
+        else:
+            z_t = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+            m = z_t - _other_max(logits, targets)
+        return m.clamp(max=float(kappa))
     raise ValueError(f"unknown objective {kind}")
 
 
