@@ -82,7 +82,7 @@ with st.form("attack_form"):
     tmode = c10.selectbox("Target", ["random", "chosen", "least-likely"], key="atk_tmode")
     tclass = c11.selectbox("Target class (for 'chosen')", range(len(classes)), format_func=lambda i: classes[i],
                            key="atk_tclass")
-    queries = int(c12.number_input("Square: queries", value=SQUARE_QUERIES, step=100, key="atk_queries",
+    queries = int(c12.number_input("Square: queries", step=100, key="atk_queries",
                                    help="Square is a black-box attack: each query is one forward pass of the images "
                                         "it has not broken yet. AutoAttack's standard evaluation uses 5,000 queries; "
                                         f"{SQUARE_QUERIES} answer in seconds on a CPU and already lower the accuracy, "
