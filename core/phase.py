@@ -64,7 +64,7 @@ import numpy as np
 from .errors import InputError
 
 __all__ = ["PhaseResult", "detect_phases", "detect_from_metrics", "smooth", "despike", "zero_phase_smooth",
-           "metric_series", "probe_epochs", "load_probe", "PROBE_KEYS"]
+           "metric_series", "probe_epochs", "load_probe", "PROBE_KEYS", "robust_peak"]
 
 MAX_POINTS = 400          # longer series are bin-averaged to this many points before the search
 MAX_CANDIDATES = 60       # coarse breakpoint grid per breakpoint, refined locally afterwards
@@ -521,3 +521,17 @@ def load_probe(run_dir, epoch: int) -> dict[str, np.ndarray]:
     if any(len(out[k]) != n for k in need):
         raise DataError(f"probe snapshot {path} has arrays of different lengths")
     return out
+
+
+def robust_peak(epochs, pgd_acc) -> tuple[int, float, float] | None:
+    """``(epoch of the highest robust test accuracy, that accuracy, the accuracy at the last epoch)``, or ``None``
+    when the run has no finite robust accuracy yet. The gap between the last two is the robust overfitting the
+    paper's Fig. 3 shows (Rice et al., 2020)."""
+    ep = np.asarray(epochs, float)
+    acc = np.asarray(pgd_acc, float)
+    ok = np.isfinite(acc) & np.isfinite(ep)
+    if not ok.any():
+        return None
+    ep, acc = ep[ok], acc[ok]
+    k = int(np.argmax(acc))
+    return int(ep[k]), float(acc[k]), float(acc[-1])

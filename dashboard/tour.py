@@ -50,9 +50,10 @@ STEPS: list[Step] = [
               "distribution; the line under the arrows says whether it does here."),
     Step("Fig. 3: the three phases of robust overfitting", "training",
          widgets={"tr_view": RUN + "sat", "tr_compare": [RUN + "sat", RUN + "trades", RUN + "weat-adv"]},
-         text="A real 60-epoch SAT run on the CIFAR-10 demo pack. ΔE(x) = E(x) − E(x*) of training images settles, "
-              "plateaus, then falls once the robust test error starts rising (the detector marks where); the "
-              "comparison below overlays TRADES and WEAT trained with the same budget."),
+         text="A real 60-epoch SAT run on the CIFAR-10 demo pack. The paper reports that ΔE(x) = E(x) − E(x*) of "
+              "training images settles, plateaus, then falls once the robust test error starts rising; the lines "
+              "under the chart say what the detector and the robust accuracy show on this run. The comparison below "
+              "overlays TRADES and WEAT trained with the same budget."),
     Step("WEAT: weighting samples by their energy", "training", widgets={"tr_view": RUN + "weat-adv"},
          text="WEAT weights each sample by w(x) = 1/log(1 + e^|E(x)|): images whose energy is close to zero weigh "
               "most. Scroll to *WEAT weights* to see the weights of the probe images per epoch, and compare this "

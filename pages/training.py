@@ -2,6 +2,7 @@
 
 import json
 import shlex
+from pathlib import Path
 
 import common
 import numpy as np
@@ -469,13 +470,21 @@ def fig3_block(info, recs) -> None:
     st.plotly_chart(tfig.phase_figure(ep, curves, {"robust test error": rob, "natural test error": nat}, res,
                                       title=f"ΔE during training — {info.name} ({cfg.get('method', '?')})"),
                     width="stretch", config=fig.PLOT_CONFIG, key="tr_fig3")
+    _, pgd = series(recs, "pgd_acc")
+    peak = phase.robust_peak(ep, pgd)
     if res.phase3_start is not None:
-        _, pgd = series(recs, "pgd_acc")
-        best = int(ep[int(np.nanargmax(pgd))]) if np.isfinite(pgd).any() else None
+        has_best = (Path(info.run_dir) / "best.safetensors").is_file() if info.run_dir else False
         st.warning(f"**{res.explanation}** Confidence {res.confidence:.0%}."
-                   + (f" The best checkpoint (`best.safetensors`, highest PGD accuracy) is from epoch {best}." if best else ""))
+                   + (f" The best checkpoint (`best.safetensors`, highest PGD accuracy) is from epoch {peak[0]}."
+                      if has_best and peak else ""))
     else:
         st.caption(f"{res.explanation}")
+    if peak:
+        e_best, best, end = peak
+        trend = ("then fell by " + f"{best - end:.1%}: robust overfitting" if best - end >= 0.01
+                 else "and has not fallen since")
+        st.caption(f"Robust test accuracy (PGD) peaked at {best:.1%} at epoch {e_best} {trend} "
+                   f"({end:.1%} at epoch {int(ep[-1])}).")
 
 
 def arrows_block(info, recs) -> None:

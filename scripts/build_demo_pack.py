@@ -2,6 +2,7 @@
 
     python scripts/build_demo_pack.py split     # checkpoints/demo/cifar10-demo-test.npz from the 5,085-image subset
     python scripts/build_demo_pack.py pack      # copy trained runs (runs/demo-pack/) into checkpoints/, measure them
+    python scripts/build_demo_pack.py table     # the README's tables, from checkpoints/demo/results.json
 
 The models and recorded runs are trained by the project's own CLI: scripts/build_demo_models.sh (which calls both).
 Robust models are taken from their recorded run at the epoch where the ΔE(x) phase detector (core.phase) places the
@@ -53,7 +54,8 @@ def _command(cfg: dict) -> str:
     return "python -m core.train " + " ".join(flags)
 
 
-def _selected_epoch(run: Path) -> tuple[int, str]:
+def _selected_epoch(run: Path) -> tuple[int, str, float | None]:
+    """(epoch, why, the detector's phase-3 start or None)."""
     from core import phase
 
     recs = read_jsonl(run / "metrics.jsonl")
@@ -61,8 +63,8 @@ def _selected_epoch(run: Path) -> tuple[int, str]:
     last = int(recs[-1]["epoch"])
     if res.phase3_start is not None:
         e = int(round(res.phase3_start))
-        return e, f"epoch {e}: start of phase 3 (robust overfitting) found by the ΔE(x) detector"
-    return last, f"epoch {last}: the last epoch (the ΔE(x) detector finds no phase 3)"
+        return e, f"epoch {e}: start of phase 3 (robust overfitting) found by the ΔE(x) detector", res.phase3_start
+    return last, f"epoch {last}: the last epoch (the ΔE(x) detector finds no phase 3)", None
 
 
 def measure(path: Path) -> dict:
@@ -101,7 +103,7 @@ def build_pack() -> None:
         if not (run / "metrics.jsonl").is_file():
             print(f"skipping {m}: {run} has no metrics yet")
             continue
-        epoch, why = _selected_epoch(run)
+        epoch, why, p3 = _selected_epoch(run)
         src = run / "epochs" / f"epoch_{epoch:04d}.safetensors"
         lm = load_checkpoint(src)
         lm.meta.name = f"cifar10-demo-{m}"
@@ -122,7 +124,7 @@ def build_pack() -> None:
         k = int(np.argmax(pgd))
         results[f"run:{m}"] = {"epochs": len(recs), "peak_pgd": pgd[k], "peak_epoch": int(recs[k]["epoch"]),
                                "end_pgd": pgd[-1], "end_nat": recs[-1]["nat_acc"], "end_dE": recs[-1]["dE_mean"],
-                               "selected": why}
+                               "selected": why, "phase3_start": p3}
     for m, path in targets:
         results[m] = measure(path)
         print(m, results[m])
@@ -130,14 +132,41 @@ def build_pack() -> None:
     print(__import__("json").dumps(results, indent=2))
 
 
+def tables(results: dict) -> str:
+    """Markdown tables of the bundled models and of the recorded runs, from ``results.json``."""
+    rows = ["| model | selected epoch | natural | PGD-10 | mean ΔE(x), PGD-10 | share of E(x) lowered | mean \\|ΔE(x)\\| "
+            "| mean ΔE(x), targeted PGD-10 | size |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in ("plain", *ROBUST):
+        r = results.get(m)
+        if not r:
+            continue
+        rows.append(f"| cifar10-demo-{m} | {r['epoch']} | {r['natural']:.1%} | {r['pgd10']:.1%} | {r['dE_mean']:+.3f} "
+                    f"| {r['share_lowered']:.0%} | {r['abs_dE_mean']:.3f} | {r['dE_targeted_mean']:+.3f} "
+                    f"| {r['size_mb']:.2f} MB |")
+    runs = ["| recorded run | epochs | robust test acc. peak (epoch) | at the end | natural at the end | ΔE(x) at the end "
+            "| phase 3 from epoch (detector) |", "|---|---|---|---|---|---|---|"]
+    for m in ROBUST:
+        r = results.get(f"run:{m}")
+        if not r:
+            continue
+        p3 = "none" if r.get("phase3_start") is None else f"{r['phase3_start']:.0f}"
+        runs.append(f"| {m} | {r['epochs']} | {r['peak_pgd']:.1%} ({r['peak_epoch']}) | {r['end_pgd']:.1%} "
+                    f"| {r['end_nat']:.1%} | {r['end_dE']:+.3f} | {p3} |")
+    return "\n".join(rows) + "\n\n" + "\n".join(runs)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["split", "pack"], help="what to build")
+    p.add_argument("step", choices=["split", "pack", "table"], help="what to build")
     args = p.parse_args(argv)
     if args.step == "split":
         build_split()
-    else:
+    elif args.step == "pack":
         build_pack()
+    else:
+        import json
+
+        print(tables(json.loads((CKPT / "demo" / "results.json").read_text())))
     return 0
 
 

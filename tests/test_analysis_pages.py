@@ -229,17 +229,15 @@ def test_analysis_subset_preview(env):
 def test_analysis_subset_preview_draws_where_the_subsets_sit(env):
     """Issue 13 item 10: the preview draws subset_energy_figure (the training-set E(x) histogram with the
     three subsets), with as many samples in each subset as the selection says."""
-    import json
-
     at = _app()
     at.switch_page("../pages/analysis.py").run()
     at.number_input(key="sub_size").set_value(7)
     at.button(key="FormSubmitter:subset_form-Preview the subsets").click().run()
     assert _wait(at, lambda a: any("**Selection**" in m.value for m in a.markdown) or a.exception or _errors(a))
     assert not at.exception and not _errors(at), ([e.message for e in at.exception], _errors(at))
-    spec = next((json.loads(c.proto.spec) for c in _charts(at) if "E(x) under the robust model" in c.proto.spec), None)
-    assert spec is not None, "no subset histogram"
-    names = [t["name"] for t in spec["data"]]
+    chart = next((c for c in _charts(at) if c.has_text("E(x) under the robust model")), None)
+    assert chart is not None, ("no subset histogram", [c.texts() for c in _charts(at)])
+    names = chart.trace_names
     assert names == ["all training samples", "high-energy", "low-energy", "misclassified"], names
     sel = at.session_state["sub_preview"]["sel"]
     assert sel.e_x is not None and len(sel.e_x) == sel.n_train
@@ -274,7 +272,7 @@ def _box_select(at, key: str, indices, coords, energy):
 
     from streamlit.proto.WidgetStates_pb2 import WidgetState
 
-    chart = next(c for c in _charts(at) if c.proto.id.endswith(key))
+    chart = next(el for el in at.get("plotly_chart") if el.proto.id.endswith(key))
     pts = [{"curve_number": 0, "point_number": int(i), "point_index": int(i), "x": float(coords[i, 0]),
             "y": float(coords[i, 1]), "customdata": {"0": int(i)}, "text": f"#{int(i)}",
             "marker_color": float(energy[i])} for i in indices]

@@ -31,29 +31,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+HEALTH_TIMEOUT_S = 180
+
+
 @pytest.fixture(scope="module")
-def app_url():
+def app_url(tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (bash scripts/test.sh installs it)")
     pytest.importorskip("playwright.sync_api")
     port = _free_port()
     env = {**os.environ, "STREAMLIT_SERVER_HEADLESS": "true", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
-           "ENERGYLENS_UMAP_WARMUP": "0"}
+           "ENERGYLENS_UMAP_WARMUP": "0", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    # the server's output goes to a file (a pipe nobody reads can fill up and stall the server), and is shown
+    # when the server does not come up
+    log_path = tmp_path_factory.mktemp("streamlit") / "server.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "dashboard/Home.py", "--server.port", str(port),
          "--server.address", "127.0.0.1"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP proxy
     t0 = time.time()
     try:
-        while time.time() - t0 < 60:
+        while time.time() - t0 < HEALTH_TIMEOUT_S:
+            if proc.poll() is not None:
+                break
             try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                if direct.open(f"{url}/_stcore/health", timeout=2).read() == b"ok":
                     break
             except OSError:
-                time.sleep(0.3)
+                time.sleep(0.5)
         else:
-            pytest.fail("the Streamlit server did not become healthy within 60 s")
+            proc.poll()
+        if proc.returncode is not None or time.time() - t0 >= HEALTH_TIMEOUT_S:
+            log.flush()
+            tail = log_path.read_text(errors="replace")[-3000:]
+            state = f"exited with code {proc.returncode}" if proc.returncode is not None else "still running"
+            pytest.fail(f"the Streamlit server did not become healthy within {HEALTH_TIMEOUT_S} s ({state}); "
+                        f"its output:\n{tail}")
         yield url
     finally:
         proc.terminate()
@@ -61,11 +77,13 @@ def app_url():
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def _launch(p):
     return p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+                             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                   "--no-proxy-server"])
 
 
 def test_attack_lab_in_real_browser(app_url):

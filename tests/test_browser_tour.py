@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_browser import ARTIFACTS, CHROMIUM, app_url  # noqa: F401  (the module-scoped server fixture)
+from test_browser import ARTIFACTS, _launch, app_url  # noqa: F401  (the module-scoped server fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -16,8 +16,7 @@ def test_tour_first_three_steps_in_a_real_browser(app_url):  # noqa: F811
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = _launch(p)
         page = browser.new_page(viewport={"width": 1500, "height": 2000})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))

@@ -578,7 +578,7 @@ def test_digits_splits():
 
 
 def test_registry_and_limit(tmp_path):
-    assert set(cd.DATASETS) == {"digits", "cifar10", "cifar100", "svhn", "tinyimagenet"}
+    assert set(cd.DATASETS) == {"cifar10-demo", "digits", "cifar10", "cifar100", "svhn", "tinyimagenet"}
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("mnist")
     with pytest.raises(InputError):

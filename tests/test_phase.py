@@ -237,3 +237,11 @@ def test_real_tiny_sat_run(tmp_path):
     long = [{"epoch": i + 1, "dE_mean": recs[i % 3]["dE_mean"] * (1 + 0.01 * i)} for i in range(30)]
     r = detect_from_metrics(long)
     assert isinstance(r.explanation, str) and r.n_used == 30
+
+
+def test_robust_peak_reports_the_best_epoch_and_the_end():
+    from core.phase import robust_peak
+
+    assert robust_peak([1, 2, 3, 4], [0.2, 0.35, 0.3, 0.28]) == (2, 0.35, 0.28)
+    assert robust_peak([1, 2, 3], [float("nan"), 0.1, 0.2]) == (3, 0.2, 0.2)   # NaN epochs skipped; ends at its peak
+    assert robust_peak([1, 2], [float("nan"), float("nan")]) is None
