@@ -44,10 +44,12 @@ STEPS: list[Step] = [
               "the arrow lengths and the two ΔE(x) figures: a robust model bends its energy far less (the paper's "
               "Fig. 4)."),
     Step("Fig. 2: targeted attacks flip the drift", "attack", model=PLAIN,
-         widgets={**ATTACK, "atk_targeted": True, "atk_tmode": "random", "atk_autorun": True},
-         text="Targeted PGD towards a random wrong class lowers E(x, t) of the target instead of raising E(x, y). Look "
-              "at the histograms: the paper reports that the adversarial E(x) distribution moves right, out of "
-              "distribution; the line under the arrows says whether it does here."),
+         widgets={**ATTACK, "atk_name": "apgd-t", "atk_autorun": True},
+         text="APGD-T, AutoAttack's targeted attack (the one of the paper's Fig. 2), raises the logit of a wrong class "
+              "instead of only lowering the true one. The paper reports that it moves the adversarial E(x) "
+              "distribution right, out of distribution; compare the histograms, and read the line under the arrows "
+              "for what it does here. (Targeted PGD with cross-entropy can go either way: on a confident model it "
+              "raises the target logit so far that E(x) falls; try it with the Targeted box.)"),
     Step("Fig. 3: the three phases of robust overfitting", "training",
          widgets={"tr_view": RUN + "sat", "tr_compare": [RUN + "sat", RUN + "trades", RUN + "weat-adv"]},
          text="A real 60-epoch SAT run on the CIFAR-10 demo pack. The paper reports that ΔE(x) = E(x) − E(x*) of "

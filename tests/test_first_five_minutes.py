@@ -103,10 +103,12 @@ def test_tour_steps_2_to_4_run_the_attacks_they_describe():
     plain_d = abs(r["trace"].delta_marginal()).mean()
     sat_d = abs(r["b"]["trace"].delta_marginal()).mean()
     assert sat_d < plain_d, (sat_d, plain_d)
-    at.button(key="tour_next").click().run()          # step 4: targeted PGD, no second model
+    at.button(key="tour_next").click().run()          # step 4: APGD-T (the targeted attack of Fig. 2), no second model
     del at.session_state["atk_result"]
     r = wait_attack(at)
-    assert r["spec"].targeted and r["spec"].target_mode == "random" and "b" not in r
+    assert r["spec"].name == "apgd-t" and "b" not in r and r["model"] == "cifar10-demo-plain"
+    claim = [s.value for s in at.success] + [w.value for w in at.warning]
+    assert any("APGD-T" in c and "lowered E(x) for" in c for c in claim), claim
 
 
 def test_tour_steps_5_and_6_open_the_recorded_runs():
