@@ -37,17 +37,21 @@ def ok(at):
     assert not [e.value for e in at.error if "Unexpected error" in e.value], [e.value for e in at.error]
 
 
-def wait_attack(at, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
+def wait_attack(at, previous=None, timeout=120):
+    """Rerun until the attack the last click started has finished: a result in the session that is not ``previous``
+    (the result of an earlier step; the page may store the new one within the click's own run)."""
+    def fresh():
+        r = at.session_state["atk_result"] if "atk_result" in at.session_state else None
         task = at.session_state["atk_task"] if "atk_task" in at.session_state else None
-        if task is not None and task.done:
-            break
+        return r is not None and r is not previous and (task is None or task.done)
+
+    t0 = time.time()
+    while time.time() - t0 < timeout and not fresh():
         time.sleep(0.3)
         at.run()
     at.run()
     ok(at)
-    assert "atk_result" in at.session_state, "the attack did not finish"
+    assert fresh(), "the attack did not finish"
     return at.session_state["atk_result"]
 
 
@@ -90,8 +94,7 @@ def test_tour_steps_2_to_4_run_the_attacks_they_describe():
     claim = [s.value for s in at.success] + [w.value for w in at.warning]
     assert any("PGD (cross-entropy) lowered E(x) for" in c for c in claim), claim
     at.button(key="tour_next").click().run()          # step 3: the same attack side by side with SAT
-    del at.session_state["atk_result"]
-    r = wait_attack(at)
+    r = wait_attack(at, previous=r)
     assert r["b"]["model"] == "cifar10-demo-sat" and at.toggle(key="atk_compare").value is True
     t = titles(at)
     assert "Energy drift — cifar10-demo-plain" in t and "Energy drift — cifar10-demo-sat" in t
@@ -104,8 +107,7 @@ def test_tour_steps_2_to_4_run_the_attacks_they_describe():
     sat_d = abs(r["b"]["trace"].delta_marginal()).mean()
     assert sat_d < plain_d, (sat_d, plain_d)
     at.button(key="tour_next").click().run()          # step 4: APGD-T (the targeted attack of Fig. 2), no second model
-    del at.session_state["atk_result"]
-    r = wait_attack(at)
+    r = wait_attack(at, previous=r)
     assert r["spec"].name == "apgd-t" and "b" not in r and r["model"] == "cifar10-demo-plain"
     claim = [s.value for s in at.success] + [w.value for w in at.warning]
     assert any("APGD-T" in c and "lowered E(x) for" in c for c in claim), claim
