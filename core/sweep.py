@@ -381,7 +381,11 @@ def run_cell(config: dict, run_dir, report: Callable[[float, str], None]) -> dic
     """Job runner of a sweep run: train into ``run_dir`` (``nproc`` > 1: torchrun), then evaluate its best (or
     last) checkpoint with core.evaluation (result.json). Resumable: training continues from state.pt, the
     evaluation skips its finished chunks."""
+    from .jobs import is_external_slot
+
     run_dir = Path(run_dir)
+    if is_external_slot(config.get("device")):  # core.jobs hands 'auto' runs their slot: on a cluster node, 'auto'
+        config = {**config, "device": "auto"}     # (the allocation's GPU, else the CPU)
     info = _job_spec(run_dir).get("sweep") or {}
     ev = info.get("evaluate")
     nproc = int(info.get("nproc") or 1)
