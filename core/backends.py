@@ -418,7 +418,11 @@ class NodeTask:
             self._proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         try:
-            rc = self._proc.wait()
+            # poll, not Popen.wait(): submitit's signal handler (checkpoint) runs in this thread and must be able to
+            # reap the job process, which it could not while an outer wait() held Popen's wait lock
+            while self._proc.poll() is None:
+                time.sleep(0.5)
+            rc = self._proc.returncode
         finally:
             self._terminate()  # a task that is killed or interrupted takes its job process with it
         row = _row(root, self.job_id)
@@ -441,9 +445,12 @@ class NodeTask:
         """Called by submitit on preemption / time-out: stop the job process, queue the row with resume."""
         import submitit
 
-        self._terminate()  # the job process records 'stopped'; its state.pt holds the last finished epoch
-        _requeue_row(Path(self.root), self.job_id, "preempted or out of time: requeued, resumes from its last "
-                                                   "checkpoint")
+        msg = "preempted or out of time: requeued, resumes from its last checkpoint"
+        # queued first, so that the row never reads 'stopped' in between (the job process's own 'stopped' only
+        # updates a row that is still running); state.pt holds the last finished epoch
+        _requeue_row(Path(self.root), self.job_id, msg)
+        self._terminate()
+        _requeue_row(Path(self.root), self.job_id, msg)  # its job-state.json too, which the job process rewrote
         return submitit.helpers.DelayedSubmission(NodeTask(self.root, self.job_id, self.attempt + 1))
 
 
