@@ -205,14 +205,17 @@ def test_a_task_that_dies_without_recording_is_marked_failed(runs):
 
 
 # ============================================================================================ real Slurm
-def _start_single_node_slurm(tmp: Path) -> str | None:
-    """Configure and start munged + slurmctld + slurmd with one node on localhost; None when running, else why not."""
-    missing = [t for t in ("slurmctld", "slurmd", "munged", "sbatch", "squeue") if not shutil.which(t)]
+def _start_single_node_slurm(tmp: Path, started: list) -> str | None:
+    """Configure and start munged + slurmctld + slurmd with one node on localhost (what this starts is appended to
+    ``started`` for the clean-up); None when Slurm answers, else why it could not be started."""
+    missing = [t for t in ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "scontrol") if not shutil.which(t)]
     if missing:
-        return (f"Slurm is not installed here ({', '.join(missing)} not on PATH; Debian: apt-get install slurm-wlm "
-                "munge)")
+        return (f"Slurm is not installed here ({', '.join(missing)} not on PATH; Debian: apt-get install slurmctld "
+                "slurmd slurm-client munge)")
     if os.geteuid() != 0:
         return "starting slurmctld/slurmd/munged needs root here"
+    if subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0:
+        return "a slurmctld already runs on this machine: not touching it"
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip() or "localhost"
     conf = tmp / "slurm.conf"
     for d in ("state", "spool", "log"):
@@ -228,6 +231,8 @@ SelectType=select/cons_tres
 ReturnToService=2
 StateSaveLocation={tmp / 'state'}
 SlurmdSpoolDir={tmp / 'spool'}
+SlurmctldPidFile={tmp / 'slurmctld.pid'}
+SlurmdPidFile={tmp / 'slurmd.pid'}
 SlurmctldLogFile={tmp / 'log' / 'slurmctld.log'}
 SlurmdLogFile={tmp / 'log' / 'slurmd.log'}
 SlurmUser=root
@@ -239,13 +244,24 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
     try:
         if not key.exists():
             subprocess.run(["mungekey", "--create"], check=True, capture_output=True, timeout=30)
-        subprocess.run(["munged", "--force"], check=True, capture_output=True, timeout=30)
+        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
+            Path("/run/munge").mkdir(parents=True, exist_ok=True)   # its socket folder (no systemd here)
+            with contextlib.suppress(KeyError, OSError):
+                import pwd
+
+                u = pwd.getpwnam("munge")
+                os.chown("/run/munge", u.pw_uid, u.pw_gid)
+            subprocess.run(["munged", "--force", "--pid-file", str(tmp / "munged.pid")], check=True,
+                           capture_output=True, timeout=30)
+            started.append(("munged", tmp / "munged.pid"))
         subprocess.run(["slurmctld"], check=True, capture_output=True, timeout=30)
+        started.append(("slurm", conf))
         subprocess.run(["slurmd"], check=True, capture_output=True, timeout=30)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         err = getattr(e, "stderr", b"") or b""
         return f"could not start munged/slurmctld/slurmd: {e} {err.decode(errors='replace')[:300]}"
     t0 = time.time()
+    r = None
     while time.time() - t0 < 30:
         r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
         if r.returncode == 0 and r.stdout.strip() in ("idle", "mixed"):
@@ -254,18 +270,87 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
     return f"slurmd did not register with slurmctld within 30 s (sinfo: {r.stdout.strip() or r.stderr.strip()})"
 
 
-def test_real_single_node_slurm(runs, tmp_path):
-    why = _start_single_node_slurm(tmp_path / "slurm")
-    if why:
-        print(f"SKIPPED real Slurm test: {why}")
-        pytest.skip(why)
+def _stop_slurm(started: list) -> None:
+    for what, path in reversed(started):
+        if what == "slurm":   # let the jobs end, then slurmctld and slurmd
+            env = {**os.environ, "SLURM_CONF": str(path)}
+            t0 = time.time()
+            while time.time() - t0 < 120:
+                q = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=env)
+                if q.returncode != 0 or not q.stdout.strip():
+                    break
+                time.sleep(1)
+            subprocess.run(["scontrol", "shutdown"], capture_output=True, timeout=60, env=env)
+            for pidfile in (path.parent / "slurmd.pid", path.parent / "slurmctld.pid"):
+                with contextlib.suppress(OSError, ValueError):
+                    pid = int(pidfile.read_text().strip())
+                    t0 = time.time()
+                    while not gone(pid) and time.time() - t0 < 30:
+                        time.sleep(0.5)
+                    if not gone(pid):
+                        os.kill(pid, signal.SIGKILL)
+        elif what == "munged":
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(Path(path).read_text().strip()), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    started: list = []
+    old = os.environ.get("SLURM_CONF")
+    why = _start_single_node_slurm(tmp_path_factory.mktemp("slurm"), started)
+    try:
+        if why:
+            print(f"SKIPPED real Slurm tests: {why}")
+            pytest.skip(why)
+        yield
+    finally:
+        _stop_slurm(started)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
+def test_real_single_node_slurm(slurm, runs):
     spec = sweep.parse_spec({"name": "real", "base": TINY_BASE, "grid": {"seed": [0, 1]}, "evaluate": TINY_EVAL,
                              "backend": {"name": "slurm", "partition": "debug", "gpus_per_job": 0, "cpus_per_job": 1,
                                          "time": 10}})
     rec = sweep.submit_sweep(spec, runs)
+    array = set()
     for c in rec["cells"]:
         info = final(c["job_id"], runs, timeout=600)
         assert info.status == "done", info.error
         bk = json.loads((runs / c["job_id"] / "backend.json").read_text())
-        assert "_" in bk["scheduler_id"]   # one array job for the sweep
+        array.add(bk["scheduler_id"].split("_")[0])
+        assert f"task {bk['scheduler_id']} on" in (runs / c["job_id"] / "log.txt").read_text()
+    assert len(array) == 1            # one array job for the sweep
     assert len(sweep.table(rec["id"], runs)) == 1
+
+
+def test_real_slurm_preemption_requeues_and_resumes(slurm, runs):
+    """submitit's own preemption drill on a real Slurm: SIGTERM then SIGUSR2 to the job (scancel --signal);
+    submitit checkpoints, 'scontrol requeue's it, and the requeued job resumes from the last finished epoch."""
+    import submitit
+
+    base = {**TINY_BASE, "epochs": 6}
+    spec = sweep.parse_spec({"name": "real-pre", "base": base, "grid": {"seed": [0]}, "evaluate": False,
+                             "backend": {"name": "slurm", "partition": "debug", "gpus_per_job": 0, "cpus_per_job": 1,
+                                         "time": 10}})
+    jid = only_job(sweep.submit_sweep(spec, runs))
+    folder = runs / jid
+    probe1 = folder / "probe" / "epoch_0001.npz"
+    wait_for(lambda: (folder / "state.pt").is_file() and probe1.is_file(), 300, "the first epoch", every=0.2)
+    mtime = probe1.stat().st_mtime_ns
+    bk = json.loads((folder / "backend.json").read_text())
+    submitit.SlurmJob(bk["folder"], bk["scheduler_id"])._interrupt()
+    info = final(jid, runs, timeout=900)   # Slurm holds a requeued job for about two minutes
+    assert info.status == "done", info.error
+    log = (folder / "log.txt").read_text()
+    assert "(attempt 1)" in log and "(attempt 2)" in log, log[-2000:]
+    epochs = [json.loads(ln)["epoch"] for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    assert probe1.stat().st_mtime_ns == mtime
+    # the row said done before the task returned: let Slurm see the job end too
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", bk["scheduler_id"]], capture_output=True,
+                                        text=True).stdout.strip(), 120, "the Slurm job to leave the queue")
