@@ -1224,7 +1224,9 @@ def duplicate_job(job_id: str, changes: dict, runs_dir: str | os.PathLike | None
     config.update(changes)
     if name is None:
         name = f"{info.name} (copy)"
-    return submit(info.kind, config, name=name, device=info.device, runs_dir=root)
+    # a copy of a run that a scheduler ran (a sweep on Slurm) is an ordinary local job
+    return submit(info.kind, config, name=name, device="auto" if is_external_slot(info.device) else info.device,
+                  runs_dir=root)
 
 
 def read_metrics(job_id: str, runs_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -1536,7 +1538,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)  # 'sweep' hands its own options (--help, --backend ...) to core.sweep
+    if rest and args.cmd != "sweep":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     rd = args.runs_dir
     try:
         if args.cmd == "run":
@@ -1544,7 +1549,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "sweep":
             from .sweep import cli as sweep_cli  # the sweep commands live in core.sweep
 
-            return sweep_cli(args.sweep_args, runs_dir=rd)
+            raw = list(sys.argv[1:] if argv is None else argv)  # everything after 'sweep', in its order
+            i = 0
+            while i < len(raw) and raw[i] != "sweep":
+                i += 2 if raw[i] == "--runs-dir" else 1
+            return sweep_cli(raw[i + 1:], runs_dir=rd)
         if args.cmd == "submit":
             try:
                 config = json.loads(Path(args.config).read_text(encoding="utf-8"))

@@ -518,7 +518,7 @@ def status(sweep_id: str, runs_dir=None) -> dict:
                 row.update(natural=res.get("natural_acc"), pgd=res.get("pgd_acc"), aa=res.get("aa_acc"))
         counts[row["status"]] = counts.get(row["status"], 0) + 1
         cells.append(row)
-    axes = rec.get("axes") or list(rec["cells"][0]["cell"]) if rec["cells"] else []
+    axes = rec.get("axes") or (list(rec["cells"][0]["cell"]) if rec["cells"] else [])
     row_axes = [a for a in axes if a != "seed"]
     seeds = sorted({c.get("seed") for c in cells if "seed" in c}, key=lambda s: (str(type(s)), s)) \
         if "seed" in axes else [None]
@@ -610,7 +610,8 @@ def _pct(v) -> str:
 
 def cli(argv: list[str], runs_dir=None) -> int:
     argv = list(argv)
-    if argv and argv[0] not in ACTIONS and not argv[0].startswith("-"):
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and first not in ACTIONS:   # 'sweep FILE ...' is 'sweep submit FILE ...'
         argv = ["submit"] + argv
     args = _parser().parse_args(argv)
     try:
@@ -625,7 +626,8 @@ def cli(argv: list[str], runs_dir=None) -> int:
             if over:
                 from .backends import check_backend
 
-                spec.backend = check_backend({**spec.backend, **over})
+                same = over.get("name", spec.backend["name"]) == spec.backend["name"]
+                spec.backend = check_backend({**(spec.backend if same else {}), **over})
             runs = expand(spec)
             if args.dry_run:
                 for r in runs:
@@ -658,7 +660,6 @@ def cli(argv: list[str], runs_dir=None) -> int:
             t = table(args.id, runs_dir)
             text = t.to_csv() if args.format == "csv" else t.to_markdown()
             if args.output:
-                from .jobs import _atomic_json  # noqa: F401 - atomic text write below
                 from .storage import atomic_write_text
 
                 atomic_write_text(Path(args.output), text)

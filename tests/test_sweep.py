@@ -280,3 +280,38 @@ def test_cli_bad_sweep_file_is_a_message_not_a_traceback(runs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "core.jobs", "--runs-dir", str(runs), "sweep", "status", "nope"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown sweep 'nope'" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_run_with_nproc_2_trains_with_torchrun_and_evaluates(runs):
+    """nproc > 1: the run's job process starts torchrun (2 processes, gloo on the CPU) for the training, then
+    evaluates the checkpoint itself; only rank 0 wrote the metrics."""
+    import torch
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    spec = sweep.parse_spec({"name": "ddp", "base": {**TINY_BASE, "epochs": 2}, "grid": {"seed": [0]},
+                             "evaluate": TINY_EVAL, "nproc": 2})
+    rec = sweep.submit_sweep(spec, runs)
+    s = wait_sweep(rec["id"], runs)
+    (cell,) = s["cells"]
+    assert cell["status"] == "done", jobs.read_log_tail(cell["job_id"], 40, runs)
+    folder = runs / cell["job_id"]
+    log = (folder / "log.txt").read_text()
+    assert "torch.distributed.run --standalone --nproc_per_node=2 -m core.train" in log
+    epochs = [json.loads(ln)["epoch"] for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert json.loads((folder / "result.json").read_text())["n"] == 32 and cell["aa"] is not None
+
+
+def test_cli_options_after_the_file_and_before_it(runs):
+    for args in ([str(EXAMPLE), "--dry-run", "--backend", "local"], ["--backend", "local", str(EXAMPLE), "--dry-run"],
+                 ["submit", str(EXAMPLE), "--dry-run"]):
+        r = subprocess.run([sys.executable, "-m", "core.jobs", "--runs-dir", str(runs), "sweep", *args], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        want = "local" if "local" in args else "slurm"
+        assert r.stdout.splitlines()[-1] == f"25 runs, backend {want}"
+    h = subprocess.run([sys.executable, "-m", "core.jobs", "sweep", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert h.returncode == 0 and "{submit,list,status,table,stop}" in h.stdout
