@@ -63,15 +63,15 @@ def _form_spec() -> dict | str:
     datasets = c2.multiselect("Datasets", list(DATASETS), default=["digits"], key="sw_datasets")
     seeds = c3.text_input("Seeds", value="0, 1, 2", key="sw_seeds", help="e.g. '0, 1, 2' or '0-4'")
     c4, c5, c6, c7 = st.columns(4)
-    epochs = c4.number_input("Epochs", 1, 10_000, 5, key="sw_epochs")
+    epochs = c4.number_input("Epochs", 1, 10_000, 5, key="sw_runepochs")
     arch = c5.text_input("Architecture", value="smallcnn", key="sw_arch",
                          help="smallcnn / demonet for the small datasets, resnet18 as in the paper")
-    limit = c6.number_input("Training images (0 = all)", 0, 10_000_000, 0, key="sw_limit")
-    n_eval = c7.number_input("Test images evaluated", 1, 100_000, 359, key="sw_n",
+    limit = c6.number_input("Training images (0 = all)", 0, 10_000_000, 0, key="sw_trainimages")
+    n_eval = c7.number_input("Test images evaluated", 1, 100_000, 359, key="sw_evalimages",
                              help="natural / PGD-20 / AutoAttack on the first n test images of each finished run")
     c8, c9, c10 = st.columns(3)
     aa = c8.checkbox("AutoAttack (standard)", value=True, key="sw_aa")
-    pgd_steps = c9.number_input("PGD steps (evaluation)", 1, 1000, 20, key="sw_pgd")
+    pgd_steps = c9.number_input("PGD steps (evaluation)", 1, 1000, 20, key="sw_evalsteps")
     name = c10.text_input("Sweep name", value="sweep", key="sw_name")
     backend = st.radio("Backend", ["local", "slurm"], horizontal=True, key="sw_backend",
                        help="local: this machine's job queue (one run per GPU). slurm: a cluster through submitit "
@@ -86,7 +86,7 @@ def _form_spec() -> dict | str:
     if backend == "slurm":
         s1, s2, s3 = st.columns(3)
         part = s1.text_input("Partition", value="", key="sw_partition")
-        gpus = s2.number_input("GPUs per run", 0, 64, 1, key="sw_gpus")
+        gpus = s2.number_input("GPUs per run", 0, 64, 1, key="sw_gpusperrun")
         tlim = s3.text_input("Time limit per run", value="04:00:00", key="sw_time", help="minutes or [D-]HH:MM:SS")
         spec["backend"] = {"name": "slurm", "gpus_per_job": int(gpus), "time": tlim.strip()}
         if part.strip():
