@@ -72,7 +72,7 @@ def only_job(rec: dict) -> str:
     return rec["cells"][0]["job_id"]
 
 
-def final(job_id: str, runs, timeout: float = 300.0):
+def final(job_id: str, runs, timeout: float = 900.0):
     def done():
         info = jobs.get_job(job_id, runs)
         return info if not info.active else None
@@ -130,7 +130,7 @@ def test_a_preempted_run_is_requeued_and_resumes_from_its_last_epoch(runs):
     jid = only_job(sweep.submit_sweep(spec, runs))
     folder = runs / jid
     probe1 = folder / "probe" / "epoch_0001.npz"
-    wait_for(lambda: (folder / "state.pt").is_file() and probe1.is_file(), 240, "the first epoch", every=0.2)
+    wait_for(lambda: (folder / "state.pt").is_file() and probe1.is_file(), 600, "the first epoch", every=0.2)
     mtime = probe1.stat().st_mtime_ns
     info = jobs.get_job(jid, runs)
     assert info.status == "running"
@@ -153,7 +153,7 @@ def test_stop_and_resume_reach_the_scheduler(runs):
                              "backend": LOCAL_SLURM})
     jid = only_job(sweep.submit_sweep(spec, runs))
     folder = runs / jid
-    wait_for(lambda: (folder / "state.pt").is_file(), 240, "the first epoch", every=0.2)
+    wait_for(lambda: (folder / "state.pt").is_file(), 600, "the first epoch", every=0.2)
     info = jobs.get_job(jid, runs)
     child = info.pid
     bk = json.loads((folder / "backend.json").read_text())
@@ -170,7 +170,7 @@ def test_stop_and_resume_reach_the_scheduler(runs):
     assert resumed.status == "queued" and "submitted as submitit local job" in resumed.message
     bk2 = json.loads((folder / "backend.json").read_text())
     assert bk2["scheduler_id"] != bk["scheduler_id"]
-    wait_for(lambda: len((folder / "metrics.jsonl").read_text().splitlines()) > done_epochs, 240,
+    wait_for(lambda: len((folder / "metrics.jsonl").read_text().splitlines()) > done_epochs, 600,
              "the resumed run's next epoch")
     epochs = [json.loads(ln)["epoch"] for ln in (folder / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, len(epochs) + 1))   # continued, not restarted
@@ -187,7 +187,7 @@ def test_a_task_that_dies_without_recording_is_marked_failed(runs):
                              "backend": LOCAL_SLURM})
     jid = only_job(sweep.submit_sweep(spec, runs))
     folder = runs / jid
-    wait_for(lambda: jobs.get_job(jid, runs).status == "running" and (folder / "state.pt").is_file(), 240,
+    wait_for(lambda: jobs.get_job(jid, runs).status == "running" and (folder / "state.pt").is_file(), 600,
              "the run to start")
     info = jobs.get_job(jid, runs)
     bk = json.loads((folder / "backend.json").read_text())

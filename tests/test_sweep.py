@@ -38,7 +38,7 @@ def runs(tmp_path, monkeypatch):
     return d
 
 
-def wait_sweep(sweep_id: str, runs_dir, timeout: float = 400.0) -> dict:
+def wait_sweep(sweep_id: str, runs_dir, timeout: float = 1200.0) -> dict:
     t0 = time.time()
     while time.time() - t0 < timeout:
         s = sweep.status(sweep_id, runs_dir)

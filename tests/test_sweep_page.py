@@ -111,7 +111,7 @@ def test_submit_a_tiny_sweep_and_read_its_table_1(runs):
     assert list(grid["method"]) == ["sat", "trades"] and "seed 0" in grid.columns
     t0 = time.time()
     while any(c["status"] in ("queued", "running") for c in sweep.status(rec["id"], runs)["cells"]):
-        assert time.time() - t0 < 300, "the sweep did not finish"
+        assert time.time() - t0 < 1200, "the sweep did not finish"
         time.sleep(1.0)
     at = open_page()
     no_crash(at)
