@@ -340,11 +340,14 @@ def test_real_slurm_preemption_requeues_and_resumes(slurm, runs):
     jid = only_job(sweep.submit_sweep(spec, runs))
     folder = runs / jid
     probe1 = folder / "probe" / "epoch_0001.npz"
-    wait_for(lambda: (folder / "state.pt").is_file() and probe1.is_file(), 300, "the first epoch", every=0.2)
+    wait_for(lambda: (folder / "state.pt").is_file() and probe1.is_file(), 600, "the first epoch", every=0.2)
     mtime = probe1.stat().st_mtime_ns
     bk = json.loads((folder / "backend.json").read_text())
     submitit.SlurmJob(bk["folder"], bk["scheduler_id"])._interrupt()
-    info = final(jid, runs, timeout=900)   # Slurm holds a requeued job for about two minutes
+    # Slurm's SIGTERM reaches the job process before submitit's USR2, so the row may read 'stopped' for a moment
+    # before the task queues it again; Slurm then holds the requeued job for about two minutes
+    wait_for(lambda: "(attempt 2)" in (folder / "log.txt").read_text(), 900, "the requeued attempt")
+    info = final(jid, runs, timeout=900)
     assert info.status == "done", info.error
     log = (folder / "log.txt").read_text()
     assert "(attempt 1)" in log and "(attempt 2)" in log, log[-2000:]
