@@ -42,6 +42,11 @@ Command line (same config JSON as the dashboard)::
 
     python -m core.jobs submit train --config cfg.json [--name N] [--device D]
     python -m core.jobs list | show ID | log ID | stop ID | resume ID | delete ID
+    python -m core.jobs sweep FILE.yaml [--backend local|slurm] | sweep list | status ID | table ID  (core.sweep)
+
+External schedulers: a row whose device slot is ``slurm`` (see :func:`is_external_slot`) is run by a
+scheduler on other machines (core.backends submits it and its node writes the row); the local queue never
+launches it or judges it by a local pid, and :func:`stop_job` / :func:`resume_job` hand it to core.backends.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ from .errors import EnergyLensError, JobError
 __all__ = ["RUNS_DIR", "KINDS", "STATUSES", "JobInfo", "JobStopped", "available_kinds", "submit", "list_jobs",
            "get_job", "refresh", "stop_job", "resume_job", "delete_job", "duplicate_job", "read_metrics",
            "read_log_tail", "job_dir", "max_jobs_per_device", "stop_requested", "registry_notice", "clean_text",
-           "remove_stale_temp_files", "main"]
+           "remove_stale_temp_files", "is_external_slot", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNS_DIR = REPO_ROOT / "runs"
@@ -94,6 +99,7 @@ FINISHED = ("done", "failed", "stopped")
 ENV_RUNS = "ENERGYLENS_RUNS"
 ENV_EXTRA_KINDS = "ENERGYLENS_EXTRA_KINDS"
 ENV_MAX_JOBS = "ENERGYLENS_MAX_JOBS_PER_DEVICE"
+EXTERNAL_SLOTS = ("slurm",)   # device slots of rows that an external scheduler runs (core.backends)
 
 REGISTRY_NAME = "registry.sqlite"
 JOB_FILE = "job.json"
@@ -226,9 +232,16 @@ def job_dir(job_id: str, runs_dir: str | os.PathLike | None = None) -> Path:
     return _runs_dir(runs_dir) / job_id
 
 
+def is_external_slot(device: str | None) -> bool:
+    """True for the device slot of a row that an external scheduler runs ('slurm'): not the local queue's."""
+    return str(device or "").split(":")[0] in EXTERNAL_SLOTS
+
+
 def _resolve_device(device: str | None, config: dict) -> str:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a slot name 'cpu' or 'cuda:N'."""
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a slot name 'cpu' or 'cuda:N' ('slurm' is kept: core.backends)."""
     d = str(device or "auto").strip().lower()
+    if is_external_slot(d):
+        return d
     if d == "auto":
         cd = config.get("device")
         if isinstance(cd, str) and cd.strip().lower() not in ("", "auto"):
@@ -829,6 +842,8 @@ def _reconcile_and_launch(conn: sqlite3.Connection, root: Path) -> None:
         now = time.time()
         busy: Counter[str] = Counter()
         for r in conn.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall():
+            if is_external_slot(r["device"]):
+                continue  # its process lives on another machine: core.backends reconciles it
             if _process_matches(r["pid"], r["proc_start"]):
                 busy[r["device"]] += 1
             else:
@@ -841,7 +856,7 @@ def _reconcile_and_launch(conn: sqlite3.Connection, root: Path) -> None:
                     _write_state(root / r["id"], status="failed", finished=now, error=error, message=message)
         cap = max_jobs_per_device()
         for r in conn.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created, id").fetchall():
-            if busy[r["device"]] >= cap:
+            if busy[r["device"]] >= cap or is_external_slot(r["device"]):
                 continue
             try:
                 pid, pstart = _launch(root, r)
@@ -861,6 +876,7 @@ def _work_pending(conn: sqlite3.Connection) -> bool:
     """Cheap read-only check: is there a dead 'running' row or a queued job with a free slot?"""
     rows = conn.execute("SELECT status, pid, proc_start, device FROM jobs "
                         "WHERE status IN ('queued', 'running')").fetchall()
+    rows = [r for r in rows if not is_external_slot(r["device"])]
     if not rows:
         return False
     busy: Counter[str] = Counter()
@@ -890,6 +906,12 @@ def refresh(runs_dir: str | os.PathLike | None = None) -> None:
             return
         if _work_pending(conn):
             _reconcile_and_launch(conn, root)
+        external = conn.execute("SELECT 1 FROM jobs WHERE device LIKE 'slurm%' AND status IN ('queued', 'running') "
+                                "LIMIT 1").fetchone() is not None
+    if external and not os.environ.get("ENERGYLENS_JOB_ID"):
+        from .backends import reconcile_external  # rows of an external scheduler: ask it (throttled)
+
+        reconcile_external(root)
 
 
 def _prepare_runs_dir(root: Path) -> None:
@@ -972,13 +994,17 @@ def _read_job_file(folder: Path) -> dict:
 
 
 def submit(kind: str, config: dict, *, name: str | None = None, device: str = "auto",
-           runs_dir: str | os.PathLike | None = None, start: bool = True) -> JobInfo:
+           runs_dir: str | os.PathLike | None = None, start: bool = True, target: str | None = None,
+           extra: dict | None = None) -> JobInfo:
     """Create a job folder and registry row (status 'queued') and, if ``start``, launch it when its slot is free.
 
     ``device`` picks the slot ('auto' uses ``config['device']`` when that names a device, else
     cuda:0 when available, else cpu). With ``start=False`` the job only waits in the queue; the next
     :func:`refresh` or a finishing job starts it. Raises JobError for an unknown kind, a config that is
     not a JSON object, or a runs folder that is not writable or on a full disk.
+
+    ``target`` replaces the kind's runner for this job (e.g. core.sweep's, which trains then evaluates) and
+    ``extra`` adds fields to its job.json (read by that runner), both written before the job can start.
     """
     kinds = available_kinds()
     if kind not in kinds:
@@ -998,8 +1024,9 @@ def submit(kind: str, config: dict, *, name: str | None = None, device: str = "a
     with _connect(root, create=True) as conn:
         job_id, folder = _new_job_folder(root, kind)
         try:
-            _write_job_file(folder, {"format": 1, "id": job_id, "kind": kind, "target": kinds[kind], "name": label,
-                                     "device": slot, "created": now, "config": config})
+            _write_job_file(folder, {**(extra or {}), "format": 1, "id": job_id, "kind": kind,
+                                     "target": target or kinds[kind], "name": label, "device": slot, "created": now,
+                                     "config": config})
             try:
                 (folder / LOG_FILE).touch()
             except OSError as e:
@@ -1072,6 +1099,12 @@ def stop_job(job_id: str, runs_dir: str | os.PathLike | None = None, *, grace: f
     root = _runs_dir(runs_dir)
     grace = STOP_GRACE_S if grace is None else max(0.0, float(grace))
     refresh(root)
+    with _connect(root) as conn:
+        row = _fetch(conn, job_id) if conn is not None else None
+    if row is not None and is_external_slot(row["device"]) and row["status"] in ("queued", "running"):
+        from .backends import stop_external  # queued or running in the external scheduler: cancel it there
+
+        return stop_external(root, job_id, grace=grace)
     for _ in range(3):
         with _connect(root) as conn:
             row = _fetch(conn, job_id) if conn is not None else None
@@ -1137,6 +1170,10 @@ def resume_job(job_id: str, runs_dir: str | os.PathLike | None = None) -> JobInf
         raise JobError(f"job '{job_id}' changed state while being resumed; try again")
     _write_state(folder, status="queued", pid=None, proc_start=None, finished=None, error=None, result=None,
                  message="queued (resume)")
+    if is_external_slot(info.device):
+        from .backends import resubmit_external  # the local queue never runs it: submit it to its scheduler again
+
+        return resubmit_external(root, job_id)
     refresh(root)
     return _get(root, job_id)
 
@@ -1187,7 +1224,9 @@ def duplicate_job(job_id: str, changes: dict, runs_dir: str | os.PathLike | None
     config.update(changes)
     if name is None:
         name = f"{info.name} (copy)"
-    return submit(info.kind, config, name=name, device=info.device, runs_dir=root)
+    # a copy of a run that a scheduler ran (a sweep on Slurm) is an ordinary local job
+    return submit(info.kind, config, name=name, device="auto" if is_external_slot(info.device) else info.device,
+                  runs_dir=root)
 
 
 def read_metrics(job_id: str, runs_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -1490,17 +1529,31 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("log", help="print the end of a job's log")
     lg.add_argument("id")
     lg.add_argument("-n", type=int, default=50)
+    sw = sub.add_parser("sweep", help="sweeps: submit FILE.yaml|json, or list | status ID | table ID | stop ID "
+                        "(python -m core.jobs sweep --help)", add_help=False)
+    sw.add_argument("sweep_args", nargs=argparse.REMAINDER)
     r = sub.add_parser("run", help="(internal) run the job in RUN_DIR in this process")
     r.add_argument("run_dir")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)  # 'sweep' hands its own options (--help, --backend ...) to core.sweep
+    if rest and args.cmd != "sweep":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     rd = args.runs_dir
     try:
         if args.cmd == "run":
             return _run_in_this_process(args.run_dir)
+        if args.cmd == "sweep":
+            from .sweep import cli as sweep_cli  # the sweep commands live in core.sweep
+
+            raw = list(sys.argv[1:] if argv is None else argv)  # everything after 'sweep', in its order
+            i = 0
+            while i < len(raw) and raw[i] != "sweep":
+                i += 2 if raw[i] == "--runs-dir" else 1
+            return sweep_cli(raw[i + 1:], runs_dir=rd)
         if args.cmd == "submit":
             try:
                 config = json.loads(Path(args.config).read_text(encoding="utf-8"))

@@ -266,6 +266,12 @@ if launch or check:
         with st.expander("Equivalent command line", expanded=bool(check)):
             st.code(cli_text(cfg, name, device), language="bash")
 
+# ============================================================================= sweeps (dashboard/sweep_panel.py)
+st.divider()
+import sweep_panel  # noqa: E402
+
+sweep_panel.render()
+
 # ============================================================================= run list
 st.divider()
 st.subheader("Runs")

@@ -1,0 +1,674 @@
+"""Sweeps: a base training config plus a grid, expanded into ordinary jobs that share a sweep id.
+
+A sweep file (YAML or JSON; ``examples/table1a_cifar10.yaml`` reproduces Table 1a's CIFAR-10 rows)::
+
+    name: table1a-cifar10
+    base:                      # TrainConfig fields shared by every run (core.train)
+      dataset: cifar10
+      arch: resnet18
+      epochs: 100
+    grid:                      # every combination of these lists is one run (any TrainConfig field)
+      method: [sat, trades, mail-trades, weat-nat, weat-adv]
+      seed: [0, 1, 2, 3, 4]
+    evaluate:                  # after training, each run's checkpoint is evaluated (core.evaluation)
+      n: 10000                 #   natural / PGD-20 / AutoAttack on the first n test images
+      checkpoint: best         #   best | last;   evaluate: false skips it
+    backend:                   # where the runs go (core.backends): local (default) or slurm
+      name: local
+    nproc: 1                   # processes per run (DDP through torchrun inside the job when > 1)
+
+Every run is a job of kind ``train`` in the usual registry (the Training studio shows it with Fig. 3),
+whose runner :func:`run_cell` trains and then evaluates into the same folder (``result.json``); its
+job.json carries ``sweep: {id, cell, evaluate, nproc}``. The sweep itself is a small file
+``<runs>/sweeps/<sweep id>.json`` (spec, backend, the job id of every cell).
+
+:func:`status` gives the progress grid and :func:`table` the Table-1 view: the evaluation records of the
+finished runs grouped by :func:`core.evaluation.results_table` (mean ± std over seeds), exportable as CSV
+and Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import itertools
+import json
+import math
+import os
+import re
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import EnergyLensError, InputError, JobError
+
+__all__ = ["SweepSpec", "load_spec", "parse_spec", "expand", "submit_sweep", "list_sweeps", "load_sweep", "status",
+           "table", "stop_sweep", "run_cell", "cli", "EVAL_SWEEP_DEFAULTS", "MAX_CELLS"]
+
+SWEEPS_DIR = "sweeps"
+MAX_CELLS = 2000                      # a grid larger than this is almost certainly a typo
+TOP_KEYS = {"name", "base", "grid", "evaluate", "backend", "nproc", "device"}
+MANAGED = {"out_dir", "resume", "name"}   # set by the sweep / the job system, never by the file
+# the evaluation of each finished run (core.evaluation keys, plus which checkpoint to evaluate)
+EVAL_SWEEP_DEFAULTS: dict[str, Any] = {"n": 1000, "pgd_steps": 20, "autoattack": True, "aa_version": "standard",
+                                       "checkpoint": "best"}
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# ============================================================================================
+# The spec
+# ============================================================================================
+@dataclass
+class SweepSpec:
+    """A validated sweep file."""
+
+    name: str
+    base: dict
+    grid: dict[str, list]
+    evaluate: dict | None
+    backend: dict
+    nproc: int = 1
+    device: str = "auto"
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def axes(self) -> list[str]:
+        return list(self.grid)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "base": self.base, "grid": self.grid, "evaluate": self.evaluate,
+                "backend": self.backend, "nproc": self.nproc, "device": self.device}
+
+
+def _train_fields() -> dict[str, dataclasses.Field]:
+    from .train import TrainConfig
+
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _unknown(key: str, known, what: str, where: str = "") -> InputError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return InputError(f"unknown {what} '{key}'{where}{hint}. Known: {', '.join(sorted(known))}")
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    """Read and validate a sweep file (``.yaml`` / ``.yml`` / ``.json``); InputError says what is wrong."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot read the sweep file {p}: {e.strerror or e}") from e
+    return parse_spec(text, fmt="json" if p.suffix.lower() == ".json" else "yaml", source=str(p))
+
+
+def parse_spec(text_or_dict: str | dict, fmt: str = "yaml", source: str = "the sweep") -> SweepSpec:
+    """Validate a sweep given as YAML / JSON text or as a dict."""
+    if isinstance(text_or_dict, dict):
+        raw = text_or_dict
+    else:
+        try:
+            if fmt == "json":
+                raw = json.loads(text_or_dict)
+            else:
+                import yaml
+
+                raw = yaml.safe_load(text_or_dict)
+        except Exception as e:  # noqa: BLE001 - yaml.YAMLError, json.JSONDecodeError
+            raise InputError(f"{source} is not valid {fmt.upper()}: {str(e).strip().splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise InputError(f"{source} must hold a mapping with 'base' and 'grid' (got {type(raw).__name__})")
+    for k in raw:
+        if k not in TOP_KEYS:
+            raise _unknown(str(k), TOP_KEYS, "sweep key")
+    fields = _train_fields()
+    base = raw.get("base") or {}
+    grid = raw.get("grid") or {}
+    if not isinstance(base, dict):
+        raise InputError("'base' must be a mapping of training options (TrainConfig fields)")
+    if not isinstance(grid, dict) or not grid:
+        raise InputError("'grid' must be a non-empty mapping {option: [values, ...]}, e.g. {method: [sat, trades], "
+                         "seed: [0, 1, 2]}")
+    for where, keys in ((" in 'base'", base), (" in 'grid'", grid)):
+        for k in keys:
+            if k in MANAGED:
+                raise InputError(f"'{k}' cannot be set in a sweep: the sweep gives every run its own job folder and "
+                                 "name")
+            if k not in fields:
+                raise _unknown(str(k), set(fields) - MANAGED, "training option", where)
+    clean_grid: dict[str, list] = {}
+    for k, v in grid.items():
+        vals = v if isinstance(v, list) else [v]
+        if not vals:
+            raise InputError(f"grid '{k}' has no values: give a list with at least one")
+        if len({json.dumps(x, sort_keys=True, default=str) for x in vals}) != len(vals):
+            raise InputError(f"grid '{k}' lists a value twice: {vals}")
+        if k in base:
+            raise InputError(f"'{k}' is both in 'base' and in 'grid': keep it in one")
+        clean_grid[str(k)] = list(vals)
+    n = math.prod(len(v) for v in clean_grid.values())
+    if n > MAX_CELLS:
+        raise InputError(f"the grid expands to {n:,} runs (more than {MAX_CELLS:,}): check its lists")
+    evaluate = raw.get("evaluate", {})
+    if evaluate is True or evaluate is None:
+        evaluate = {}
+    if evaluate is not False:
+        if not isinstance(evaluate, dict):
+            raise InputError("'evaluate' must be a mapping (core.evaluation options, e.g. {n: 1000, autoattack: "
+                             "true}) or false")
+        evaluate = _check_eval(evaluate)
+    else:
+        evaluate = None
+    backend = raw.get("backend") or {"name": "local"}
+    if isinstance(backend, str):
+        backend = {"name": backend}
+    if not isinstance(backend, dict):
+        raise InputError("'backend' must be 'local', 'slurm' or a mapping {name: slurm, partition: ..., ...}")
+    from .backends import check_backend
+
+    backend = check_backend(backend)
+    nproc = raw.get("nproc", 1)
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or not 1 <= nproc <= 64:
+        raise InputError(f"nproc (processes per run, DDP through torchrun) must be an integer in [1, 64], got {nproc!r}")
+    device = str(raw.get("device") or base.get("device") or "auto")
+    name = str(raw.get("name") or "sweep").strip() or "sweep"
+    spec = SweepSpec(name=name[:80], base=dict(base), grid=clean_grid, evaluate=evaluate, backend=backend,
+                     nproc=nproc, device=device, raw=raw)
+    expand(spec)  # every run's config is validated now, not when its job starts
+    return spec
+
+
+def _check_eval(ev: dict) -> dict:
+    from .evaluation import EVAL_DEFAULTS
+
+    known = set(EVAL_DEFAULTS) | {"checkpoint"}
+    for k in ev:
+        if k not in known:
+            raise _unknown(str(k), known, "evaluation option", " in 'evaluate'")
+    out = {**EVAL_SWEEP_DEFAULTS, **{k: _over_255("eps" if k in ("eps", "pgd_step_size") else k, v)
+                                     for k, v in ev.items()}}
+    if out["checkpoint"] not in ("best", "last"):
+        raise InputError(f"evaluate.checkpoint must be 'best' or 'last', got {out['checkpoint']!r}")
+    from .evaluation import resolve_config
+
+    resolve_config({k: v for k, v in out.items() if k != "checkpoint"})  # raises InputError with the reason
+    return out
+
+
+def _label(cell: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cell.items())
+
+
+def expand(spec: SweepSpec) -> list[dict]:
+    """The runs of a sweep, in grid order: ``[{"cell": {axis: value}, "config": TrainConfig dict}, ...]``.
+
+    Every config goes through TrainConfig's own checks (without loading the dataset); a bad value raises
+    InputError naming the run (``method=foo, seed=0: unknown training method 'foo' ...``)."""
+    from .data import dataset_spec
+    from .train import TrainConfig
+
+    axes = list(spec.grid)
+    out = []
+    seen_datasets: dict[str, str | None] = {}
+    for values in itertools.product(*(spec.grid[a] for a in axes)):
+        cell = dict(zip(axes, values))
+        cfg = {k: _over_255(k, v) for k, v in {**spec.base, **cell}.items()}
+        cfg.setdefault("device", spec.device)
+        try:
+            tc = TrainConfig.from_dict(cfg)
+            for k, f in _train_fields().items():  # YAML gives strings / numbers: check each field's kind
+                _check_type(k, f, getattr(tc, k))
+            tc.validate()
+            ds = str(tc.dataset)
+            if ds not in seen_datasets:
+                try:
+                    if not ds.startswith("npz:"):
+                        dataset_spec(ds)
+                    seen_datasets[ds] = None
+                except EnergyLensError as e:
+                    seen_datasets[ds] = str(e)
+            if seen_datasets[ds]:
+                raise InputError(seen_datasets[ds])
+        except EnergyLensError as e:
+            raise InputError(f"run {_label(cell)}: {e}") from e
+        except (TypeError, ValueError) as e:
+            raise InputError(f"run {_label(cell)}: {e}") from e
+        out.append({"cell": cell, "config": {k: v for k, v in cfg.items()}})
+    return out
+
+
+def _check_type(name: str, f: dataclasses.Field, value: Any) -> None:
+    t = str(f.type)
+    if value is None:
+        if "None" not in t:
+            raise InputError(f"{name} must not be empty (null)")
+        return
+    if t.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif t.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif t.startswith("str"):
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        kind = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}.get(
+            t.split(" ")[0].split("|")[0], t)
+        raise InputError(f"{name} must be {kind}, got {value!r}")
+
+
+_FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*/\s*255\s*$")
+
+
+def _over_255(key: str, value: Any) -> Any:
+    """'8/255' (as YAML files write budgets) -> 8 / 255 for the budget fields; anything else unchanged."""
+    if key in ("eps", "step_size") and isinstance(value, str):
+        m = _FRACTION.match(value)
+        if m:
+            return float(m.group(1)) / 255
+    return value
+
+
+# ============================================================================================
+# The sweep file in the runs folder
+# ============================================================================================
+def _root(runs_dir) -> Path:
+    from .jobs import _runs_dir
+
+    return _runs_dir(runs_dir)
+
+
+def _sweep_path(root: Path, sweep_id: str) -> Path:
+    if not isinstance(sweep_id, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", sweep_id):
+        raise InputError(f"invalid sweep id {sweep_id!r}")
+    return root / SWEEPS_DIR / f"{sweep_id}.json"
+
+
+def _write_sweep(root: Path, rec: dict) -> None:
+    from .jobs import _atomic_json
+
+    path = _sweep_path(root, rec["id"])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_json(path, rec)
+    except OSError as e:
+        raise JobError(f"cannot write the sweep file {path}: {e.strerror or e}") from e
+
+
+def load_sweep(sweep_id: str, runs_dir=None) -> dict:
+    """The stored sweep record (spec, backend, cells with their job ids)."""
+    root = _root(runs_dir)
+    path = _sweep_path(root, sweep_id)
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise JobError(f"unknown sweep '{sweep_id}' (no {path})") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise JobError(f"cannot read the sweep file {path}: {e}") from e
+    if not isinstance(rec, dict) or not isinstance(rec.get("cells"), list):
+        raise JobError(f"the sweep file {path} is damaged (no list of cells)")
+    return rec
+
+
+def list_sweeps(runs_dir=None) -> list[dict]:
+    """Every stored sweep, newest first (damaged files are left out)."""
+    folder = _root(runs_dir) / SWEEPS_DIR
+    out = []
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            rec = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("cells"), list) and rec.get("id") == p.stem:
+            out.append(rec)
+    return sorted(out, key=lambda r: -float(r.get("created") or 0))
+
+
+def _job_name(spec: SweepSpec, cell: dict) -> str:
+    return f"{spec.name} · " + " · ".join(f"{k} {v}" if k == "seed" else str(v) for k, v in cell.items())
+
+
+def submit_sweep(spec: SweepSpec | dict | str, runs_dir=None, *, backend: str | dict | None = None) -> dict:
+    """Expand ``spec`` and submit every run to its backend; returns the stored sweep record."""
+    from .backends import check_backend, get_backend
+
+    if not isinstance(spec, SweepSpec):
+        spec = parse_spec(spec)
+    if backend is not None:
+        b = {"name": backend} if isinstance(backend, str) else dict(backend)
+        if b.get("name") == spec.backend.get("name"):
+            b = {**spec.backend, **b}
+        spec.backend = check_backend(b)
+    root = _root(runs_dir)
+    runs = expand(spec)
+    sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_SAFE.sub('-', spec.name).strip('-')[:40] or 'sweep'}-" \
+               f"{secrets.token_hex(3)}"
+    rec = {"format": 1, "id": sweep_id, "name": spec.name, "created": time.time(), "spec": spec.to_dict(),
+           "backend": spec.backend, "axes": spec.axes,
+           "cells": [{"cell": r["cell"], "job_id": None} for r in runs]}
+    _write_sweep(root, rec)  # before any job exists: a job never points at a sweep that is not on disk
+    be = get_backend(spec.backend)
+    jobs_in = [{"config": r["config"], "name": _job_name(spec, r["cell"]),
+                "sweep": {"id": sweep_id, "cell": r["cell"], "evaluate": spec.evaluate, "nproc": spec.nproc}}
+               for r in runs]
+    ids: list[str] = []
+    try:
+        be.submit(jobs_in, root, sweep_id, ids)
+    finally:  # record what was submitted, even when the backend failed half-way
+        for c, jid in zip(rec["cells"], ids):
+            c["job_id"] = jid
+        _write_sweep(root, rec)
+    return rec
+
+
+# ============================================================================================
+# Inside a job: train, then evaluate
+# ============================================================================================
+def _job_spec(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "job.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_cell(config: dict, run_dir, report: Callable[[float, str], None]) -> dict:
+    """Job runner of a sweep run: train into ``run_dir`` (``nproc`` > 1: torchrun), then evaluate its best (or
+    last) checkpoint with core.evaluation (result.json). Resumable: training continues from state.pt, the
+    evaluation skips its finished chunks."""
+    from .jobs import is_external_slot
+
+    run_dir = Path(run_dir)
+    if is_external_slot(config.get("device")):  # core.jobs hands 'auto' runs their slot: on a cluster node, 'auto'
+        config = {**config, "device": "auto"}     # (the allocation's GPU, else the CPU)
+    info = _job_spec(run_dir).get("sweep") or {}
+    ev = info.get("evaluate")
+    nproc = int(info.get("nproc") or 1)
+    share = 0.8 if ev else 1.0
+
+    def train_report(f: float, msg: str = "") -> None:
+        report(share * float(f or 0.0), msg)
+
+    if nproc > 1:
+        record = _train_torchrun(config, run_dir, nproc, train_report)
+    else:
+        from .train import run_job as train_job
+
+        record = train_job(config, run_dir, train_report)
+    out = {"train": {k: record.get(k) for k in ("epoch", "nat_acc", "pgd_acc", "dE_mean") if k in (record or {})}}
+    if not ev:
+        return out
+    ckpt = run_dir / f"{ev.get('checkpoint', 'best')}.safetensors"
+    if not ckpt.is_file():
+        ckpt = run_dir / "last.safetensors"
+    if not ckpt.is_file():
+        raise JobError(f"training left no checkpoint in {run_dir} to evaluate")
+    from .evaluation import run_job as eval_job
+
+    ecfg = {k: v for k, v in ev.items() if k != "checkpoint"}
+    ecfg["model"] = {"source": "local", "name": config.get("name") or run_dir.name, "path": str(ckpt)}
+    ecfg.setdefault("device", config.get("device") or "auto")
+
+    def eval_report(f: float, msg: str = "") -> None:
+        report(share + (1 - share) * float(f or 0.0), f"evaluating: {msg}")
+
+    res = eval_job(ecfg, run_dir, eval_report)
+    out["eval"] = {k: res.get(k) for k in ("natural_acc", "pgd_acc", "aa_acc", "n")}
+    return out
+
+
+def _train_torchrun(config: dict, run_dir: Path, nproc: int, report) -> dict:
+    """``torchrun --standalone --nproc_per_node N -m core.train`` into ``run_dir``; progress from progress.json."""
+    import subprocess
+
+    from .jobs import REPO_ROOT, stop_requested
+    from .storage import read_jsonl
+
+    cfg = {k: v for k, v in config.items() if k != "out_dir"}
+    cfg["out_dir"] = str(run_dir)
+    cfg_path = run_dir / "torchrun-config.json"
+    from .jobs import _atomic_json
+
+    _atomic_json(cfg_path, cfg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "core.train", "--config", str(cfg_path)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    print(f"[energylens] DDP: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, start_new_session=True)
+    try:
+        while proc.poll() is None:
+            time.sleep(1.0)
+            try:
+                p = json.loads((run_dir / "progress.json").read_text())
+                report(float(p.get("fraction") or 0.0), f"epoch {p.get('epoch')}/{p.get('epochs')} ({nproc} processes)")
+            except (OSError, ValueError):
+                pass
+            if stop_requested():
+                break
+    finally:
+        if proc.poll() is None:
+            import signal
+
+            with _suppress():
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with _suppress():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if proc.returncode != 0:
+        raise JobError(f"torchrun with {nproc} processes exited with status {proc.returncode} (see the log)")
+    recs = read_jsonl(run_dir / "metrics.jsonl")
+    return recs[-1] if recs else {}
+
+
+def _suppress():
+    import contextlib
+
+    return contextlib.suppress(OSError)
+
+
+# ============================================================================================
+# Progress grid and Table 1
+# ============================================================================================
+def _read_result(run_dir: Path) -> dict | None:
+    try:
+        r = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return r if isinstance(r, dict) and r.get("natural_acc") is not None else None
+
+
+def status(sweep_id: str, runs_dir=None) -> dict:
+    """The sweep's progress: ``{"sweep": record, "cells": [...], "counts": {status: n}, "grid": {...}}``.
+
+    Each cell: its axis values, job id, status, progress, message and (once evaluated) the accuracies.
+    ``grid`` lays the cells out for display: one row per combination of the axes other than ``seed``, one
+    column per seed (or a single column when the grid has no seed axis)."""
+    from .jobs import _get, refresh
+
+    root = _root(runs_dir)
+    rec = load_sweep(sweep_id, root)
+    try:
+        refresh(root)
+    except EnergyLensError:
+        pass
+    cells, counts = [], {}
+    for c in rec["cells"]:
+        jid = c.get("job_id")
+        row = {**c["cell"], "job_id": jid, "status": "not submitted", "progress": 0.0, "message": "", "natural": None,
+               "pgd": None, "aa": None}
+        if jid:
+            try:
+                info = _get(root, jid)
+                row.update(status=info.status, progress=float(info.progress or 0.0), message=info.message or "")
+                if info.status == "failed" and info.error:
+                    row["message"] = info.error.splitlines()[0]
+            except EnergyLensError:
+                row.update(status="missing", message="the job is no longer in the registry (deleted?)")
+            res = _read_result(root / jid) if row["status"] == "done" else None
+            if res is not None:
+                row.update(natural=res.get("natural_acc"), pgd=res.get("pgd_acc"), aa=res.get("aa_acc"))
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+        cells.append(row)
+    axes = rec.get("axes") or (list(rec["cells"][0]["cell"]) if rec["cells"] else [])
+    row_axes = [a for a in axes if a != "seed"]
+    seeds = sorted({c.get("seed") for c in cells if "seed" in c}, key=lambda s: (str(type(s)), s)) \
+        if "seed" in axes else [None]
+    grid_rows = []
+    index: dict[tuple, dict] = {}
+    for c in cells:
+        key = tuple(json.dumps(c.get(a), default=str) for a in row_axes)
+        if key not in index:
+            index[key] = {"axes": {a: c.get(a) for a in row_axes}, "cells": {}}
+            grid_rows.append(index[key])
+        index[key]["cells"][c.get("seed") if "seed" in axes else None] = c
+    return {"sweep": rec, "cells": cells, "counts": counts,
+            "grid": {"row_axes": row_axes, "seeds": seeds, "rows": grid_rows}}
+
+
+def table(sweep_id: str, runs_dir=None):
+    """The Table-1 view of a sweep: :func:`core.evaluation.results_table` over the evaluation records of its
+    finished runs (grouped by configuration except the seed: mean ± std over seeds). ``.to_csv()`` and
+    ``.to_markdown()`` export it."""
+    from .evaluation import results_table
+
+    root = _root(runs_dir)
+    rec = load_sweep(sweep_id, root)
+    records = []
+    for c in rec["cells"]:
+        jid = c.get("job_id")
+        if not jid:
+            continue
+        r = _read_result(root / jid)
+        if r is not None:
+            records.append(r)
+    return results_table(records)
+
+
+def stop_sweep(sweep_id: str, runs_dir=None) -> int:
+    """Stop every queued or running job of the sweep; returns how many were stopped."""
+    from .jobs import _get, stop_job
+
+    root = _root(runs_dir)
+    rec = load_sweep(sweep_id, root)
+    n = 0
+    for c in rec["cells"]:
+        jid = c.get("job_id")
+        if not jid:
+            continue
+        try:
+            if _get(root, jid).active:
+                stop_job(jid, root, grace=5.0)
+                n += 1
+        except EnergyLensError:
+            continue
+    return n
+
+
+# ============================================================================================
+# Command line: python -m core.jobs sweep ...
+# ============================================================================================
+ACTIONS = ("submit", "list", "status", "table", "stop")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core.jobs sweep",
+                                description="Sweeps: a base config plus a grid, run as ordinary jobs sharing a sweep id.",
+                                epilog="python -m core.jobs sweep FILE.yaml is short for 'sweep submit FILE.yaml'.")
+    sub = p.add_subparsers(dest="action", required=True)
+    s = sub.add_parser("submit", help="expand a sweep file (YAML or JSON) and submit its runs")
+    s.add_argument("file")
+    s.add_argument("--backend", choices=("local", "slurm"), default=None, help="override the file's backend")
+    s.add_argument("--partition", default=None, help="slurm: partition")
+    s.add_argument("--gpus-per-job", type=int, default=None, help="slurm: GPUs per run")
+    s.add_argument("--time", default=None, help="slurm: time limit per run (minutes or HH:MM:SS)")
+    s.add_argument("--dry-run", action="store_true", help="only list the runs")
+    sub.add_parser("list", help="list the sweeps")
+    st = sub.add_parser("status", help="progress grid of a sweep")
+    st.add_argument("id")
+    st.add_argument("--json", action="store_true")
+    t = sub.add_parser("table", help="Table-1 view (mean ± std over seeds) of a sweep's finished runs")
+    t.add_argument("id")
+    t.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    t.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
+    sp = sub.add_parser("stop", help="stop every queued or running job of a sweep")
+    sp.add_argument("id")
+    return p
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def cli(argv: list[str], runs_dir=None) -> int:
+    argv = list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and first not in ACTIONS:   # 'sweep FILE ...' is 'sweep submit FILE ...'
+        argv = ["submit"] + argv
+    args = _parser().parse_args(argv)
+    try:
+        if args.action == "submit":
+            spec = load_spec(args.file)
+            over = {}
+            if args.backend:
+                over["name"] = args.backend
+            for k, v in (("partition", args.partition), ("gpus_per_job", args.gpus_per_job), ("time", args.time)):
+                if v is not None:
+                    over[k] = v
+            if over:
+                from .backends import check_backend
+
+                same = over.get("name", spec.backend["name"]) == spec.backend["name"]
+                spec.backend = check_backend({**(spec.backend if same else {}), **over})
+            runs = expand(spec)
+            if args.dry_run:
+                for r in runs:
+                    print(_label(r["cell"]))
+                print(f"{len(runs)} runs, backend {spec.backend['name']}")
+                return 0
+            rec = submit_sweep(spec, runs_dir)
+            print(f"{rec['id']}  {len(rec['cells'])} runs  backend {rec['backend']['name']}")
+        elif args.action == "list":
+            sweeps = list_sweeps(runs_dir)
+            if not sweeps:
+                print("no sweeps")
+            for r in sweeps:
+                print(f"{r['id']}  {len(r['cells'])} runs  backend {r.get('backend', {}).get('name', '?')}  "
+                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r.get('created') or 0))}")
+        elif args.action == "status":
+            s = status(args.id, runs_dir)
+            if args.json:
+                print(json.dumps({"cells": s["cells"], "counts": s["counts"]}, indent=2, default=str))
+                return 0
+            from .jobs import clean_text
+
+            for c in s["cells"]:
+                ax = " ".join(f"{k}={c[k]}" for k in s["sweep"].get("axes", []))
+                print(f"{clean_text(c['job_id'] or '-')}  {c['status']:<8} {c['progress']:>4.0%}  {ax}  "
+                      f"nat {_pct(c['natural'])} pgd {_pct(c['pgd'])} aa {_pct(c['aa'])}  "
+                      f"{clean_text(c['message'], 60)}")
+            print(", ".join(f"{v} {k}" for k, v in sorted(s["counts"].items())))
+        elif args.action == "table":
+            t = table(args.id, runs_dir)
+            text = t.to_csv() if args.format == "csv" else t.to_markdown()
+            if args.output:
+                from .storage import atomic_write_text
+
+                atomic_write_text(Path(args.output), text)
+                print(f"wrote {len(t)} rows to {args.output}")
+            else:
+                print(text, end="")
+        elif args.action == "stop":
+            print(f"stopped {stop_sweep(args.id, runs_dir)} jobs")
+    except EnergyLensError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
