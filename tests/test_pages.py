@@ -316,3 +316,16 @@ def test_attack_lab_apgd_t_uses_the_interactive_targets_and_states_the_full_auto
     shown = float(re.search(r"about ([\d.]+) s", cap).group(1)) if " s for these" in cap else None
     if shown is not None:                               # (minutes are shown for long estimates)
         assert shown == pytest.approx(45 * r["seconds"], rel=0.05, abs=0.1)
+
+
+@pytest.mark.parametrize("flag, expected", [("1", True), ("0", False)])
+def test_the_app_starts_the_umap_warm_up_at_launch(monkeypatch, flag, expected):
+    """Issue 17: numba's first UMAP compile starts in the background when the app opens (not when the user first
+    asks for UMAP); ENERGYLENS_UMAP_WARMUP=0 turns it off."""
+    import core.analysis as A
+
+    calls = []
+    monkeypatch.setattr(A, "start_umap_warmup", lambda: calls.append(1))
+    monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", flag)
+    fresh_app()
+    assert bool(calls) is expected
