@@ -8,7 +8,7 @@ dataset, Fig. 5e's dashed level). Both cost seconds on a CPU (a CIFAR-10 demo pa
 loaded 2-core machine) and neither changes while the model and the dataset stay the same, so:
 
 * :func:`reference_energies_cached` computes the reference energies of *all* classes once per
-  (model weights, dataset content) and keeps them in memory and on disk as JSON
+  (model weights, dataset content), over at most ``REF_MAX_PER_CLASS`` images per class (the first ones) and keeps them in memory and on disk as JSON
   (``sgldref-<dataset>-<N>-<dataset hash>-<weights hash>.json`` in the class-statistics cache
   folder); a class subset is then a lookup.
 * :func:`warm_up` starts, at most once per (model, dataset) and process, a daemon thread that
@@ -40,6 +40,9 @@ from .sampling import ClassStats, dataset_fingerprint, default_cache_dir, refere
 __all__ = ["model_fingerprint", "reference_energies_cached", "reference_ready", "warm_up", "Warmup"]
 
 REF_VERSION = 1
+REF_MAX_PER_CLASS = 1000     # reference energies: the mean over at most this many images per class (all of them for
+                             # the digits and the CIFAR-10 demo pack; bounds the warm-up on a 50,000-image set)
+_DS_FP_KEEP = 8
 _global_lock = threading.Lock()
 _key_locks: dict[str, threading.Lock] = {}
 _memory: dict[str, dict[int, dict]] = {}
@@ -78,13 +81,15 @@ def _dataset_fp(dataset) -> str:
             return hit[1]
     fp = dataset_fingerprint(dataset)
     with _global_lock:
+        while len(_ds_fp) >= _DS_FP_KEEP:          # a few datasets at a time: this must not keep them all alive
+            _ds_fp.pop(next(iter(_ds_fp)))
         _ds_fp[id(dataset)] = (dataset, fp)
     return fp
 
 
 def _key(model, dataset) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(dataset.name)).strip("_")[-48:] or "dataset"
-    return f"{slug}-{len(dataset)}-{_dataset_fp(dataset)}-{model_fingerprint(model)}"
+    return f"{slug}-{len(dataset)}-{_dataset_fp(dataset)}-{model_fingerprint(model)}-m{REF_MAX_PER_CLASS}"
 
 
 def _lock_for(key: str) -> threading.Lock:
@@ -145,7 +150,7 @@ def reference_energies_cached(model, dataset, classes: Sequence[int] | None = No
             path = _path(key, cache_dir)
             hit = _load(path)
             if hit is None:
-                hit = reference_energies(model, dataset, None)
+                hit = reference_energies(model, dataset, None, max_per_class=REF_MAX_PER_CLASS)
                 _save(path, hit)
             _memory[key] = hit
         return _pick(hit, classes)

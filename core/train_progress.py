@@ -17,8 +17,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .storage import read_jsonl
-
 __all__ = ["TrainClock", "format_eta", "progress_message", "read_progress", "read_batches"]
 
 
@@ -132,7 +130,29 @@ def read_progress(run_dir) -> dict | None:
     return d if isinstance(d, dict) else None
 
 
-def read_batches(run_dir) -> list[dict]:
-    """The batch-level log: one record per reported batch (epoch, batch, batches, step, loss, elapsed_s)."""
+def read_batches(run_dir, max_bytes: int = 256_000) -> list[dict]:
+    """The batch-level log: one record per reported batch (epoch, batch, batches, step, loss, seconds_per_batch,
+    time). Only its last ``max_bytes`` are read (a few thousand records), so polling a long run stays cheap."""
+    import json
+
     p = Path(run_dir) / "batches.jsonl"
-    return [r for r in read_jsonl(p) if isinstance(r, dict)] if p.exists() else []
+    try:
+        with open(p, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - int(max_bytes)))
+            data = f.read()
+    except OSError:
+        return []
+    lines = data.split(b"\n")
+    if size > max_bytes:
+        lines = lines[1:]                      # the first line read may be cut
+    out = []
+    for ln in lines:
+        try:
+            r = json.loads(ln)
+        except ValueError:
+            continue                           # empty, or a torn last line
+        if isinstance(r, dict):
+            out.append(r)
+    return out

@@ -78,3 +78,15 @@ def test_training_reports_batches_with_eta_before_the_first_epoch_ends(tmp_path)
     assert all(r["loss"] > 0 for r in logged)
     final = read_progress(out)
     assert final["phase"] == "done" and final["fraction"] == 1.0
+
+
+def test_read_batches_reads_only_the_tail_of_a_long_log(tmp_path):
+    import json
+
+    lines = [json.dumps({"epoch": 1 + i // 100, "batch": 1 + i % 100, "batches": 100, "step": i + 1, "loss": 1.0})
+             for i in range(20_000)]
+    (tmp_path / "batches.jsonl").write_text("\n".join(lines) + "\n{\"torn")
+    got = read_batches(tmp_path, max_bytes=50_000)
+    assert 100 < len(got) < 1000 and got[-1]["step"] == 20_000
+    assert [r["step"] for r in got] == list(range(got[0]["step"], 20_001))     # whole records, in order
+    assert read_batches(tmp_path / "nowhere") == []
