@@ -235,11 +235,21 @@ def test_attack_lab_attacks_an_upload_with_the_settings_on_screen():
     at.file_uploader(key="atk_upload").upload("x.png", _png(), "image/png").run()
     assert not at.exception, [e.message for e in at.exception]
     button = "Attack my uploaded image (below) with these settings"
+
+    def wait_upload():  # the upload attack runs off the script thread (issue 17): wait for its task
+        t0 = time.time()
+        while not at.session_state["atk_upload_task"].done and time.time() - t0 < 120:
+            time.sleep(0.2)
+            at.run()
+        at.run()
+
     _submit(at, button)  # the defaults: PGD-10 at 8/255
+    wait_upload()
     x, xa, _, what = at.session_state["atk_upload_result"]
     assert "8/255" in what and np.abs(xa - x).max() > 1 / 255
     at.number_input(key="atk_eps255").set_value(0.0)  # typed on screen ...
     _submit(at, button)                                 # ... and used by this button
+    wait_upload()
     assert not at.exception, [e.message for e in at.exception]
     x, xa, trace, what = at.session_state["atk_upload_result"]
     assert "Linf ε = 0," in what, what
