@@ -554,8 +554,14 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     clock = TrainClock(epochs=cfg.epochs, batches=steps_per_epoch, batch_size=cfg.batch_size,
                        attack_steps=cfg.attack_steps, eval_samples=len(val_idx), eval_steps=cfg.eval_steps,
                        probe_size=len(pidx))
-    if is_main and not cfg.resume and (out / "batches.jsonl").exists():
-        (out / "batches.jsonl").unlink()
+    if is_main and (out / "batches.jsonl").exists():
+        if not cfg.resume or start_epoch == 0:
+            (out / "batches.jsonl").unlink()
+        else:  # resumed: drop the batches of the interrupted epoch, which runs again
+            from .storage import atomic_write_text
+
+            kept = [r for r in read_jsonl(out / "batches.jsonl") if r.get("epoch", 0) <= start_epoch]
+            atomic_write_text(out / "batches.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover

@@ -90,3 +90,23 @@ def test_read_batches_reads_only_the_tail_of_a_long_log(tmp_path):
     assert 100 < len(got) < 1000 and got[-1]["step"] == 20_000
     assert [r["step"] for r in got] == list(range(got[0]["step"], 20_001))     # whole records, in order
     assert read_batches(tmp_path / "nowhere") == []
+
+
+def test_a_resumed_run_drops_the_batches_of_the_interrupted_epoch(tmp_path):
+    from core.train import TrainingStopped
+
+    out = tmp_path / "run"
+    cfg = dict(TINY, epochs=2, out_dir=str(out))
+    seen = {"n": 0}
+
+    def stop_in_epoch_2():
+        if (out / "metrics.jsonl").exists():
+            seen["n"] += 1
+        return seen["n"] >= 3
+
+    with pytest.raises(TrainingStopped):
+        train(TrainConfig(**cfg), should_stop=stop_in_epoch_2)
+    assert any(r["epoch"] == 2 for r in read_batches(out))              # it had started epoch 2
+    train(TrainConfig(**cfg, resume=True))
+    steps = [r["step"] for r in read_batches(out)]
+    assert steps == sorted(set(steps)) and steps[-1] == 16               # epoch 2 once, not twice
