@@ -43,6 +43,7 @@ REF_VERSION = 1
 REF_MAX_PER_CLASS = 1000     # reference energies: the mean over at most this many images per class (all of them for
                              # the digits and the CIFAR-10 demo pack; bounds the warm-up on a 50,000-image set)
 _DS_FP_KEEP = 8
+RETRY_AFTER_S = 60.0         # a failed warm-up is started again at most this often
 _global_lock = threading.Lock()
 _key_locks: dict[str, threading.Lock] = {}
 _memory: dict[str, dict[int, dict]] = {}
@@ -192,7 +193,8 @@ def warm_up(model, dataset, stats: ClassStats | None = None, *, cache_dir=None) 
     key = _key(model, dataset)
     with _global_lock:
         w = _warmups.get(key)
-        if w is not None and not (w.done and w.error):      # running or done: share it (a failed one is retried)
+        # running or done: share it; a failed one is retried, but not on every page rerun
+        if w is not None and not (w.done and w.error and time.time() - w.started >= RETRY_AFTER_S):
             return w
         w = Warmup(key)
         _warmups[key] = w

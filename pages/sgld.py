@@ -132,12 +132,12 @@ with st.expander("Initialisation and constraint settings"):
                                     format="%.3f", key="sgld_bound_r"))
 bound = None if bound_norm == "none" else (bound_norm, bound_r)
 
-if warm is not None and (not warm.done or warm.error):
+if warm is not None and warm.done and warm.error:
+    st.warning(f"Preparing the PCA / Gaussian start statistics failed: {warm.error}")
+elif warm is not None and not warm.done:
     @st.fragment(run_every=1.0)
     def _warm_status():
-        if warm.error:
-            st.warning(f"Preparing the PCA / Gaussian start statistics failed: {warm.error}")
-        elif not warm.done:
+        if not warm.done:
             st.caption(f":material/hourglass_top: Preparing the PCA / Gaussian start statistics and the real-image "
                        f"energies in the background, once for this model and dataset ({warm.message}, "
                        f"{warm.fraction:.0%}); Initialise waits for them with a progress bar.")

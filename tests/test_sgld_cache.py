@@ -107,6 +107,8 @@ def test_warm_up_reports_a_failure_on_its_handle(fresh, monkeypatch):
     w = sgld_cache.warm_up(model, ds, sampling.ClassStats(ds))
     assert w.wait(timeout=120)
     assert w.done and "disk on fire" in w.error
+    assert sgld_cache.warm_up(model, ds) is w                   # not retried on every page rerun ...
+    monkeypatch.setattr(sgld_cache, "RETRY_AFTER_S", 0.0)
     retry = sgld_cache.warm_up(model, ds)
-    assert retry is not w                                       # a failed preparation is retried, not cached
+    assert retry is not w                                       # ... but retried later, not cached
     assert retry.wait(timeout=120) and retry.error                # (still failing here)

@@ -260,9 +260,12 @@ def test_initialise_waits_for_the_background_statistics_off_the_script_thread(ap
         sgld_cache._warmups[key] = slow
     assert slow is not None, lm
     t0 = time.time()
+    at.run()
+    plain = time.time() - t0                                          # one rerun of the page on this (loaded) machine
+    t0 = time.time()
     at.button(key="sgld_btn_init").click().run()
     _ok(at)
-    assert time.time() - t0 < 30
+    assert time.time() - t0 < 3 * plain + 5                           # a rerun + the 1 s grace, not the preparation
     assert "sgld_sampler" not in at.session_state
     assert at.session_state["sgld_init_task"].done is False
     at.run()
