@@ -13,7 +13,8 @@ import sys
 
 import _util
 
-BENCHES = ["attack", "train", "fastpaths", "sgld", "landscape", "app"]
+BENCHES = ["attack", "train", "fastpaths", "sgld", "landscape", "app", "sgld_page", "attack_lab", "umap",
+           "training_live"]
 
 
 def to_markdown() -> str:

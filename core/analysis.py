@@ -54,7 +54,8 @@ __all__ = [
     "sample_stats", "sample_stats_from_logits", "model_logits", "margin_correlations", "per_class_stats",
     "SUBSETS", "SubsetSelection", "select_subsets", "compute_subset_selection", "write_subset_files",
     "subset_train_configs", "launch_subset_jobs", "run_subset_job", "subset_comparison",
-    "extract_features", "stack_groups", "pca_2d", "umap_2d", "warm_umap", "umap_state",
+    "extract_features", "stack_groups", "pca_2d", "umap_2d", "warm_umap", "umap_state", "umap_estimate",
+    "umap_timings", "start_umap_warmup", "preimport_umap_dependencies",
 ]
 
 Progress = Callable[[float, str], None]
@@ -1081,7 +1082,98 @@ def pca_2d(features) -> np.ndarray:
 
 
 _UMAP_LOCK = threading.Lock()
-_UMAP_STATE = {"state": "cold", "seconds": None, "error": None}
+_UMAP_STATE = {"state": "cold", "seconds": None, "error": None, "started": None}
+# Fallbacks for the time promise before anything was measured on this machine (bench/bench_umap.py on a
+# 2-core CPU loaded by training, issue 17): the first warm-up of a fresh install (numba compiles; its
+# on-disk cache then makes later processes ~3x faster) and a fit of 1,000 points after the warm-up; a fit
+# grows about as n^1.5 (300 -> 0.5 s, 1,000 -> 3 s, 2,000 -> 8.4 s).
+UMAP_WARMUP_FALLBACK_S = 35.0
+UMAP_FIT_1000_FALLBACK_S = 3.0
+UMAP_FIT_EXPONENT = 1.5
+_UMAP_TIMINGS_FILE = "umap-timings.json"
+_umap_timings_lock = threading.Lock()
+_umap_warmup_thread: threading.Thread | None = None
+
+
+def _umap_timings_path() -> Path:
+    from .sampling import default_cache_dir
+
+    return default_cache_dir() / _UMAP_TIMINGS_FILE
+
+
+def umap_timings() -> dict:
+    """What this machine measured last: {'warmup_s': float | None, 'fit_n': int | None, 'fit_s': float | None}."""
+    try:
+        d = json.loads(_umap_timings_path().read_text(encoding="utf-8"))
+        out = {"warmup_s": d.get("warmup_s"), "fit_n": d.get("fit_n"), "fit_s": d.get("fit_s")}
+        for k in ("warmup_s", "fit_s"):
+            out[k] = float(out[k]) if isinstance(out[k], (int, float)) and out[k] > 0 else None
+        out["fit_n"] = int(out["fit_n"]) if isinstance(out["fit_n"], int) and out["fit_n"] > 0 else None
+        return out
+    except (OSError, ValueError, AttributeError):
+        return {"warmup_s": None, "fit_n": None, "fit_s": None}
+
+
+def _record_umap_timing(**kw) -> None:
+    from .storage import atomic_write_json
+
+    with _umap_timings_lock:
+        d = {**umap_timings(), **kw}
+        try:
+            _umap_timings_path().parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(_umap_timings_path(), d)
+        except (EnergyLensError, OSError):
+            pass   # a read-only cache only loses the measured promise
+
+
+def umap_estimate(n: int) -> dict:
+    """Seconds a UMAP of ``n`` points would take now: {'seconds', 'warmup_s', 'fit_s', 'measured'}. The warm-up
+    (0 once warm; the remainder while warming) and the fit come from this machine's last measurements
+    (umap_timings), else from the fallbacks measured in bench/bench_umap.py; ``measured`` says which."""
+    t = umap_timings()
+    state = _UMAP_STATE["state"]
+    warm = 0.0
+    if state in ("cold", "warming"):
+        warm = t["warmup_s"] or UMAP_WARMUP_FALLBACK_S
+        if state == "warming" and _UMAP_STATE.get("started"):
+            warm = max(warm - (time.perf_counter() - _UMAP_STATE["started"]), 1.0)
+    if t["fit_s"] and t["fit_n"]:
+        fit = t["fit_s"] * (max(int(n), 1) / t["fit_n"]) ** UMAP_FIT_EXPONENT
+    else:
+        fit = UMAP_FIT_1000_FALLBACK_S * (max(int(n), 1) / 1000) ** UMAP_FIT_EXPONENT
+    return {"seconds": warm + fit, "warmup_s": warm, "fit_s": fit,
+            "measured": bool(t["fit_s"]) and (state == "warm" or bool(t["warmup_s"]))}
+
+
+def preimport_umap_dependencies() -> None:
+    """Import pandas on the calling thread before a thread imports umap: when two threads import pandas for the
+    first time at once, one of them can get the partially initialised module ("module 'pandas' has no attribute
+    'Series'"), as the Embedding explorer did while it drew its chart (plotly imports pandas too)."""
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        pass
+
+
+def start_umap_warmup() -> threading.Thread | None:
+    """Warm UMAP (numba's JIT, its on-disk cache) in a daemon thread, once per process; None if already done."""
+    global _umap_warmup_thread
+    preimport_umap_dependencies()
+    with _umap_timings_lock:
+        if _UMAP_STATE["state"] == "warm" or (_umap_warmup_thread is not None and _umap_warmup_thread.is_alive()):
+            return None
+        if _UMAP_STATE["state"] == "failed":
+            return None
+
+        def body():
+            try:
+                warm_umap()
+            except EnergyLensError:
+                pass
+
+        _umap_warmup_thread = threading.Thread(target=body, name="energylens-umap-warmup", daemon=True)
+        _umap_warmup_thread.start()
+        return _umap_warmup_thread
 
 
 def umap_state() -> dict:
@@ -1097,8 +1189,8 @@ def warm_umap() -> float:
     with _UMAP_LOCK:
         if _UMAP_STATE["state"] == "warm":
             return 0.0
-        _UMAP_STATE["state"] = "warming"
         t0 = time.perf_counter()
+        _UMAP_STATE.update(state="warming", started=t0)
         try:
             import warnings
 
@@ -1114,6 +1206,7 @@ def warm_umap() -> float:
             raise InputError(f"UMAP is not available: {type(e).__name__}: {e}. Use PCA instead.") from e
         dt = time.perf_counter() - t0
         _UMAP_STATE.update(state="warm", seconds=dt, error=None)
+        _record_umap_timing(warmup_s=dt)
         return dt
 
 
@@ -1135,10 +1228,14 @@ def umap_2d(features, seed: int | None = 0, *, n_neighbors: int = 15, min_dist: 
         _, _, vt = np.linalg.svd(c, full_matrices=False)
         f = c @ vt[:pca_first].T
     k = int(max(2, min(n_neighbors, f.shape[0] - 1)))
+    was_warm = _UMAP_STATE["state"] == "warm"
+    t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         emb = umap.UMAP(n_neighbors=k, n_components=2, min_dist=min_dist,
                         random_state=None if seed is None else int(seed)).fit_transform(f.astype(np.float32))
+    if was_warm and f.shape[0] >= 100:   # a warm fit: the time the next promise scales from
+        _record_umap_timing(fit_n=int(f.shape[0]), fit_s=time.perf_counter() - t0)
     if _UMAP_STATE["state"] != "warm":
         _UMAP_STATE.update(state="warm")
     return np.asarray(emb, dtype=np.float32)

@@ -43,6 +43,7 @@ from .models import ModelMeta, build_model, device_of, save_checkpoint
 from .models.checkpoint import load_state_dict_checked
 from .models.folding import folded
 from .storage import append_jsonl, atomic_torch_save, atomic_write_json, read_jsonl, safe_torch_load
+from .train_progress import TrainClock, format_eta, progress_message
 
 __all__ = ["TrainConfig", "train", "train_step", "main", "TrainingStopped"]
 
@@ -550,6 +551,17 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     kind = lcfg.inner
     last_record: dict = {}
     oom: dict = {}  # {'micro_batch': k} once a training step ran out of memory
+    clock = TrainClock(epochs=cfg.epochs, batches=steps_per_epoch, batch_size=cfg.batch_size,
+                       attack_steps=cfg.attack_steps, eval_samples=len(val_idx), eval_steps=cfg.eval_steps,
+                       probe_size=len(pidx))
+    if is_main and (out / "batches.jsonl").exists():
+        if not cfg.resume or start_epoch == 0:
+            (out / "batches.jsonl").unlink()
+        else:  # resumed: drop the batches of the interrupted epoch, which runs again
+            from .storage import atomic_write_text
+
+            kept = [r for r in read_jsonl(out / "batches.jsonl") if r.get("epoch", 0) <= start_epoch]
+            atomic_write_text(out / "batches.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -576,6 +588,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             batch_idx = [bi[mine] for bi in batch_idx]
         workers = cfg.loader_workers if cfg.loader_workers is not None else (2 if device.type == "cuda" else 0)
         loader = prefetch_batches(train_ds.x, train_ds.y, batch_idx, device, workers=workers)
+        clock.start_batch()
         for b, (xu, yu) in zip(bar, loader):
             xb = xu.float().div_(255.0)  # exactly ImageDataset.images()
             if cfg.augment:
@@ -591,14 +604,30 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
                 sums[k] = sums.get(k, 0.0) + v
             if lt.weights is not None:
                 wvals.append(lt.weights.float().cpu())
-            if is_main and (b % 5 == 0 or b == steps_per_epoch - 1):
+            clock.end_batch()
+            if is_main and clock.report_due(b + 1):
                 frac = (epoch + (b + 1) / steps_per_epoch) / cfg.epochs
+                eta = clock.eta(epoch + 1, b + 1)
+                msg = progress_message(epoch + 1, cfg.epochs, b + 1, steps_per_epoch, eta,
+                                       estimated=not clock.eval_measured)
                 _write_progress(out, epoch=epoch + 1, epochs=cfg.epochs, batch=b + 1, batches=steps_per_epoch,
-                                fraction=frac, phase="train")
+                                fraction=frac, phase="train", eta_s=eta, seconds_per_batch=clock.seconds_per_batch,
+                                eta_estimated=not clock.eval_measured, message=msg)
+                loss_now = lt.terms.get("loss")
+                try:  # the batch-level loss log: the live plot's first points, long before the first epoch ends
+                    append_jsonl(out / "batches.jsonl", {
+                        "epoch": epoch + 1, "batch": b + 1, "batches": steps_per_epoch,
+                        "step": epoch * steps_per_epoch + b + 1,
+                        "loss": float(loss_now) if loss_now is not None else float(lt.loss.detach()),
+                        "seconds_per_batch": clock.seconds_per_batch, "time": time.time()})
+                except EnergyLensError:
+                    pass
                 if progress:
-                    progress({"epoch": epoch + 1, "batch": b + 1, "fraction": frac})
+                    progress({"epoch": epoch + 1, "batch": b + 1, "batches": steps_per_epoch, "fraction": frac,
+                              "eta_s": eta, "message": msg})
             if should_stop and should_stop():
                 raise TrainingStopped("stopped on request")
+            clock.start_batch()
         loader.close()  # (on an exception the generator's own clean-up stops the loader threads)
         train_time = time.time() - t0
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # identical on every process
@@ -616,8 +645,15 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             dist.barrier()
         if not is_main:
             continue
+        clock.start_eval()
+        eta = clock.eta_after_eval(epoch + 1)
+        msg = progress_message(epoch + 1, cfg.epochs, eta_s=eta, estimated=not clock.eval_measured, phase="evaluate")
         _write_progress(out, epoch=epoch + 1, epochs=cfg.epochs, batch=steps_per_epoch, batches=steps_per_epoch,
-                        fraction=(epoch + 1) / cfg.epochs, phase="evaluate")
+                        fraction=(epoch + 1) / cfg.epochs, phase="evaluate", eta_s=eta,
+                        eta_estimated=not clock.eval_measured, message=msg)
+        if progress:
+            progress({"epoch": epoch + 1, "batch": steps_per_epoch, "batches": steps_per_epoch,
+                      "fraction": (epoch + 1) / cfg.epochs, "eta_s": eta, "message": msg})
         t1 = time.time()
         ev = evaluate(model, xv, yv, eps, max(step, eps / 4) if cfg.eval_steps else step, cfg.eval_steps)
         pe = probe_energies(model, xp, yp, eps, step, cfg.attack_steps, "kl" if kind == "kl" else "ce")
@@ -659,8 +695,11 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         atomic_torch_save(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                        "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best})
         last_record = rec
+        clock.end_eval()
         if progress:
-            progress({"epoch": epoch + 1, "fraction": (epoch + 1) / cfg.epochs, "metrics": rec})
+            left = clock.eta(epoch + 1, steps_per_epoch)
+            eta = 0.0 if epoch + 1 == cfg.epochs or left is None else left - (clock.eval_seconds or 0.0)
+            progress({"epoch": epoch + 1, "fraction": (epoch + 1) / cfg.epochs, "metrics": rec, "eta_s": eta})
     if is_main:
         _write_progress(out, epoch=cfg.epochs, epochs=cfg.epochs, fraction=1.0, phase="done")
     if world > 1:
@@ -728,10 +767,13 @@ def run_job(config: dict, run_dir, report: Callable[[float, str], None]) -> dict
     cfg = TrainConfig.from_dict({**{k: v for k, v in config.items() if k != "out_dir"}, "out_dir": str(run_dir)})
 
     def prog(p: dict) -> None:
-        msg = f"epoch {p.get('epoch')}/{cfg.epochs}"
+        msg = p.get("message") or f"epoch {p.get('epoch')}/{cfg.epochs}"
         if "metrics" in p:
             m = p["metrics"]
-            msg += f" — nat {m['nat_acc']:.1%}, PGD {m['pgd_acc']:.1%}, ΔE(x) {m['dE_mean']:+.3f}"
+            msg = (f"epoch {p.get('epoch')}/{cfg.epochs} done — nat {m['nat_acc']:.1%}, PGD {m['pgd_acc']:.1%}, "
+                   f"ΔE(x) {m['dE_mean']:+.3f}")
+            if p.get("eta_s") is not None and p.get("epoch", 0) < cfg.epochs:
+                msg += f" · ETA {format_eta(p['eta_s'])}"
         report(float(p.get("fraction", 0.0)), msg)
 
     return train(cfg, progress=prog)

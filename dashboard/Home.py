@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,10 @@ pages = [st.Page(common.PAGE_FILES[k], title=t, icon=i, default=d) for k, t, i, 
 nav = st.navigation(pages)
 import persist  # noqa: E402
 
+if os.environ.get("ENERGYLENS_UMAP_WARMUP", "1") != "0":   # numba's first UMAP compile, off every page's clock
+    from core.analysis import start_umap_warmup
+
+    start_umap_warmup()
 persist.session_id()  # keeps ?s=<id> in the URL on every page, so a reload finds this session's results
 common.model_picker()
 nav.run()

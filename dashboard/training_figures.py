@@ -182,3 +182,15 @@ def final_bars(rows: list[dict], key: str = "dE_mean", label: str = "final ΔE(x
     fig.update_layout(title=f"{label} at the last epoch (Table 2a)", yaxis_title=label, height=380, barmode="group",
                       **LAYOUT)
     return fig
+
+
+def batch_loss_figure(records: list[dict], title: str = "Training loss by batch (live)") -> go.Figure:
+    """The batch-level training loss of a running job (``batches.jsonl`` records: epoch, batch, batches, loss),
+    x in epochs (fractional), so its first points appear long before the first epoch's ΔE record."""
+    x = np.asarray([(r["epoch"] - 1) + r["batch"] / max(r.get("batches") or 1, 1) for r in records], float)
+    y = np.asarray([r.get("loss", np.nan) for r in records], float)
+    fig = go.Figure(go.Scatter(x=x, y=y, mode="lines+markers", name="training loss", line=dict(color=ROB_COLOR),
+                               marker=dict(size=4)))
+    fig.update_layout(title=title, xaxis_title="epoch (fraction done)", yaxis_title="loss of the batch", height=260,
+                      **LAYOUT)
+    return fig

@@ -9,6 +9,7 @@ import figures as fig
 import persist
 import tour
 from core.attacks import ATTACKS, AttackSpec, attack_slug, describe_attack, format_eps, run_attack
+from core.attacks import budget
 from core.claims import marginal_claim
 from core.drift import EnergyTrace, natural_trace
 from core.energy import joint_energies, marginal_energy, typicality
@@ -59,7 +60,7 @@ SQUARE_QUERIES = 300  # ~20 s on 64 digits images on a busy 2-core CPU (issue 13
 common.widget_default("atk_eps255", round(default_eps * 255, 2), scope=meta.dataset)
 for k, v in {"atk_name": "pgd", "atk_norm": "Linf", "atk_eps_l2": 0.5, "atk_steps": 10, "atk_auto_step": True,
              "atk_step": 2 / 255, "atk_n": 64, "atk_seed": 0, "atk_targeted": False, "atk_tmode": "random",
-             "atk_queries": SQUARE_QUERIES, "atk_kappa": 0.0}.items():
+             "atk_queries": SQUARE_QUERIES, "atk_kappa": 0.0, "atk_targets": budget.INTERACTIVE_TARGETS}.items():
     common.widget_default(k, v)
 with st.form("attack_form"):
     c1, c2, c3, c4 = st.columns(4)
@@ -90,11 +91,16 @@ with st.form("attack_form"):
     if name == "square":
         steps = queries
     # always on screen: a form reruns the page only on submit, so a field shown only once CW is picked would appear late
-    kcol, _ = st.columns([1, 3])
+    kcol, tgcol, _ = st.columns([1, 1, 2])
     kappa = float(kcol.number_input("CW confidence κ (CW only)", min_value=0.0, step=0.5, key="atk_kappa",
                                     help="CW's margin loss is capped at κ: with κ = 0 an image stops moving as soon as "
                                          "it is misclassified (Carlini-Wagner); a larger κ pushes it that far past the "
                                          "decision boundary"))
+    n_tg = int(tgcol.number_input("APGD-T / FAB-T: target classes", step=1, key="atk_targets",
+                                  help="Each image is attacked towards its most likely wrong classes, one after the "
+                                       "other, until one succeeds. AutoAttack's standard evaluation uses 9; "
+                                       f"{budget.INTERACTIVE_TARGETS} answer in seconds and keep the algorithm as "
+                                       "defined (only the budget is smaller)."))
     b1, b2 = st.columns([1, 3])
     submitted = b1.form_submit_button("Run attack", type="primary")
     # form values reach the server only with a submit: attacking an upload needs its own submit button,
@@ -104,6 +110,12 @@ with st.form("attack_form"):
                                              help="Upload a PNG or JPEG under 'Your own image' first")
 
 st.caption(ATTACKS[name].description)
+
+
+def common_time(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{seconds:.1f} s" if seconds < 60 else f"{s // 60} min {s % 60:02d} s" if s < 3600 else \
+        f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
 def chosen_images(ds, n: int, seed: int):
@@ -152,7 +164,9 @@ if submitted:
     with common.guard("starting the attack"):
         ds = common.require_split(lm, "test", n_samples)
         spec = AttackSpec(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, targeted=targeted,
-                          target_mode=tmode, target_class=int(tclass), seed=seed, batch_size=256, kappa=kappa)
+                          target_mode=tmode, target_class=int(tclass), seed=seed,
+                          batch_size=budget.interactive_batch_size(name), kappa=kappa,
+                          extra={"targets": n_tg} if name in budget.TARGETED else {})
         spec.validate(meta.num_classes)
         x, y = chosen_images(ds, n_samples, seed)
         lm_b = common.load_ref(ref_b) if ref_b is not None else None
@@ -218,7 +232,12 @@ elif r is not None:
             (st.success if claim.holds else st.info if claim.holds is None else st.warning)(claim.text)
             for note in notes:
                 st.warning(note)
+            full = budget.full_cost(s, secs, meta.num_classes)
             st.caption(f"{t.n_samples} images in {secs:.2f} s."
+                       + (f" AutoAttack's {full['version']} setting for {ATTACKS[s.name].label} "
+                          f"({full['setting']}) is {full['factor']:.3g}× this run's work: about "
+                          f"{common_time(full['seconds'])} for these images on this machine, at most (AutoAttack "
+                          "skips images already broken)." if full and full["factor"] > 1.001 else "")
                        + (f" ΔE over the {ds_['n_perturbed']} of {ds_['n']} images the attack changed; the others "
                           f"(misclassified already, or where the attack failed) are returned untouched. Over all "
                           f"{ds_['n']} images: mean ΔE(x) {ds_['dE_mean_all']:+.3f}, mean ΔE(x,y) "
@@ -316,10 +335,18 @@ if up is not None:
                             format_func=lambda i: classes[i], key="atk_upload_label")
         if upload_submitted:  # the form's values are the ones on screen
             spec = AttackSpec(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, targeted=targeted,
-                              target_mode=tmode, target_class=int(tclass), seed=seed, kappa=kappa)
-            res = run_attack(lm.model, x1, torch.tensor([true]), spec)
-            st.session_state["atk_upload_result"] = (x1.numpy(), res.x_adv.numpy(), res.trace, describe_attack(spec, classes))
-        else:
+                              target_mode=tmode, target_class=int(tclass), seed=seed, kappa=kappa,
+                              extra={"targets": n_tg} if name in budget.TARGETED else {})
+            spec.validate(meta.num_classes)
+
+            def _upload_job(task, x1=x1, y1=torch.tensor([true]), spec=spec, what=describe_attack(spec, classes)):
+                res = run_attack(lm.model, x1, y1, spec, progress=task.progress, should_stop=task.cancelled)
+                return x1.numpy(), res.x_adv.numpy(), res.trace, what
+
+            # off the script thread: the page answers at once and shows progress with a Cancel button
+            common.wait_briefly(common.start_task("atk_upload_task", "attacking your image", _upload_job), 1.5)
+        common.task_panel("atk_upload_task", lambda task: st.session_state.__setitem__("atk_upload_result", task.result))
+        if not upload_submitted and st.session_state.get("atk_upload_result") is None:
             st.caption("Set the attack in the form above and press **Attack my uploaded image (below) with these "
                        "settings**.")
     ur = st.session_state.get("atk_upload_result")

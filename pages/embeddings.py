@@ -2,7 +2,6 @@
 mapped to 2-D with PCA (instant) or UMAP (background), coloured by energy, class or origin."""
 
 import os
-import threading
 
 import common
 import numpy as np
@@ -20,26 +19,29 @@ lm, meta, classes, default_eps = common.require_model("Embedding explorer")
 
 
 # ---------------------------------------------------------------- UMAP warm-up, once per server process
-@st.cache_resource(show_spinner=False)
-def _umap_warmer():
-    def body():
-        try:
-            analysis.warm_umap()
-        except EnergyLensError:
-            pass
-
-    t = threading.Thread(target=body, name="energylens-umap-warmup", daemon=True)
-    t.start()
-    return t
-
-
-if os.environ.get("ENERGYLENS_UMAP_WARMUP", "1") != "0":
-    _umap_warmer()
+# (the app starts it at launch, dashboard/Home.py; this covers a page opened before that ran)
+WARMUP_ON = os.environ.get("ENERGYLENS_UMAP_WARMUP", "1") != "0"
+if WARMUP_ON:
+    analysis.start_umap_warmup()
 ust = analysis.umap_state()
-if ust["state"] == "warming" or (ust["state"] == "cold" and os.environ.get("ENERGYLENS_UMAP_WARMUP", "1") != "0"):
-    st.caption(":material/hourglass_top: warming up UMAP (first time ~10–30 s) in the background — PCA works right away.")
+
+
+def _promise(n: int | None = None) -> str:
+    """The time UMAP will take, from what this machine measured (core.analysis.umap_estimate)."""
+    est = analysis.umap_estimate(n or 1000)
+    basis = "measured on this machine" if est["measured"] else "estimate for a busy 2-core CPU; measured after the first run"
+    parts = []
+    if est["warmup_s"] > 0:
+        parts.append(f"warm-up ~{est['warmup_s']:.0f} s")
+    if n:
+        parts.append(f"{n:,} points ~{max(est['fit_s'], 0.1):.1f} s")
+    return f"{', then '.join(parts)} ({basis})" if parts else ""
+
+
+if ust["state"] == "warming" or (ust["state"] == "cold" and WARMUP_ON):
+    st.caption(f":material/hourglass_top: warming up UMAP in the background ({_promise()}) — PCA works right away.")
 elif ust["state"] == "cold":
-    st.caption("UMAP compiles on first use (~10–30 s); PCA works right away.")
+    st.caption(f"UMAP compiles on first use ({_promise()}); PCA works right away.")
 elif ust["state"] == "failed":
     st.caption(f"UMAP is unavailable ({ust['error']}); PCA works.")
 
@@ -140,10 +142,12 @@ color = c2.radio("Colour by", ["energy", "class", "group"], horizontal=True, key
 
 
 def _umap(task, feats):
+    est = analysis.umap_estimate(len(feats))
+    share = est["warmup_s"] / max(est["seconds"], 1e-9)   # the progress bar's split between warm-up and fit
     if analysis.umap_state()["state"] != "warm":
-        task.progress(0.05, "warming up UMAP (first time ~10–30 s)")
+        task.progress(0.02, f"warming up UMAP (~{est['warmup_s']:.0f} s)")
         analysis.warm_umap()
-    task.progress(0.5, f"UMAP of {len(feats)} points")
+    task.progress(share, f"UMAP of {len(feats):,} points (~{max(est['fit_s'], 0.1):.1f} s)")
     return analysis.umap_2d(feats, seed=0)
 
 
@@ -154,11 +158,12 @@ if method == "UMAP":
         old = st.session_state.get("emb_umap_task")
         if old is None or not old.done:  # a failed UMAP is not retried on every rerun
             with common.guard("starting UMAP"):
+                analysis.preimport_umap_dependencies()   # (before a thread imports umap: see there)
                 task = common.start_task("emb_umap_task", "UMAP", lambda t: _umap(t, data["features"]))
                 common.wait_briefly(task, 1.0)
         common.task_panel("emb_umap_task", lambda t: data.__setitem__("umap", t.result))
         if data.get("umap") is None:
-            st.caption("Showing PCA until UMAP is ready.")
+            st.caption(f"Showing PCA until UMAP is ready ({_promise(len(data['features']))}).")
     if data.get("umap") is not None:
         coords, title = data["umap"], f"UMAP of {data['kind']} features"
 

@@ -1,8 +1,10 @@
 """SGLD studio: generate images with a robust classifier read as an EBM (paper Eq. 7, Fig. 5e, Fig. 6)."""
 
 import dataclasses
+import functools
 import io
 import os
+import time
 from pathlib import Path
 
 import common
@@ -13,7 +15,7 @@ import figures as fig
 import persist
 import sgld_figures as sf
 import tour
-from core import sampling
+from core import sampling, sgld_cache
 from core.errors import InputError
 
 lm, meta, names, _ = common.require_model("SGLD studio")
@@ -59,16 +61,24 @@ def _class_stats(dataset_name: str, n_images: int, _ds):
     return sampling.ClassStats(_ds)
 
 
-@st.cache_data(show_spinner="Energies of real images...", max_entries=32)
-def _reference(key: str, classes: tuple, _lm, _ds) -> dict:
-    return sampling.reference_energies(_lm, _ds, list(classes))
-
-
 def _stats():
     if ds_train is None:
         raise InputError(f"the training images of '{meta.dataset}' are not available, so only the random "
                          "initialisation can be used")
     return _class_stats(ds_train.name, len(ds_train), ds_train)
+
+
+# per-class statistics and real-image energies of this (model, dataset): prepared once per server process in a
+# background thread (core.sgld_cache) that every session shares; Initialise waits for it off the script thread
+warm = None
+if ds_train is not None:
+    with common.guard("preparing the class statistics"):
+        warm = sgld_cache.warm_up(lm, ds_train, _stats())
+
+
+def _reference(classes) -> dict | None:
+    """Reference energies of ``classes``, or None while the background preparation still computes them."""
+    return sgld_cache.reference_energies_cached(lm, ds_train, list(classes), wait=warm is None or warm.done)
 
 
 def _task_running(key: str) -> bool:
@@ -122,7 +132,21 @@ with st.expander("Initialisation and constraint settings"):
                                     format="%.3f", key="sgld_bound_r"))
 bound = None if bound_norm == "none" else (bound_norm, bound_r)
 
-busy = _task_running("sgld_task") or _task_running("sgld_cmp_task")
+if warm is not None and warm.done and warm.error:
+    st.warning(f"Preparing the PCA / Gaussian start statistics failed: {warm.error}")
+elif warm is not None and not warm.done:
+    @st.fragment(run_every=1.0)
+    def _warm_status():
+        if not warm.done:
+            st.caption(f":material/hourglass_top: Preparing the PCA / Gaussian start statistics and the real-image "
+                       f"energies in the background, once for this model and dataset ({warm.message}, "
+                       f"{warm.fraction:.0%}); Initialise waits for them with a progress bar.")
+        else:
+            st.rerun(scope="app")   # ready: the Ē(x, y) level appears
+
+    _warm_status()
+
+busy = _task_running("sgld_task") or _task_running("sgld_cmp_task") or _task_running("sgld_init_task")
 b = st.columns(5)
 do_init = b[0].button("Initialise", type="primary", key="sgld_btn_init", disabled=busy)
 do_1 = b[1].button("Step 1", key="sgld_btn_step1", disabled=busy)
@@ -133,11 +157,18 @@ if st.session_state.pop("sgld_autorun", False) and not busy:  # set by the guide
     do_init = True
 
 
-def _new_sampler(init_kind: str, n_chains: int):
+def _new_sampler(init_kind: str, n_chains: int, stats=None):
     return sampling.SGLDSampler(
         lm, sel, n_chains, init=init_kind, eta=eta, zeta=zeta, gamma=gamma, bound=bound, seed=seed,
-        stats=_stats() if init_kind != "random" else None, pca_sigma=pca_sigma, pca_variance=pca_var,
+        stats=(stats or _stats()) if init_kind != "random" else None, pca_sigma=pca_sigma, pca_variance=pca_var,
         pca_components=pca_k, gaussian_ridge=ridge)
+
+
+def _initialised(sampler_, seconds: float) -> None:
+    st.session_state["sgld_sampler"] = sampler_
+    st.session_state["sgld_model_key"] = model_key
+    st.session_state["sgld_last"] = f"initialised in {seconds:.2f} s"
+    st.session_state["sgld_dirty"] = True
 
 
 if do_init:
@@ -146,10 +177,24 @@ if do_init:
             raise InputError("choose at least one class")
         if chains > 64:
             raise InputError("at most 64 chains per class here; use a batch job below for more")
-        st.session_state["sgld_sampler"] = _new_sampler(init, chains)
-        st.session_state["sgld_model_key"] = model_key
-        st.session_state["sgld_last"] = "initialised"
-        st.session_state["sgld_dirty"] = True
+        t_init = time.perf_counter()
+        if init != "random" and warm is not None and not warm.done:
+            warm.wait(timeout=1.0)           # nearly ready (a small dataset): answer in this run
+        if init != "random" and warm is not None and not warm.done:
+            # the class statistics are still being prepared: wait for them off the script thread, with progress
+            build = functools.partial(_new_sampler, init, chains, _stats())   # the settings of this click
+
+            def _init_job(task, warm=warm, build=build, t0=t_init):
+                warm.wait(progress=lambda f, m: task.progress(0.95 * f, f"preparing the start statistics: {m}"))
+                task.progress(0.95, "drawing the initial images")
+                return build(), time.perf_counter() - t0
+
+            task = common.start_task("sgld_init_task", "initialising the chains", _init_job)
+            common.wait_briefly(task, 1.0)
+        else:
+            _initialised(_new_sampler(init, chains), time.perf_counter() - t_init)
+
+common.task_panel("sgld_init_task", lambda task: _initialised(*task.result))
 
 restored = persist.restore("sgld")  # the chains of this browser session survive a page reload
 if restored is not None and "sgld_sampler" not in st.session_state:
@@ -229,7 +274,9 @@ def _ref_for(s, classes=None):
     """Chain-weighted mean reference energies (joint, marginal) of the shown chains."""
     if ds_train is None:
         return None, None
-    r = _reference(model_key, tuple(s.classes), lm, ds_train)
+    r = _reference(s.classes)
+    if r is None:
+        return None, None
     labels = s.labels.cpu().numpy()
     if classes is not None:
         labels = labels[np.isin(labels, classes)]
@@ -260,7 +307,8 @@ else:
         m[0].metric("Steps", f"{s.steps_done}")
         m[1].metric("mean E(x, y) now", f"{summ['target_mean'][-1]:.2f}",
                     delta=f"{summ['target_mean'][-1] - summ['target_mean'][0]:+.2f} since x₀", delta_color="off")
-        m[2].metric("Ē(x, y) of real images", "n/a" if ref_j is None else f"{ref_j:.2f}")
+        m[2].metric("Ē(x, y) of real images", ("computing…" if warm is not None and not warm.done else "n/a")
+                    if ref_j is None else f"{ref_j:.2f}")
         m[3].metric("Classified as target", f"{summ['target_hit'][-1]:.0%}")
         st.image(_grid_png(s.images().numpy(), s.counts[0] if len(set(s.counts)) == 1 else 8),
                  caption=f"{s.n_chains} chains after {s.steps_done} steps — one row per class "
@@ -278,8 +326,9 @@ else:
     with common.guard("drawing the energy plot"):
         ref_j, ref_m = _ref_for(sampler, sub)
         passed = None
-        if ds_train is not None:
-            passed = tr.passed_reference(_reference(model_key, tuple(sampler.classes), lm, ds_train), sub)
+        ref_all = _reference(sampler.classes) if ds_train is not None else None
+        if ref_all is not None:
+            passed = tr.passed_reference(ref_all, sub)
         st.plotly_chart(sf.energy_trend(tr.summary(sub), ref_j, ref_m,
                                         title=f"Energies along the chain — {pick} (Fig. 5e)",
                                         passed_at=passed["step"] if passed else None),
@@ -352,8 +401,8 @@ if cmp:
         first = next(iter(cmp.values()))
         rj = None
         if ds_train is not None:
-            rr = _reference(model_key, tuple(first["classes"]), lm, ds_train)
-            rj = float(np.mean([rr[c]["joint"] for c in first["classes"]]))
+            rr = _reference(first["classes"])
+            rj = None if rr is None else float(np.mean([rr[c]["joint"] for c in first["classes"]]))
         st.plotly_chart(sf.compare_trend({k: v["summary"] for k, v in cmp.items()}, rj), width="stretch",
                         config=fig.PLOT_CONFIG, key="sgld_cmp_trend")
 

@@ -18,6 +18,7 @@ from core.errors import EnergyLensError, InputError
 from core.losses import INNERS, METHODS, OUTERS, WEIGHTINGS
 from core.models import ARCHITECTURES
 from core.train import SCHEDULES, TrainConfig
+from core.train_progress import read_batches
 
 st.title("Training studio")
 tour.banner("training")
@@ -548,8 +549,14 @@ def live_view(job_id: str, was_active: bool) -> None:
         recs = run_metrics(info)
         if info.active:
             st.progress(max(0.0, min(1.0, float(info.progress or 0))), text=f"{info.status}: {info.message}")
+            batch_log = [] if getattr(info, "recorded", False) else read_batches(info.run_dir)
+            if batch_log:
+                with st.expander("Training loss by batch (live)", expanded=not recs):
+                    st.plotly_chart(tfig.batch_loss_figure(batch_log), width="stretch", config=fig.PLOT_CONFIG,
+                                    key="tr_batch_loss")
         if not recs:
-            st.info("Waiting for the first epoch to finish…" if info.active else
+            st.info("Waiting for the first epoch to finish: ΔE(x) is measured on the probe set at the end of each "
+                    "epoch (the batch counter and ETA above move meanwhile)." if info.active else
                     "This run has no recorded epoch.")
             return
         # stacked, not in tabs: a fragment that re-renders every 2 s would reset the selected tab

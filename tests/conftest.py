@@ -14,6 +14,9 @@ SHARED_SUBSET = REPO.parent / "shared" / "data" / "cifar10_train_subset.npz"
 
 # Respect OMP_NUM_THREADS when set (CI, loaded machines); otherwise at most 2 threads.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
+# The app warms UMAP (numba's compile) in a background thread at launch; in tests that thread would only compete
+# for the CPU with the test itself. Tests of the warm-up set the variable back.
+os.environ.setdefault("ENERGYLENS_UMAP_WARMUP", "0")
 
 
 @pytest.fixture(scope="session")

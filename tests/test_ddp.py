@@ -124,8 +124,10 @@ def test_torchrun_cli_two_processes(tmp_path):
     recs = _lines(out / "metrics.jsonl")
     assert [r["epoch"] for r in recs] == [1, 2]                          # one line per epoch, not per rank
     assert all(0 <= r["pgd_acc"] <= r["nat_acc"] <= 1 and r["train_loss"] > 0 for r in recs)
-    assert _files(out) == {"config.json", "metrics.jsonl", "progress.json", "last.safetensors", "best.safetensors",
-                           "state.pt", "probe/epoch_0001.npz", "probe/epoch_0002.npz"}
+    assert _files(out) == {"config.json", "metrics.jsonl", "progress.json", "batches.jsonl", "last.safetensors",
+                           "best.safetensors", "state.pt", "probe/epoch_0001.npz", "probe/epoch_0002.npz"}
+    steps = [r["step"] for r in _lines(out / "batches.jsonl")]
+    assert steps == sorted(set(steps))                                   # the batch log too: rank 0 only
 
 
 def test_two_processes_equal_one_process_without_batchnorm(tmp_path, entry):

@@ -235,11 +235,21 @@ def test_attack_lab_attacks_an_upload_with_the_settings_on_screen():
     at.file_uploader(key="atk_upload").upload("x.png", _png(), "image/png").run()
     assert not at.exception, [e.message for e in at.exception]
     button = "Attack my uploaded image (below) with these settings"
+
+    def wait_upload():  # the upload attack runs off the script thread (issue 17): wait for its task
+        t0 = time.time()
+        while not at.session_state["atk_upload_task"].done and time.time() - t0 < 120:
+            time.sleep(0.2)
+            at.run()
+        at.run()
+
     _submit(at, button)  # the defaults: PGD-10 at 8/255
+    wait_upload()
     x, xa, _, what = at.session_state["atk_upload_result"]
     assert "8/255" in what and np.abs(xa - x).max() > 1 / 255
     at.number_input(key="atk_eps255").set_value(0.0)  # typed on screen ...
     _submit(at, button)                                 # ... and used by this button
+    wait_upload()
     assert not at.exception, [e.message for e in at.exception]
     x, xa, trace, what = at.session_state["atk_upload_result"]
     assert "Linf ε = 0," in what, what
@@ -294,3 +304,38 @@ def test_models_table_formats_values_and_measures_the_readmes_drift(tmp_path, mo
     assert not at.exception and not at.error, ([e.message for e in at.exception], [e.value for e in at.error])
     df = at.dataframe[0].value
     assert df[df["name"] == "digits-plain"].iloc[0]["mean |ΔE(x)| (PGD-10, test)"] == "2.56 (N = 359)"
+
+
+def test_attack_lab_apgd_t_uses_the_interactive_targets_and_states_the_full_autoattack_cost():
+    """Issue 17: APGD-T runs against 3 target classes by default (AutoAttack: 9) in batches of 16 (progress moves),
+    and the result says what AutoAttack's own setting would cost, scaled from the measured seconds."""
+    import re
+
+    at = fresh_app()
+    at.switch_page("../pages/attack_lab.py").run()
+    assert at.number_input(key="atk_targets").value == 3
+    at.selectbox(key="atk_name").set_value("apgd-t")
+    at.number_input(key="atk_targets").set_value(2)
+    at.number_input(key="atk_n").set_value(16)
+    _wait_attack(_submit(at, "Run attack"), 0)
+    assert not at.exception, [e.message for e in at.exception]
+    r = at.session_state["atk_result"]
+    assert r["spec"].extra == {"targets": 2} and r["spec"].batch_size == 16
+    cap = next(c.value for c in at.caption if "AutoAttack's standard setting" in c.value)
+    assert "100 iterations × 9 target classes" in cap and "45× this run's work" in cap   # 900 / (10 x 2)
+    shown = float(re.search(r"about ([\d.]+) s", cap).group(1)) if " s for these" in cap else None
+    if shown is not None:                               # (minutes are shown for long estimates)
+        assert shown == pytest.approx(45 * r["seconds"], rel=0.05, abs=0.1)
+
+
+@pytest.mark.parametrize("flag, expected", [("1", True), ("0", False)])
+def test_the_app_starts_the_umap_warm_up_at_launch(monkeypatch, flag, expected):
+    """Issue 17: numba's first UMAP compile starts in the background when the app opens (not when the user first
+    asks for UMAP); ENERGYLENS_UMAP_WARMUP=0 turns it off."""
+    import core.analysis as A
+
+    calls = []
+    monkeypatch.setattr(A, "start_umap_warmup", lambda: calls.append(1))
+    monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", flag)
+    fresh_app()
+    assert bool(calls) is expected

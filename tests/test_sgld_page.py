@@ -43,6 +43,19 @@ def _sampler(at):
     return at.session_state["sgld_sampler"]
 
 
+def _initialise(at, timeout=180.0):
+    """Press Initialise; while the page still prepares the start statistics in the background, the chains
+    appear a few reruns later (the init task's progress bar shows meanwhile)."""
+    at.button(key="sgld_btn_init").click().run()
+    _ok(at)
+    t0 = time.time()
+    while "sgld_sampler" not in at.session_state and time.time() - t0 < timeout:
+        time.sleep(0.25)
+        at.run()
+        _ok(at)
+    assert "sgld_sampler" in at.session_state, [e.value for e in at.error]
+
+
 def _run_until(at, cond, timeout=180.0):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -57,7 +70,7 @@ def _run_until(at, cond, timeout=180.0):
 def test_initialise_step_plot_and_bad_input(app):
     at = app
     assert not at.get("image")
-    at.button(key="sgld_btn_init").click().run()
+    _initialise(at)
     _ok(at)
     assert not at.error, [e.value for e in at.error]
     assert _sampler(at).steps_done == 0 and _sampler(at).n_chains == 6
@@ -103,7 +116,7 @@ def test_initialise_step_plot_and_bad_input(app):
 
 def test_run_in_background_and_cancel_keeps_images(app):
     at = app
-    at.button(key="sgld_btn_init").click().run()
+    _initialise(at)
     at.number_input(key="sgld_n").set_value(15).run()
     at.button(key="sgld_btn_run").click().run()
     _run_until(at, lambda: at.session_state["sgld_task"].done and _sampler(at).steps_done == 15)
@@ -213,7 +226,7 @@ def test_step_defaults_follow_the_models_dataset_family(tmp_path, monkeypatch):
 
 def test_energy_plot_marks_when_the_chain_passed_the_real_data_level(app):
     at = app
-    at.button(key="sgld_btn_init").click().run()
+    _initialise(at)
     at.number_input(key="sgld_n").set_value(40).run()
     at.button(key="sgld_btn_run").click().run()
     _run_until(at, lambda: at.session_state["sgld_task"].done and _sampler(at).steps_done == 40)
@@ -231,3 +244,38 @@ def test_energy_plot_marks_when_the_chain_passed_the_real_data_level(app):
     assert marker and marker[0]["x"] == [passed["step"]]
     assert any(sh.get("type") == "line" and sh.get("x0") == passed["step"] for sh in spec["layout"].get("shapes", []))
     assert any(f"passed the real-image level Ē(x, y) at step {passed['step']}" in c.value for c in at.caption)
+
+
+def test_initialise_waits_for_the_background_statistics_off_the_script_thread(app):
+    """While the shared preparation of the start statistics is still running, Initialise answers at once with a
+    progress bar (the buttons held) and the chains appear when the preparation ends."""
+    from core import sgld_cache
+
+    at = app
+    lm = at.session_state["model_ref"]
+    fakes = []
+    for key, w in list(sgld_cache._warmups.items()):     # every model's preparation (the digits one among them):
+        assert w.wait(timeout=120)                        # pretend it is still running
+        fakes.append(sgld_cache.Warmup(key, fraction=0.4, message="class statistics 5/10"))
+        sgld_cache._warmups[key] = fakes[-1]
+    assert fakes, lm
+    t0 = time.time()
+    at.run()
+    plain = time.time() - t0                                          # one rerun of the page on this (loaded) machine
+    t0 = time.time()
+    at.button(key="sgld_btn_init").click().run()
+    _ok(at)
+    assert time.time() - t0 < 3 * plain + 5                           # a rerun + the 1 s grace, not the preparation
+    assert "sgld_sampler" not in at.session_state
+    assert at.session_state["sgld_init_task"].done is False
+    at.run()
+    assert at.button(key="sgld_btn_step10").disabled                  # busy while it waits
+    assert any("preparing the start statistics" in (p.proto.text or "") for p in at.get("progress")), \
+        [p.proto.text for p in at.get("progress")]
+    for slow in fakes:
+        slow.fraction, slow.message, slow.done = 1.0, "ready", True
+        slow._event.set()
+    _run_until(at, lambda: "sgld_sampler" in at.session_state or at.session_state["sgld_init_task"].error)
+    assert not at.session_state["sgld_init_task"].error, at.session_state["sgld_init_task"].error
+    assert _sampler(at).steps_done == 0 and _sampler(at).n_chains == 6
+    assert "initialised in" in at.session_state["sgld_last"]

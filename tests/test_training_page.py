@@ -385,3 +385,41 @@ def test_training_form_can_pick_an_npz_dataset(runs, tmp_path):
     cfg = json.loads(code.split("<<'EOF'\n", 1)[1].split("\nEOF", 1)[0])
     assert cfg["dataset"] == f"npz:{path}" and cfg["epochs"] == 2
     assert jobs.list_jobs(runs) == []
+
+
+def test_running_job_shows_batch_progress_eta_and_live_batch_loss(runs):
+    """A real digits job, viewed while its first epoch runs: a batch counter and an ETA in the progress text and
+    the batch-level training loss plot, before any per-epoch ΔE record exists; Stop ends it."""
+    from core import jobs
+    from core.train_progress import read_batches
+
+    at = open_page()
+    set_form(at, epochs=3, bs=16, limit=0, evaln=32, probe=32, steps=10, evals=2)
+    next(s for s in at.selectbox if s.key.startswith("tr_device_")).set_value("cpu")
+    launch_button(at).click().run()
+    no_crash(at)
+    job = jobs.list_jobs(runs, kind="train")[0]
+    try:
+        t0 = time.time()
+        while not read_batches(job.run_dir) and time.time() - t0 < 120:
+            assert jobs.get_job(job.id).active, jobs.read_log_tail(job.id, 30)
+            time.sleep(0.2)
+        assert read_batches(job.run_dir), "no batch was reported within 120 s"
+        time.sleep(1.5)                      # the registry write is throttled to 2 per second
+        at.run()
+        no_crash(at)
+        texts = [p.proto.text for p in at.get("progress")]
+        batch_texts = [t for t in texts if "batch " in t or "evaluating" in t]
+        assert batch_texts, texts
+        import re
+        assert any(re.search(r"epoch [123]/3 · (batch \d+/89|evaluating).* · ETA ~?\d+m\d\ds", t) for t in batch_texts), \
+            batch_texts
+        figs = charts(at)
+        live = chart_with(figs, "Training loss by batch")
+        loss = live.array(live.trace("training loss"), "y")
+        assert loss.size >= 1 and np.isfinite(loss).all() and (loss > 0).all()
+        if not jobs.read_metrics(job.id):
+            assert any("Waiting for the first epoch" in i.value for i in at.info)
+    finally:
+        jobs.stop_job(job.id, grace=5.0)
+    assert jobs.get_job(job.id).status == "stopped"

@@ -250,6 +250,8 @@ def describe_attack(spec: AttackSpec, class_names=None) -> str:
             parts.append(f"targeted ({spec.target_mode} targets)")
     parts.append(f"{spec.norm} ε = {format_eps(spec.eps, spec.norm)}")
     parts.append(f"{spec.steps} {'queries' if spec.name == 'square' else 'steps'}")
+    if spec.name in ("apgd-t", "fab-t") and spec.extra and "targets" in spec.extra:
+        parts.append(f"{spec.extra['targets']} target classes")
     return ", ".join(parts)
 
 

@@ -2,7 +2,8 @@
 
 APGD-CE, APGD-DLR, APGD-T, FAB, FAB-T and Square. These attacks do not expose their iterates,
 so their trace holds the natural point (step 0) and the final point (step = iterations).
-APGD-T and FAB-T choose their target classes internally (the most likely wrong classes).
+APGD-T and FAB-T choose their target classes internally (the most likely wrong classes); how many
+is ``spec.extra['targets']`` (AutoAttack's 9 when absent; see core.attacks.budget).
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ def _run(make, model, x, y, spec: AttackSpec, recorder: TraceRecorder | None, na
     return x_adv
 
 
-def _n_targets(model, x) -> int:
+def _n_targets(model, x, spec: AttackSpec) -> int:
+    """Target classes of APGD-T / FAB-T: ``spec.extra['targets']`` (AutoAttack: 9), at most the wrong classes."""
+    from .budget import n_targets
+
     with torch.no_grad():
         k = model(x[:1]).shape[1]
-    return max(1, min(9, k - 1))
+    return n_targets(spec, k)
 
 
 def apgd_ce(model, x, y, spec, recorder, targets=None, generator=None, nat_logits=None):
@@ -61,7 +65,7 @@ def apgd_dlr(model, x, y, spec, recorder, targets=None, generator=None, nat_logi
 def apgd_t(model, x, y, spec, recorder, targets=None, generator=None, nat_logits=None):
     from pyautoattack.autopgd_base import APGDAttack_targeted
 
-    n_t = _n_targets(model, x)
+    n_t = _n_targets(model, x, spec)
     return _run(lambda m: APGDAttack_targeted(m, n_iter=spec.steps, norm=spec.norm, eps=spec.eps, n_restarts=1,
                                               n_target_classes=n_t, seed=_seed(spec), device=x.device),
                 model, x, y, spec, recorder, nat_logits)
@@ -78,7 +82,7 @@ def fab(model, x, y, spec, recorder, targets=None, generator=None, nat_logits=No
 def fab_t(model, x, y, spec, recorder, targets=None, generator=None, nat_logits=None):
     from pyautoattack.fab_pt import FABAttack_PT
 
-    n_t = _n_targets(model, x)
+    n_t = _n_targets(model, x, spec)
     return _run(lambda m: FABAttack_PT(m, norm=spec.norm, n_restarts=1, n_iter=spec.steps, eps=spec.eps,
                                        seed=_seed(spec), targeted=True, n_target_classes=n_t, device=x.device),
                 model, x, y, spec, recorder, nat_logits)

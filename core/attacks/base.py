@@ -106,6 +106,10 @@ class AttackSpec:
             raise InputError(f"steps={self.steps} is too many for {info.label} (max {info.max_steps})")
         if self.step_size is not None and self.step_size <= 0:
             raise InputError(f"step size must be > 0, got {self.step_size}")
+        if self.extra and "targets" in self.extra:
+            from .budget import n_targets
+
+            n_targets(self, num_classes if num_classes is not None else 1_000_000)
         if self.batch_size <= 0:
             raise InputError(f"batch size must be positive, got {self.batch_size}")
         if self.targeted:

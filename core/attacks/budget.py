@@ -1,0 +1,93 @@
+"""Attack budgets: AutoAttack's own settings, the Attack Lab's interactive ones, and what the full one would cost.
+
+AutoAttack (Croce & Hein, 2020) fixes each component's budget: the *standard* version runs APGD-CE
+(100 iterations, 1 restart), APGD-T (100 iterations against each of the 9 most likely wrong classes),
+FAB-T (100 iterations x 9 targets) and Square (5,000 queries); the *plus* version adds APGD-DLR and
+untargeted FAB with 5 restarts of 100 iterations each. The interactive defaults keep every algorithm
+as defined and only shrink its budget (fewer iterations, the 3 most likely wrong classes instead of
+9, fewer queries), so a result answers in seconds; :func:`full_cost` then scales the *measured* time
+of a run to the full budget, ``seconds x full work / work done``, where the work is iterations x
+targets x restarts (queries for Square). That is an upper bound: AutoAttack skips images already
+broken, so on a weak model the full run costs less.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InputError
+from .base import AttackSpec
+
+__all__ = ["AutoAttackBudget", "AUTOATTACK", "INTERACTIVE_TARGETS", "n_targets", "work_units", "full_cost",
+           "interactive_batch_size"]
+
+INTERACTIVE_TARGETS = 3          # APGD-T / FAB-T: the 3 most likely wrong classes (AutoAttack: 9)
+INTERACTIVE_BATCH = 16           # images per call of an attack without per-step trace: progress and Cancel per batch
+
+
+@dataclass(frozen=True)
+class AutoAttackBudget:
+    version: str                 # 'standard' or 'plus' (the AutoAttack version the component belongs to)
+    steps: int                   # iterations, or queries for Square
+    targets: int = 1             # target classes per image (APGD-T, FAB-T)
+    restarts: int = 1
+
+    def describe(self, name: str) -> str:
+        if name == "square":
+            return f"{self.steps:,} queries"
+        parts = [f"{self.steps} iterations"]
+        if self.targets > 1:
+            parts.append(f"{self.targets} target classes")
+        if self.restarts > 1:
+            parts.append(f"{self.restarts} restarts")
+        return " × ".join(parts)
+
+
+AUTOATTACK: dict[str, AutoAttackBudget] = {
+    "apgd-ce": AutoAttackBudget("standard", 100),
+    "apgd-t": AutoAttackBudget("standard", 100, targets=9),
+    "fab-t": AutoAttackBudget("standard", 100, targets=9),
+    "square": AutoAttackBudget("standard", 5000),
+    "apgd-dlr": AutoAttackBudget("plus", 100, restarts=5),
+    "fab": AutoAttackBudget("plus", 100, restarts=5),
+}
+TARGETED = ("apgd-t", "fab-t")
+
+
+def n_targets(spec: AttackSpec, num_classes: int) -> int:
+    """Target classes an APGD-T / FAB-T run uses: ``spec.extra['targets']`` (default: AutoAttack's 9), at most
+    the number of wrong classes."""
+    t = spec.extra.get("targets", AUTOATTACK["apgd-t"].targets) if spec.extra else AUTOATTACK["apgd-t"].targets
+    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+        raise InputError(f"the number of target classes must be a positive integer, got {t!r}")
+    return max(1, min(int(t), int(num_classes) - 1))
+
+
+def work_units(spec: AttackSpec, num_classes: int) -> int:
+    """Iterations x targets (x restarts: 1 here) of a run; queries for Square."""
+    if spec.name in TARGETED:
+        return int(spec.steps) * n_targets(spec, num_classes)
+    return int(spec.steps)
+
+
+def full_cost(spec: AttackSpec, seconds: float, num_classes: int) -> dict | None:
+    """What the AutoAttack budget of this component would cost, scaled from a measured run: {'version',
+    'setting', 'factor', 'seconds'}; None for attacks that are not AutoAttack components."""
+    full = AUTOATTACK.get(spec.name)
+    if full is None or not seconds or seconds <= 0:
+        return None
+    targets = min(full.targets, max(int(num_classes) - 1, 1))
+    full_units = full.steps * targets * full.restarts
+    factor = full_units / max(work_units(spec, num_classes), 1)
+    return {"version": full.version, "setting": AutoAttackBudget(full.version, full.steps, targets,
+                                                                 full.restarts).describe(spec.name),
+            "factor": factor, "seconds": float(seconds) * factor}
+
+
+def interactive_batch_size(name: str, requested: int = 256) -> int:
+    """Images per call: AutoAttack's components expose no iterates, so smaller batches let progress move and a
+    Cancel keep the finished batches; the gradient attacks report every step and keep large batches."""
+    from . import ATTACKS
+
+    info = ATTACKS.get(name)
+    return min(int(requested), INTERACTIVE_BATCH) if info is not None and not info.per_step_trace else int(requested)

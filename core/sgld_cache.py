@@ -1,0 +1,223 @@
+"""SGLD start statistics per (model, dataset), computed once and shared: a background warm-up and the
+reference energies Ē(x, y), Ē(x) of the real images.
+
+What the SGLD studio needs before its first chain answers is (a) the per-class PCA / Gaussian moments
+of the dataset (``core.sampling.ClassStats``, an SVD per class, cached on disk per dataset) and (b)
+the mean energies of the real images of every class under the model (one forward pass over the
+dataset, Fig. 5e's dashed level). Both cost seconds on a CPU (a CIFAR-10 demo pack: ~7 s each on a
+loaded 2-core machine) and neither changes while the model and the dataset stay the same, so:
+
+* :func:`reference_energies_cached` computes the reference energies of *all* classes once per
+  (model weights, dataset content), over at most ``REF_MAX_PER_CLASS`` images per class (the first ones) and keeps them in memory and on disk as JSON
+  (``sgldref-<dataset>-<N>-<dataset hash>-<weights hash>.json`` in the class-statistics cache
+  folder); a class subset is then a lookup.
+* :func:`warm_up` starts, at most once per (model, dataset) and process, a daemon thread that
+  prepares both, and returns a :class:`Warmup` handle (fraction, message, done, error, wait) that
+  every session shares. The page starts it when it opens, so Initialise normally finds everything
+  ready; if not, it waits on the handle off the script thread, with progress.
+
+Thread safety: one lock per key serialises the computation (a second caller waits for the first's
+result instead of computing it again); ``ClassStats.get`` has its own lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import EnergyLensError, InputError
+from .sampling import ClassStats, dataset_fingerprint, default_cache_dir, reference_energies
+
+__all__ = ["model_fingerprint", "reference_energies_cached", "reference_ready", "warm_up", "Warmup"]
+
+REF_VERSION = 1
+REF_MAX_PER_CLASS = 1000     # reference energies: the mean over at most this many images per class (all of them for
+                             # the digits and the CIFAR-10 demo pack; bounds the warm-up on a 50,000-image set)
+_DS_FP_KEEP = 8
+RETRY_AFTER_S = 60.0         # a failed warm-up is started again at most this often
+_global_lock = threading.Lock()
+_key_locks: dict[str, threading.Lock] = {}
+_memory: dict[str, dict[int, dict]] = {}
+_warmups: dict[str, "Warmup"] = {}
+_ds_fp: dict[int, tuple[object, str]] = {}    # id(dataset) -> (dataset, fingerprint): hash each dataset once
+_model_fp: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model) -> str:
+    """Content hash (blake2b, 16 hex digits) of a model's parameters and buffers (remembered per module:
+    a loaded model's weights do not change)."""
+    net = getattr(model, "model", model)
+    try:
+        hit = _model_fp.get(net)
+    except TypeError:
+        hit = None
+    if hit is not None:
+        return hit
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in net.state_dict().items():
+        t = t.detach()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    fp = h.hexdigest()
+    try:
+        _model_fp[net] = fp
+    except TypeError:
+        pass
+    return fp
+
+
+def _dataset_fp(dataset) -> str:
+    with _global_lock:
+        hit = _ds_fp.get(id(dataset))
+        if hit is not None and hit[0] is dataset:
+            return hit[1]
+    fp = dataset_fingerprint(dataset)
+    with _global_lock:
+        while len(_ds_fp) >= _DS_FP_KEEP:          # a few datasets at a time: this must not keep them all alive
+            _ds_fp.pop(next(iter(_ds_fp)))
+        _ds_fp[id(dataset)] = (dataset, fp)
+    return fp
+
+
+def _key(model, dataset) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(dataset.name)).strip("_")[-48:] or "dataset"
+    return f"{slug}-{len(dataset)}-{_dataset_fp(dataset)}-{model_fingerprint(model)}-m{REF_MAX_PER_CLASS}"
+
+
+def _lock_for(key: str) -> threading.Lock:
+    with _global_lock:
+        return _key_locks.setdefault(key, threading.Lock())
+
+
+def _path(key: str, cache_dir) -> Path:
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"sgldref-{key}.json"
+
+
+def _load(path: Path) -> dict[int, dict] | None:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        if d.get("version") != REF_VERSION:
+            return None
+        out = {int(c): {"joint": float(v["joint"]), "marginal": float(v["marginal"]), "n": int(v["n"])}
+               for c, v in d["classes"].items()}
+        return out or None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None           # absent or unreadable: recomputed, never trusted
+
+
+def _save(path: Path, ref: dict[int, dict]) -> None:
+    from .storage import atomic_write_json
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"version": REF_VERSION, "classes": {str(c): v for c, v in ref.items()}})
+    except (EnergyLensError, OSError):
+        pass                  # a read-only cache is not fatal: the values stay in memory
+
+
+def _pick(ref: dict[int, dict], classes: Sequence[int] | None) -> dict[int, dict]:
+    if classes is None:
+        return dict(ref)
+    missing = [int(c) for c in classes if int(c) not in ref]
+    if missing:
+        raise InputError(f"no real images of class {missing[0]} in the dataset, so no reference energy for it")
+    return {int(c): ref[int(c)] for c in classes}
+
+
+def reference_energies_cached(model, dataset, classes: Sequence[int] | None = None, *, cache_dir=None,
+                              wait: bool = True) -> dict[int, dict] | None:
+    """``core.sampling.reference_energies`` of all classes, computed once per (model, dataset).
+
+    ``wait=False`` returns None instead of waiting while another thread computes them."""
+    key = _key(model, dataset)
+    hit = _memory.get(key)
+    if hit is not None:
+        return _pick(hit, classes)
+    lock = _lock_for(key)
+    if not lock.acquire(blocking=wait):
+        return None
+    try:
+        hit = _memory.get(key)
+        if hit is None:
+            path = _path(key, cache_dir)
+            hit = _load(path)
+            if hit is None:
+                hit = reference_energies(model, dataset, None, max_per_class=REF_MAX_PER_CLASS)
+                _save(path, hit)
+            _memory[key] = hit
+        return _pick(hit, classes)
+    finally:
+        lock.release()
+
+
+def reference_ready(model, dataset) -> bool:
+    """Whether the reference energies are in memory (no computation, no waiting)."""
+    return _key(model, dataset) in _memory
+
+
+@dataclass
+class Warmup:
+    """A shared background preparation of one (model, dataset): class statistics, then reference energies."""
+
+    key: str
+    fraction: float = 0.0
+    message: str = "starting"
+    done: bool = False
+    error: str | None = None
+    seconds: float | None = None
+    started: float = field(default_factory=time.time)
+    _event: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def wait(self, timeout: float | None = None, progress: Callable[[float, str], None] | None = None) -> bool:
+        """Wait until done (True) or ``timeout`` (False); ``progress(fraction, message)`` every 0.25 s."""
+        t0 = time.time()
+        while not self._event.wait(0.25):
+            if progress is not None:
+                progress(self.fraction, self.message)
+            if timeout is not None and time.time() - t0 >= timeout:
+                return False
+        return True
+
+
+def warm_up(model, dataset, stats: ClassStats | None = None, *, cache_dir=None) -> Warmup:
+    """Start (once per model, dataset and process) the background preparation; returns its handle."""
+    key = _key(model, dataset)
+    with _global_lock:
+        w = _warmups.get(key)
+        # running or done: share it; a failed one is retried, but not on every page rerun
+        if w is not None and not (w.done and w.error and time.time() - w.started >= RETRY_AFTER_S):
+            return w
+        w = Warmup(key)
+        _warmups[key] = w
+    st = stats if stats is not None else ClassStats(dataset, cache_dir=cache_dir)
+    classes = list(st.available)
+
+    def body() -> None:
+        t0 = time.perf_counter()
+        try:
+            for i, c in enumerate(classes):
+                w.fraction, w.message = 0.8 * i / max(len(classes), 1), f"class statistics {i + 1}/{len(classes)}"
+                st.get(c)
+            w.fraction, w.message = 0.8, "energies of the real images"
+            reference_energies_cached(model, dataset, cache_dir=cache_dir)
+            w.fraction, w.message = 1.0, "ready"
+        except EnergyLensError as e:
+            w.error = str(e)
+        except Exception as e:  # noqa: BLE001 - reported on the handle, never lost in a thread
+            w.error = f"{type(e).__name__}: {e}"
+        finally:
+            w.seconds = time.perf_counter() - t0
+            w.done = True
+            w._event.set()
+
+    threading.Thread(target=body, name=f"energylens-sgld-warmup-{key[-8:]}", daemon=True).start()
+    return w
