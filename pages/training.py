@@ -488,10 +488,15 @@ def fig3_block(info, recs) -> None:
         st.caption(f"{res.explanation}")
     if peak:
         e_best, best, end = peak
-        trend = ("then fell by " + f"{best - end:.1%}: robust overfitting" if best - end >= 0.01
-                 else "and has not fallen since")
-        st.caption(f"Robust test accuracy (PGD) peaked at {best:.1%} at epoch {e_best} {trend} "
-                   f"({end:.1%} at epoch {int(ep[-1])}).")
+        drop = (best - end) * 100
+        if drop >= 1:
+            trend = (f"and ended at {end:.1%} at epoch {int(ep[-1])}, {drop:.1f} points lower: the robust test error "
+                     "rose again (robust overfitting)")
+            if res.phase3_start is None:
+                trend += ", although ΔE(x) shows no steep phase-3 fall"
+        else:
+            trend = f"and has not fallen since ({end:.1%} at epoch {int(ep[-1])})"
+        st.caption(f"Robust test accuracy (PGD) peaked at {best:.1%} at epoch {e_best} {trend}.")
 
 
 def arrows_block(info, recs) -> None:

@@ -240,5 +240,14 @@ def test_training_page_opens_a_recorded_run_read_only(tmp_path, monkeypatch):
     # read-only: no Stop / Resume / Delete for recorded runs
     keys = [b.key for b in at.button]
     assert not [k for k in keys if k and k.startswith(("tr_stop_recorded", "tr_del_recorded", "tr_resume_recorded"))]
+    # the robust accuracy's peak and end are stated from the run on screen
+    from core import phase
+    from core.recorded import list_recorded, read_recorded_metrics
+
+    shown = at.selectbox(key="tr_view").value.split(":", 1)[1]
+    recs = read_recorded_metrics(next(r for r in list_recorded() if r.name == shown))
+    e_best, best, end = phase.robust_peak([r["epoch"] for r in recs], [r["pgd_acc"] for r in recs])
+    line = [c.value for c in at.caption if c.value.startswith("Robust test accuracy (PGD) peaked")]
+    assert line and f"peaked at {best:.1%} at epoch {e_best}" in line[0] and f"{end:.1%}" in line[0], line
     # the three recorded runs are compared by default (Table 2a)
     assert set(at.multiselect(key="tr_compare").value) >= {"recorded:cifar10-demo-sat", "recorded:cifar10-demo-trades"}
