@@ -22,22 +22,21 @@ result instead of computing it again); ``ClassStats.get`` has its own lock.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from .analysis import weights_sha256
 from .errors import EnergyLensError, InputError
 from .sampling import ClassStats, dataset_fingerprint, default_cache_dir, reference_energies
 
-__all__ = ["model_fingerprint", "reference_energies_cached", "reference_ready", "warm_up", "Warmup"]
+__all__ = ["reference_energies_cached", "reference_ready", "warm_up", "Warmup"]
 
 REF_VERSION = 1
 REF_MAX_PER_CLASS = 1000     # reference energies: the mean over at most this many images per class (all of them for
@@ -49,30 +48,6 @@ _key_locks: dict[str, threading.Lock] = {}
 _memory: dict[str, dict[int, dict]] = {}
 _warmups: dict[str, "Warmup"] = {}
 _ds_fp: dict[int, tuple[object, str]] = {}    # id(dataset) -> (dataset, fingerprint): hash each dataset once
-_model_fp: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def model_fingerprint(model) -> str:
-    """Content hash (blake2b, 16 hex digits) of a model's parameters and buffers (remembered per module:
-    a loaded model's weights do not change)."""
-    net = getattr(model, "model", model)
-    try:
-        hit = _model_fp.get(net)
-    except TypeError:
-        hit = None
-    if hit is not None:
-        return hit
-    h = hashlib.blake2b(digest_size=8)
-    for name, t in net.state_dict().items():
-        t = t.detach()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    fp = h.hexdigest()
-    try:
-        _model_fp[net] = fp
-    except TypeError:
-        pass
-    return fp
 
 
 def _dataset_fp(dataset) -> str:
@@ -90,7 +65,7 @@ def _dataset_fp(dataset) -> str:
 
 def _key(model, dataset) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(dataset.name)).strip("_")[-48:] or "dataset"
-    return f"{slug}-{len(dataset)}-{_dataset_fp(dataset)}-{model_fingerprint(model)}-m{REF_MAX_PER_CLASS}"
+    return f"{slug}-{len(dataset)}-{_dataset_fp(dataset)}-{weights_sha256(getattr(model, 'model', model))[:16]}-m{REF_MAX_PER_CLASS}"
 
 
 def _lock_for(key: str) -> threading.Lock:

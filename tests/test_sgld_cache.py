@@ -59,7 +59,7 @@ def test_reference_energies_are_computed_once_then_read_from_memory_and_disk(fre
     sgld_cache.reference_energies_cached(model, ds)
     assert len(calls) == 2
     other = _model(seed=1)                                      # other weights: another key
-    assert sgld_cache.model_fingerprint(other) != sgld_cache.model_fingerprint(model)
+    assert sgld_cache._key(other, ds) != sgld_cache._key(model, ds)
     assert sgld_cache.reference_energies_cached(other, ds)[0]["joint"] != pytest.approx(got[0]["joint"])
     assert len(calls) == 3
     with pytest.raises(Exception, match="class 42"):
