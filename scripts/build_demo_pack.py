@@ -122,11 +122,12 @@ def build_pack() -> None:
         for f in sorted((run / "probe").glob("epoch_*.npz")):
             shutil.copy2(f, dst / "probe" / f.name)
         (dst / "COMMAND").write_text(_command(cfg) + "\n")
+        from core.phase import robust_peak
+
         recs = read_jsonl(run / "metrics.jsonl")
-        pgd = [r["pgd_acc"] for r in recs]
-        k = int(np.argmax(pgd))
-        results[f"run:{m}"] = {"epochs": len(recs), "peak_pgd": pgd[k], "peak_epoch": int(recs[k]["epoch"]),
-                               "end_pgd": pgd[-1], "end_nat": recs[-1]["nat_acc"], "end_dE": recs[-1]["dE_mean"],
+        peak_epoch, peak_pgd, end_pgd = robust_peak([r["epoch"] for r in recs], [r["pgd_acc"] for r in recs])
+        results[f"run:{m}"] = {"epochs": len(recs), "peak_pgd": peak_pgd, "peak_epoch": peak_epoch,
+                               "end_pgd": end_pgd, "end_nat": recs[-1]["nat_acc"], "end_dE": recs[-1]["dE_mean"],
                                "selected": why, "phase3_start": p3}
     for m, path in targets:
         results[m] = measure(path)
