@@ -21,12 +21,11 @@ from pathlib import Path
 import pytest
 
 from core import jobs, sweep
+from test_sweep import TINY_EVAL  # the smallest evaluation a sweep cell can run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BASE = {"dataset": "digits", "arch": "smallcnn", "epochs": 1, "batch_size": 64, "train_limit": 256,
              "eval_samples": 64, "probe_size": 40, "attack_steps": 2, "eval_steps": 2, "threads": 1}
-TINY_EVAL = {"n": 32, "pgd_steps": 2, "aa_version": "custom", "aa_attacks": ["apgd-ce"], "batch_size": 32,
-             "chunk_size": 32}
 LOCAL_SLURM = {"name": "slurm", "cluster": "local", "gpus_per_job": 0, "time": 10}
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_training_page import no_crash, open_page  # the Training studio opened from Home, and its crash check
 
 REPO = Path(__file__).resolve().parents[1]
-HOME = str(REPO / "dashboard" / "Home.py")
-PAGE = "../pages/training.py"
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -56,18 +55,6 @@ def runs(tmp_path, monkeypatch):
     return d
 
 
-def open_page():
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(HOME, default_timeout=60).run()
-    at.switch_page(PAGE).run()
-    no_crash(at)
-    return at
-
-
-def no_crash(at):
-    assert not at.exception, [e.message for e in at.exception]
-    assert not [e.value for e in at.error if "Unexpected error" in e.value]
 
 
 def test_sweep_section_renders_and_checks_the_form(runs):
