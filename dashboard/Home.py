@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -32,10 +31,7 @@ pages = [st.Page(common.PAGE_FILES[k], title=t, icon=i, default=d) for k, t, i, 
 nav = st.navigation(pages)
 import persist  # noqa: E402
 
-if os.environ.get("ENERGYLENS_UMAP_WARMUP", "1") != "0":   # numba's first UMAP compile, off every page's clock
-    from core.analysis import start_umap_warmup
-
-    start_umap_warmup()
+common.umap_warmup()  # numba's first UMAP compile, off every page's clock
 persist.session_id()  # keeps ?s=<id> in the URL on every page, so a reload finds this session's results
 common.model_picker()
 nav.run()

@@ -49,6 +49,19 @@ def guard(what: str = "this action"):
         st.error(f"Unexpected error during {what}: {type(e).__name__}: {e}. Earlier results are kept.")
 
 
+def umap_warmup() -> bool:
+    """Start numba's first UMAP compile in the background (once per server process; later calls return at once)
+    unless ``ENERGYLENS_UMAP_WARMUP=0``. Returns whether the warm-up is on."""
+    import os
+
+    if os.environ.get("ENERGYLENS_UMAP_WARMUP", "1") == "0":
+        return False
+    from core.analysis import start_umap_warmup
+
+    start_umap_warmup()
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 class Cancelled(_CoreCancelled):
     """The user cancelled a background task (core code that asks ``should_stop`` catches it too)."""

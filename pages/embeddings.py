@@ -1,7 +1,6 @@
 """Embedding explorer: penultimate features (or logits) of natural, adversarial and generated images,
 mapped to 2-D with PCA (instant) or UMAP (background), coloured by energy, class or origin."""
 
-import os
 
 import common
 import numpy as np
@@ -20,9 +19,7 @@ lm, meta, classes, default_eps = common.require_model("Embedding explorer")
 
 # ---------------------------------------------------------------- UMAP warm-up, once per server process
 # (the app starts it at launch, dashboard/Home.py; this covers a page opened before that ran)
-WARMUP_ON = os.environ.get("ENERGYLENS_UMAP_WARMUP", "1") != "0"
-if WARMUP_ON:
-    analysis.start_umap_warmup()
+WARMUP_ON = common.umap_warmup()
 ust = analysis.umap_state()
 
 
