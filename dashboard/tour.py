@@ -100,7 +100,9 @@ def step_list() -> None:
 
 
 def banner(page_key: str) -> None:
-    """At the top of a page the tour opened: the step's explanation and the way on."""
+    """At the top of a page the tour opened: the step's explanation and the way on. A "Next step" that leads to
+    another page switches there first (the step it set belongs to that page, so nothing is drawn here)."""
+    follow()
     k = st.session_state.get("tour_step")
     if not isinstance(k, int) or not 0 <= k < len(STEPS) or STEPS[k].page != page_key:
         return
@@ -111,4 +113,3 @@ def banner(page_key: str) -> None:
         if k + 1 < len(STEPS):
             c[0].button("Next step", key="tour_next", type="primary", on_click=start, args=(k + 1,))
         c[1].button("End the tour", key="tour_end", on_click=lambda: st.session_state.pop("tour_step", None))
-    follow()

@@ -127,6 +127,25 @@ def test_tour_steps_5_and_6_open_the_recorded_runs():
     assert at.selectbox(key="tr_view").value == "recorded:cifar10-demo-weat-adv"
 
 
+def test_next_step_follows_the_tour_to_another_page():
+    """"Next step" on the last step of a page opens the next step's page (Attack Lab → Training studio, Training
+    studio → SGLD studio), with the step's widgets set."""
+    at = app()
+    at.button(key="tour_go_3").click().run()           # step 4, Attack Lab
+    ok(at)
+    assert at.title[0].value == "Attack Lab"
+    at.button(key="tour_next").click().run()            # step 5 lives on the Training studio
+    ok(at)
+    assert at.title[0].value == "Training studio"
+    assert any("Tour, step 5 of 7" in m.value for m in at.markdown)
+    assert at.selectbox(key="tr_view").value == "recorded:cifar10-demo-sat"
+    at.button(key="tour_next").click().run()            # step 6, same page
+    at.button(key="tour_next").click().run()            # step 7 lives on the SGLD studio
+    ok(at)
+    assert at.title[0].value == "SGLD studio" and at.session_state["model_ref"].name == "cifar10-demo-sat"
+    assert any("Tour, step 7 of 7" in m.value for m in at.markdown)
+
+
 def test_tour_step_7_starts_sgld_chains_with_the_sat_model():
     at = app()
     at.button(key="tour_go_6").click().run()
