@@ -17,7 +17,7 @@ import time
 import _util  # noqa: F401  (puts the repo on sys.path)
 import torch
 
-from core.attacks.base import eval_mode
+from core.runtime import eval_mode
 from core.data import load_dataset
 from core.models import load_checkpoint
 from core.sampling import ClassStats, SGLDSampler

@@ -120,8 +120,9 @@ class _Timer:
     def __init__(self):
         self.t: dict[str, float] = {}
 
-    def wrap(self, name: str, key: str):
-        real = getattr(T, name)
+    def wrap(self, name: str, key: str, owner=None):
+        owner = T if owner is None else owner
+        real = getattr(owner, name)
 
         def timed(*a, **kw):
             t0 = time.perf_counter()
@@ -129,7 +130,7 @@ class _Timer:
                 return real(*a, **kw)
             finally:
                 self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
-        setattr(T, name, timed)
+        setattr(owner, name, timed)
         return real
 
 
@@ -145,21 +146,12 @@ def bench_overhead(device, arch: str, n: int, probe_size: int | None) -> dict:
         timer = _Timer()
         originals = {name: timer.wrap(name, key) for name, key in (
             ("evaluate", "pgd_validation"), ("probe_energies", "probe_attack"), ("_stats", "statistics"),
-            ("append_jsonl", "metrics_line"), ("save_checkpoint", "checkpoints"),
-            ("atomic_torch_save", "checkpoints"), ("_write_progress", "progress_file"))}
-        # the probe snapshot is written through core.storage.atomic_write, imported inside train()
-        import core.storage as S
+            ("save_checkpoint", "checkpoints"), ("atomic_torch_save", "checkpoints"), ("_write_progress", "progress_file"))}
+        # the run folder's own writes (core.rundir.RunDir): the metrics line and the probe snapshot
+        from core.rundir import RunDir
 
-        real_aw = S.atomic_write
-
-        def aw(path, *a, **kw):  # everything is written through atomic_write: count only the snapshots
-            t0 = time.perf_counter()
-            try:
-                return real_aw(path, *a, **kw)
-            finally:
-                if Path(path).parent.name == "probe":
-                    timer.t["probe_snapshot"] = timer.t.get("probe_snapshot", 0.0) + time.perf_counter() - t0
-        S.atomic_write = aw
+        run_originals = {name: timer.wrap(name, key, owner=RunDir) for name, key in (
+            ("append_metrics", "metrics_line"), ("write_probe", "probe_snapshot"))}
         try:
             t0 = time.perf_counter()
             rec = T.train(cfg)
@@ -167,7 +159,8 @@ def bench_overhead(device, arch: str, n: int, probe_size: int | None) -> dict:
         finally:
             for name, real in originals.items():
                 setattr(T, name, real)
-            S.atomic_write = real_aw
+            for name, real in run_originals.items():
+                setattr(RunDir, name, real)
     ours = sum(timer.t.get(k, 0.0) for k in ("probe_attack", "statistics", "probe_snapshot", "metrics_line"))
     n_train = n - max(1, int(n * 0.05))
     per_sample = rec["train_time"] / ((n_train // 128) * 128)

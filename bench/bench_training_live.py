@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["ENERGYLENS_RUNS"] = tempfile.mkdtemp(prefix="bench-train-live-")
     from core import jobs
-    from core.train_progress import read_batches, read_progress
+    from core.rundir import RunDir
 
     arch = args.arch or {"cifar10-demo": "demonet", "digits": "smallcnn"}.get(args.dataset, "resnet18")
     cfg = {"method": "sat", "dataset": args.dataset, "arch": arch, "epochs": 15, "batch_size": 128, "lr": 0.1,
@@ -43,11 +43,11 @@ def main() -> None:
     first_eta = None
     try:
         while time.time() - t0 < args.max_s:
-            p = read_progress(run)
+            p = RunDir(run).read_progress()
             if p and p.get("batch") and "first batch counter + ETA" not in seen and p.get("eta_s") is not None:
                 seen["first batch counter + ETA"] = time.time() - t0
                 first_eta = p["eta_s"] / max(cfg["epochs"], 1)   # the promise for one epoch, at batch 1
-            if "first batch-loss point" not in seen and read_batches(run):
+            if "first batch-loss point" not in seen and RunDir(run).read_batches():
                 seen["first batch-loss point"] = time.time() - t0
             if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip():
                 seen["first per-epoch ΔE record"] = time.time() - t0

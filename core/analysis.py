@@ -25,12 +25,12 @@ import hashlib
 import json
 import math
 import os
-import re
 import threading
 import time
-import weakref
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -38,13 +38,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import jobs, zoo
 from .attacks import AttackSpec, run_attack
-from .attacks.base import eval_mode
+from .data import dataset_spec, load_dataset, probe_indices, validate_images
 from .energy import joint_energy, marginal_energy
 from .errors import EnergyLensError, InputError
+from .evaluation import default_eps
+from .fingerprint import data_sha256, file_sha256, model_sha256, weights_sha256
 from .models import device_of
-from .models.checkpoint import LoadedModel
+from .models.checkpoint import LoadedModel, ModelMeta, read_metadata
+from .models.registry import ModelRef, load_model_ref
+from .paths import cache_dir
+from .rundir import RunDir
+from .runtime import eval_mode, resolve_device
 from .storage import atomic_write, atomic_write_json
+from .train import TrainConfig, load_splits
 
 __all__ = [
     "LandscapeResult", "landscape", "drift_summary", "landscape_table", "robustness_trend", "default_cache_dir", "model_sha256", "weights_sha256",
@@ -59,7 +67,6 @@ __all__ = [
 ]
 
 Progress = Callable[[float, str], None]
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _noop(_f: float, _m: str = "") -> None:
@@ -73,85 +80,9 @@ def _model_name(lm: LoadedModel, i: int = 0) -> str:
 # =============================================================================================
 # Hashing and the disk cache
 # =============================================================================================
-_HASH_MEMO: dict[tuple[str, int, int], str] = {}
-_MEMO_MIN_BYTES = 32 * 1024 * 1024   # only large files (zoo weights) are memoised, by (size, mtime_ns)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's content. Large files are memoised per (path, size, mtime_ns)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if st.st_size >= _MEMO_MIN_BYTES and key in _HASH_MEMO:
-        return _HASH_MEMO[key]
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    if st.st_size >= _MEMO_MIN_BYTES:
-        _HASH_MEMO[key] = digest
-    return digest
-
-
-_WEIGHTS_MEMO: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """SHA-256 of a module's state_dict (names, dtypes, values). Memoised per module object and
-    recomputed when any tensor was modified in place (tracked through tensor version counters)."""
-    state = model.state_dict(keep_vars=True)
-    versions = tuple((k, v._version, v.data_ptr()) for k, v in state.items())
-    memo = _WEIGHTS_MEMO.get(model)
-    if memo is not None and memo[0] == versions:
-        return memo[1]
-    h = hashlib.sha256()
-    for k, v in sorted(state.items()):
-        t = v.detach().to("cpu").contiguous()
-        h.update(k.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    digest = h.hexdigest()
-    try:
-        _WEIGHTS_MEMO[model] = (versions, digest)
-    except TypeError:
-        pass
-    return digest
-
-
-def model_sha256(lm: LoadedModel) -> str:
-    """Content hash of a model: its checkpoint file(s), or its weights when it has no file.
-
-    Zoo ensembles (``<name>.pt_m0.pt``, ``_m1`` ...) hash every member file.
-    """
-    if lm.path is not None and Path(lm.path).is_file():
-        p = Path(lm.path)
-        m = re.match(r"^(.*\.pt)_m\d+\.pt$", p.name)
-        if m:
-            members = sorted(p.parent.glob(f"{m.group(1)}_m*.pt"))
-            h = hashlib.sha256()
-            for f in members:
-                h.update(file_sha256(f).encode())
-            return h.hexdigest()
-        return file_sha256(p)
-    return "weights-" + weights_sha256(lm.model)
-
-
-def _data_sha256(x: torch.Tensor, y: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    xc = x.detach().to("cpu", torch.float32).contiguous()
-    h.update(str(tuple(xc.shape)).encode())
-    h.update(xc.numpy().tobytes())
-    h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def default_cache_dir() -> Path:
     """``<repo>/checkpoints/cache/landscape`` (``$ENERGYLENS_CACHE/landscape`` when set)."""
-    env = os.environ.get("ENERGYLENS_CACHE")
-    return (Path(env) if env else REPO_ROOT / "checkpoints" / "cache") / "landscape"
+    return cache_dir("landscape")
 
 
 # =============================================================================================
@@ -251,11 +182,7 @@ def _check_compatible(models: Sequence[LoadedModel]) -> None:
 
 def describe_ref(ref):
     """Cheap metadata of a ModelRef without loading weights (checkpoint header or zoo catalogue)."""
-    from .models.checkpoint import ModelMeta, read_metadata
-
     if ref.source == "zoo":
-        from . import zoo
-
         e = zoo.get_zoo_entry(ref.name, ref.dataset or "cifar10", ref.threat_model or "Linf")
         return ModelMeta(arch=e.architecture, num_classes=e.num_classes, dataset=e.dataset, method="zoo",
                          source="zoo", name=e.name, input_shape=[3, 32, 32], hparams={"eps": e.eps})
@@ -270,10 +197,6 @@ def describe_ref(ref):
 def validate_landscape_request(refs: Sequence, n: int, split: str = "test") -> list:
     """Check a comparison before any model is loaded: models chosen, one dataset / class count /
     input shape, ``n`` within the split. Returns the metadata of every model."""
-    from types import SimpleNamespace
-
-    from .data import load_dataset
-
     refs = list(refs)
     if not refs:
         raise InputError("no models selected: choose at least one model to compare")
@@ -289,8 +212,6 @@ def validate_landscape_request(refs: Sequence, n: int, split: str = "test") -> l
 
 def sample_images(dataset: str, n: int, seed: int = 0, split: str = "test", root=None):
     """``n`` class-balanced images of a split (a fixed draw for a given seed). Validates ``n``."""
-    from .data import load_dataset, probe_indices
-
     if int(n) != n or n <= 0:
         raise InputError(f"the number of images must be a positive integer, got {n}")
     ds = load_dataset(dataset, split, root=root)
@@ -338,8 +259,6 @@ def landscape(models: Sequence[LoadedModel], x: torch.Tensor | None = None, y: t
     dataset's epsilon. Raises :class:`InputError` for no models, mixed datasets / class counts / input
     shapes, or ``n`` larger than the split.
     """
-    from .data import dataset_spec
-
     models = list(models)
     _check_compatible(models)
     meta0 = models[0].meta
@@ -351,7 +270,6 @@ def landscape(models: Sequence[LoadedModel], x: torch.Tensor | None = None, y: t
         x, y, _ = sample_images(meta0.dataset, n, seed=seed, split=split)
     elif y is None:
         raise InputError("labels y are required with images x")
-    from .data import validate_images
 
     x = validate_images(x)
     y = torch.as_tensor(y).long().reshape(-1)
@@ -370,7 +288,7 @@ def landscape(models: Sequence[LoadedModel], x: torch.Tensor | None = None, y: t
     x_run = _fast_layout(x, torch.device("cpu"))
     progress = progress or _noop
     cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    data_sha = _data_sha256(x, y) if use_cache else ""
+    data_sha = data_sha256(x, y) if use_cache else ""
     out: list[LandscapeResult] = []
     k = len(models)
     for i, lm in enumerate(models):
@@ -414,9 +332,6 @@ def drift_summary(lm: LoadedModel, *, max_images: int = DRIFT_MAX_IMAGES, seed: 
     """The README's per-model drift: PGD-10 at the dataset's L∞ budget (the zoo model's own budget) on the
     model's test set (all of it, at most ``max_images``), through :func:`landscape` and its disk cache.
     Returns :meth:`LandscapeResult.summary` (``dE_abs_mean`` = mean |ΔE(x)|) plus ``eps`` and ``steps``."""
-    from .data import load_dataset
-    from .evaluation import default_eps
-
     ds = load_dataset(lm.meta.dataset, "test")
     n = min(len(ds), int(max_images))
     eps = default_eps(lm.meta, "Linf")
@@ -467,18 +382,10 @@ def load_landscape_results(path: str | os.PathLike) -> list[LandscapeResult]:
 
 
 def _model_ref(d: dict):
-    from .models.registry import ModelRef
-
     if not isinstance(d, dict) or not d.get("source") or not d.get("name"):
         raise InputError("a model must be given as a dict with at least 'source' and 'name' (ModelRef fields)")
     names = {f.name for f in fields(ModelRef)}
     return ModelRef(**{k: v for k, v in d.items() if k in names})
-
-
-def _resolve_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 def _spec_from_dict(d: dict | None, fallback: AttackSpec | None = None) -> AttackSpec | None:
@@ -495,10 +402,8 @@ def run_landscape_job(config: dict, run_dir: Path, report: Progress) -> dict:
     """Job runner (kind 'landscape'): ``config`` = {"models": [ModelRef dicts], "n", "seed", "split",
     "attack": AttackSpec dict or None, "device", "use_cache"}. Models are loaded one at a time, so
     big zoo models do not have to fit in memory together. Writes ``<run_dir>/landscape.npz``."""
-    from .models.registry import load_model_ref
-
     refs = [_model_ref(d) for d in (config.get("models") or [])]
-    device = _resolve_device(config.get("device"))
+    device = str(resolve_device(config.get("device")))
     n, seed, split = config.get("n", 256), int(config.get("seed", 0)), config.get("split", "test")
     validate_landscape_request(refs, n, split)
     spec = _spec_from_dict(config.get("attack"))
@@ -728,8 +633,6 @@ def sample_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: 
 
     With ``attack`` the statistics are taken at the adversarial points x* (e.g. PM_adv as in MAIL).
     """
-    from .data import validate_images
-
     x = validate_images(x)
     y = torch.as_tensor(y).long().reshape(-1)
     if y.numel() != x.shape[0]:
@@ -846,8 +749,6 @@ def select_subsets(e_x, correct, size: int | None = None, *, seed: int = 0) -> S
 
 
 def _train_fields() -> set[str]:
-    from .train import TrainConfig
-
     return {f.name for f in fields(TrainConfig)}
 
 
@@ -877,8 +778,6 @@ def compute_subset_selection(lm: LoadedModel, size: int | None = None, *, train_
     """Energies and correctness of the robust model on its (natural) training set, then
     :func:`select_subsets`. The training set is the one ``core.train`` will use for ``train_config``
     (same dataset / train_limit / npz split), so the indices line up with ``exclude_indices_file``."""
-    from .train import TrainConfig, load_splits
-
     cfg = {k: v for k, v in (train_config or base_train_config(lm)).items() if k in _train_fields()}
     cfg.pop("exclude_indices_file", None)
     tc = TrainConfig.from_dict(cfg)
@@ -908,7 +807,6 @@ def subset_train_configs(files: dict[str, str | os.PathLike], base: dict, *, inc
             for name, p in files.items()}
     if include_baseline:
         cfgs["none"] = {**base, "exclude_indices_file": None, "name": f"{name_prefix}-baseline"}
-    from .train import TrainConfig
 
     for c in cfgs.values():  # fail early, in the caller's thread, on a bad option
         TrainConfig.from_dict({k: v for k, v in c.items()}).validate()
@@ -917,8 +815,6 @@ def subset_train_configs(files: dict[str, str | os.PathLike], base: dict, *, inc
 
 def launch_subset_jobs(configs: dict[str, dict], *, device: str = "auto", runs_dir=None) -> dict[str, str]:
     """Submit one training job (kind 'train') per subset; returns {subset: job id}."""
-    from . import jobs
-
     ids = {}
     for name, cfg in configs.items():
         kw = {"runs_dir": runs_dir} if runs_dir is not None else {}
@@ -932,10 +828,8 @@ def run_subset_job(config: dict, run_dir: Path, report: Progress) -> dict:
     retraining jobs. ``config`` = {"model": ModelRef dict, "size": int | None, "seed": 0,
     "train": {TrainConfig overrides}, "include_baseline": false, "device": "auto",
     "launch": true}. Returns the selection summary and {subset: training job id}."""
-    from .models.registry import load_model_ref
-
     ref = _model_ref(config.get("model") or {})
-    device = _resolve_device(config.get("device"))
+    device = str(resolve_device(config.get("device")))
     report(0.0, f"loading {ref.name}")
     lm = load_model_ref(ref, device=device)
     base = base_train_config(lm, config.get("train"))
@@ -958,9 +852,6 @@ def run_subset_job(config: dict, run_dir: Path, report: Progress) -> dict:
 
 def subset_comparison(job_ids: dict[str, str], *, runs_dir=None) -> list[dict[str, Any]]:
     """Status and final PGD robust error of each retraining job (Fig. 5a)."""
-    from . import jobs
-    from .storage import read_jsonl
-
     rows = []
     for name, jid in job_ids.items():
         row: dict[str, Any] = {"subset": name, "label": SUBSET_LABELS.get(name, name), "job": jid,
@@ -973,7 +864,7 @@ def subset_comparison(job_ids: dict[str, str], *, runs_dir=None) -> list[dict[st
             rows.append(row)
             continue
         row.update(status=info.status, progress=float(info.progress or 0.0), error=info.error)
-        recs = read_jsonl(Path(info.run_dir) / "metrics.jsonl") if info.run_dir else []
+        recs = RunDir(info.run_dir).read_metrics() if info.run_dir else []
         if recs:
             last = recs[-1]
             row.update(epoch=last.get("epoch"), rob_err=last.get("rob_err"), nat_err=last.get("nat_err"))
@@ -988,8 +879,6 @@ def extract_features(model: nn.Module, x: torch.Tensor, *, kind: str = "penultim
                      progress: Progress | None = None) -> np.ndarray:
     """Features of every image: ``'penultimate'`` = the input of the last ``nn.Linear`` that runs in
     the forward pass (generic across architectures), or ``'logits'``. Returns float32 (N, D)."""
-    from .data import validate_images
-
     if kind not in ("penultimate", "logits"):
         raise InputError(f"feature kind must be 'penultimate' or 'logits', got '{kind}'")
     x = validate_images(x)
@@ -1029,8 +918,6 @@ def extract_features(model: nn.Module, x: torch.Tensor, *, kind: str = "penultim
 def stack_groups(groups: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
     """Concatenate image arrays of several groups (natural, adversarial, generated ...): returns the
     images (float tensor in [0, 1]) and the group name of every row. ``None`` / empty groups are skipped."""
-    from .data import validate_images
-
     xs, labels = [], []
     for name, arr in groups.items():
         if arr is None or len(arr) == 0:
@@ -1096,9 +983,7 @@ _umap_warmup_thread: threading.Thread | None = None
 
 
 def _umap_timings_path() -> Path:
-    from .sampling import default_cache_dir
-
-    return default_cache_dir() / _UMAP_TIMINGS_FILE
+    return cache_dir() / _UMAP_TIMINGS_FILE
 
 
 def umap_timings() -> dict:
@@ -1115,8 +1000,6 @@ def umap_timings() -> dict:
 
 
 def _record_umap_timing(**kw) -> None:
-    from .storage import atomic_write_json
-
     with _umap_timings_lock:
         d = {**umap_timings(), **kw}
         try:
@@ -1150,7 +1033,7 @@ def preimport_umap_dependencies() -> None:
     first time at once, one of them can get the partially initialised module ("module 'pandas' has no attribute
     'Series'"), as the Embedding explorer did while it drew its chart (plotly imports pandas too)."""
     try:
-        import pandas  # noqa: F401
+        import pandas  # noqa: F401 - lazy: optional, only to tell whether tables can be drawn
     except ImportError:
         pass
 
@@ -1192,8 +1075,6 @@ def warm_umap() -> float:
         t0 = time.perf_counter()
         _UMAP_STATE.update(state="warming", started=t0)
         try:
-            import warnings
-
             import umap  # noqa: F401 - lazy: importing compiles numba code
 
             rng = np.random.default_rng(0)
@@ -1214,13 +1095,11 @@ def umap_2d(features, seed: int | None = 0, *, n_neighbors: int = 15, min_dist: 
             pca_first: int | None = 50) -> np.ndarray:
     """UMAP to 2-D (umap imported lazily). Reduces wide features to ``pca_first`` PCA dimensions first
     (fast and standard practice). ``n_neighbors`` is capped at N - 1. Returns float32 (N, 2)."""
-    import warnings
-
     f = _check_features(features)
     if f.shape[0] < 4:
         raise InputError(f"UMAP needs at least 4 points, got {f.shape[0]}")
     try:
-        import umap
+        import umap  # lazy: heavy optional (umap-learn compiles numba code on import)
     except ImportError as e:
         raise InputError("umap-learn is not installed: use PCA") from e
     if pca_first and f.shape[1] > pca_first and f.shape[0] > pca_first:

@@ -22,8 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data import validate_images
 from .energy import joint_energy, marginal_energy
 from .errors import InputError
+from .models import device_of
+from .runtime import eval_mode
 
 __all__ = ["EnergyTrace", "TraceRecorder"]
 
@@ -264,10 +267,6 @@ class TraceRecorder:
 
 def natural_trace(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> EnergyTrace:
     """The energies of unattacked images: an :class:`EnergyTrace` with step 0 only (eval mode, no gradients)."""
-    from .attacks.base import eval_mode  # late imports: core.attacks imports this module
-    from .data import validate_images
-    from .models import device_of
-
     x = validate_images(x)
     y = torch.as_tensor(y).long().reshape(-1)
     if y.numel() != x.shape[0]:

@@ -16,6 +16,7 @@ computed in float32 or wider even when the logits come from bf16/fp16 autocast.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -154,8 +155,6 @@ def typicality(energy: float, reference, quantile: float = OOD_QUANTILE) -> dict
     Returns ``{"energy", "percentile" (share of reference images with a lower E(x)), "threshold" (the reference's
     ``quantile``), "out_of_distribution" (energy above the threshold), "n_reference"}``.
     """
-    import numpy as np
-
     ref = np.asarray(reference, dtype=float)
     ref = ref[np.isfinite(ref)]
     if not len(ref):

@@ -44,11 +44,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from pyautoattack import AutoAttack
 
 from .attacks import AttackSpec, run_attack
-from .attacks.base import eval_mode, format_eps
+from .attacks.base import format_eps
+from .data import dataset_spec, load_dataset, validate_images
 from .errors import EnergyLensError, InputError
+from .fingerprint import model_sha256
 from .models import device_of
+from .models.registry import ModelRef, load_model_ref
+from .rundir import RunDir
+from .runtime import eval_mode, is_oom_error
 from .storage import atomic_write_json
 
 __all__ = ["EVAL_DEFAULTS", "resolve_config", "evaluate", "run_job", "load_partial", "results_table",
@@ -76,8 +82,6 @@ def _noop(_f: float, _m: str = "") -> None:
 
 # ---------------------------------------------------------------------------------------------
 def _model_ref_dict(config: dict) -> dict:
-    from .models.registry import ModelRef
-
     names = [f.name for f in fields(ModelRef)]
     src = config.get("model") if isinstance(config.get("model"), dict) else config
     ref = {k: src.get(k) for k in names if src.get(k) is not None}
@@ -136,7 +140,6 @@ def default_eps(meta, norm: str = "Linf") -> float:
         e = (meta.hparams or {}).get("eps")
         if e:
             return float(e)
-    from .data import dataset_spec
 
     try:
         return float(dataset_spec(meta.dataset).default_eps) if meta is not None else 8 / 255
@@ -166,7 +169,6 @@ def _halving(fn: Callable[[int], Any], batch_size: int, what: str, notes: list[s
              progress: Callable[[str], None] | None = None) -> Any:
     """``fn(batch_size)``, retried with half the batch size after an out-of-memory error (as run_attack does),
     each retry noted in ``notes`` and told to ``progress``; InputError when even a batch of 1 does not fit."""
-    from .attacks.base import is_oom_error
 
     bs = int(batch_size)
     while True:
@@ -233,10 +235,6 @@ def _autoattack_correct(model, x, y, cfg: dict, seed: int, on_message: Callable[
 
 def _autoattack_run(model, x, y, cfg: dict, seed: int, on_message: Callable[[str], None] | None = None
                     ) -> torch.Tensor:
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError as e:  # pragma: no cover - installed with the project
-        raise InputError("pyautoattack is not installed: disable AutoAttack or install it") from e
     dev = device_of(model)
     version = cfg["aa_version"]
     kw = {"attacks": list(cfg["aa_attacks"])} if version == "custom" else {}
@@ -270,9 +268,7 @@ def evaluate(lm, x: torch.Tensor, y: torch.Tensor, config: dict, *, run_dir: str
     are skipped when called again with the same configuration and model. Returns the accuracies and
     the per-image correctness vectors.
     """
-    from .analysis import model_sha256
 
-    from .data import validate_images
 
     progress = progress or _noop
     cfg = resolve_config(config, lm.meta)
@@ -355,10 +351,6 @@ _TRAIN_KEYS_IGNORED = {"seed", "out_dir", "name", "resume", "device", "data_root
 
 def run_job(config: dict, run_dir: Path, report: Progress) -> dict:
     """Job runner (kind 'eval'). Returns the evaluation record (also written to ``result.json``)."""
-    from .analysis import model_sha256
-    from .data import load_dataset
-    from .models.registry import ModelRef, load_model_ref
-
     ref = ModelRef(**_model_ref_dict(config))
     device = config.get("device") or "auto"
     if device == "auto":
@@ -384,7 +376,7 @@ def run_job(config: dict, run_dir: Path, report: Progress) -> dict:
         "seconds": res["seconds"], "chunks_resumed": res["chunks_resumed"], "finished": time.time(),
         "notes": res["notes"],
     }
-    atomic_write_json(Path(run_dir) / "result.json", record)
+    RunDir(run_dir).write_result(record)
     report(1.0, f"natural {record['natural_acc']:.1%}, PGD-{cfg['pgd_steps']} {record['pgd_acc']:.1%}"
            + (f", AA {record['aa_acc']:.1%}" if record["aa_acc"] is not None else ""))
     return record

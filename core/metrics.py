@@ -55,6 +55,10 @@ import torch
 import torch.nn as nn
 
 from .errors import InputError
+from .models.registry import list_bundled, list_local
+from .paths import CHECKPOINTS_DIR, ENV_INCEPTION_WEIGHTS, setting
+from .runtime import eval_mode
+from .tensorio import atomic_torch_save, safe_torch_load
 
 __all__ = [
     "INCEPTION_URL", "INCEPTION_FILENAME", "inception_weights_path", "inception_status",
@@ -64,10 +68,10 @@ __all__ = [
     "lpips_status", "lpips_to_real", "generation_metrics", "real_fid_floor", "independent_classifier",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILENAME}"
-INCEPTION_ENV = "ENERGYLENS_INCEPTION_WEIGHTS"
+INCEPTION_ENV = ENV_INCEPTION_WEIGHTS
+INCEPTION_DIR = CHECKPOINTS_DIR / "inception"  # where a user may place the weights file
 
 
 # =============================================================================================
@@ -263,7 +267,6 @@ class ClassifierFeatures(FeatureExtractor):
         store: dict[str, torch.Tensor] = {}
 
         def fn(x: torch.Tensor):
-            from .attacks.base import eval_mode
 
             x = _to_float01(x).to(device)
             handle = None
@@ -292,10 +295,10 @@ class InceptionFeatures(FeatureExtractor):
 def inception_weights_path() -> Path | None:
     """The first existing Inception weights file among the documented locations, else None."""
     cands = []
-    env = os.environ.get(INCEPTION_ENV)
+    env = setting(INCEPTION_ENV)
     if env:
-        cands.append(Path(env).expanduser())
-    cands.append(REPO_ROOT / "checkpoints" / "inception" / INCEPTION_FILENAME)
+        cands.append(env)
+    cands.append(INCEPTION_DIR / INCEPTION_FILENAME)
     try:
         cands.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME)
     except Exception:  # noqa: BLE001 - a broken hub config just removes one candidate
@@ -309,7 +312,7 @@ def inception_weights_path() -> Path | None:
 def inception_status() -> tuple[bool, str]:
     """(available, explanation) for the Inception feature extractor."""
     try:
-        import torch_fidelity  # noqa: F401
+        import torch_fidelity  # noqa: F401 - lazy: heavy optional (~1 s), only to tell whether it is installed
     except ImportError:
         return False, ("Inception features need torch-fidelity (`pip install torchmetrics[image]`); "
                        "using a classifier's features instead")
@@ -334,9 +337,9 @@ def load_inception(device: str | torch.device = "cpu") -> InceptionFeatures:
     key = (str(path), str(device))
     net = _INCEPTION_CACHE.get(key)
     if net is None:
+        # lazy: heavy optional (torch-fidelity), only when Inception features are asked for
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        from .storage import atomic_torch_save, safe_torch_load
 
         state = safe_torch_load(path)  # weights_only=True: refuses files that would run code
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -387,8 +390,6 @@ def independent_classifier(generator_meta, generator_path=None, candidates=None)
     images: FID ratio 5.3 against 1.7 for a SAT model's), then bundled before local, then by name.
     """
     if candidates is None:
-        from .models.registry import list_bundled, list_local
-
         candidates = list_bundled() + list_local()
     gen_path = str(Path(generator_path).resolve()) if generator_path else None
     gen_name = getattr(generator_meta, "name", None)
@@ -441,6 +442,7 @@ def choose_extractor(features: str = "auto", classifier: nn.Module | None = None
 # =============================================================================================
 def lpips_status(net: str = "alex") -> tuple[bool, str]:
     try:
+        # lazy: heavy optional (torchmetrics + torchvision, seconds to import), only for LPIPS
         import torchmetrics.image  # noqa: F401
         import torchvision.models as tvm
     except ImportError:
@@ -463,7 +465,7 @@ def lpips_to_real(fake: torch.Tensor, fake_labels, real: torch.Tensor, real_labe
     ok, why = lpips_status(net)
     if not ok:
         return None, why
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity  # lazy: heavy optional (LPIPS)
 
     fl, rl = np.asarray(fake_labels), np.asarray(real_labels)
     rng = np.random.default_rng(seed)

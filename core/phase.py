@@ -64,7 +64,7 @@ import numpy as np
 from .errors import InputError
 
 __all__ = ["PhaseResult", "detect_phases", "detect_from_metrics", "smooth", "despike", "zero_phase_smooth",
-           "metric_series", "probe_epochs", "load_probe", "PROBE_KEYS", "robust_peak"]
+           "metric_series", "robust_peak"]
 
 MAX_POINTS = 400          # longer series are bin-averaged to this many points before the search
 MAX_CANDIDATES = 60       # coarse breakpoint grid per breakpoint, refined locally afterwards
@@ -456,9 +456,6 @@ def detect_from_metrics(records: Sequence[dict], key: str = "dE_mean", **kwargs)
 
 
 # -------------------------------------------------------------------------------------- run folders
-PROBE_KEYS = ("e_nat", "e_adv", "ej_nat", "ej_adv", "correct_nat", "correct_adv", "labels", "indices", "w_probe")
-
-
 def metric_series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(epochs, values) of one metrics.jsonl key; missing or non-numeric values become NaN."""
     ep, val = [], []
@@ -477,50 +474,6 @@ def metric_series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.nda
         ep.append(e)
         val.append(v)
     return np.asarray(ep, dtype=float), np.asarray(val, dtype=float)
-
-
-def probe_epochs(run_dir) -> list[int]:
-    """Epochs with a probe snapshot ``<run_dir>/probe/epoch_XXXX.npz``, ascending."""
-    from pathlib import Path
-
-    folder = Path(run_dir) / "probe"
-    out = []
-    if folder.is_dir():
-        for p in folder.glob("epoch_*.npz"):
-            try:
-                out.append(int(p.stem.split("_", 1)[1]))
-            except ValueError:
-                continue
-    return sorted(out)
-
-
-def load_probe(run_dir, epoch: int) -> dict[str, np.ndarray]:
-    """The probe arrays of one epoch (natural/adversarial energies of the fixed training probe set).
-
-    Raises DataError naming the file when it is missing or unreadable; arrays absent from an
-    older file are simply left out.
-    """
-    import zipfile
-    from pathlib import Path
-
-    from .errors import DataError
-
-    path = Path(run_dir) / "probe" / f"epoch_{int(epoch):04d}.npz"
-    if not path.is_file():
-        raise DataError(f"no probe snapshot for epoch {epoch} ({path})")
-    try:
-        with np.load(path, allow_pickle=False) as d:
-            out = {k: np.asarray(d[k]) for k in PROBE_KEYS if k in d.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"probe snapshot {path} is not readable: {e}") from e
-    need = ("e_nat", "e_adv", "ej_nat", "ej_adv")
-    missing = [k for k in need if k not in out]
-    if missing:
-        raise DataError(f"probe snapshot {path} lacks {', '.join(missing)}")
-    n = len(out["e_nat"])
-    if any(len(out[k]) != n for k in need):
-        raise DataError(f"probe snapshot {path} has arrays of different lengths")
-    return out
 
 
 def robust_peak(epochs, pgd_acc) -> tuple[int, float, float] | None:

@@ -8,17 +8,17 @@ waiting for a training job.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
-from .storage import read_jsonl
+from .paths import RECORDED_RUNS_DIR
+from .rundir import RunDir
 
 __all__ = ["RECORDED_DIR", "RecordedRun", "list_recorded", "read_recorded_metrics", "RUN_FILES"]
 
-RECORDED_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "runs"
-RUN_FILES = ("config.json", "metrics.jsonl", "COMMAND")
+RECORDED_DIR = RECORDED_RUNS_DIR
+RUN_FILES = (RunDir.CONFIG, RunDir.METRICS, RunDir.COMMAND)
 
 
 @dataclass
@@ -46,18 +46,14 @@ class RecordedRun:
 
 def _read(folder: Path) -> RecordedRun:
     run = RecordedRun(folder.name, str(folder))
+    rd = RunDir(folder)
     try:
-        run.config = json.loads((folder / "config.json").read_text())
-        if not isinstance(run.config, dict):
-            raise ValueError("config.json does not hold a JSON object")
-    except (OSError, ValueError) as e:
-        run.error = f"{folder / 'config.json'} is missing or unreadable ({e})"
-    if not (folder / "metrics.jsonl").is_file():
-        run.error = run.error or f"{folder / 'metrics.jsonl'} is missing"
-    try:
-        run.command = (folder / "COMMAND").read_text().strip()
-    except OSError:
-        run.command = ""
+        run.config = rd.read_config()
+    except DataError as e:
+        run.error = str(e)
+    if not rd.metrics.is_file():
+        run.error = run.error or f"{rd.metrics} is missing"
+    run.command = rd.read_command()
     return run
 
 
@@ -71,7 +67,7 @@ def list_recorded(folder: str | Path | None = None) -> list[RecordedRun]:
 
 def read_recorded_metrics(run: RecordedRun) -> list[dict]:
     """The per-epoch records of a recorded run (a torn last line is skipped)."""
-    path = Path(run.run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path} is missing")
-    return read_jsonl(path)
+    rd = RunDir(run.run_dir)
+    if not rd.metrics.is_file():
+        raise DataError(f"{rd.metrics} is missing")
+    return rd.read_metrics()

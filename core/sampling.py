@@ -74,9 +74,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .attacks.base import eval_mode, is_oom_error, project
+from .attacks.base import project
+from .data import load_dataset
+from .drift import EnergyTrace
 from .errors import DataError, InputError
+from .metrics import choose_extractor, generation_metrics, inception_status, independent_classifier
 from .models.folding import folded
+from .models.registry import ModelRef, load_model_ref
+from .paths import cache_dir
+from .rundir import RunDir
+from .runtime import eval_mode, is_oom_error, resolve_device
+from .storage import StorageError, atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "INITS", "NORMS", "MAX_STEPS", "MAX_CHAINS", "DEFAULT_PCA_SIGMA", "DEFAULTS", "DIGITS_DEFAULTS", "CIFAR_DEFAULTS",
@@ -88,7 +96,6 @@ __all__ = [
 
 log = logging.getLogger("energylens.sampling")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 INITS = ("random", "gaussian", "pca")
 NORMS = ("Linf", "L2")
 MAX_STEPS = 100_000          # per call of step() and per job
@@ -235,8 +242,7 @@ def _seeds(seed: int, n: int) -> list[int]:
 # Per-class statistics
 # =============================================================================================
 def default_cache_dir() -> Path:
-    env = os.environ.get("ENERGYLENS_CACHE")
-    return Path(env) if env else REPO_ROOT / "checkpoints" / "cache"
+    return cache_dir()
 
 
 def dataset_fingerprint(dataset) -> str:
@@ -373,8 +379,6 @@ class ClassStats:
 
     # ---- cache -------------------------------------------------------------------------------
     def _save(self, m: ClassMoments) -> None:
-        from .storage import StorageError, atomic_write_bytes
-
         buf = io.BytesIO()
         np.savez(buf, version=np.int64(STATS_VERSION), label=np.int64(m.label), n=np.int64(m.n),
                  mean=m.mean.numpy(), components=m.components.numpy(), stds=m.stds.numpy(),
@@ -512,8 +516,6 @@ class SGLDTrace:
 
     def to_energy_trace(self):
         """As a :class:`core.drift.EnergyTrace` (loss = cross-entropy = E(x,y) − E(x))."""
-        from .drift import EnergyTrace
-
         return EnergyTrace(marginal=self.marginal, joint=self.joint, pred=self.pred(),
                            loss=(self.joint - self.marginal).astype(np.float32), labels=self.labels,
                            steps=self.steps, meta=dict(self.meta))
@@ -1002,18 +1004,8 @@ class SGLDJobConfig:
 
 
 def _load_ref(d: dict, device: str):
-    from .models.registry import ModelRef, load_model_ref
-
     allowed = {"source", "name", "path", "dataset", "threat_model"}
     return load_model_ref(ModelRef(**{k: v for k, v in d.items() if k in allowed}), device=device)
-
-
-def _resolve_device(choice: str) -> str:
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("CUDA was requested but no GPU is available")
-    return choice
 
 
 def run_job(config: dict, run_dir, report: Progress) -> dict:
@@ -1023,14 +1015,11 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
     the mean energy curves; loadable as dataset ``npz:<path>``) and ``<run_dir>/metrics.json``
     (IS / FID / KID labelled with their feature extractor, energies vs the real-data reference).
     """
-    from .data import load_dataset
-    from .storage import atomic_write_bytes, atomic_write_json
-
     cfg = SGLDJobConfig.from_dict(dict(config)).validate()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    device = _resolve_device(cfg.device)
+    device = str(resolve_device(cfg.device))
     report(0.0, "loading model and data")
     lm = _load_ref(cfg.model, device)
     meta = lm.meta
@@ -1089,11 +1078,11 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
     np.savez_compressed(buf, x=(x.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), y=y.numpy(),
                         E_xy=e_xy, E_x=e_x, curve_steps=steps_axis, curve_target=curve["target"],
                         curve_others=curve["others"], curve_marginal=curve["marginal"])
-    atomic_write_bytes(run_dir / "samples.npz", buf.getvalue())
+    atomic_write_bytes(RunDir(run_dir).samples, buf.getvalue())
 
     result: dict[str, Any] = {
         "model": meta.name, "dataset": meta.dataset, "config": cfg.to_dict(), "n_samples": int(len(y)),
-        "seconds_sampling": round(time.time() - t0, 3), "samples": str(run_dir / "samples.npz"),
+        "seconds_sampling": round(time.time() - t0, 3), "samples": str(RunDir(run_dir).samples),
         "energy": {"final_E_xy_mean": {str(c): float(e_xy[y.numpy() == c].mean()) for c in classes},
                    "final_E_x_mean": {str(c): float(e_x[y.numpy() == c].mean()) for c in classes},
                    "curve_steps": steps_axis.tolist(), "curve_target": curve["target"].tolist(),
@@ -1110,8 +1099,6 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
         result["energy"]["classes_below_reference"] = len(below)
         result["energy"]["reference_passed_at_step"] = int(steps_axis[hit[0]]) if hit.size else None
     if cfg.metrics.get("enabled", True):
-        from .metrics import choose_extractor, generation_metrics, inception_status, independent_classifier
-
         mc = cfg.metrics
         fm = mc.get("feature_model")
         features = mc.get("features", "auto")
@@ -1159,7 +1146,7 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
             result["metrics"] = m
     result["notes"] = job_notes
     result["seconds"] = round(time.time() - t0, 3)
-    atomic_write_json(run_dir / "metrics.json", result)
+    atomic_write_json(RunDir(run_dir).sample_metrics, result)
     report(1.0, "done")
     # the registry keeps a compact copy; the curves stay in metrics.json / samples.npz
     compact = dict(result)

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .storage import atomic_write
+from .paths import cache_dir
+from .storage import atomic_write, dumps
 
 __all__ = ["sessions_dir", "save", "load", "clear", "prune", "valid_session", "MAX_AGE_DAYS"]
 
@@ -32,9 +33,7 @@ MAX_BYTES = 64 * 2 ** 20   # one saved result at most (they are small: traces an
 
 
 def sessions_dir() -> Path:
-    env = os.environ.get("ENERGYLENS_CACHE")
-    base = Path(env) if env else Path(__file__).resolve().parents[1] / "checkpoints" / "cache"
-    return base / "sessions"
+    return cache_dir("sessions")
 
 
 def valid_session(session: str) -> bool:
@@ -58,18 +57,8 @@ def save(session: str, kind: str, arrays: dict[str, np.ndarray], meta: dict[str,
     size = sum(v.nbytes for v in blob.values())
     if size > MAX_BYTES:
         raise InputError(f"result too large to keep ({size / 2 ** 20:.0f} MB > {MAX_BYTES / 2 ** 20:.0f} MB)")
-    blob["__meta__"] = np.array(json.dumps(meta, default=_json_default))
+    blob["__meta__"] = np.array(dumps(meta))
     return atomic_write(path, lambda f: np.savez_compressed(f, **blob))
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 def load(session: str, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:

@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
-from .analysis import weights_sha256
 from .errors import EnergyLensError, InputError
+from .fingerprint import weights_sha256
 from .sampling import ClassStats, dataset_fingerprint, default_cache_dir, reference_energies
+from .storage import atomic_write_json
 
 __all__ = ["reference_energies_cached", "reference_ready", "warm_up", "Warmup"]
 
@@ -90,8 +89,6 @@ def _load(path: Path) -> dict[int, dict] | None:
 
 
 def _save(path: Path, ref: dict[int, dict]) -> None:
-    from .storage import atomic_write_json
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"version": REF_VERSION, "classes": {str(c): v for c, v in ref.items()}})

@@ -8,19 +8,19 @@ raise :class:`StorageError` with a message naming the path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable
-
-import torch
 
 from .errors import EnergyLensError
 
 __all__ = ["StorageError", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "atomic_torch_save", "append_jsonl", "read_jsonl", "sniff_format", "safe_torch_load"]
+           "append_jsonl", "read_jsonl", "json_default", "dumps", "is_temp_file", "remove_stale_temp_files",
+           "sniff_format"]
 
 
 class StorageError(EnergyLensError, OSError):
@@ -76,26 +76,35 @@ def atomic_write_text(path, text: str) -> Path:
 
 
 def atomic_write_json(path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+    return atomic_write_text(path, dumps(obj, indent=2))
 
 
-def atomic_torch_save(path, obj: Any) -> Path:
-    """torch.save of tensors and plain containers only (so it loads with weights_only=True)."""
-    return atomic_write(path, lambda f: torch.save(obj, f), "wb")
-
-
-def _json_default(o):
+def json_default(o: Any) -> Any:
+    """The project's one JSON encoder for what ``json`` cannot write itself: numpy / torch arrays and scalars
+    (``tolist``), paths, sets and tuples, dataclasses. Anything else is a bug and raises ``TypeError``."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
     if hasattr(o, "item"):
         return o.item()
-    if isinstance(o, Path):
+    if isinstance(o, PurePath):
         return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    if isinstance(o, (set, frozenset, tuple)):
+        return sorted(o, key=str) if isinstance(o, (set, frozenset)) else list(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """``json.dumps`` with the project's encoder and sorted keys (stable text for files and hashes)."""
+    kw.setdefault("sort_keys", True)
+    return json.dumps(obj, default=json_default, **kw)
 
 
 def append_jsonl(path, record: dict) -> None:
     """Append one JSON line and fsync; a torn last line is skipped by :func:`read_jsonl`."""
     path = Path(path)
-    line = json.dumps(record, default=_json_default) + "\n"
+    line = json.dumps(record, default=json_default) + "\n"
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(line)
@@ -152,44 +161,30 @@ def sniff_format(path) -> str:
     return "unknown"
 
 
-def safe_torch_load(path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(..., weights_only=True)`` with clear errors for the usual broken files.
+# the temp-file names of atomic_write: tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
+_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
-    Never unpickles arbitrary objects: a file that needs code to load is refused.
-    """
-    from .errors import CheckpointError
 
-    path = Path(path)
-    kind = sniff_format(path)
-    if kind == "missing":
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if kind == "empty":
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): delete it and download or train it again")
-    if kind == "html":
-        raise CheckpointError(
-            f"{path} is an HTML page, not model weights (a failed download, e.g. a Google Drive "
-            "quota or login page). Delete it and download again, or put the real file there.")
-    if kind == "safetensors":
-        from safetensors.torch import load_file
+def is_temp_file(name: str) -> bool:
+    """Whether ``name`` is the temporary file of an :func:`atomic_write` (left behind when a writer was killed)."""
+    return bool(_TEMP_RE.match(name))
 
-        try:
-            return load_file(str(path), device=str(map_location))
-        except Exception as e:  # noqa: BLE001 - report any parse failure as a checkpoint error
-            raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
-            if re.search(r"GLOBAL \S+|Unsupported global", str(e)):  # it names the code it would import
-                raise CheckpointError(
-                    f"{path} contains Python objects that would have to execute code to load; "
-                    "EnergyLens only loads plain tensors (weights_only=True). Re-save it as a "
-                    "state_dict or as safetensors.") from e
-            # random bytes and pickles of unknown opcodes fail alike: say both, do not guess
-            detail = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")), msg)
-            raise CheckpointError(
-                f"{path} is not a plain-tensor checkpoint: it is corrupt or truncated, or it holds Python "
-                "objects that would have to execute code to load, which EnergyLens refuses (weights_only=True). "
-                f"Re-save it as a state_dict or as safetensors, or download it again ({detail}).") from e
-        raise CheckpointError(f"{path} is corrupt or truncated and could not be read ({msg})") from e
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Delete the temp files of interrupted atomic writes (``.<name>.<8 random chars>.tmp``) in a run folder and
+    its subfolders (symbolic links are not followed). Only call it while no other process writes there (a job
+    process does it when it starts, before its runner). Returns the removed paths relative to ``folder``."""
+    folder = Path(folder)
+    removed = []
+    for dirpath, _dirnames, filenames in os.walk(folder, followlinks=False):
+        for fn in filenames:
+            if is_temp_file(fn):
+                p = Path(dirpath) / fn
+                try:
+                    if p.is_symlink() or not p.is_file():
+                        continue
+                    p.unlink()
+                    removed.append(str(p.relative_to(folder)))
+                except OSError:
+                    pass
+    return removed

@@ -30,19 +30,25 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-from .attacks import AttackSpec, run_attack
-from .attacks.base import eval_mode, format_eps, is_oom_error
+from .attacks import ATTACKS, AttackSpec, run_attack
+from .attacks.base import format_eps
 from .attacks.gradient import gradient_attack
 from .data import augment as augment_batch
 from .data import dataset_spec, load_dataset, probe_indices
 from .data.loader import prefetch_batches
+from .energy import weat_weight
 from .errors import EnergyLensError, InputError
 from .losses import LossTerms, method_config, outer_loss
 from .models import ModelMeta, build_model, device_of, save_checkpoint
 from .models.checkpoint import load_state_dict_checked
 from .models.folding import folded
-from .storage import append_jsonl, atomic_torch_save, atomic_write_json, read_jsonl, safe_torch_load
+from .rundir import RunDir
+from .runtime import eval_mode, is_oom_error, resolve_device
+from .storage import StorageError, remove_stale_temp_files
+from .tensorio import atomic_torch_save, safe_torch_load
 from .train_progress import TrainClock, format_eta, progress_message
 
 __all__ = ["TrainConfig", "train", "train_step", "main", "TrainingStopped"]
@@ -139,7 +145,6 @@ class TrainConfig:
             raise InputError(f"epochs={self.epochs} is absurd (max 10000)")
         # the training attack, the evaluation attack and the probe attack run through the attack code: the same
         # step limits as run_attack (AttackInfo.max_steps), so that nothing is accepted here that fails (or hangs) later
-        from .attacks import ATTACKS
 
         inner = "trades-kl" if self.loss_config().inner == "kl" else "pgd"
         for k, limit, what in (("attack_steps", min(ATTACKS[inner].max_steps, ATTACKS["pgd"].max_steps),
@@ -182,15 +187,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 def _dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device(f"cuda:{local}")
-        return torch.device("cpu")
-    return torch.device(cfg.device)
 
 
 def load_splits(cfg: TrainConfig):
@@ -287,8 +283,6 @@ def _stats(v: np.ndarray, prefix: str) -> dict:
 
 def _allreduce_grads(model, world: int, loss: torch.Tensor | None = None) -> torch.Tensor | None:
     """Average the gradients (and ``loss``, returned) over the processes in one all-reduce."""
-    import torch.distributed as dist
-
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     parts = [g.reshape(-1) for g in grads]
     if loss is not None:
@@ -456,10 +450,10 @@ def _oom_safe_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spe
               "of the run", file=sys.stderr, flush=True)
 
 
-def _write_progress(out: Path, **kw) -> None:
+def _write_progress(run: RunDir, **kw) -> None:
     try:
-        atomic_write_json(out / "progress.json", {**kw, "time": time.time()})
-    except EnergyLensError:
+        run.write_progress(**kw)
+    except EnergyLensError:  # progress is a courtesy: a full disk must not stop the training
         pass
 
 
@@ -468,10 +462,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> dict:
     """Run training; returns the last metrics record. Raises EnergyLensError subclasses on bad input."""
     rank, world = _dist_info()
-    device = _resolve_device(cfg)
+    device = resolve_device(cfg.device)
     if world > 1:
-        import torch.distributed as dist
-
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
@@ -481,20 +473,18 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     lcfg = cfg.loss_config()
     eps, step = cfg.resolved_eps(), cfg.resolved_step()
     out = Path(cfg.out_dir)
+    run = RunDir(out)
     is_main = rank == 0
     if is_main:
         try:
-            (out / "probe").mkdir(parents=True, exist_ok=True)
+            run.probe_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            from .storage import StorageError
             raise StorageError(f"cannot create the run folder {out}: {e.strerror or e}") from e
         if cfg.resume:  # temp files of writes a killed earlier run left behind (state.pt's: hundreds of MB for a WRN)
-            from .jobs import remove_stale_temp_files
-
             stale = remove_stale_temp_files(out)
             if stale:
                 print(f"removed {len(stale)} stale temp file(s) of interrupted writes", file=sys.stderr, flush=True)
-        atomic_write_json(out / "config.json", cfg.to_dict())
+        run.write_config(cfg.to_dict())
 
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -515,22 +505,18 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     sched = _make_scheduler(opt, cfg, steps_per_epoch)
 
     start_epoch, best = 0, -1.0
-    state_path = out / "state.pt"
+    state_path = run.state
     if cfg.resume and state_path.exists():
         st = safe_torch_load(state_path)
         load_state_dict_checked(model, st["model"], where="state.pt")
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         start_epoch, best = int(st["epoch"]), float(st["best"])
-        if is_main:  # drop metrics written after the checkpoint we resume from
-            kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("epoch", 0) <= start_epoch]
-            from .storage import atomic_write_text
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    elif is_main and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+        if is_main:  # drop the metrics and batches written after the checkpoint we resume from (those epochs run again)
+            run.keep_epochs(start_epoch)
+    elif is_main:
+        run.clear_records()
     if world > 1:
-        import torch.distributed as dist
-
         for p in model.state_dict().values():
             dist.broadcast(p, 0)
 
@@ -554,19 +540,6 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     clock = TrainClock(epochs=cfg.epochs, batches=steps_per_epoch, batch_size=cfg.batch_size,
                        attack_steps=cfg.attack_steps, eval_samples=len(val_idx), eval_steps=cfg.eval_steps,
                        probe_size=len(pidx))
-    if is_main and (out / "batches.jsonl").exists():
-        if not cfg.resume or start_epoch == 0:
-            (out / "batches.jsonl").unlink()
-        else:  # resumed: drop the batches of the interrupted epoch, which runs again
-            from .storage import atomic_write_text
-
-            kept = [r for r in read_jsonl(out / "batches.jsonl") if r.get("epoch", 0) <= start_epoch]
-            atomic_write_text(out / "batches.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -576,7 +549,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         sums: dict[str, float] = {}
         wvals = []
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
-                   disable=not is_main or tqdm is None, leave=False) if tqdm else range(steps_per_epoch)
+                   disable=not is_main, leave=False)
         # several processes: every one augments the whole global batch with the same generator and keeps its
         # slice (so augmentation does not depend on the number of processes); attack noise comes from a
         # per-process generator (otherwise every process would draw the same noise for its slice)
@@ -610,12 +583,12 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
                 eta = clock.eta(epoch + 1, b + 1)
                 msg = progress_message(epoch + 1, cfg.epochs, b + 1, steps_per_epoch, eta,
                                        estimated=not clock.eval_measured)
-                _write_progress(out, epoch=epoch + 1, epochs=cfg.epochs, batch=b + 1, batches=steps_per_epoch,
+                _write_progress(run, epoch=epoch + 1, epochs=cfg.epochs, batch=b + 1, batches=steps_per_epoch,
                                 fraction=frac, phase="train", eta_s=eta, seconds_per_batch=clock.seconds_per_batch,
                                 eta_estimated=not clock.eval_measured, message=msg)
                 loss_now = lt.terms.get("loss")
                 try:  # the batch-level loss log: the live plot's first points, long before the first epoch ends
-                    append_jsonl(out / "batches.jsonl", {
+                    run.append_batch({
                         "epoch": epoch + 1, "batch": b + 1, "batches": steps_per_epoch,
                         "step": epoch * steps_per_epoch + b + 1,
                         "loss": float(loss_now) if loss_now is not None else float(lt.loss.detach()),
@@ -635,8 +608,6 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
                                   "The last good checkpoint is kept; try a smaller learning rate.")
 
         if world > 1:
-            import torch.distributed as dist
-
             if sums:  # log the loss terms of the whole global batch, not only rank 0's share
                 keys = sorted(sums)
                 red = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
@@ -648,7 +619,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         clock.start_eval()
         eta = clock.eta_after_eval(epoch + 1)
         msg = progress_message(epoch + 1, cfg.epochs, eta_s=eta, estimated=not clock.eval_measured, phase="evaluate")
-        _write_progress(out, epoch=epoch + 1, epochs=cfg.epochs, batch=steps_per_epoch, batches=steps_per_epoch,
+        _write_progress(run, epoch=epoch + 1, epochs=cfg.epochs, batch=steps_per_epoch, batches=steps_per_epoch,
                         fraction=(epoch + 1) / cfg.epochs, phase="evaluate", eta_s=eta,
                         eta_estimated=not clock.eval_measured, message=msg)
         if progress:
@@ -659,7 +630,6 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         pe = probe_energies(model, xp, yp, eps, step, cfg.attack_steps, "kl" if kind == "kl" else "ce")
         d_marg, d_joint = pe["e_nat"] - pe["e_adv"], pe["ej_nat"] - pe["ej_adv"]
         # WEAT weights of the probe set, whatever the method (for the weight histogram)
-        from .energy import weat_weight
         w_probe = weat_weight(torch.from_numpy(-pe["e_nat"][:, None].astype(np.float32))).numpy()  # w depends on E(x) only
         probe_time = time.time() - t1
         rec = {
@@ -679,19 +649,17 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             wv = torch.cat(wvals).numpy()
             rec.update({"w_mean": float(wv.mean()), "w_std": float(wv.std()), "w_min": float(wv.min()), "w_max": float(wv.max())})
         if (epoch + 1) % cfg.snapshot_every == 0 or epoch + 1 == cfg.epochs:
-            from .storage import atomic_write
-
             arrays = {**pe, "labels": yp.numpy(), "indices": pidx.numpy(), "w_probe": w_probe}
-            atomic_write(out / "probe" / f"epoch_{epoch + 1:04d}.npz", lambda f: np.savez_compressed(f, **arrays))
-        append_jsonl(out / "metrics.jsonl", rec)
+            run.write_probe(epoch + 1, arrays)
+        run.append_metrics(rec)
         meta.epoch = epoch + 1
         meta.metrics = {k: rec[k] for k in ("nat_acc", "pgd_acc", "dE_mean", "dEy_mean")}
-        save_checkpoint(out / "last.safetensors", model, meta)
+        save_checkpoint(run.last, model, meta)
         if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(out / "epochs" / f"epoch_{epoch + 1:04d}.safetensors", model, meta)
+            save_checkpoint(run.epoch_checkpoint(epoch + 1), model, meta)
         if ev["pgd_acc"] > best:
             best = ev["pgd_acc"]
-            save_checkpoint(out / "best.safetensors", model, meta)
+            save_checkpoint(run.best, model, meta)
         atomic_torch_save(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                        "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best})
         last_record = rec
@@ -701,10 +669,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             eta = 0.0 if epoch + 1 == cfg.epochs or left is None else left - (clock.eval_seconds or 0.0)
             progress({"epoch": epoch + 1, "fraction": (epoch + 1) / cfg.epochs, "metrics": rec, "eta_s": eta})
     if is_main:
-        _write_progress(out, epoch=cfg.epochs, epochs=cfg.epochs, fraction=1.0, phase="done")
+        _write_progress(run, epoch=cfg.epochs, epochs=cfg.epochs, fraction=1.0, phase="done")
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
         dist.destroy_process_group()
     return last_record

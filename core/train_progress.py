@@ -4,7 +4,7 @@ The trainer (core.train) owns a :class:`TrainClock`; after every batch it asks t
 report is due (at most one per ``interval_s``, always on the first and last batch of an epoch), and
 then writes ``progress.json`` (the latest state, atomically) and appends one line to
 ``batches.jsonl`` (the training loss so far, the Training studio's first live points, long before the
-first epoch's ΔE record exists). The page reads both with :func:`read_progress` / :func:`read_batches`.
+first epoch's ΔE record exists). The page reads both through :class:`core.rundir.RunDir`.
 
 The ETA is measured, not promised: seconds per training batch are the mean over the batches this
 process ran, the evaluation + probe time of an epoch is the last one measured; before the first
@@ -15,9 +15,8 @@ of forward/backward passes the evaluation and probe attacks make (so a first-epo
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-__all__ = ["TrainClock", "format_eta", "progress_message", "read_progress", "read_batches"]
+__all__ = ["TrainClock", "format_eta", "progress_message"]
 
 
 def format_eta(seconds: float | None) -> str:
@@ -116,43 +115,3 @@ def progress_message(epoch: int, epochs: int, batch: int | None = None, batches:
     if eta_s is not None:
         parts.append(f"ETA {'~' if estimated else ''}{format_eta(eta_s)}")
     return " · ".join(parts)
-
-
-def read_progress(run_dir) -> dict | None:
-    """The trainer's latest ``progress.json`` (epoch, batch, batches, eta_s, ...), or None."""
-    import json
-
-    p = Path(run_dir) / "progress.json"
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
-
-
-def read_batches(run_dir, max_bytes: int = 256_000) -> list[dict]:
-    """The batch-level log: one record per reported batch (epoch, batch, batches, step, loss, seconds_per_batch,
-    time). Only its last ``max_bytes`` are read (a few thousand records), so polling a long run stays cheap."""
-    import json
-
-    p = Path(run_dir) / "batches.jsonl"
-    try:
-        with open(p, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - int(max_bytes)))
-            data = f.read()
-    except OSError:
-        return []
-    lines = data.split(b"\n")
-    if size > max_bytes:
-        lines = lines[1:]                      # the first line read may be cut
-    out = []
-    for ln in lines:
-        try:
-            r = json.loads(ln)
-        except ValueError:
-            continue                           # empty, or a torn last line
-        if isinstance(r, dict):
-            out.append(r)
-    return out

@@ -20,6 +20,7 @@ import io
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -36,8 +37,6 @@ _EXIF_ORIENTATION = 0x0112
 
 def _transpose_for(orientation: int | None):
     """The Pillow transpose that undoes an EXIF orientation (2..8), or None."""
-    from PIL import Image
-
     t = Image.Transpose
     return {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE, 6: t.ROTATE_270,
             7: t.TRANSVERSE, 8: t.ROTATE_90}.get(orientation or 1)
@@ -57,8 +56,6 @@ def decode_image(data: bytes, size: tuple[int, int] = (32, 32), *, max_bytes: in
 
     Raises :class:`InputError` naming the problem for anything it refuses; appends to ``notes`` what
     it changed about the image (alpha dropped onto white, EXIF rotation, 16-bit scaling, MPO frame)."""
-    from PIL import Image, UnidentifiedImageError
-
     notes = [] if notes is None else notes
     try:
         th, tw = (int(s) for s in size)
@@ -127,8 +124,6 @@ def decode_image(data: bytes, size: tuple[int, int] = (32, 32), *, max_bytes: in
 def _to_array(im, box, out_size, transpose, notes: list[str]) -> np.ndarray:
     """Crop ``box`` of the decoded image, resize it to ``out_size`` (W, H), undo the EXIF orientation:
     float32 H x W x 3 in [0, 1]."""
-    from PIL import Image
-
     mode = im.mode
     if mode.startswith("I;16") or mode == "I":
         # 16-bit grayscale (32-bit 'I' as some Pillow versions open it): scale 0..65535 to 0..1 ('RGB' would

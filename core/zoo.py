@@ -38,16 +38,21 @@ import os
 import re
 import socket
 import threading
-import urllib.error
 import time
+import urllib.error
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from .compat import robustbench_info
+import torch
+from torch.serialization import get_unsafe_globals_in_checkpoint
+
+from .compat import forced_weights_only, import_robustbench_utils, robustbench_info
 from .errors import ZooError
+from .paths import ZOO_DIR
+from .models.checkpoint import LoadedModel, ModelMeta
 from .storage import sniff_format
 
 __all__ = ["ZooEntry", "DEFAULT_ZOO_DIR", "DATASETS", "THREAT_MODELS", "EPS", "list_zoo", "get_zoo_entry",
@@ -55,7 +60,7 @@ __all__ = ["ZooEntry", "DEFAULT_ZOO_DIR", "DATASETS", "THREAT_MODELS", "EPS", "l
            "canonical_dataset", "canonical_threat_model"]
 
 #: Where zoo weights are kept by default: ``<repo>/checkpoints/robustbench`` (git-ignored).
-DEFAULT_ZOO_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "robustbench"
+DEFAULT_ZOO_DIR = ZOO_DIR
 
 #: RobustBench enum values (case-sensitive in robustbench; matched case-insensitively here).
 DATASETS = ("cifar10", "cifar100")
@@ -517,8 +522,6 @@ def _holds_code(p: Path) -> bool:
         if key in _scan_cache:
             return _scan_cache[key]
     try:
-        from torch.serialization import get_unsafe_globals_in_checkpoint
-
         unsafe = bool(get_unsafe_globals_in_checkpoint(str(p)))
     except Exception:  # noqa: BLE001 - an unreadable archive is reported when it is loaded
         unsafe = False
@@ -779,10 +782,6 @@ def load_zoo_model(name: str, dataset: str = "cifar10", threat_model: str = "Lin
     :class:`~core.models.checkpoint.LoadedModel` in eval mode on ``device``; the model takes
     [0,1] images (normalisation, if any, is inside it).
     """
-    import torch
-
-    from .models.checkpoint import LoadedModel, ModelMeta
-
     entry = get_zoo_entry(name, dataset, threat_model)
     try:
         dev = torch.device(device)
@@ -802,7 +801,6 @@ def load_zoo_model(name: str, dataset: str = "cifar10", threat_model: str = "Lin
         elif kind not in _OK_FORMATS:
             raise ZooError(_bad_file_message(entry, p, kind))
 
-    from .compat import forced_weights_only, import_robustbench_utils
 
     rb_utils = import_robustbench_utils()
     with _load_lock, forced_weights_only(), _downloads(rb_utils, allow_download):

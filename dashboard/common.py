@@ -20,6 +20,8 @@ import streamlit as st  # noqa: E402
 
 from core.errors import Cancelled as _CoreCancelled  # noqa: E402
 from core.errors import EnergyLensError  # noqa: E402
+from core.errors import InputError  # noqa: E402
+from core.runtime import resolve_device as core_resolve_device  # noqa: E402
 
 log = logging.getLogger("energylens.dashboard")
 
@@ -319,11 +321,12 @@ def widget_default(key: str, value: Any, scope: Any = None) -> None:
 
 # ---------------------------------------------------------------------------------------------
 def resolve_device(choice: str) -> str:
-    import torch
-
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
+    """The device of the sidebar's choice ('auto' -> the GPU when there is one); an impossible choice falls back to
+    the CPU (the sidebar only offers the devices present)."""
+    try:
+        return str(core_resolve_device(choice))
+    except InputError:
+        return "cpu"
 
 
 @st.cache_resource(show_spinner="Loading model...", max_entries=4)

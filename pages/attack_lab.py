@@ -8,7 +8,7 @@ import torch
 import figures as fig
 import persist
 import tour
-from core.attacks import ATTACKS, AttackSpec, attack_slug, describe_attack, format_eps, run_attack
+from core.attacks import ATTACKS, AttackSpec, attack_slug, describe_attack, format_eps, interactive_batch_size, run_attack
 from core.attacks import budget
 from core.claims import marginal_claim
 from core.drift import EnergyTrace, natural_trace
@@ -165,7 +165,7 @@ if submitted:
         ds = common.require_split(lm, "test", n_samples)
         spec = AttackSpec(name=name, norm=norm, eps=eps, steps=steps, step_size=step_size, targeted=targeted,
                           target_mode=tmode, target_class=int(tclass), seed=seed,
-                          batch_size=budget.interactive_batch_size(name), kappa=kappa,
+                          batch_size=interactive_batch_size(name), kappa=kappa,
                           extra={"targets": n_tg} if name in budget.TARGETED else {})
         spec.validate(meta.num_classes)
         x, y = chosen_images(ds, n_samples, seed)

@@ -2,7 +2,6 @@
 
 import json
 import shlex
-from pathlib import Path
 
 import common
 import numpy as np
@@ -18,7 +17,7 @@ from core.errors import EnergyLensError, InputError
 from core.losses import INNERS, METHODS, OUTERS, WEIGHTINGS
 from core.models import ARCHITECTURES
 from core.train import SCHEDULES, TrainConfig
-from core.train_progress import read_batches
+from core.rundir import RunDir
 
 st.title("Training studio")
 tour.banner("training")
@@ -480,7 +479,7 @@ def fig3_block(info, recs) -> None:
     _, pgd = series(recs, "pgd_acc")
     peak = phase.robust_peak(ep, pgd)
     if res.phase3_start is not None:
-        has_best = (Path(info.run_dir) / "best.safetensors").is_file() if info.run_dir else False
+        has_best = RunDir(info.run_dir).best.is_file() if info.run_dir else False
         st.warning(f"**{res.explanation}** Confidence {res.confidence:.0%}."
                    + (f" The best checkpoint (`best.safetensors`, highest PGD accuracy) is from epoch {peak[0]}."
                       if has_best and peak else ""))
@@ -500,7 +499,7 @@ def fig3_block(info, recs) -> None:
 
 
 def arrows_block(info, recs) -> None:
-    eps_avail = phase.probe_epochs(info.run_dir)
+    eps_avail = RunDir(info.run_dir).probe_epochs()
     if not eps_avail:
         st.info("No probe snapshot yet: they are written at the end of each snapshot epoch.")
         return
@@ -511,7 +510,7 @@ def arrows_block(info, recs) -> None:
     else:
         epoch = st.select_slider("Epoch of the snapshot", options=eps_avail, value=eps_avail[-1],
                                  key=f"tr_arrow_epoch_{info.id}")
-    pr = phase.load_probe(info.run_dir, epoch)
+    pr = RunDir(info.run_dir).load_probe(epoch)
     c1, c2 = st.columns([3, 2])
     with c1:
         st.plotly_chart(fig.energy_arrows(pr["e_nat"], pr["ej_nat"], pr["e_adv"], pr["ej_adv"],
@@ -532,11 +531,11 @@ def arrows_block(info, recs) -> None:
 
 
 def weights_block(info, recs) -> None:
-    eps_avail = phase.probe_epochs(info.run_dir)
+    eps_avail = RunDir(info.run_dir).probe_epochs()
     epoch = st.session_state.get("tr_probe_epoch")
     if epoch not in eps_avail:
         epoch = eps_avail[-1] if eps_avail else None
-    w = phase.load_probe(info.run_dir, epoch).get("w_probe") if epoch is not None else None
+    w = RunDir(info.run_dir).load_probe(epoch).get("w_probe") if epoch is not None else None
     ep, _ = series(recs, "epoch")
     stats = {k: series(recs, k)[1] for k in ("w_mean", "w_std", "w_min", "w_max")}
     st.plotly_chart(tfig.weight_figure(w, epoch, ep, stats), width="stretch", config=fig.PLOT_CONFIG, key="tr_weights")
@@ -554,7 +553,7 @@ def live_view(job_id: str, was_active: bool) -> None:
         recs = run_metrics(info)
         if info.active:
             st.progress(max(0.0, min(1.0, float(info.progress or 0))), text=f"{info.status}: {info.message}")
-            batch_log = [] if getattr(info, "recorded", False) else read_batches(info.run_dir)
+            batch_log = [] if getattr(info, "recorded", False) else RunDir(info.run_dir).read_batches()
             if batch_log:
                 with st.expander("Training loss by batch (live)", expanded=not recs):
                     st.plotly_chart(tfig.batch_loss_figure(batch_log), width="stretch", config=fig.PLOT_CONFIG,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.attacks import AttackSpec, describe_attack, run_attack
+from core.attacks import AttackSpec, describe_attack, interactive_batch_size, run_attack
 from core.attacks import budget
 from core.errors import InputError
 from core.models import build_model
@@ -33,9 +33,9 @@ def test_bad_target_counts_are_refused_clearly(bad):
 
 
 def test_interactive_batch_only_for_attacks_without_per_step_trace():
-    assert budget.interactive_batch_size("square") == budget.INTERACTIVE_BATCH
-    assert budget.interactive_batch_size("apgd-t") == budget.INTERACTIVE_BATCH
-    assert budget.interactive_batch_size("pgd") == 256
+    assert interactive_batch_size("square") == budget.INTERACTIVE_BATCH
+    assert interactive_batch_size("apgd-t") == budget.INTERACTIVE_BATCH
+    assert interactive_batch_size("pgd") == 256
 
 
 def test_fewer_targets_do_less_work_on_a_real_model():

@@ -27,7 +27,8 @@ from core.data import load_dataset, validate_images
 from core.errors import CheckpointError, DataError, InputError, ZooError
 from core.models import ModelMeta, build_model, load_checkpoint, save_checkpoint
 from core.models.registry import ModelRef, load_model_ref
-from core.storage import StorageError, atomic_write_bytes, safe_torch_load
+from core.storage import StorageError, atomic_write_bytes
+from core.tensorio import safe_torch_load
 from core.train import TrainConfig, train
 from core.uploads import MAX_UPLOAD_BYTES, decode_image
 

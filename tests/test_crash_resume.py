@@ -32,7 +32,7 @@ import torch
 
 from core import jobs
 from core.models import load_checkpoint
-from core.storage import safe_torch_load
+from core.tensorio import safe_torch_load
 
 EPOCHS = 3
 CFG = dict(method="sat", dataset="digits", arch="smallcnn", epochs=EPOCHS, batch_size=32, train_limit=256, lr=0.05,

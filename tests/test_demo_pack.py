@@ -14,6 +14,7 @@ from core.data import load_dataset
 from core.data import demo
 from core.errors import DataError
 from core.models import load_checkpoint
+from core.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = REPO / "checkpoints"
@@ -182,7 +183,6 @@ def test_paper_fig4_robust_models_bend_the_energy_far_less(pgd_traces):
 
 # ------------------------------------------------------------------------------------------------ recorded runs
 def test_recorded_runs_are_complete_real_runs():
-    from core import phase
     from core.recorded import list_recorded, read_recorded_metrics
 
     runs = {r.name: r for r in list_recorded()}
@@ -194,7 +194,7 @@ def test_recorded_runs_are_complete_real_runs():
         cfg = r.config
         assert cfg["dataset"] == "cifar10-demo" and len(recs) == cfg["epochs"] >= 60
         assert r.command.startswith("python -m core.train") and f"--method {cfg['method']}" in r.command
-        assert phase.probe_epochs(r.run_dir) == list(range(1, cfg["epochs"] + 1))
+        assert RunDir(r.run_dir).probe_epochs() == list(range(1, cfg["epochs"] + 1))
         assert not (Path(r.run_dir) / "state.pt").exists(), "no optimizer state is shipped"
         sizes += sum(p.stat().st_size for p in Path(r.run_dir).rglob("*") if p.is_file())
     assert sizes < 6e6

@@ -15,7 +15,7 @@ import torch
 import core.storage as storage
 import core.train as train_mod
 from core.attacks import ATTACKS, AttackSpec, run_attack
-from core.attacks.base import is_oom_error
+from core.runtime import is_oom_error
 from core.errors import InputError
 from core.losses import method_config
 from core.models import load_checkpoint

@@ -223,7 +223,7 @@ def test_classifier_extractor_penultimate_and_label():
 
 def test_choose_extractor_falls_back_offline(monkeypatch, tmp_path):
     monkeypatch.setenv(M.INCEPTION_ENV, str(tmp_path / "missing.pth"))
-    monkeypatch.setattr(M, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(M, "INCEPTION_DIR", tmp_path / "inception")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     ok, why = M.inception_status()
     assert not ok and M.INCEPTION_ENV in why

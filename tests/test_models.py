@@ -15,7 +15,8 @@ import core.storage as storage
 from core.errors import CheckpointError
 from core.models import (ARCHITECTURES, ModelMeta, build_model, load_checkpoint, load_state_dict_checked,
                          read_metadata, save_checkpoint)
-from core.storage import StorageError, safe_torch_load
+from core.storage import StorageError
+from core.tensorio import safe_torch_load
 
 
 

@@ -25,7 +25,7 @@ import torch
 
 from core.errors import CheckpointError, DataError, EnergyLensError, ZooError
 from core.models import ModelMeta, build_model, load_checkpoint
-from core.storage import safe_torch_load
+from core.tensorio import safe_torch_load
 from core.uploads import MAX_UPLOAD_BYTES, decode_image
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from core.train import TrainConfig, train
-from core.train_progress import TrainClock, format_eta, progress_message, read_batches, read_progress
+from core.rundir import RunDir
+from core.train_progress import TrainClock, format_eta, progress_message
 
 TINY = dict(dataset="digits", arch="smallcnn", batch_size=32, train_limit=256, attack_steps=1, eval_samples=32,
             eval_steps=1, probe_size=16, lr=0.05, device="cpu")
@@ -73,10 +74,10 @@ def test_training_reports_batches_with_eta_before_the_first_epoch_ends(tmp_path)
     # second epoch: the evaluation time is measured, the ETA no longer says "about"
     later = [p for p in seen[first_epoch_end:] if p.get("batch") and "message" in p and "batch " in p["message"]]
     assert later and all("ETA ~" not in p["message"] for p in later)
-    logged = read_batches(out)
+    logged = RunDir(out).read_batches()
     assert [r["epoch"] for r in logged].count(1) >= 2 and logged[0]["step"] == 1 and logged[-1]["step"] == 16
     assert all(r["loss"] > 0 for r in logged)
-    final = read_progress(out)
+    final = RunDir(out).read_progress()
     assert final["phase"] == "done" and final["fraction"] == 1.0
 
 
@@ -86,10 +87,10 @@ def test_read_batches_reads_only_the_tail_of_a_long_log(tmp_path):
     lines = [json.dumps({"epoch": 1 + i // 100, "batch": 1 + i % 100, "batches": 100, "step": i + 1, "loss": 1.0})
              for i in range(20_000)]
     (tmp_path / "batches.jsonl").write_text("\n".join(lines) + "\n{\"torn")
-    got = read_batches(tmp_path, max_bytes=50_000)
+    got = RunDir(tmp_path).read_batches(max_bytes=50_000)
     assert 100 < len(got) < 1000 and got[-1]["step"] == 20_000
     assert [r["step"] for r in got] == list(range(got[0]["step"], 20_001))     # whole records, in order
-    assert read_batches(tmp_path / "nowhere") == []
+    assert RunDir(tmp_path / "nowhere").read_batches() == []
 
 
 def test_a_resumed_run_drops_the_batches_of_the_interrupted_epoch(tmp_path):
@@ -106,7 +107,7 @@ def test_a_resumed_run_drops_the_batches_of_the_interrupted_epoch(tmp_path):
 
     with pytest.raises(TrainingStopped):
         train(TrainConfig(**cfg), should_stop=stop_in_epoch_2)
-    assert any(r["epoch"] == 2 for r in read_batches(out))              # it had started epoch 2
+    assert any(r["epoch"] == 2 for r in RunDir(out).read_batches())              # it had started epoch 2
     train(TrainConfig(**cfg, resume=True))
-    steps = [r["step"] for r in read_batches(out)]
+    steps = [r["step"] for r in RunDir(out).read_batches()]
     assert steps == sorted(set(steps)) and steps[-1] == 16               # epoch 2 once, not twice

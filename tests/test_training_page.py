@@ -391,7 +391,7 @@ def test_running_job_shows_batch_progress_eta_and_live_batch_loss(runs):
     """A real digits job, viewed while its first epoch runs: a batch counter and an ETA in the progress text and
     the batch-level training loss plot, before any per-epoch ΔE record exists; Stop ends it."""
     from core import jobs
-    from core.train_progress import read_batches
+    from core.rundir import RunDir
 
     at = open_page()
     set_form(at, epochs=3, bs=16, limit=0, evaln=32, probe=32, steps=10, evals=2)
@@ -401,10 +401,10 @@ def test_running_job_shows_batch_progress_eta_and_live_batch_loss(runs):
     job = jobs.list_jobs(runs, kind="train")[0]
     try:
         t0 = time.time()
-        while not read_batches(job.run_dir) and time.time() - t0 < 120:
+        while not RunDir(job.run_dir).read_batches() and time.time() - t0 < 120:
             assert jobs.get_job(job.id).active, jobs.read_log_tail(job.id, 30)
             time.sleep(0.2)
-        assert read_batches(job.run_dir), "no batch was reported within 120 s"
+        assert RunDir(job.run_dir).read_batches(), "no batch was reported within 120 s"
         time.sleep(1.5)                      # the registry write is throttled to 2 per second
         at.run()
         no_crash(at)

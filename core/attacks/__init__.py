@@ -6,11 +6,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..data import validate_images
 from ..errors import Cancelled, InputError
@@ -18,13 +17,14 @@ from ..models import device_of
 from ..models.folding import folded
 from . import autoattack as _aa
 from . import gradient as _g
-from .base import (AttackInfo, AttackInterrupted, AttackResult, AttackSpec, Progress, choose_targets, eval_mode,
-                   format_eps, is_oom_error, make_recorder, project, timed)
+from .base import (ATTACKS, AttackInfo, AttackInterrupted, AttackResult, AttackSpec, Progress, choose_targets,
+                   eval_mode, format_eps, is_oom_error, make_recorder, project, timed)
+from .budget import INTERACTIVE_BATCH
 
 __all__ = ["ATTACKS", "AttackSpec", "AttackResult", "AttackInfo", "run_attack", "eval_mode", "project", "format_eps",
-           "describe_attack", "attack_slug"]
+           "describe_attack", "attack_slug", "interactive_batch_size"]
 
-ATTACKS: dict[str, AttackInfo] = {
+ATTACKS.update({  # the registry lives in core.attacks.base (AttackSpec.validate reads it); filled here
     "pgd": AttackInfo("PGD (cross-entropy)", _g.pgd,
                       description="Projected gradient ascent on CE; targeted mode descends CE to the target."),
     "trades-kl": AttackInfo("TRADES-KL", _g.trades_kl, norms=("Linf",), targeted=False,
@@ -43,7 +43,14 @@ ATTACKS: dict[str, AttackInfo] = {
                         description="Targeted FAB against the most likely wrong classes."),
     "square": AttackInfo("Square", _aa.square, targeted=False, per_step_trace=False, max_steps=100_000,
                          description="Score-based black-box attack; 'steps' is the number of queries."),
-}
+})
+
+
+def interactive_batch_size(name: str, requested: int = 256) -> int:
+    """Images per call: AutoAttack's components expose no iterates, so smaller batches let progress move and a
+    Cancel keep the finished batches; the gradient attacks report every step and keep large batches."""
+    info = ATTACKS.get(name)
+    return min(int(requested), INTERACTIVE_BATCH) if info is not None and not info.per_step_trace else int(requested)
 
 
 def _probe_num_classes(model: torch.nn.Module, x1: torch.Tensor) -> int:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import logging
 
 import torch
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.fab_pt import FABAttack_PT
+from pyautoattack.square import SquareAttack
 
 from ..drift import TraceRecorder
 from .base import AttackSpec, project
+from .budget import n_targets
 
 __all__ = ["apgd_ce", "apgd_dlr", "apgd_t", "fab", "fab_t", "square"]
 
@@ -41,30 +45,22 @@ def _run(make, model, x, y, spec: AttackSpec, recorder: TraceRecorder | None, na
 
 def _n_targets(model, x, spec: AttackSpec) -> int:
     """Target classes of APGD-T / FAB-T: ``spec.extra['targets']`` (AutoAttack: 9), at most the wrong classes."""
-    from .budget import n_targets
-
     with torch.no_grad():
         k = model(x[:1]).shape[1]
     return n_targets(spec, k)
 
 
 def apgd_ce(model, x, y, spec, recorder, targets=None, generator=None, nat_logits=None):
-    from pyautoattack.autopgd_base import APGDAttack
-
     return _run(lambda m: APGDAttack(m, n_iter=spec.steps, norm=spec.norm, eps=spec.eps, loss="ce", n_restarts=1,
                                      seed=_seed(spec), device=x.device), model, x, y, spec, recorder, nat_logits)
 
 
 def apgd_dlr(model, x, y, spec, recorder, targets=None, generator=None, nat_logits=None):
-    from pyautoattack.autopgd_base import APGDAttack
-
     return _run(lambda m: APGDAttack(m, n_iter=spec.steps, norm=spec.norm, eps=spec.eps, loss="dlr", n_restarts=1,
                                      seed=_seed(spec), device=x.device), model, x, y, spec, recorder, nat_logits)
 
 
 def apgd_t(model, x, y, spec, recorder, targets=None, generator=None, nat_logits=None):
-    from pyautoattack.autopgd_base import APGDAttack_targeted
-
     n_t = _n_targets(model, x, spec)
     return _run(lambda m: APGDAttack_targeted(m, n_iter=spec.steps, norm=spec.norm, eps=spec.eps, n_restarts=1,
                                               n_target_classes=n_t, seed=_seed(spec), device=x.device),
@@ -72,16 +68,12 @@ def apgd_t(model, x, y, spec, recorder, targets=None, generator=None, nat_logits
 
 
 def fab(model, x, y, spec, recorder, targets=None, generator=None, nat_logits=None):
-    from pyautoattack.fab_pt import FABAttack_PT
-
     return _run(lambda m: FABAttack_PT(m, norm=spec.norm, n_restarts=1, n_iter=spec.steps, eps=spec.eps,
                                        seed=_seed(spec), targeted=False, device=x.device), model, x, y, spec, recorder,
                 nat_logits)
 
 
 def fab_t(model, x, y, spec, recorder, targets=None, generator=None, nat_logits=None):
-    from pyautoattack.fab_pt import FABAttack_PT
-
     n_t = _n_targets(model, x, spec)
     return _run(lambda m: FABAttack_PT(m, norm=spec.norm, n_restarts=1, n_iter=spec.steps, eps=spec.eps,
                                        seed=_seed(spec), targeted=True, n_target_classes=n_t, device=x.device),
@@ -89,7 +81,5 @@ def fab_t(model, x, y, spec, recorder, targets=None, generator=None, nat_logits=
 
 
 def square(model, x, y, spec, recorder, targets=None, generator=None, nat_logits=None):
-    from pyautoattack.square import SquareAttack
-
     return _run(lambda m: SquareAttack(m, norm=spec.norm, n_queries=spec.steps, eps=spec.eps, n_restarts=1,
                                        seed=_seed(spec), device=x.device), model, x, y, spec, recorder, nat_logits)

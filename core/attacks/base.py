@@ -12,24 +12,20 @@ Guarantees, for every attack:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
 from ..drift import EnergyTrace, TraceRecorder
 from ..errors import InputError
+from ..runtime import Progress, eval_mode, is_oom_error, timed
+from .budget import n_targets
 
-__all__ = ["AttackSpec", "AttackResult", "AttackInfo", "AttackInterrupted", "eval_mode", "project", "choose_targets",
-           "is_oom_error", "Progress", "format_eps"]
-
-Progress = Callable[[float, str], None]
+__all__ = ["ATTACKS", "AttackSpec", "AttackResult", "AttackInfo", "AttackInterrupted", "eval_mode", "project", "choose_targets",
+           "is_oom_error", "Progress", "format_eps", "timed"]
 
 NORMS = ("Linf", "L2")
 MAX_KAPPA = 1e4          # a logit margin; far beyond any real one, and exactly representable in float32
@@ -77,8 +73,6 @@ class AttackSpec:
         return asdict(self)
 
     def validate(self, num_classes: int | None = None) -> "AttackSpec":
-        from . import ATTACKS  # late import: registry lives in the package
-
         if self.name not in ATTACKS:
             raise InputError(f"unknown attack '{self.name}'. Choose one of: {', '.join(ATTACKS)}")
         info = ATTACKS[self.name]
@@ -107,8 +101,6 @@ class AttackSpec:
         if self.step_size is not None and self.step_size <= 0:
             raise InputError(f"step size must be > 0, got {self.step_size}")
         if self.extra and "targets" in self.extra:
-            from .budget import n_targets
-
             n_targets(self, num_classes if num_classes is not None else 1_000_000)
         if self.batch_size <= 0:
             raise InputError(f"batch size must be positive, got {self.batch_size}")
@@ -152,69 +144,8 @@ class AttackInfo:
     description: str = ""
 
 
-# Who holds which module / parameter in eval mode: id -> [object, holders, state before the first holder].
-# One model is shared by every Streamlit session and task thread (st.cache_resource), so attacks on it overlap;
-# a per-call save/restore would let the first caller to leave restore the state under the others' feet
-# (A enters, B enters and saves A's frozen state, A leaves and unfreezes B's model, B leaves and freezes it
-# for good). Instead the state is saved by the first holder and restored by the last one, under one lock.
-_HOLD_LOCK = threading.Lock()
-_HELD_MODULES: dict[int, list] = {}
-_HELD_PARAMS: dict[int, list] = {}
-
-
-def _hold(table: dict[int, list], obj, current: bool) -> bool:
-    """Count one more holder of ``obj``; True when it is the first (the caller then changes the state)."""
-    entry = table.get(id(obj))
-    if entry is None:
-        table[id(obj)] = [obj, 1, current]
-        return True
-    entry[1] += 1
-    return False
-
-
-def _release(table: dict[int, list], obj):
-    """Count one holder less; the saved state when it was the last one, else None."""
-    entry = table[id(obj)]
-    entry[1] -= 1
-    if entry[1] == 0:
-        del table[id(obj)]
-        return entry[2]
-    return None
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put the model in eval mode and freeze its parameters; restore both afterwards.
-
-    Safe when several threads hold the same model (or models sharing submodules) at once: every module's
-    ``training`` flag and every parameter's ``requires_grad`` is saved by the first holder and restored by
-    the last, so the model stays in eval mode and frozen (the BatchNorm-folded fast path on) until every
-    attack on it has finished, and gets back exactly the state it had before the first one. A model being
-    trained (parameters that require gradients, e.g. core.train's inner attack) gets them back afterwards.
-    """
-    # Every submodule's own flag is saved: model.train(was_training) alone would flip submodules that
-    # were deliberately in the other mode (e.g. frozen BatchNorm inside a model being fine-tuned).
-    modules = list(model.modules())
-    params = list(model.parameters())
-    with _HOLD_LOCK:
-        for m in modules:
-            if _hold(_HELD_MODULES, m, m.training):
-                m.training = False
-        for p in params:
-            if _hold(_HELD_PARAMS, p, p.requires_grad):
-                p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        with _HOLD_LOCK:
-            for p in params:
-                flag = _release(_HELD_PARAMS, p)
-                if flag is not None:
-                    p.requires_grad_(flag)
-            for m in modules:
-                mode = _release(_HELD_MODULES, m)
-                if mode is not None:
-                    m.training = mode
+# Every attack by name; core.attacks fills it with the gradient attacks and the AutoAttack components.
+ATTACKS: dict[str, AttackInfo] = {}
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -241,14 +172,6 @@ def choose_targets(logits: torch.Tensor, y: torch.Tensor, spec: AttackSpec, gene
     return (y + r) % k
 
 
-def is_oom_error(e: BaseException) -> bool:
-    if isinstance(e, getattr(torch.cuda, "OutOfMemoryError", ())):  # type: ignore[arg-type]
-        return True
-    if isinstance(e, MemoryError):
-        return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-
-
 class AttackInterrupted(Exception):
     """Internal: a stop request reached an attack mid-way. ``x_adv`` / ``step``: the iterate reached (None when
     the attack cannot expose it). Never escapes :func:`core.attacks.run_attack`."""
@@ -260,8 +183,3 @@ class AttackInterrupted(Exception):
 
 def make_recorder(y: torch.Tensor, targets: torch.Tensor | None, spec: AttackSpec) -> TraceRecorder:
     return TraceRecorder(y, targets, meta={"attack": spec.to_dict()})
-
-
-def timed() -> Callable[[], float]:
-    t0 = time.perf_counter()
-    return lambda: time.perf_counter() - t0

@@ -14,15 +14,22 @@ broken, so on a weak model the full run costs less.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from ..errors import InputError
-from .base import AttackSpec
 
-__all__ = ["AutoAttackBudget", "AUTOATTACK", "INTERACTIVE_TARGETS", "n_targets", "work_units", "full_cost",
-           "interactive_batch_size"]
+__all__ = ["AutoAttackBudget", "AUTOATTACK", "INTERACTIVE_TARGETS", "n_targets", "work_units", "full_cost"]
 
 INTERACTIVE_TARGETS = 3          # APGD-T / FAB-T: the 3 most likely wrong classes (AutoAttack: 9)
 INTERACTIVE_BATCH = 16           # images per call of an attack without per-step trace: progress and Cancel per batch
+
+
+class Budgeted(Protocol):
+    """What a budget reads of an attack: an :class:`~core.attacks.base.AttackSpec` (which imports this module)."""
+
+    name: str
+    steps: int
+    extra: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ AUTOATTACK: dict[str, AutoAttackBudget] = {
 TARGETED = ("apgd-t", "fab-t")
 
 
-def n_targets(spec: AttackSpec, num_classes: int) -> int:
+def n_targets(spec: Budgeted, num_classes: int) -> int:
     """Target classes an APGD-T / FAB-T run uses: ``spec.extra['targets']`` (default: AutoAttack's 9), at most
     the number of wrong classes."""
     t = spec.extra.get("targets", AUTOATTACK["apgd-t"].targets) if spec.extra else AUTOATTACK["apgd-t"].targets
@@ -63,14 +70,14 @@ def n_targets(spec: AttackSpec, num_classes: int) -> int:
     return max(1, min(int(t), int(num_classes) - 1))
 
 
-def work_units(spec: AttackSpec, num_classes: int) -> int:
+def work_units(spec: Budgeted, num_classes: int) -> int:
     """Iterations x targets (x restarts: 1 here) of a run; queries for Square."""
     if spec.name in TARGETED:
         return int(spec.steps) * n_targets(spec, num_classes)
     return int(spec.steps)
 
 
-def full_cost(spec: AttackSpec, seconds: float, num_classes: int) -> dict | None:
+def full_cost(spec: Budgeted, seconds: float, num_classes: int) -> dict | None:
     """What the AutoAttack budget of this component would cost, scaled from a measured run: {'version',
     'setting', 'factor', 'seconds'}; None for attacks that are not AutoAttack components."""
     full = AUTOATTACK.get(spec.name)
@@ -82,12 +89,3 @@ def full_cost(spec: AttackSpec, seconds: float, num_classes: int) -> dict | None
     return {"version": full.version, "setting": AutoAttackBudget(full.version, full.steps, targets,
                                                                  full.restarts).describe(spec.name),
             "factor": factor, "seconds": float(seconds) * factor}
-
-
-def interactive_batch_size(name: str, requested: int = 256) -> int:
-    """Images per call: AutoAttack's components expose no iterates, so smaller batches let progress move and a
-    Cancel keep the finished batches; the gradient attacks report every step and keep large batches."""
-    from . import ATTACKS
-
-    info = ATTACKS.get(name)
-    return min(int(requested), INTERACTIVE_BATCH) if info is not None and not info.per_step_trace else int(requested)

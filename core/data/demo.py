@@ -28,16 +28,17 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from . import CIFAR10_CLASSES, ImageDataset, data_root
+from ..paths import DEMO_PACK_DIR, ENV_CIFAR10_SUBSET, REPO_ROOT
+from .dataset import CIFAR10_CLASSES, ImageDataset, data_root
+from .disk import load_cifar10
 
 __all__ = ["DEMO_DATASET", "DEMO_TEST_FILE", "SPLIT_SEED", "PER_CLASS", "SUBSET_PER_BATCH", "split_positions",
            "load_demo", "subset_file", "rebuild_hint", "load_subset", "train_available"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_DATASET = "cifar10-demo"
-PACK_DIR = REPO_ROOT / "checkpoints" / "demo"
+PACK_DIR = DEMO_PACK_DIR
 DEMO_TEST_FILE = PACK_DIR / "cifar10-demo-test.npz"
-SUBSET_ENV = "ENERGYLENS_CIFAR10_SUBSET"
+SUBSET_ENV = ENV_CIFAR10_SUBSET
 SHARED_SUBSET = REPO_ROOT.parent / "shared" / "data" / "cifar10_train_subset.npz"
 SPLIT_SEED = 2024
 PER_CLASS = 50
@@ -104,7 +105,6 @@ def load_subset(root=None) -> tuple[np.ndarray, np.ndarray]:
                 f"the {DEMO_DATASET} training images are not available here: they are rebuilt from the 5,085-image "
                 f"subset ({SHARED_SUBSET}, or ${SUBSET_ENV}) or from CIFAR-10 in {folder}. The test split "
                 "(500 images) is always available.")
-        from .disk import load_cifar10
 
         full = load_cifar10("train", root=data_root(root))
         take = np.concatenate([np.arange(b * 10000, b * 10000 + SUBSET_PER_BATCH) for b in range(5)])

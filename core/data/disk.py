@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..errors import DataError
 from ..storage import StorageError, atomic_write
-from . import CIFAR10_CLASSES, DATASETS, ImageDataset, data_root
+from .dataset import CIFAR10_CLASSES, CIFAR100_CLASSES, ImageDataset, data_root
 
 __all__ = ["load_cifar10", "load_cifar100", "load_svhn", "load_tinyimagenet", "RestrictedUnpickler",
            "safe_unpickle", "TINYIMAGENET_URL", "TINY_CACHE_VERSION"]
@@ -250,7 +251,7 @@ def _str_keys(obj: Any, path: Path) -> dict[str, Any]:
 def _cifar_class_names(fmt: _CifarFormat, meta_path: Path) -> list[str]:
     """Class names from the meta file; the registry's names when the file is absent."""
     if not meta_path.is_file():
-        return list(CIFAR10_CLASSES) if fmt is _CIFAR10 else list(DATASETS[fmt.name].class_names)
+        return list(CIFAR10_CLASSES) if fmt is _CIFAR10 else list(CIFAR100_CLASSES)
     meta = _str_keys(safe_unpickle(meta_path), meta_path)
     names = meta.get(fmt.names_key)
     if not isinstance(names, (list, tuple, np.ndarray)) or len(names) != fmt.num_classes:
@@ -302,7 +303,7 @@ def _download_cifar(fmt: _CifarFormat, split: str, root: Path) -> None:
     manual = (f"Download {fmt.url} by hand and extract it into {root} so that {root / fmt.folder} "
               f"contains {_join(_all_cifar_files(fmt))}.")
     try:
-        import torchvision.datasets as tvd
+        import torchvision.datasets as tvd  # lazy: heavy (seconds to import), only to download
 
         getattr(tvd, fmt.torchvision_class)(str(root), train=(split == "train"), download=True)
     except Exception as e:  # noqa: BLE001 - network, checksum, disk errors all mean "download failed"
@@ -329,7 +330,7 @@ def load_svhn(split: str, root: str | os.PathLike | None = None, download: bool 
             raise DataError(f"SVHN {split} split not found: missing {path}. Download {url} into {folder}, "
                             "or load it with download=True when online.")
         try:
-            import torchvision.datasets as tvd
+            import torchvision.datasets as tvd  # lazy: heavy (seconds to import), only to download
 
             tvd.SVHN(str(folder), split=split, download=True)
         except Exception as e:  # noqa: BLE001
@@ -346,7 +347,7 @@ def load_svhn(split: str, root: str | os.PathLike | None = None, download: bool 
 
 
 def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.io import loadmat
+    from scipy.io import loadmat  # lazy: scipy only for SVHN's .mat files
 
     try:
         mat = loadmat(str(path), variable_names=["X", "y"])
@@ -522,8 +523,6 @@ def _tiny_val_files(base: Path, wnids: list[str], how: str) -> tuple[list[Path],
 
 def _decode_one(path: Path) -> np.ndarray:
     """One image as uint8 3 x 64 x 64 RGB; other modes are converted and other sizes resized."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")

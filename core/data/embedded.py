@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ImageDataset
+from .dataset import ImageDataset
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
@@ -21,7 +21,7 @@ TEST_FRACTION = 0.2
 
 @lru_cache(maxsize=1)
 def _digits_all() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn takes seconds to import; only for this dataset
 
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # N x 1 x 8 x 8

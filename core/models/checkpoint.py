@@ -15,10 +15,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from .. import __version__
 from ..errors import CheckpointError
-from ..storage import atomic_write_bytes, safe_torch_load, sniff_format
+from ..storage import atomic_write_bytes, sniff_format
+from ..tensorio import safe_torch_load
 from .architectures import ARCHITECTURES
 
 __all__ = ["ModelMeta", "LoadedModel", "build_model", "save_checkpoint", "load_checkpoint", "read_metadata",
@@ -197,12 +200,10 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], wh
 
 def save_checkpoint(path: str | Path, model: nn.Module | dict[str, torch.Tensor], meta: ModelMeta | dict) -> Path:
     """Atomically write weights + metadata as safetensors."""
-    from safetensors.torch import save
-
     meta = meta if isinstance(meta, ModelMeta) else ModelMeta.from_dict(meta)
     state = model.state_dict() if isinstance(model, nn.Module) else model
     state = {k: v.detach().to("cpu").contiguous() for k, v in strip_prefixes(state).items()}
-    blob = save(state, metadata={META_KEY: json.dumps(meta.to_dict(), default=str)})
+    blob = safetensors_bytes(state, metadata={META_KEY: json.dumps(meta.to_dict(), default=str)})
     return atomic_write_bytes(path, blob)
 
 
@@ -214,7 +215,6 @@ def read_metadata(path: str | Path) -> ModelMeta:
         safe_torch_load(path)  # raises the right message for html/empty/missing/corrupt
         raise CheckpointError(f"{path} is a plain weights file without EnergyLens metadata; "
                               "choose its architecture and dataset when loading it")
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -241,8 +241,6 @@ def read_metadata(path: str | Path) -> ModelMeta:
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from a safetensors header (no weights are read)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

@@ -27,6 +27,7 @@ import threading
 import weakref
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 __all__ = ["folded", "fold_count"]
@@ -85,8 +86,6 @@ def _format_of(t: torch.Tensor) -> torch.memory_format:
 
 
 def _build(model: nn.Module) -> _Folded | None:
-    import torch.fx as fx
-
     try:
         gm = fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 - untraceable models (data-dependent control flow, ...) are used as they are

@@ -5,18 +5,17 @@ A :class:`ModelRef` names a model; :func:`load_model_ref` turns it into a Loaded
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import zoo
 from ..errors import CheckpointError, EnergyLensError
+from ..paths import BUNDLED_DIR, DEFAULT_RUNS_DIR, LOCAL_DIR
+from ..paths import runs_dir as _configured_runs_dir
+from ..rundir import CHECKPOINT_FILES
 from .checkpoint import LoadedModel, ModelMeta, load_checkpoint, read_metadata
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLED_DIR = REPO_ROOT / "checkpoints"
-LOCAL_DIR = REPO_ROOT / "checkpoints" / "local"
-RUNS_DIR = REPO_ROOT / "runs"
-ENV_RUNS = "ENERGYLENS_RUNS"  # the runs folder of core.jobs, when set
+RUNS_DIR = DEFAULT_RUNS_DIR
 DEFAULT_MODEL = "cifar10-demo-plain"  # the bundled model the app opens on (non-robust, real CIFAR-10 images)
 FALLBACK_MODEL = "digits-plain"       # ... when the CIFAR-10 demo pack is missing or corrupt
 
@@ -38,8 +37,7 @@ class ModelRef:
 
 def _runs_dir() -> Path:
     """The training-runs folder: env ``ENERGYLENS_RUNS`` (as in core.jobs) or ``<repo>/runs``."""
-    env = os.environ.get(ENV_RUNS)
-    return Path(env).expanduser() if env else RUNS_DIR
+    return _configured_runs_dir()
 
 
 def _entries(paths, source: str, runs_dir: Path | None = None) -> list[tuple[ModelRef, ModelMeta | None, str | None]]:
@@ -76,7 +74,7 @@ def list_local(local_dir: Path | None = None, runs_dir: Path | None = None):
     files = sorted(Path(local_dir).glob("*.safetensors")) if Path(local_dir).is_dir() else []
     if Path(runs_dir).is_dir():
         for run in sorted(Path(runs_dir).iterdir()):
-            for f in ("best.safetensors", "last.safetensors"):
+            for f in CHECKPOINT_FILES:
                 if (run / f).is_file():
                     files.append(run / f)
     return _entries(files, "local", runs_dir)
@@ -91,8 +89,6 @@ def load_model_ref(ref: ModelRef, device: str = "cpu", allow_download: bool = Fa
         lm.meta.source = ref.source
         return lm
     if ref.source == "zoo":
-        from .. import zoo
-
         kw = {"model_dir": zoo_dir} if zoo_dir is not None else {}
         return zoo.load_zoo_model(ref.name, ref.dataset or "cifar10", ref.threat_model or "Linf",
                                   allow_download=allow_download, device=device, **kw)
