@@ -489,7 +489,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             from .storage import StorageError
             raise StorageError(f"cannot create the run folder {out}: {e.strerror or e}") from e
         if cfg.resume:  # temp files of writes a killed earlier run left behind (state.pt's: hundreds of MB for a WRN)
-            from .jobs import remove_stale_temp_files
+            from .jobs.files import remove_stale_temp_files
 
             stale = remove_stale_temp_files(out)
             if stale:
