@@ -168,7 +168,8 @@ def parse_spec(text_or_dict: str | dict, fmt: str = "yaml", source: str = "the s
     if isinstance(backend, str):
         backend = {"name": backend}
     if not isinstance(backend, dict):
-        raise InputError("'backend' must be 'local', 'slurm' or a mapping {name: slurm, partition: ..., ...}")
+        names = ", ".join(f"'{n}'" for n in jobs.backend_names())
+        raise InputError(f"'backend' must be {names} or a mapping {{name: slurm, partition: ..., ...}}")
     backend = jobs.check_backend(backend)
     nproc = raw.get("nproc", 1)
     if isinstance(nproc, bool) or not isinstance(nproc, int) or not 1 <= nproc <= 64:

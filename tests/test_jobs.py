@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from core import jobs
-from core.jobs import api, child, process
+from core.jobs import api, child, process, scheduler, store
 from core.errors import JobError
 
 FIXTURES = Path(__file__).resolve().parent / "jobs_fixtures.py"
@@ -275,6 +275,51 @@ def test_concurrent_submits_never_share_a_folder(runs):
         assert json.loads((runs / i / "job.json").read_text())["id"] == i
     with sqlite3.connect(runs / "registry.sqlite") as c:
         assert c.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3 * n
+
+
+def test_an_external_scheduler_is_reached_through_the_registry(runs, monkeypatch):
+    """A third backend is one Scheduler subclass in SCHEDULERS: its rows are never launched by the local queue, and
+    refresh, stop and resume reach it through the interface."""
+    calls = []
+
+    class Elsewhere(scheduler.Scheduler):
+        name, slot = "elsewhere", "elsewhere"
+
+        @classmethod
+        def check(cls, params):
+            return {"name": "elsewhere"}
+
+        def submit(self, runs_, root, sweep_id, ids):
+            for r in runs_:
+                ids.append(jobs.submit("quick", r["config"], name=r["name"], device=self.slot, runs_dir=root,
+                                       start=False).id)
+            return ids
+
+        @classmethod
+        def stop(cls, root, job_id, grace=10.0):
+            calls.append(("stop", job_id))
+            store.mark(root, job_id, "stopped", "cancelled elsewhere")
+            return jobs.peek_job(job_id, root)
+
+        @classmethod
+        def resubmit(cls, root, job_id):
+            calls.append(("resubmit", job_id))
+            return jobs.peek_job(job_id, root)
+
+        @classmethod
+        def reconcile(cls, root, force=False):
+            calls.append(("reconcile", str(root)))
+            return 0
+
+    monkeypatch.setitem(jobs.SCHEDULERS, "elsewhere", Elsewhere)
+    assert "elsewhere" in jobs.backend_names() and jobs.is_external_slot("elsewhere")
+    [jid] = jobs.get_backend({"name": "elsewhere"}).submit([{"config": {}, "name": "x", "sweep": {}}], runs, "s", [])
+    info = jobs.get_job(jid, runs)
+    assert (info.device, info.status, info.pid) == ("elsewhere", "queued", None), "the local queue never starts it"
+    assert ("reconcile", str(runs)) in calls
+    assert jobs.stop_job(jid, runs).message == "cancelled elsewhere" and ("stop", jid) in calls
+    assert jobs.resume_job(jid, runs).status == "queued" and ("resubmit", jid) in calls
+    assert json.loads((runs / jid / "job.json").read_text())["config"]["resume"] is True
 
 
 def test_id_collision_is_retried(runs, monkeypatch):

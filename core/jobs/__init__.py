@@ -41,7 +41,7 @@ core.jobs.scheduler), and its name in the ``from . import local, slurm`` line be
 
 from __future__ import annotations
 
-from . import api, child, cli, files, process, reconcile, scheduler, store
+from . import api, child, cli, files, process, reconcile, scheduler, store  # noqa: F401 - core.jobs.<module>
 from . import local, slurm  # noqa: F401 - the schedulers: importing a module registers it in SCHEDULERS
 from .api import (KINDS, available_kinds, delete_job, duplicate_job, get_job, list_jobs, peek_job, read_log_tail,
                   read_metrics, refresh, resume_job, stop_job, submit)
