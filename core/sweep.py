@@ -377,7 +377,7 @@ def run_cell(config: dict, run_dir, report: Callable[[float, str], None]) -> dic
     evaluation skips its finished chunks."""
     run_dir = Path(run_dir)
     if jobs.is_external_slot(config.get("device")):  # core.jobs hands 'auto' runs their slot: on a cluster node, 'auto'
-        config = {**config, "device": "auto"}     # (the allocation's GPU, else the CPU)
+        config = {**config, "device": "auto"}          # (the allocation's GPU, else the CPU)
     info = _job_spec(run_dir).get("sweep") or {}
     ev = info.get("evaluate")
     nproc = int(info.get("nproc") or 1)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from core import jobs
-from core.jobs import files, process, store
 from core.errors import JobError
+from core.jobs import files, process, store
 
 FIXTURES = Path(__file__).resolve().parent / "jobs_fixtures.py"
 KINDS = ("quick", "sleepy", "torn_write", "disk_full_outcome", "disk_full_crash", "fill_disk")

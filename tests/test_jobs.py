@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from core import jobs
-from core.jobs import api, child, process, scheduler, store
 from core.errors import JobError
+from core.jobs import api, child, process, scheduler, store
 
 FIXTURES = Path(__file__).resolve().parent / "jobs_fixtures.py"
 TEST_KINDS = {k: f"{FIXTURES}:{k}" for k in ("quick", "sleepy", "failing", "user_error", "chatty", "stubborn")}
