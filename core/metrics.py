@@ -444,7 +444,7 @@ def lpips_status(net: str = "alex") -> tuple[bool, str]:
     try:
         # lazy: heavy optional (torchmetrics + torchvision, seconds to import), only for LPIPS
         import torchmetrics.image  # noqa: F401
-        import torchvision.models as tvm
+        import torchvision.models as tvm  # lazy: heavy optional (seconds to import), only for LPIPS
     except ImportError:
         return False, "LPIPS needs torchmetrics (`pip install torchmetrics[image]`)"
     weights = {"alex": tvm.AlexNet_Weights.IMAGENET1K_V1, "vgg": tvm.VGG16_Weights.IMAGENET1K_V1,

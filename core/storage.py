@@ -36,11 +36,14 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def atomic_write(path: str | os.PathLike, writer: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Write ``path`` atomically: ``writer(fileobj)`` fills a temp file that is then renamed."""
+def atomic_write(path: str | os.PathLike, writer: Callable[[Any], None], mode: str = "wb", *,
+                 parents: bool = True) -> Path:
+    """Write ``path`` atomically: ``writer(fileobj)`` fills a temp file that is then renamed. ``parents=False``
+    writes only into a folder that exists (a job folder deleted meanwhile is not created again)."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise StorageError(f"cannot write to folder {path.parent}: {e.strerror or e}") from e
@@ -67,16 +70,17 @@ def _silent_unlink(p: str) -> None:
         pass
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
-    return atomic_write(path, lambda f: f.write(data), "wb")
+def atomic_write_bytes(path, data: bytes, *, parents: bool = True) -> Path:
+    return atomic_write(path, lambda f: f.write(data), "wb", parents=parents)
 
 
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")), "wb")
+def atomic_write_text(path, text: str, *, parents: bool = True) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")), "wb", parents=parents)
 
 
-def atomic_write_json(path, obj: Any) -> Path:
-    return atomic_write_text(path, dumps(obj, indent=2))
+def atomic_write_json(path, obj: Any, *, parents: bool = True) -> Path:
+    """JSON (indented, sorted keys, the project's encoder) written atomically."""
+    return atomic_write_text(path, dumps(obj, indent=2), parents=parents)
 
 
 def json_default(o: Any) -> Any:

@@ -13,7 +13,7 @@ A sweep file (YAML or JSON; ``examples/table1a_cifar10.yaml`` reproduces Table 1
     evaluate:                  # after training, each run's checkpoint is evaluated (core.evaluation)
       n: 10000                 #   natural / PGD-20 / AutoAttack on the first n test images
       checkpoint: best         #   best | last;   evaluate: false skips it
-    backend:                   # where the runs go (core.backends): local (default) or slurm
+    backend:                   # where the runs go (core.jobs schedulers): local (default) or slurm
       name: local
     nproc: 1                   # processes per run (DDP through torchrun inside the job when > 1)
 
@@ -30,6 +30,7 @@ and Markdown.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import itertools
@@ -38,13 +39,26 @@ import math
 import os
 import re
 import secrets
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
+from . import jobs
+from .data import dataset_spec
 from .errors import EnergyLensError, InputError, JobError
+from .evaluation import EVAL_DEFAULTS, resolve_config, results_table
+from .evaluation import run_job as eval_job
+from .paths import REPO_ROOT
+from .rundir import RunDir
+from .storage import atomic_write_text
+from .train import TrainConfig
+from .train import run_job as train_job
 
 __all__ = ["SweepSpec", "load_spec", "parse_spec", "expand", "submit_sweep", "list_sweeps", "load_sweep", "status",
            "table", "stop_sweep", "run_cell", "cli", "EVAL_SWEEP_DEFAULTS", "MAX_CELLS"]
@@ -85,8 +99,6 @@ class SweepSpec:
 
 
 def _train_fields() -> dict[str, dataclasses.Field]:
-    from .train import TrainConfig
-
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -115,8 +127,6 @@ def parse_spec(text_or_dict: str | dict, fmt: str = "yaml", source: str = "the s
             if fmt == "json":
                 raw = json.loads(text_or_dict)
             else:
-                import yaml
-
                 raw = yaml.safe_load(text_or_dict)
         except Exception as e:  # noqa: BLE001 - yaml.YAMLError, json.JSONDecodeError
             raise InputError(f"{source} is not valid {fmt.upper()}: {str(e).strip().splitlines()[0]}") from e
@@ -167,10 +177,9 @@ def parse_spec(text_or_dict: str | dict, fmt: str = "yaml", source: str = "the s
     if isinstance(backend, str):
         backend = {"name": backend}
     if not isinstance(backend, dict):
-        raise InputError("'backend' must be 'local', 'slurm' or a mapping {name: slurm, partition: ..., ...}")
-    from .backends import check_backend
-
-    backend = check_backend(backend)
+        names = ", ".join(f"'{n}'" for n in jobs.backend_names())
+        raise InputError(f"'backend' must be {names} or a mapping {{name: slurm, partition: ..., ...}}")
+    backend = jobs.check_backend(backend)
     nproc = raw.get("nproc", 1)
     if isinstance(nproc, bool) or not isinstance(nproc, int) or not 1 <= nproc <= 64:
         raise InputError(f"nproc (processes per run, DDP through torchrun) must be an integer in [1, 64], got {nproc!r}")
@@ -183,8 +192,6 @@ def parse_spec(text_or_dict: str | dict, fmt: str = "yaml", source: str = "the s
 
 
 def _check_eval(ev: dict) -> dict:
-    from .evaluation import EVAL_DEFAULTS
-
     known = set(EVAL_DEFAULTS) | {"checkpoint"}
     for k in ev:
         if k not in known:
@@ -193,7 +200,6 @@ def _check_eval(ev: dict) -> dict:
                                      for k, v in ev.items()}}
     if out["checkpoint"] not in ("best", "last"):
         raise InputError(f"evaluate.checkpoint must be 'best' or 'last', got {out['checkpoint']!r}")
-    from .evaluation import resolve_config
 
     resolve_config({k: v for k, v in out.items() if k != "checkpoint"})  # raises InputError with the reason
     return out
@@ -208,9 +214,6 @@ def expand(spec: SweepSpec) -> list[dict]:
 
     Every config goes through TrainConfig's own checks (without loading the dataset); a bad value raises
     InputError naming the run (``method=foo, seed=0: unknown training method 'foo' ...``)."""
-    from .data import dataset_spec
-    from .train import TrainConfig
-
     axes = list(spec.grid)
     out = []
     seen_datasets: dict[str, str | None] = {}
@@ -279,9 +282,7 @@ def _over_255(key: str, value: Any) -> Any:
 # The sweep file in the runs folder
 # ============================================================================================
 def _root(runs_dir) -> Path:
-    from .jobs import _runs_dir
-
-    return _runs_dir(runs_dir)
+    return jobs.runs_dir(runs_dir)
 
 
 def _sweep_path(root: Path, sweep_id: str) -> Path:
@@ -291,12 +292,10 @@ def _sweep_path(root: Path, sweep_id: str) -> Path:
 
 
 def _write_sweep(root: Path, rec: dict) -> None:
-    from .jobs import _atomic_json
-
     path = _sweep_path(root, rec["id"])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_json(path, rec)
+        jobs.atomic_json(path, rec)
     except OSError as e:
         raise JobError(f"cannot write the sweep file {path}: {e.strerror or e}") from e
 
@@ -336,15 +335,13 @@ def _job_name(spec: SweepSpec, cell: dict) -> str:
 
 def submit_sweep(spec: SweepSpec | dict | str, runs_dir=None, *, backend: str | dict | None = None) -> dict:
     """Expand ``spec`` and submit every run to its backend; returns the stored sweep record."""
-    from .backends import check_backend, get_backend
-
     if not isinstance(spec, SweepSpec):
         spec = parse_spec(spec)
     if backend is not None:
         b = {"name": backend} if isinstance(backend, str) else dict(backend)
         if b.get("name") == spec.backend.get("name"):
             b = {**spec.backend, **b}
-        spec.backend = check_backend(b)
+        spec.backend = jobs.check_backend(b)
     root = _root(runs_dir)
     runs = expand(spec)
     sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_SAFE.sub('-', spec.name).strip('-')[:40] or 'sweep'}-" \
@@ -353,7 +350,7 @@ def submit_sweep(spec: SweepSpec | dict | str, runs_dir=None, *, backend: str | 
            "backend": spec.backend, "axes": spec.axes,
            "cells": [{"cell": r["cell"], "job_id": None} for r in runs]}
     _write_sweep(root, rec)  # before any job exists: a job never points at a sweep that is not on disk
-    be = get_backend(spec.backend)
+    be = jobs.get_backend(spec.backend)
     jobs_in = [{"config": r["config"], "name": _job_name(spec, r["cell"]),
                 "sweep": {"id": sweep_id, "cell": r["cell"], "evaluate": spec.evaluate, "nproc": spec.nproc}}
                for r in runs]
@@ -372,8 +369,8 @@ def submit_sweep(spec: SweepSpec | dict | str, runs_dir=None, *, backend: str | 
 # ============================================================================================
 def _job_spec(run_dir: Path) -> dict:
     try:
-        return json.loads((Path(run_dir) / "job.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return jobs.read_job_file(Path(run_dir))
+    except JobError:
         return {}
 
 
@@ -381,11 +378,9 @@ def run_cell(config: dict, run_dir, report: Callable[[float, str], None]) -> dic
     """Job runner of a sweep run: train into ``run_dir`` (``nproc`` > 1: torchrun), then evaluate its best (or
     last) checkpoint with core.evaluation (result.json). Resumable: training continues from state.pt, the
     evaluation skips its finished chunks."""
-    from .jobs import is_external_slot
-
     run_dir = Path(run_dir)
-    if is_external_slot(config.get("device")):  # core.jobs hands 'auto' runs their slot: on a cluster node, 'auto'
-        config = {**config, "device": "auto"}     # (the allocation's GPU, else the CPU)
+    if jobs.is_external_slot(config.get("device")):  # core.jobs hands 'auto' runs their slot: on a cluster node, 'auto'
+        config = {**config, "device": "auto"}          # (the allocation's GPU, else the CPU)
     info = _job_spec(run_dir).get("sweep") or {}
     ev = info.get("evaluate")
     nproc = int(info.get("nproc") or 1)
@@ -397,18 +392,16 @@ def run_cell(config: dict, run_dir, report: Callable[[float, str], None]) -> dic
     if nproc > 1:
         record = _train_torchrun(config, run_dir, nproc, train_report)
     else:
-        from .train import run_job as train_job
-
         record = train_job(config, run_dir, train_report)
     out = {"train": {k: record.get(k) for k in ("epoch", "nat_acc", "pgd_acc", "dE_mean") if k in (record or {})}}
     if not ev:
         return out
-    ckpt = run_dir / f"{ev.get('checkpoint', 'best')}.safetensors"
+    run = RunDir(run_dir)
+    ckpt = run.last if ev.get("checkpoint") == "last" else run.best
     if not ckpt.is_file():
-        ckpt = run_dir / "last.safetensors"
+        ckpt = run.last
     if not ckpt.is_file():
         raise JobError(f"training left no checkpoint in {run_dir} to evaluate")
-    from .evaluation import run_job as eval_job
 
     ecfg = {k: v for k, v in ev.items() if k != "checkpoint"}
     ecfg["model"] = {"source": "local", "name": config.get("name") or run_dir.name, "path": str(ckpt)}
@@ -424,17 +417,10 @@ def run_cell(config: dict, run_dir, report: Callable[[float, str], None]) -> dic
 
 def _train_torchrun(config: dict, run_dir: Path, nproc: int, report) -> dict:
     """``torchrun --standalone --nproc_per_node N -m core.train`` into ``run_dir``; progress from progress.json."""
-    import subprocess
-
-    from .jobs import REPO_ROOT, stop_requested
-    from .storage import read_jsonl
-
     cfg = {k: v for k, v in config.items() if k != "out_dir"}
     cfg["out_dir"] = str(run_dir)
     cfg_path = run_dir / "torchrun-config.json"
-    from .jobs import _atomic_json
-
-    _atomic_json(cfg_path, cfg)
+    jobs.atomic_json(cfg_path, cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "core.train", "--config", str(cfg_path)]
     env = dict(os.environ)
@@ -444,17 +430,13 @@ def _train_torchrun(config: dict, run_dir: Path, nproc: int, report) -> dict:
     try:
         while proc.poll() is None:
             time.sleep(1.0)
-            try:
-                p = json.loads((run_dir / "progress.json").read_text())
+            p = RunDir(run_dir).read_progress()
+            if p is not None:
                 report(float(p.get("fraction") or 0.0), f"epoch {p.get('epoch')}/{p.get('epochs')} ({nproc} processes)")
-            except (OSError, ValueError):
-                pass
-            if stop_requested():
+            if jobs.stop_requested():
                 break
     finally:
         if proc.poll() is None:
-            import signal
-
             with _suppress():
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -465,13 +447,11 @@ def _train_torchrun(config: dict, run_dir: Path, nproc: int, report) -> dict:
                 proc.wait()
     if proc.returncode != 0:
         raise JobError(f"torchrun with {nproc} processes exited with status {proc.returncode} (see the log)")
-    recs = read_jsonl(run_dir / "metrics.jsonl")
+    recs = RunDir(run_dir).read_metrics()
     return recs[-1] if recs else {}
 
 
 def _suppress():
-    import contextlib
-
     return contextlib.suppress(OSError)
 
 
@@ -479,11 +459,8 @@ def _suppress():
 # Progress grid and Table 1
 # ============================================================================================
 def _read_result(run_dir: Path) -> dict | None:
-    try:
-        r = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return r if isinstance(r, dict) and r.get("natural_acc") is not None else None
+    r = RunDir(run_dir).read_result()
+    return r if r is not None and r.get("natural_acc") is not None else None
 
 
 def status(sweep_id: str, runs_dir=None) -> dict:
@@ -492,12 +469,10 @@ def status(sweep_id: str, runs_dir=None) -> dict:
     Each cell: its axis values, job id, status, progress, message and (once evaluated) the accuracies.
     ``grid`` lays the cells out for display: one row per combination of the axes other than ``seed``, one
     column per seed (or a single column when the grid has no seed axis)."""
-    from .jobs import _get, refresh
-
     root = _root(runs_dir)
     rec = load_sweep(sweep_id, root)
     try:
-        refresh(root)
+        jobs.refresh(root)
     except EnergyLensError:
         pass
     cells, counts = [], {}
@@ -507,7 +482,7 @@ def status(sweep_id: str, runs_dir=None) -> dict:
                "pgd": None, "aa": None}
         if jid:
             try:
-                info = _get(root, jid)
+                info = jobs.peek_job(jid, root)
                 row.update(status=info.status, progress=float(info.progress or 0.0), message=info.message or "")
                 if info.status == "failed" and info.error:
                     row["message"] = info.error.splitlines()[0]
@@ -538,8 +513,6 @@ def table(sweep_id: str, runs_dir=None):
     """The Table-1 view of a sweep: :func:`core.evaluation.results_table` over the evaluation records of its
     finished runs (grouped by configuration except the seed: mean ± std over seeds). ``.to_csv()`` and
     ``.to_markdown()`` export it."""
-    from .evaluation import results_table
-
     root = _root(runs_dir)
     rec = load_sweep(sweep_id, root)
     records = []
@@ -555,8 +528,6 @@ def table(sweep_id: str, runs_dir=None):
 
 def stop_sweep(sweep_id: str, runs_dir=None) -> int:
     """Stop every queued or running job of the sweep; returns how many were stopped."""
-    from .jobs import _get, stop_job
-
     root = _root(runs_dir)
     rec = load_sweep(sweep_id, root)
     n = 0
@@ -565,8 +536,8 @@ def stop_sweep(sweep_id: str, runs_dir=None) -> int:
         if not jid:
             continue
         try:
-            if _get(root, jid).active:
-                stop_job(jid, root, grace=5.0)
+            if jobs.peek_job(jid, root).active:
+                jobs.stop_job(jid, root, grace=5.0)
                 n += 1
         except EnergyLensError:
             continue
@@ -586,7 +557,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="action", required=True)
     s = sub.add_parser("submit", help="expand a sweep file (YAML or JSON) and submit its runs")
     s.add_argument("file")
-    s.add_argument("--backend", choices=("local", "slurm"), default=None, help="override the file's backend")
+    s.add_argument("--backend", choices=jobs.backend_names(), default=None, help="override the file's backend")
     s.add_argument("--partition", default=None, help="slurm: partition")
     s.add_argument("--gpus-per-job", type=int, default=None, help="slurm: GPUs per run")
     s.add_argument("--time", default=None, help="slurm: time limit per run (minutes or HH:MM:SS)")
@@ -624,10 +595,8 @@ def cli(argv: list[str], runs_dir=None) -> int:
                 if v is not None:
                     over[k] = v
             if over:
-                from .backends import check_backend
-
                 same = over.get("name", spec.backend["name"]) == spec.backend["name"]
-                spec.backend = check_backend({**(spec.backend if same else {}), **over})
+                spec.backend = jobs.check_backend({**(spec.backend if same else {}), **over})
             runs = expand(spec)
             if args.dry_run:
                 for r in runs:
@@ -648,20 +617,16 @@ def cli(argv: list[str], runs_dir=None) -> int:
             if args.json:
                 print(json.dumps({"cells": s["cells"], "counts": s["counts"]}, indent=2, default=str))
                 return 0
-            from .jobs import clean_text
-
             for c in s["cells"]:
                 ax = " ".join(f"{k}={c[k]}" for k in s["sweep"].get("axes", []))
-                print(f"{clean_text(c['job_id'] or '-')}  {c['status']:<8} {c['progress']:>4.0%}  {ax}  "
+                print(f"{jobs.clean_text(c['job_id'] or '-')}  {c['status']:<8} {c['progress']:>4.0%}  {ax}  "
                       f"nat {_pct(c['natural'])} pgd {_pct(c['pgd'])} aa {_pct(c['aa'])}  "
-                      f"{clean_text(c['message'], 60)}")
+                      f"{jobs.clean_text(c['message'], 60)}")
             print(", ".join(f"{v} {k}" for k, v in sorted(s["counts"].items())))
         elif args.action == "table":
             t = table(args.id, runs_dir)
             text = t.to_csv() if args.format == "csv" else t.to_markdown()
             if args.output:
-                from .storage import atomic_write_text
-
                 atomic_write_text(Path(args.output), text)
                 print(f"wrote {len(t)} rows to {args.output}")
             else:

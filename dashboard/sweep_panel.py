@@ -1,7 +1,7 @@
 """The Training studio's sweep section: submit a grid of runs, watch its progress grid, read its Table 1.
 
 Widgets only; the sweep itself (expansion, submission, status, Table 1) is core.sweep, the backends
-core.backends. ``render()`` is called by pages/training.py.
+core.jobs (local, slurm). ``render()`` is called by pages/training.py.
 """
 
 from __future__ import annotations

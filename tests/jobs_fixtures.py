@@ -110,13 +110,13 @@ def torn_write(config, run_dir, report):
 
 def disk_full_outcome(config, run_dir, report):
     """Fails with a disk-full error, and the registry cannot be written either (as on a full disk)."""
-    import core.jobs as jobs
+    from core.jobs import store
     from core.errors import EnergyLensError, JobError
 
     def full(*a, **k):
         raise JobError("the disk holding the runs folder is full: the job registry cannot be updated")
 
-    jobs._connect = full  # this process only: its final registry write fails, its job-state.json does not
+    store.connect = full  # this process only: its final registry write fails, its job-state.json does not
     raise EnergyLensError(f"could not write {Path(run_dir) / 'last.safetensors'}: No space left on device")
 
 

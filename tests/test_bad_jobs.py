@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 from core import jobs
 from core.errors import JobError
+from core.jobs import files, process, store
 
 FIXTURES = Path(__file__).resolve().parent / "jobs_fixtures.py"
 KINDS = ("quick", "sleepy", "torn_write", "disk_full_outcome", "disk_full_crash", "fill_disk")
@@ -43,12 +45,12 @@ def _kill_leftovers(root: Path) -> None:
             st = json.loads(folder.read_text())
         except (OSError, ValueError):
             continue
-        if st.get("status") == "running" and jobs._process_matches(st.get("pid"), st.get("proc_start")):
+        if st.get("status") == "running" and process.process_matches(st.get("pid"), st.get("proc_start")):
             try:
                 os.killpg(st["pid"], signal.SIGKILL)
             except OSError:
                 pass
-    jobs._reap_children()
+    process.reap_children()
 
 
 def wait_for(pred, timeout=30.0, what="condition"):
@@ -69,7 +71,7 @@ def wait_status(job_id, root, statuses, timeout=30.0):
 
 
 def gone(pid: int) -> bool:
-    jobs._reap_children()
+    process.reap_children()
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
@@ -91,9 +93,9 @@ def test_registry_lost_while_a_job_runs_is_rebuilt_and_the_cap_holds(runs, how):
     a = jobs.submit("sleepy", {"steps": 400, "dt": 0.05}, name="long run", device="cpu", runs_dir=runs)
     running = wait_for(lambda: (j := jobs.get_job(a.id, runs)).progress > 0 and j, what="progress")
     done_before = jobs.submit("quick", {}, device="cpu", runs_dir=runs, start=False)  # queued behind it
-    files = sorted(runs.glob("registry.sqlite*"))
-    assert files
-    for f in files:
+    db_files = sorted(runs.glob("registry.sqlite*"))
+    assert db_files
+    for f in db_files:
         if how == "deleted":
             f.unlink()
         else:  # what the corrupt-registry message advises
@@ -191,8 +193,8 @@ def test_registry_error_on_a_full_disk_names_the_full_disk(runs, monkeypatch):
     def io_error(conn, path):  # what SQLite reports when it cannot even create its -shm file
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(jobs, "_init_schema", io_error)
-    monkeypatch.setattr(jobs.shutil, "disk_usage", lambda p: type("U", (), {"free": 4096})())
+    monkeypatch.setattr(store, "init_schema", io_error)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"free": 4096})())
     with pytest.raises(JobError) as e:
         jobs.list_jobs(runs)
     assert "is full (4 KiB free)" in str(e.value) and "cannot be read or updated" in str(e.value)
@@ -201,8 +203,8 @@ def test_registry_error_on_a_full_disk_names_the_full_disk(runs, monkeypatch):
 
 def test_outcome_survives_a_registry_that_cannot_be_written(runs):
     info = jobs.submit("disk_full_outcome", {}, device="cpu", runs_dir=runs)
-    wait_for(lambda: gone(jobs._read_state(Path(info.run_dir)).get("pid") or 0)
-             and jobs._read_state(Path(info.run_dir)).get("status") == "failed", what="the job process to end")
+    wait_for(lambda: gone(files.read_state(Path(info.run_dir)).get("pid") or 0)
+             and files.read_state(Path(info.run_dir)).get("status") == "failed", what="the job process to end")
     failed = wait_status(info.id, runs, "failed")
     assert failed.error == f"could not write {Path(info.run_dir) / 'last.safetensors'}: No space left on device"
     assert "out of memory" not in failed.error
@@ -233,8 +235,8 @@ def test_real_full_disk_keeps_the_cause(tmp_path, monkeypatch):
         monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps(TEST_KINDS))
         monkeypatch.setenv("ENERGYLENS_MAX_JOBS_PER_DEVICE", "1")
         info = jobs.submit("fill_disk", {}, device="cpu", runs_dir=root)
-        wait_for(lambda: jobs._read_state(Path(info.run_dir)).get("status") == "failed", what="the job to fail")
-        state = jobs._read_state(Path(info.run_dir))
+        wait_for(lambda: files.read_state(Path(info.run_dir)).get("status") == "failed", what="the job to fail")
+        state = files.read_state(Path(info.run_dir))
         assert "No space left on device" in state["error"]
         wait_for(lambda: gone(state["pid"]), what="the job process to end")
         try:  # while the disk is full: the registry may or may not be readable; if not, it says why
@@ -247,7 +249,7 @@ def test_real_full_disk_keeps_the_cause(tmp_path, monkeypatch):
         assert after.status == "failed" and "No space left on device" in after.error
         assert "out of memory" not in after.error
     finally:
-        jobs._reap_children()
+        process.reap_children()
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 

@@ -1,7 +1,7 @@
-"""The slurm backend (core.backends) through submitit's local executor, and on a real single-node Slurm when one
+"""The slurm backend (core.jobs.slurm) through submitit's local executor, and on a real single-node Slurm when one
 can be started here.
 
-The local executor runs the very code a Slurm node runs (core.backends.NodeTask unpickled by submitit in a
+The local executor runs the very code a Slurm node runs (core.jobs.slurm.NodeTask unpickled by submitit in a
 separate process, the job process it starts, the registry rows it writes); only sbatch/squeue are replaced by
 subprocesses of this machine. Each test trains a tiny digits model for real.
 """
@@ -179,7 +179,7 @@ def test_stop_and_resume_reach_the_scheduler(runs):
 def test_a_task_that_dies_without_recording_is_marked_failed(runs):
     """A node that vanishes (here: every process of the task SIGKILLed) leaves the row 'running'; asking the
     scheduler finds the task gone and marks the row failed with the reason and the log tail."""
-    from core.backends import reconcile_external
+    from core.jobs.slurm import SlurmScheduler
 
     base = {**TINY_BASE, "epochs": 40, "train_limit": 512}
     spec = sweep.parse_spec({"name": "dies", "base": base, "grid": {"seed": [0]}, "evaluate": False,
@@ -197,7 +197,7 @@ def test_a_task_that_dies_without_recording_is_marked_failed(runs):
     wait_for(lambda: gone(bk["scheduler_id"]) and gone(task) and gone(info.pid), 30, "the task's processes to die")
     assert jobs.get_job(jid, runs).status == "running"  # nothing recorded the end
     # the local queue leaves external rows alone, so only the scheduler check can tell
-    assert reconcile_external(runs, force=True) == 1
+    assert SlurmScheduler.reconcile(runs, force=True) == 1
     info = jobs.get_job(jid, runs)
     assert info.status == "failed"
     assert "ended with state FINISHED without recording a result" in info.error and "Last log lines" in info.error

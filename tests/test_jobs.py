@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 from core import jobs
 from core.errors import JobError
+from core.jobs import api, child, process, scheduler, store
 
 FIXTURES = Path(__file__).resolve().parent / "jobs_fixtures.py"
 TEST_KINDS = {k: f"{FIXTURES}:{k}" for k in ("quick", "sleepy", "failing", "user_error", "chatty", "stubborn")}
@@ -45,12 +47,12 @@ def _kill_leftovers(root: Path) -> None:
     except sqlite3.DatabaseError:
         return
     for pid, start in rows:
-        if jobs._process_matches(pid, start):
+        if process.process_matches(pid, start):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
-    jobs._reap_children()
+    process.reap_children()
 
 
 def wait_for(pred, timeout=20.0, interval=0.05, what="condition"):
@@ -87,7 +89,7 @@ def marker(info) -> dict:
 
 
 def gone(pid: int) -> bool:
-    jobs._reap_children()
+    process.reap_children()
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
@@ -139,7 +141,7 @@ def test_queued_job_starts_when_the_first_finishes(runs):
     r1, r2 = raw_row(runs, first.id), raw_row(runs, second.id)
     assert r1["status"] == "done"
     assert r2["started"] >= r1["finished"] - 1e-3
-    m1, m2 = marker(jobs._get(runs, first.id)), marker(jobs._get(runs, second.id))
+    m1, m2 = marker(jobs.peek_job(first.id, runs)), marker(jobs.peek_job(second.id, runs))
     assert m2["start"] >= m1["end"]  # never ran at the same time
 
 
@@ -275,10 +277,54 @@ def test_concurrent_submits_never_share_a_folder(runs):
         assert c.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3 * n
 
 
+def test_an_external_scheduler_is_reached_through_the_registry(runs, monkeypatch):
+    """A third backend is one Scheduler subclass in SCHEDULERS: its rows are never launched by the local queue, and
+    refresh, stop and resume reach it through the interface."""
+    calls = []
+
+    class Elsewhere(scheduler.Scheduler):
+        name, slot = "elsewhere", "elsewhere"
+
+        @classmethod
+        def check(cls, params):
+            return {"name": "elsewhere"}
+
+        def submit(self, runs_, root, sweep_id, ids):
+            for r in runs_:
+                ids.append(jobs.submit("quick", r["config"], name=r["name"], device=self.slot, runs_dir=root,
+                                       start=False).id)
+            return ids
+
+        @classmethod
+        def stop(cls, root, job_id, grace=10.0):
+            calls.append(("stop", job_id))
+            store.mark(root, job_id, "stopped", "cancelled elsewhere")
+            return jobs.peek_job(job_id, root)
+
+        @classmethod
+        def resubmit(cls, root, job_id):
+            calls.append(("resubmit", job_id))
+            return jobs.peek_job(job_id, root)
+
+        @classmethod
+        def reconcile(cls, root, force=False):
+            calls.append(("reconcile", str(root)))
+            return 0
+
+    monkeypatch.setitem(jobs.SCHEDULERS, "elsewhere", Elsewhere)
+    assert "elsewhere" in jobs.backend_names() and jobs.is_external_slot("elsewhere")
+    [jid] = jobs.get_backend({"name": "elsewhere"}).submit([{"config": {}, "name": "x", "sweep": {}}], runs, "s", [])
+    info = jobs.get_job(jid, runs)
+    assert (info.device, info.status, info.pid) == ("elsewhere", "queued", None), "the local queue never starts it"
+    assert ("reconcile", str(runs)) in calls
+    assert jobs.stop_job(jid, runs).message == "cancelled elsewhere" and ("stop", jid) in calls
+    assert jobs.resume_job(jid, runs).status == "queued" and ("resubmit", jid) in calls
+    assert json.loads((runs / jid / "job.json").read_text())["config"]["resume"] is True
+
+
 def test_id_collision_is_retried(runs, monkeypatch):
-    suffixes = iter(["dead", "dead", "dead", "beef"])
-    monkeypatch.setattr(jobs, "_random_suffix", lambda: next(suffixes))
-    monkeypatch.setattr(jobs, "_timestamp", lambda: "20250101-000000")
+    ids = iter(["20250101-000000-quick-dead"] * 3 + ["20250101-000000-quick-beef"])
+    monkeypatch.setattr(api, "new_job_id", lambda kind: next(ids))
     a = jobs.submit("quick", {}, device="cpu", runs_dir=runs, start=False)
     b = jobs.submit("quick", {}, device="cpu", runs_dir=runs, start=False)
     assert a.id == "20250101-000000-quick-dead" and b.id == "20250101-000000-quick-beef"
@@ -321,8 +367,8 @@ def test_registry_is_consistent_while_a_job_writes(runs):
 
 def test_reporter_throttles_writes(tmp_path, monkeypatch):
     writes = []
-    monkeypatch.setattr(jobs._Reporter, "_write", lambda self, f, m: writes.append((f, m)))
-    rep = jobs._Reporter(tmp_path, "x", os.getpid())
+    monkeypatch.setattr(child.Reporter, "write", lambda self, f, m: writes.append((f, m)))
+    rep = child.Reporter(tmp_path, "x", os.getpid())
     t0 = time.monotonic()
     for i in range(500):
         rep(i / 499, f"m{i}")
@@ -331,7 +377,7 @@ def test_reporter_throttles_writes(tmp_path, monkeypatch):
     # the first report at once, then at most one write per interval, and the final state on close
     assert 2 <= len(writes) <= 2 + elapsed / jobs.REPORT_INTERVAL_S + 1
     assert writes[-1] == (1.0, "m499")
-    rep2 = jobs._Reporter(tmp_path, "x", os.getpid())
+    rep2 = child.Reporter(tmp_path, "x", os.getpid())
     writes.clear()
     rep2(float("nan"), "no number")
     rep2(5.0, "clamped")
@@ -357,7 +403,7 @@ def test_unwritable_runs_dir_is_refused(tmp_path, monkeypatch):
 def test_full_disk_and_bad_runs_dir_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps(TEST_KINDS))
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(jobs.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(JobError, match="full") as e:
         jobs.submit("quick", {}, device="cpu", runs_dir=tmp_path / "runs")
     assert str(tmp_path / "runs") in str(e.value)
@@ -400,7 +446,7 @@ def test_launch_uses_an_argument_list_never_a_shell(runs, monkeypatch):
         def poll(self):
             return 0
 
-    monkeypatch.setattr(jobs.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
     info = jobs.submit("quick", {"name": "$(rm -rf /); echo"}, device="cpu", runs_dir=runs)
     assert len(calls) == 1
     args, kwargs = calls[0]

@@ -115,7 +115,7 @@ def test_broken_yaml_and_missing_file_are_clear_errors(tmp_path):
 
 
 def test_slurm_time_limits_parse_as_slurm_reads_them():
-    from core.backends import parse_time_minutes
+    from core.jobs.slurm import parse_time_minutes
 
     assert parse_time_minutes(90) == 90
     assert parse_time_minutes("90") == 90
