@@ -126,7 +126,10 @@ def test_demo_without_training_images_says_so(runs):
 
 @pytest.mark.parametrize("field,value,needle", [
     ("epochs", 0, "epochs must be a positive integer"),
-    ("eps", -4.0, "ε must be >= 0"),
+    ("eps", -4.0, "epsilon must lie in [0, 1] (0 to 255/255), got -4/255"),
+    # refused by TrainConfig.validate (the page keeps no rules of its own), e.g. `python -m core.train --train-limit -5`
+    ("limit", -5, "train limit (the number of training images) must be an integer >= 0 (0 = all), got -5"),
+    ("burn", -3, "burn in (epochs with uniform weights) must be an integer >= 0, got -3"),
     ("lr", -0.1, "lr must be a finite number >= 0"),
     ("beta", -1.0, "beta must be >= 0"),
     ("bs", 5000, "larger than the training set"),

@@ -1,0 +1,121 @@
+"""The rules the dashboard pages enforce on a configuration live in core: each config's ``validate()`` refuses a
+bad value with an InputError naming the field and the value, and every CLI in core turns that into one line
+``error: <message>`` on stderr with exit status 2 (no traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.errors import InputError
+from core.losses import method_config
+from core.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ training
+# (field, bad value, words the message must hold): rules the Training studio applied before calling core
+TRAIN_RULES = [
+    ("train_limit", -5, ["train limit", "got -5"]),
+    ("train_limit", 2.5, ["train limit", "got 2.5"]),
+    ("burn_in", -3, ["burn in", "got -3"]),
+    ("eps", -4 / 255, ["epsilon", "got -4/255"]),
+    ("dataset", "npz:", ["dataset", "enter the path of your .npz file", "got 'npz:'"]),
+    ("dataset", "npz:  ", ["dataset", "enter the path of your .npz file"]),
+    # what a config file may hold: wrong kinds of values are refused by name, not with a TypeError
+    ("epochs", "ten", ["epochs must be an integer", "'ten'"]),
+    ("lr", None, ["lr must be a number", "None"]),
+    ("device", 3, ["device must be a string", "3"]),
+    ("augment", "yes", ["augment must be true or false", "'yes'"]),
+    ("epochs", float("nan"), ["epochs must be an integer", "nan"]),
+    ("val_fraction", 1.5, ["val_fraction must lie in (0, 1)", "1.5"]),
+]
+
+
+@pytest.mark.parametrize("field,value,needles", TRAIN_RULES, ids=[f"{r[0]}={r[1]!r}" for r in TRAIN_RULES])
+def test_train_config_validate_names_the_field_and_value(field, value, needles):
+    with pytest.raises(InputError) as e:
+        TrainConfig(**{field: value}).validate()
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_train_config_accepts_the_page_defaults_for_all_and_none():
+    TrainConfig(train_limit=0, burn_in=0).validate()    # 0 = every training image / no burn-in
+    TrainConfig(train_limit=None, burn_in=None).validate()
+    TrainConfig(train_limit=100, burn_in=2, method="mail-trades").validate()
+
+
+def test_burn_in_is_checked_by_the_loss_config_too():
+    with pytest.raises(InputError, match=r"burn in \(epochs with uniform weights\) must be an integer >= 0, got -1"):
+        method_config("mail-trades", burn_in=-1)
+
+
+def test_train_config_from_dict_refuses_a_non_object():
+    with pytest.raises(InputError, match="must be a JSON object"):
+        TrainConfig.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_train_refuses_a_bad_setting_before_reading_any_data(tmp_path, monkeypatch):
+    """`--train-limit -5` used to reach the data loader and end in a RuntimeError from torch.arange."""
+    import core.train as T
+
+    def no_data(*a, **k):
+        raise AssertionError("the data were read before the settings were checked")
+
+    monkeypatch.setattr(T, "load_splits", no_data)
+    with pytest.raises(InputError, match="train limit"):
+        T.train(TrainConfig(train_limit=-5, epochs=1, out_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------ CLIs
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _one_error_line(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+TRAIN_CLI_CASES = [
+    (["--train-limit", "-5"], ["train limit", "got -5"]),
+    (["--eps", "-1"], ["epsilon must lie in [0, 1]", "got -255/255"]),
+    (["--burn-in", "-3"], ["burn in", "got -3"]),
+    (["--epochs", "0"], ["epochs must be a positive integer, got 0"]),
+    (["--dataset", "nope"], ["unknown dataset 'nope'"]),
+    (["--dataset", "npz:"], ["enter the path of your .npz file"]),
+    (["--epochs", "abc"], ["argument --epochs: invalid int value: 'abc'"]),
+    (["--no-such-flag", "1"], ["unrecognized arguments: --no-such-flag"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", TRAIN_CLI_CASES, ids=[" ".join(c[0]) for c in TRAIN_CLI_CASES])
+def test_train_cli_bad_value_is_one_error_line_and_exit_2(tmp_path, args, needles):
+    out = tmp_path / "out"
+    base = ["--dataset", "digits", "--epochs", "1", "--out-dir", str(out)]
+    _one_error_line(_cli("core.train", *base, *args), *needles)
+    assert not out.exists(), "a refused run leaves no run folder"
+
+
+@pytest.mark.parametrize("content,needle", [
+    ([1, 2], "must hold a JSON object of training options"),
+    ({"epochs": "ten"}, "epochs must be an integer, got 'ten'"),
+    ({"device": 3}, "device must be a string, got 3"),
+])
+def test_train_cli_bad_config_file_is_one_error_line(tmp_path, content, needle):
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps(content))
+    _one_error_line(_cli("core.train", "--config", str(f), "--out-dir", str(tmp_path / "out")), needle)
