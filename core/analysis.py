@@ -272,31 +272,26 @@ def validate_landscape_request(refs: Sequence, n: int, split: str = "test") -> l
     input shape, ``n`` within the split. Returns the metadata of every model."""
     from types import SimpleNamespace
 
-    from .data import load_dataset
+    from .data import check_image_count, load_dataset
 
     refs = list(refs)
     if not refs:
         raise InputError("no models selected: choose at least one model to compare")
     metas = [describe_ref(r) for r in refs]
     _check_compatible([SimpleNamespace(meta=m, path=None) for m in metas])  # type: ignore[list-item]
-    if isinstance(n, bool) or int(n) != n or n <= 0:
-        raise InputError(f"the number of images must be a positive integer, got {n}")
-    ds = load_dataset(metas[0].dataset, split)
-    if n > len(ds):
-        raise InputError(f"asked for {int(n)} images but the {split} set of '{metas[0].dataset}' has only {len(ds)}")
+    check_image_count(n)
+    check_image_count(n, len(load_dataset(metas[0].dataset, split)), split=split, dataset=metas[0].dataset)
     return metas
 
 
 def sample_images(dataset: str, n: int, seed: int = 0, split: str = "test", root=None):
     """``n`` class-balanced images of a split (a fixed draw for a given seed). Validates ``n``."""
-    from .data import load_dataset, probe_indices
+    from .data import check_image_count, load_dataset, probe_indices
 
-    if int(n) != n or n <= 0:
-        raise InputError(f"the number of images must be a positive integer, got {n}")
+    check_image_count(n)
     ds = load_dataset(dataset, split, root=root)
-    if n > len(ds):
-        raise InputError(f"asked for {int(n)} images but the {split} set of '{dataset}' has only {len(ds)}")
-    idx = probe_indices(ds, int(n), seed=int(seed))
+    n = check_image_count(n, len(ds), split=split, dataset=dataset)
+    idx = probe_indices(ds, n, seed=int(seed))
     return ds.images(idx), ds.labels(idx), idx
 
 

@@ -45,11 +45,9 @@ with tab_b:
             ds = common.model_dataset(lm, split)
             if ds is None:
                 raise InputError(f"the {split} images of '{meta.dataset}' are not available")
-            if n < 0:
-                raise InputError("the number of images must be positive (0 = all)")
-            if n > len(ds):
-                raise InputError(f"asked for {n} images but the {split} set has only {len(ds)}")
-            from core.data import probe_indices
+            from core.data import check_image_count, probe_indices
+
+            check_image_count(n, len(ds), split=split, dataset=meta.dataset, allow_all=True)
 
             idx = probe_indices(ds, n or len(ds), seed=seed)
             x, y = ds.images(idx), ds.labels(idx)

@@ -119,3 +119,57 @@ def test_train_cli_bad_config_file_is_one_error_line(tmp_path, content, needle):
     f = tmp_path / "cfg.json"
     f.write_text(json.dumps(content))
     _one_error_line(_cli("core.train", "--config", str(f), "--out-dir", str(tmp_path / "out")), needle)
+
+
+# ------------------------------------------------------------------------------------------------ image counts
+# the Attack Lab, Embeddings, Sample analysis and Evaluation pages asked these before calling core
+@pytest.mark.parametrize("call,needle", [
+    (lambda c: c(0), "the number of images must be a positive integer, got 0"),
+    (lambda c: c(-3), "the number of images must be a positive integer, got -3"),
+    (lambda c: c(2.5), "the number of images must be a whole number, got 2.5"),
+    (lambda c: c(True), "the number of images must be a whole number, got True"),
+    (lambda c: c(-1, allow_all=True), "the number of images must be a positive integer (0 = all), got -1"),
+    (lambda c: c(600, 500, split="test", dataset="cifar10-demo"),
+     "asked for 600 images but the test set of 'cifar10-demo' has only 500"),
+    (lambda c: c(6000, 10_000, limit=5000), "at most 5000 images per interactive run"),
+])
+def test_check_image_count_refuses(call, needle):
+    from core.data import check_image_count
+
+    with pytest.raises(InputError) as e:
+        call(check_image_count)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_check_image_count_accepts():
+    from core.data import check_image_count
+
+    assert check_image_count(0, 359, allow_all=True) == 0
+    assert check_image_count(359.0, 359) == 359
+
+
+def test_interactive_attack_images_are_capped_in_core():
+    from core.attacks.budget import MAX_INTERACTIVE_IMAGES, check_interactive_images
+
+    assert check_interactive_images(64, 500) == 64
+    with pytest.raises(InputError, match=f"at most {MAX_INTERACTIVE_IMAGES} images per interactive run"):
+        check_interactive_images(MAX_INTERACTIVE_IMAGES + 1, 50_000)
+    with pytest.raises(InputError, match="the number of images must be a positive integer, got 0"):
+        check_interactive_images(0, 500)
+
+
+def test_evaluation_config_checks_n_against_the_split():
+    from types import SimpleNamespace
+
+    from core.evaluation import resolve_config
+
+    meta = SimpleNamespace(dataset="digits", source="bundled")
+    cfg = {"model": {"source": "bundled", "name": "x"}, "n": 400}
+    with pytest.raises(InputError, match="asked for 400 images but the test set of 'digits' has only 359"):
+        resolve_config(cfg, meta, n_available=359)
+    assert resolve_config({**cfg, "n": 359}, meta, n_available=359)["n"] == 359
+    for bad, needle in (({"n": 0}, "n must be a positive integer, got 0"),
+                        ({"chunk_size": -50}, "chunk size must be a positive integer, got -50"),
+                        ({"eps": -0.1}, "epsilon must be a finite number >= 0")):
+        with pytest.raises(InputError, match=needle):
+            resolve_config({**cfg, **bad}, meta)

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from ..errors import InputError
 from .base import AttackSpec
 
-__all__ = ["AutoAttackBudget", "AUTOATTACK", "INTERACTIVE_TARGETS", "n_targets", "work_units", "full_cost",
-           "interactive_batch_size"]
+__all__ = ["AutoAttackBudget", "AUTOATTACK", "INTERACTIVE_TARGETS", "MAX_INTERACTIVE_IMAGES", "n_targets",
+           "work_units", "full_cost", "interactive_batch_size", "check_interactive_images"]
 
 INTERACTIVE_TARGETS = 3          # APGD-T / FAB-T: the 3 most likely wrong classes (AutoAttack: 9)
+MAX_INTERACTIVE_IMAGES = 5000    # images per interactive run (Attack Lab, embeddings); background jobs take more
 INTERACTIVE_BATCH = 16           # images per call of an attack without per-step trace: progress and Cancel per batch
 
 
@@ -91,3 +92,12 @@ def interactive_batch_size(name: str, requested: int = 256) -> int:
 
     info = ATTACKS.get(name)
     return min(int(requested), INTERACTIVE_BATCH) if info is not None and not info.per_step_trace else int(requested)
+
+
+def check_interactive_images(n, available: int | None = None, *, split: str = "test",
+                             dataset: str | None = None) -> int:
+    """The number of images of an interactive run (an Attack Lab attack): a positive integer, at most the
+    ``available`` images of the split and at most :data:`MAX_INTERACTIVE_IMAGES`. Returns it as an int."""
+    from ..data import check_image_count
+
+    return check_image_count(n, available, split=split, dataset=dataset, limit=MAX_INTERACTIVE_IMAGES)
