@@ -67,6 +67,22 @@ def _run_until(at, cond, timeout=180.0):
     raise AssertionError("timed out waiting for the page")
 
 
+@pytest.mark.parametrize("setup,needle", [
+    (lambda at: at.number_input(key="sgld_chains").set_value(65), "chains per class must be at most 64"),
+    (lambda at: at.multiselect(key="sgld_classes").set_value([]), "choose at least one class"),
+    (lambda at: at.number_input(key="sgld_gamma").set_value(-0.1), "noise γ"),
+])
+def test_initialise_refuses_bad_settings_with_core_messages(app, setup, needle):
+    """The page's refusals come from core.sampling.validate_sampler_settings: an error, no chains, no task."""
+    at = app
+    setup(at)
+    at.run()
+    at.button(key="sgld_btn_init").click().run()
+    _ok(at)
+    assert any(needle in e.value for e in at.error), [e.value for e in at.error]
+    assert "sgld_sampler" not in at.session_state and "sgld_init_task" not in at.session_state
+
+
 def test_initialise_step_plot_and_bad_input(app):
     at = app
     assert not at.get("image")

@@ -173,3 +173,40 @@ def test_evaluation_config_checks_n_against_the_split():
                         ({"eps": -0.1}, "epsilon must be a finite number >= 0")):
         with pytest.raises(InputError, match=needle):
             resolve_config({**cfg, **bad}, meta)
+
+
+# ------------------------------------------------------------------------------------------------ SGLD
+@pytest.mark.parametrize("classes,chains,kw,needle", [
+    ([], 4, {}, "choose at least one class to sample"),
+    ([0, 1], 65, {"max_per_class": 64}, "chains per class must be at most 64 in an interactive run, got 65"),
+    ([0], 0, {}, "chains per class must be a positive integer, got 0"),
+    ([0], 4, {"eta": -1.0}, "step size η must be > 0, got -1"),
+    ([0], 4, {"zeta": 1.0}, "momentum ζ must lie in [0, 1)"),
+    ([0], 4, {"gamma": -0.1}, "noise γ is a standard deviation and must be ≥ 0, got -0.1"),
+    ([0], 4, {"bound": ("Linf", 0.0)}, "bound radius must be > 0, got 0"),
+    ([0], 4, {"seed": -1}, "seed must be a non-negative integer, got -1"),
+    ([0], 4, {"pca_sigma": -0.5}, "PCA σ must be ≥ 0, got -0.5"),
+    ([0], 4, {"init": "magic"}, "initialisation must be one of"),
+])
+def test_sgld_sampler_settings_are_checked_in_core(classes, chains, kw, needle):
+    from core.sampling import validate_sampler_settings
+
+    with pytest.raises(InputError) as e:
+        validate_sampler_settings(classes, chains, **kw)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_sgld_sampler_settings_accept_the_page_defaults():
+    from core.sampling import MAX_INTERACTIVE_CHAINS, validate_sampler_settings
+
+    validate_sampler_settings(list(range(10)), 4, init="pca", eta=0.025, zeta=0.8, gamma=0.001, bound=None, seed=0,
+                              max_per_class=MAX_INTERACTIVE_CHAINS)
+    validate_sampler_settings([3], MAX_INTERACTIVE_CHAINS, pca_variance=None, pca_components=20,
+                              max_per_class=MAX_INTERACTIVE_CHAINS)
+
+
+def test_sgld_job_without_classes_is_refused_by_its_config():
+    from core.sampling import SGLDJobConfig
+
+    with pytest.raises(InputError, match="choose at least one class to sample"):
+        SGLDJobConfig.from_dict({"model": {"source": "bundled", "name": "x"}, "classes": []}).validate()
