@@ -53,6 +53,7 @@ __all__ = [
     "SampleStats", "Correlation", "PerClassStats", "probabilistic_margin", "entropy", "correlation",
     "sample_stats", "sample_stats_from_logits", "model_logits", "margin_correlations", "per_class_stats",
     "SUBSETS", "SubsetSelection", "select_subsets", "compute_subset_selection", "write_subset_files",
+    "base_train_config", "validate_subset_request",
     "subset_train_configs", "launch_subset_jobs", "run_subset_job", "subset_comparison",
     "extract_features", "stack_groups", "pca_2d", "umap_2d", "warm_umap", "umap_state", "umap_estimate",
     "umap_timings", "start_umap_warmup", "preimport_umap_dependencies",
@@ -866,6 +867,27 @@ def base_train_config(lm: LoadedModel, overrides: dict | None = None) -> dict:
     return {**base, **over}
 
 
+def validate_subset_request(lm: LoadedModel, *, source: str | None = None, size: int | None = None, seed: int = 0,
+                            train: dict | None = None) -> dict:
+    """Check a subset-removal experiment (Fig. 5a) before anything is computed or queued: a model EnergyLens can
+    retrain (not a RobustBench ``source`` 'zoo' one), ``size`` None (= the largest possible) or a positive integer,
+    ``seed`` >= 0, and the retraining configuration (the model's own with the ``train`` overrides) valid for
+    :meth:`core.train.TrainConfig.validate`. Returns that configuration."""
+    from .train import TrainConfig
+
+    if source == "zoo" or getattr(lm.meta, "source", None) == "zoo":
+        raise InputError("model: retraining RobustBench architectures is not supported here: use a bundled or local "
+                         "model trained with EnergyLens")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float, np.integer))
+                             or not math.isfinite(size) or int(size) != size or size <= 0):
+        raise InputError(f"the subset size must be a positive integer (or none for the largest possible), got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"the selection seed must be an integer >= 0, got {seed!r}")
+    base = base_train_config(lm, train)
+    TrainConfig.from_dict(base).validate()
+    return base
+
+
 def compute_subset_selection(lm: LoadedModel, size: int | None = None, *, train_config: dict | None = None,
                              seed: int = 0, batch_size: int = 256, progress: Progress | None = None
                              ) -> SubsetSelection:
@@ -933,7 +955,8 @@ def run_subset_job(config: dict, run_dir: Path, report: Progress) -> dict:
     device = _resolve_device(config.get("device"))
     report(0.0, f"loading {ref.name}")
     lm = load_model_ref(ref, device=device)
-    base = base_train_config(lm, config.get("train"))
+    base = validate_subset_request(lm, source=ref.source, size=config.get("size"), seed=config.get("seed", 0),
+                                   train=config.get("train"))
     report(0.1, "energies of the training set")
     sel = compute_subset_selection(lm, config.get("size"), train_config=base, seed=int(config.get("seed", 0)),
                                    progress=lambda f, m: report(0.1 + 0.7 * f, m))

@@ -226,6 +226,25 @@ def test_analysis_subset_preview(env):
     assert any("too large" in e for e in _errors(at)), _errors(at)
 
 
+@pytest.mark.parametrize("button", ["Preview the subsets", "Launch the retraining jobs"])
+def test_analysis_subset_bad_settings_are_refused_by_core(env, button):
+    """The experiment's rules live in core.analysis.validate_subset_request: refused at once, nothing queued."""
+    from core import jobs
+
+    at = _app()
+    at.switch_page("../pages/analysis.py").run()
+    at.number_input(key="sub_epochs").set_value(0)
+    at.button(key=f"FormSubmitter:subset_form-{button}").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("epochs must be a positive integer, got 0" in e for e in _errors(at)), _errors(at)
+    assert "sub_task" not in at.session_state and not jobs.list_jobs(kind="subset")
+    at.number_input(key="sub_epochs").set_value(2)
+    at.number_input(key="sub_size").set_value(-3)
+    at.button(key=f"FormSubmitter:subset_form-{button}").click().run()
+    assert any("the subset size must be a positive integer" in e for e in _errors(at)), _errors(at)
+    assert "sub_task" not in at.session_state and not jobs.list_jobs(kind="subset")
+
+
 def test_analysis_subset_preview_draws_where_the_subsets_sit(env):
     """Issue 13 item 10: the preview draws subset_energy_figure (the training-set E(x) histogram with the
     three subsets), with as many samples in each subset as the selection says."""

@@ -210,3 +210,36 @@ def test_sgld_job_without_classes_is_refused_by_its_config():
 
     with pytest.raises(InputError, match="choose at least one class to sample"):
         SGLDJobConfig.from_dict({"model": {"source": "bundled", "name": "x"}, "classes": []}).validate()
+
+
+# ------------------------------------------------------------------------------------------------ Fig. 5a subsets
+def _lm(source: str = "bundled"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(meta=SimpleNamespace(hparams={"epochs": 10, "lr": 0.1}, dataset="digits", arch="smallcnn",
+                                                method="sat", source=source))
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"train": {"epochs": 0}}, "epochs must be a positive integer, got 0"),
+    ({"train": {"epochs": -2}}, "epochs must be a positive integer, got -2"),
+    ({"train": {"epochz": 3}}, "unknown training option(s): epochz"),
+    ({"source": "zoo"}, "retraining RobustBench architectures is not supported"),
+    ({"size": -3}, "the subset size must be a positive integer (or none for the largest possible), got -3"),
+    ({"seed": -1}, "the selection seed must be an integer >= 0, got -1"),
+])
+def test_subset_request_is_checked_in_core(kw, needle):
+    from core.analysis import validate_subset_request
+
+    with pytest.raises(InputError) as e:
+        validate_subset_request(_lm(), **kw)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_subset_request_returns_the_retraining_config():
+    from core.analysis import validate_subset_request
+
+    base = validate_subset_request(_lm(), source="local", size=4, train={"epochs": 2})
+    assert base["epochs"] == 2 and base["method"] == "sat" and base["dataset"] == "digits"
+    with pytest.raises(InputError, match="RobustBench"):
+        validate_subset_request(_lm(source="zoo"))
