@@ -377,11 +377,10 @@ def fake_train(config, run_dir, report):
 
 
 @pytest.mark.slow
-def test_run_subset_job_launches_one_training_job_per_subset(plain, tmp_path, monkeypatch):
+def test_run_subset_job_launches_one_training_job_per_subset(plain, runs_dir, monkeypatch):
     from core import jobs
 
-    runs = tmp_path / "runs"
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(runs))
+    runs = runs_dir
     monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps({"train": f"{Path(__file__).resolve()}:fake_train"}))
     run_dir = runs / "subset-test"
     run_dir.mkdir(parents=True)

@@ -34,10 +34,9 @@ def _copy(path: Path, name: str, scale: float = 0.8, dataset: str | None = None)
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    """Temporary runs / cache folders; at least two bundled digits models (a copy when needed), plus one
-    'svhn' model for the mixed-dataset check."""
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+def env(runs_dir, tmp_path, monkeypatch):
+    """Temporary runs (conftest's runs_dir) / cache folders; at least two bundled digits models (a copy when
+    needed), plus one 'svhn' model for the mixed-dataset check."""
     monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", "0")
     real = registry.list_bundled

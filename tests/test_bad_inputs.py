@@ -601,14 +601,12 @@ ENTRY = str(REPO / "dashboard" / "Home.py")
 
 
 @pytest.fixture
-def app(tmp_path, monkeypatch):
+def app(runs_dir):
     pytest.importorskip("streamlit")
+    import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    import streamlit as st
-
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
-    st.cache_data.clear()
+    st.cache_data.clear()  # (runs_dir clears it only once streamlit is imported)
     at = AppTest.from_file(ENTRY, default_timeout=120)
     at.run()
     assert not at.exception, [e.message for e in at.exception]

@@ -224,10 +224,9 @@ def test_recorded_sat_run_overfits_and_drifts_far_more_than_trades_and_weat():
         assert abs(runs[other][-1]["dE_mean"]) * 5 < sat_end, (other, runs[other][-1]["dE_mean"], sat_end)
 
 
-def test_training_page_opens_a_recorded_run_read_only(tmp_path, monkeypatch):
+def test_training_page_opens_a_recorded_run_read_only(runs_dir):
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
     at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=120).run()
     at.switch_page("../pages/training.py").run()
     assert not at.exception, [e.message for e in at.exception]

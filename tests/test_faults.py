@@ -67,7 +67,7 @@ def test_run_attack_out_of_memory_at_batch_one_is_a_clear_error(tiny_linear_mode
         run_attack(model, torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), AttackSpec("pgd", steps=1))
 
 
-def test_attack_lab_shows_the_out_of_memory_note(tmp_path, monkeypatch):
+def test_attack_lab_shows_the_out_of_memory_note(runs_dir, monkeypatch):
     pytest.importorskip("streamlit")
     import streamlit as st
     from streamlit.testing.v1 import AppTest
@@ -82,7 +82,6 @@ def test_attack_lab_shows_the_out_of_memory_note(tmp_path, monkeypatch):
         return real(model, x, *a, **k)
 
     monkeypatch.setattr(ATTACKS["pgd"], "fn", pgd_with_small_memory)
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
     st.cache_data.clear()
     at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=120)
     at.run()
@@ -366,12 +365,11 @@ def test_cancel_arrives_within_a_second_on_a_real_model():
     assert after < 5.0, f"returned {after:.2f} s after the cancel (one step is ~0.1 s here)"
 
 
-def test_attack_lab_cancel_keeps_the_images_so_far(tmp_path, monkeypatch):
+def test_attack_lab_cancel_keeps_the_images_so_far(runs_dir):
     pytest.importorskip("streamlit")
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
     st.cache_data.clear()
     at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=120)
     at.run()

@@ -17,9 +17,7 @@ ENTRY = str(REPO / "dashboard" / "Home.py")
 PAGES = sorted(p.name for p in (REPO / "pages").glob("*.py"))
 
 
-@pytest.fixture(autouse=True)
-def _isolated_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+pytestmark = pytest.mark.usefixtures("runs_dir")  # every test: its own runs folder (conftest)
 
 
 def fresh_app() -> AppTest:

@@ -18,8 +18,7 @@ PAGE = "../pages/sgld.py"
 
 
 @pytest.fixture
-def app(tmp_path, monkeypatch):
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+def app(runs_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(HOME), default_timeout=120)
     at.run()
@@ -201,18 +200,17 @@ def test_batch_job_runs_and_reports_labelled_metrics(app, tmp_path):
         [m.value for m in at.markdown]
 
 
-def test_step_defaults_follow_the_models_dataset_family(tmp_path, monkeypatch):
+def test_step_defaults_follow_the_models_dataset_family(runs_dir, tmp_path, monkeypatch):
     """A CIFAR-10 model gets η = 0.025, ζ = 0.8 (the digits' η = 1 makes CIFAR chains worse); digits keep theirs."""
     import torch
 
     from core.models import ModelMeta, build_model, save_checkpoint
 
-    runs = tmp_path / "runs"
+    runs = runs_dir
     (runs / "c10").mkdir(parents=True)
     torch.manual_seed(0)
     save_checkpoint(runs / "c10" / "best.safetensors", build_model("smallcnn", 10),
                     ModelMeta(arch="smallcnn", num_classes=10, dataset="cifar10", method="sat", name="c10-sat"))
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(runs))
     monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(HOME), default_timeout=120)
     at.run()
