@@ -56,7 +56,7 @@ __all__ = [
     "base_train_config", "validate_subset_request",
     "subset_train_configs", "launch_subset_jobs", "run_subset_job", "subset_comparison",
     "extract_features", "stack_groups", "pca_2d", "umap_2d", "warm_umap", "umap_state", "umap_estimate",
-    "umap_timings", "start_umap_warmup", "preimport_umap_dependencies",
+    "umap_timings", "start_umap_warmup", "preimport_umap_dependencies", "record_umap_timing",
 ]
 
 Progress = Callable[[float, str], None]
@@ -1132,7 +1132,8 @@ def umap_timings() -> dict:
         return {"warmup_s": None, "fit_n": None, "fit_s": None}
 
 
-def _record_umap_timing(**kw) -> None:
+def record_umap_timing(**kw) -> None:
+    """Remember measured UMAP timings (``warmup_s``, ``fit_n``, ``fit_s``) for :func:`umap_estimate`."""
     from .storage import atomic_write_json
 
     with _umap_timings_lock:
@@ -1144,12 +1145,13 @@ def _record_umap_timing(**kw) -> None:
             pass   # a read-only cache only loses the measured promise
 
 
-def umap_estimate(n: int) -> dict:
+def umap_estimate(n: int, state: str | None = None) -> dict:
     """Seconds a UMAP of ``n`` points would take now: {'seconds', 'warmup_s', 'fit_s', 'measured'}. The warm-up
     (0 once warm; the remainder while warming) and the fit come from this machine's last measurements
-    (umap_timings), else from the fallbacks measured in bench/bench_umap.py; ``measured`` says which."""
+    (umap_timings), else from the fallbacks measured in bench/bench_umap.py; ``measured`` says which.
+    ``state`` ('cold', 'warming', 'warm'): estimate for that warm-up state instead of this process's."""
     t = umap_timings()
-    state = _UMAP_STATE["state"]
+    state = _UMAP_STATE["state"] if state is None else state
     warm = 0.0
     if state in ("cold", "warming"):
         warm = t["warmup_s"] or UMAP_WARMUP_FALLBACK_S
@@ -1224,7 +1226,7 @@ def warm_umap() -> float:
             raise InputError(f"UMAP is not available: {type(e).__name__}: {e}. Use PCA instead.") from e
         dt = time.perf_counter() - t0
         _UMAP_STATE.update(state="warm", seconds=dt, error=None)
-        _record_umap_timing(warmup_s=dt)
+        record_umap_timing(warmup_s=dt)
         return dt
 
 
@@ -1253,7 +1255,7 @@ def umap_2d(features, seed: int | None = 0, *, n_neighbors: int = 15, min_dist: 
         emb = umap.UMAP(n_neighbors=k, n_components=2, min_dist=min_dist,
                         random_state=None if seed is None else int(seed)).fit_transform(f.astype(np.float32))
     if was_warm and f.shape[0] >= 100:   # a warm fit: the time the next promise scales from
-        _record_umap_timing(fit_n=int(f.shape[0]), fit_s=time.perf_counter() - t0)
+        record_umap_timing(fit_n=int(f.shape[0]), fit_s=time.perf_counter() - t0)
     if _UMAP_STATE["state"] != "warm":
         _UMAP_STATE.update(state="warm")
     return np.asarray(emb, dtype=np.float32)

@@ -47,7 +47,7 @@ from .models.folding import folded
 from .storage import append_jsonl, atomic_torch_save, atomic_write_json, read_jsonl, safe_torch_load
 from .train_progress import TrainClock, format_eta, progress_message
 
-__all__ = ["TrainConfig", "train", "train_step", "main", "TrainingStopped"]
+__all__ = ["TrainConfig", "train", "train_step", "oom_safe_step", "main", "TrainingStopped"]
 
 SCHEDULES = ("onecycle", "piecewise", "cosine", "constant")
 MAX_EVAL_SAMPLES = 100_000   # held-out images attacked after every epoch (CIFAR test: 10,000; SVHN: 26,032)
@@ -429,7 +429,7 @@ def train_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: A
     gradient average over processes (``world > 1``), optimizer step. Returns the LossTerms.
 
     ``micro_batch`` (smaller than the batch) splits forward/backward into micro-batches whose
-    gradients are accumulated before the single optimizer step (see :func:`_oom_safe_step`).
+    gradients are accumulated before the single optimizer step (see :func:`oom_safe_step`).
     A non-finite loss (on any process) raises TrainingStopped before the weights change.
     """
     opt.zero_grad(set_to_none=True)
@@ -457,7 +457,7 @@ def train_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: A
     return lt
 
 
-def _oom_safe_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: AttackSpec, oom: dict, **kw):
+def oom_safe_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: AttackSpec, oom: dict, **kw):
     """:func:`train_step` that survives running out of memory.
 
     On an out-of-memory error the batch is retried as two half-size micro-batches with gradient
@@ -628,7 +628,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
                 yb = yu
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            lt = _oom_safe_step(model, opt, lcfg, xb, yb, atk_spec, oom, epoch=epoch, generator=g_atk, amp=amp,
+            lt = oom_safe_step(model, opt, lcfg, xb, yb, atk_spec, oom, epoch=epoch, generator=g_atk, amp=amp,
                                 world=world, where=f" at epoch {epoch + 1}, batch {b + 1}", net=net)
             sched.step()
             for k, v in lt.terms.items():

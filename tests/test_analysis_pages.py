@@ -46,7 +46,7 @@ def env(runs_dir, tmp_path, monkeypatch):
     extra.append(_copy(tmp_path / "svhn-model.safetensors", "svhn-model", dataset="svhn"))
 
     def patched(folder=registry.BUNDLED_DIR):
-        return real(folder) + registry._entries(extra, "bundled")
+        return real(folder) + registry.checkpoint_entries(extra, "bundled")
 
     monkeypatch.setattr(registry, "list_bundled", patched)
     return tmp_path

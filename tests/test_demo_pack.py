@@ -73,13 +73,13 @@ def test_missing_or_corrupt_pack_names_the_file_and_the_fix(tmp_path, monkeypatc
     if content is not None:
         bad.write_bytes(content)
     monkeypatch.setattr(demo, "DEMO_TEST_FILE", bad)
-    demo._cache_clear()
+    demo.cache_clear()
     try:
         with pytest.raises(DataError) as e:
             load_dataset("cifar10-demo", "test")
         assert str(bad) in str(e.value) and "build_demo_pack.py" in str(e.value)
     finally:
-        demo._cache_clear()
+        demo.cache_clear()
 
 
 def test_broken_pack_app_still_opens_on_digits(tmp_path, monkeypatch):
@@ -88,7 +88,7 @@ def test_broken_pack_app_still_opens_on_digits(tmp_path, monkeypatch):
     bad = tmp_path / "cifar10-demo-test.npz"
     bad.write_bytes(b"this is not a numpy archive")
     monkeypatch.setattr(demo, "DEMO_TEST_FILE", bad)
-    demo._cache_clear()
+    demo.cache_clear()
     import streamlit as st
 
     st.cache_resource.clear()
@@ -101,7 +101,7 @@ def test_broken_pack_app_still_opens_on_digits(tmp_path, monkeypatch):
         at.switch_page("../pages/attack_lab.py").run()
         assert not at.exception, [e.message for e in at.exception]
     finally:
-        demo._cache_clear()
+        demo.cache_clear()
         st.cache_resource.clear()
 
 

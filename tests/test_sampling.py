@@ -496,7 +496,7 @@ def test_run_job_scores_with_inception_when_its_weights_are_present(tmp_path, mo
 
     def fake_inception(device="cpu"):
         def fn(x):
-            f = torch.nn.functional.avg_pool2d(M._to_float01(x), 8).flatten(1)
+            f = torch.nn.functional.avg_pool2d(M.to_float01(x), 8).flatten(1)
             return f, torch.zeros(len(x), 1008)
         return M.InceptionFeatures(label="inception-v3", layer="pool3 (stand-in)", fn=fn)
 

@@ -260,19 +260,19 @@ def test_energy_plot_marks_when_the_chain_passed_the_real_data_level(app):
     assert any(f"passed the real-image level Ē(x, y) at step {passed['step']}" in c.value for c in at.caption)
 
 
-def test_initialise_waits_for_the_background_statistics_off_the_script_thread(app):
+def test_initialise_waits_for_the_background_statistics_off_the_script_thread(app, monkeypatch):
     """While the shared preparation of the start statistics is still running, Initialise answers at once with a
     progress bar (the buttons held) and the chains appear when the preparation ends."""
     from core import sgld_cache
 
     at = app
     lm = at.session_state["model_ref"]
-    fakes = []
-    for key, w in list(sgld_cache._warmups.items()):     # every model's preparation (the digits one among them):
-        assert w.wait(timeout=120)                        # pretend it is still running
-        fakes.append(sgld_cache.Warmup(key, fraction=0.4, message="class statistics 5/10"))
-        sgld_cache._warmups[key] = fakes[-1]
-    assert fakes, lm
+    real = sgld_cache.warmups()
+    assert real, lm
+    for w in real.values():                               # every model's preparation (the digits one among them)
+        assert w.wait(timeout=120)                        # ends; from now on pretend it is still running
+    fakes = [sgld_cache.Warmup("still-running", fraction=0.4, message="class statistics 5/10")]
+    monkeypatch.setattr(sgld_cache, "warm_up", lambda *a, **k: fakes[0])
     t0 = time.time()
     at.run()
     plain = time.time() - t0                                          # one rerun of the page on this (loaded) machine
@@ -287,8 +287,7 @@ def test_initialise_waits_for_the_background_statistics_off_the_script_thread(ap
     assert any("preparing the start statistics" in (p.proto.text or "") for p in at.get("progress")), \
         [p.proto.text for p in at.get("progress")]
     for slow in fakes:
-        slow.fraction, slow.message, slow.done = 1.0, "ready", True
-        slow._event.set()
+        slow.finish()
     _run_until(at, lambda: "sgld_sampler" in at.session_state or at.session_state["sgld_init_task"].error)
     assert not at.session_state["sgld_init_task"].error, at.session_state["sgld_init_task"].error
     assert _sampler(at).steps_done == 0 and _sampler(at).n_chains == 6

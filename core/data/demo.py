@@ -31,7 +31,7 @@ from ..errors import DataError
 from . import CIFAR10_CLASSES, ImageDataset, data_root
 
 __all__ = ["DEMO_DATASET", "DEMO_TEST_FILE", "SPLIT_SEED", "PER_CLASS", "SUBSET_PER_BATCH", "split_positions",
-           "load_demo", "subset_file", "rebuild_hint", "load_subset", "train_available"]
+           "load_demo", "subset_file", "rebuild_hint", "load_subset", "train_available", "cache_clear"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_DATASET = "cifar10-demo"
@@ -127,7 +127,8 @@ def _test_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, y.astype(np.int64), pos.astype(np.int64)
 
 
-def _cache_clear() -> None:
+def cache_clear() -> None:
+    """Forget the demo test arrays read so far (after ``DEMO_TEST_FILE`` changed or was rebuilt)."""
     _test_arrays.cache_clear()
 
 

@@ -29,7 +29,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-__all__ = ["folded", "fold_count"]
+__all__ = ["folded", "fold_count", "build_folded"]
 
 _NORM_OF = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 _CONVS = tuple(_NORM_OF)
@@ -84,7 +84,9 @@ def _format_of(t: torch.Tensor) -> torch.memory_format:
         and not t.is_contiguous() else torch.contiguous_format
 
 
-def _build(model: nn.Module) -> _Folded | None:
+def build_folded(model: nn.Module) -> _Folded | None:
+    """Build the folded view of ``model`` (uncached; :func:`folded` caches it and checks it), or None when its
+    graph cannot be traced or has no conv -> BatchNorm pair to fold."""
     import torch.fx as fx
 
     try:
@@ -150,7 +152,7 @@ def folded(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
         if model in _CACHE:
             entry = _CACHE[model]
         else:
-            entry = _build(model)
+            entry = build_folded(model)
             if entry is not None:
                 entry.refresh()
                 if example is not None and not _agrees(entry.module, model, example[:4]):
