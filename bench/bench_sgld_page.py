@@ -87,7 +87,7 @@ def _core(checkpoint: str, cache: str) -> dict:
     out["core before: sampler x0"] = t3 - t2
     out["core before: Initialise (PCA) total"] = t3 - t0
     sgld_cache.reference_energies_cached(lm, ds, cache_dir=cache)       # writes the JSON cache
-    sgld_cache._memory.clear()                                          # a restart: only the disk remains
+    sgld_cache.clear_memory()                                           # a restart: only the disk remains
     t0 = time.perf_counter()
     st2 = sampling.ClassStats(ds, cache_dir=cache)
     st2.prepare(st2.available)
@@ -112,8 +112,7 @@ def main() -> None:
     core = _core(args.checkpoint, os.path.join(base, "core-cache"))
     from core import sgld_cache
 
-    sgld_cache._memory.clear()      # the UI starts as a fresh server would: nothing in memory, an empty disk cache
-    sgld_cache._warmups.clear()
+    sgld_cache.clear_memory()       # the UI starts as a fresh server would: nothing in memory, an empty disk cache
     ui = _ui(os.environ["ENERGYLENS_CACHE"], os.environ["ENERGYLENS_RUNS"])
     rows = [{"what": k, "seconds": v} for k, v in {**core, **ui}.items() if isinstance(v, float)]
     _util.print_table(f"SGLD studio on {core['model']} ({core['chains']} chains), UI vs core in one run", rows)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from . import jobs, zoo
 from .attacks import AttackSpec, run_attack
-from .data import dataset_spec, load_dataset, probe_indices, validate_images
+from .data import check_image_count, dataset_spec, load_dataset, probe_indices, validate_images
 from .energy import joint_energy, marginal_energy
 from .errors import EnergyLensError, InputError
 from .evaluation import default_eps
@@ -61,9 +61,10 @@ __all__ = [
     "SampleStats", "Correlation", "PerClassStats", "probabilistic_margin", "entropy", "correlation",
     "sample_stats", "sample_stats_from_logits", "model_logits", "margin_correlations", "per_class_stats",
     "SUBSETS", "SubsetSelection", "select_subsets", "compute_subset_selection", "write_subset_files",
+    "base_train_config", "validate_subset_request",
     "subset_train_configs", "launch_subset_jobs", "run_subset_job", "subset_comparison",
     "extract_features", "stack_groups", "pca_2d", "umap_2d", "warm_umap", "umap_state", "umap_estimate",
-    "umap_timings", "start_umap_warmup", "preimport_umap_dependencies",
+    "umap_timings", "start_umap_warmup", "preimport_umap_dependencies", "record_umap_timing",
 ]
 
 Progress = Callable[[float, str], None]
@@ -202,22 +203,17 @@ def validate_landscape_request(refs: Sequence, n: int, split: str = "test") -> l
         raise InputError("no models selected: choose at least one model to compare")
     metas = [describe_ref(r) for r in refs]
     _check_compatible([SimpleNamespace(meta=m, path=None) for m in metas])  # type: ignore[list-item]
-    if isinstance(n, bool) or int(n) != n or n <= 0:
-        raise InputError(f"the number of images must be a positive integer, got {n}")
-    ds = load_dataset(metas[0].dataset, split)
-    if n > len(ds):
-        raise InputError(f"asked for {int(n)} images but the {split} set of '{metas[0].dataset}' has only {len(ds)}")
+    check_image_count(n)
+    check_image_count(n, len(load_dataset(metas[0].dataset, split)), split=split, dataset=metas[0].dataset)
     return metas
 
 
 def sample_images(dataset: str, n: int, seed: int = 0, split: str = "test", root=None):
     """``n`` class-balanced images of a split (a fixed draw for a given seed). Validates ``n``."""
-    if int(n) != n or n <= 0:
-        raise InputError(f"the number of images must be a positive integer, got {n}")
+    check_image_count(n)
     ds = load_dataset(dataset, split, root=root)
-    if n > len(ds):
-        raise InputError(f"asked for {int(n)} images but the {split} set of '{dataset}' has only {len(ds)}")
-    idx = probe_indices(ds, int(n), seed=int(seed))
+    n = check_image_count(n, len(ds), split=split, dataset=dataset)
+    idx = probe_indices(ds, n, seed=int(seed))
     return ds.images(idx), ds.labels(idx), idx
 
 
@@ -772,6 +768,25 @@ def base_train_config(lm: LoadedModel, overrides: dict | None = None) -> dict:
     return {**base, **over}
 
 
+def validate_subset_request(lm: LoadedModel, *, source: str | None = None, size: int | None = None, seed: int = 0,
+                            train: dict | None = None) -> dict:
+    """Check a subset-removal experiment (Fig. 5a) before anything is computed or queued: a model EnergyLens can
+    retrain (not a RobustBench ``source`` 'zoo' one), ``size`` None (= the largest possible) or a positive integer,
+    ``seed`` >= 0, and the retraining configuration (the model's own with the ``train`` overrides) valid for
+    :meth:`core.train.TrainConfig.validate`. Returns that configuration."""
+    if source == "zoo" or getattr(lm.meta, "source", None) == "zoo":
+        raise InputError("model: retraining RobustBench architectures is not supported here: use a bundled or local "
+                         "model trained with EnergyLens")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float, np.integer))
+                             or not math.isfinite(size) or int(size) != size or size <= 0):
+        raise InputError(f"the subset size must be a positive integer (or none for the largest possible), got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"the selection seed must be an integer >= 0, got {seed!r}")
+    base = base_train_config(lm, train)
+    TrainConfig.from_dict(base).validate()
+    return base
+
+
 def compute_subset_selection(lm: LoadedModel, size: int | None = None, *, train_config: dict | None = None,
                              seed: int = 0, batch_size: int = 256, progress: Progress | None = None
                              ) -> SubsetSelection:
@@ -832,7 +847,8 @@ def run_subset_job(config: dict, run_dir: Path, report: Progress) -> dict:
     device = str(resolve_device(config.get("device")))
     report(0.0, f"loading {ref.name}")
     lm = load_model_ref(ref, device=device)
-    base = base_train_config(lm, config.get("train"))
+    base = validate_subset_request(lm, source=ref.source, size=config.get("size"), seed=config.get("seed", 0),
+                                   train=config.get("train"))
     report(0.1, "energies of the training set")
     sel = compute_subset_selection(lm, config.get("size"), train_config=base, seed=int(config.get("seed", 0)),
                                    progress=lambda f, m: report(0.1 + 0.7 * f, m))
@@ -999,7 +1015,8 @@ def umap_timings() -> dict:
         return {"warmup_s": None, "fit_n": None, "fit_s": None}
 
 
-def _record_umap_timing(**kw) -> None:
+def record_umap_timing(**kw) -> None:
+    """Remember measured UMAP timings (``warmup_s``, ``fit_n``, ``fit_s``) for :func:`umap_estimate`."""
     with _umap_timings_lock:
         d = {**umap_timings(), **kw}
         try:
@@ -1009,12 +1026,13 @@ def _record_umap_timing(**kw) -> None:
             pass   # a read-only cache only loses the measured promise
 
 
-def umap_estimate(n: int) -> dict:
+def umap_estimate(n: int, state: str | None = None) -> dict:
     """Seconds a UMAP of ``n`` points would take now: {'seconds', 'warmup_s', 'fit_s', 'measured'}. The warm-up
     (0 once warm; the remainder while warming) and the fit come from this machine's last measurements
-    (umap_timings), else from the fallbacks measured in bench/bench_umap.py; ``measured`` says which."""
+    (umap_timings), else from the fallbacks measured in bench/bench_umap.py; ``measured`` says which.
+    ``state`` ('cold', 'warming', 'warm'): estimate for that warm-up state instead of this process's."""
     t = umap_timings()
-    state = _UMAP_STATE["state"]
+    state = _UMAP_STATE["state"] if state is None else state
     warm = 0.0
     if state in ("cold", "warming"):
         warm = t["warmup_s"] or UMAP_WARMUP_FALLBACK_S
@@ -1087,7 +1105,7 @@ def warm_umap() -> float:
             raise InputError(f"UMAP is not available: {type(e).__name__}: {e}. Use PCA instead.") from e
         dt = time.perf_counter() - t0
         _UMAP_STATE.update(state="warm", seconds=dt, error=None)
-        _record_umap_timing(warmup_s=dt)
+        record_umap_timing(warmup_s=dt)
         return dt
 
 
@@ -1114,7 +1132,7 @@ def umap_2d(features, seed: int | None = 0, *, n_neighbors: int = 15, min_dist: 
         emb = umap.UMAP(n_neighbors=k, n_components=2, min_dist=min_dist,
                         random_state=None if seed is None else int(seed)).fit_transform(f.astype(np.float32))
     if was_warm and f.shape[0] >= 100:   # a warm fit: the time the next promise scales from
-        _record_umap_timing(fit_n=int(f.shape[0]), fit_s=time.perf_counter() - t0)
+        record_umap_timing(fit_n=int(f.shape[0]), fit_s=time.perf_counter() - t0)
     if _UMAP_STATE["state"] != "warm":
         _UMAP_STATE.update(state="warm")
     return np.asarray(emb, dtype=np.float32)

@@ -48,7 +48,7 @@ from pyautoattack import AutoAttack
 
 from .attacks import AttackSpec, run_attack
 from .attacks.base import format_eps
-from .data import dataset_spec, load_dataset, validate_images
+from .data import check_image_count, dataset_spec, load_dataset, validate_images
 from .errors import EnergyLensError, InputError
 from .fingerprint import model_sha256
 from .models import device_of
@@ -90,8 +90,9 @@ def _model_ref_dict(config: dict) -> dict:
     return ref
 
 
-def resolve_config(config: dict, meta=None) -> dict:
-    """Fill defaults (eps from the dataset / threat model, PGD step eps/4) and validate."""
+def resolve_config(config: dict, meta=None, n_available: int | None = None) -> dict:
+    """Fill defaults (eps from the dataset / threat model, PGD step eps/4) and validate. ``n_available``: the
+    size of the split the images come from, when known (``n`` must not exceed it)."""
     unknown = sorted(set(config) - set(EVAL_DEFAULTS) - {"model", "source", "name", "path", "dataset", "threat_model"})
     if unknown:
         raise InputError(f"unknown evaluation option(s): {', '.join(unknown)}")
@@ -129,6 +130,8 @@ def resolve_config(config: dict, meta=None) -> dict:
             cfg["aa_attacks"] = atk
         else:
             cfg["aa_attacks"] = None
+    if n_available is not None:
+        check_image_count(cfg["n"], n_available, split=cfg["split"], dataset=getattr(meta, "dataset", None))
     return cfg
 
 
@@ -359,9 +362,7 @@ def run_job(config: dict, run_dir: Path, report: Progress) -> dict:
     lm = load_model_ref(ref, device=device)
     cfg = resolve_config({k: v for k, v in config.items() if k in EVAL_DEFAULTS}, lm.meta)
     ds = load_dataset(lm.meta.dataset, cfg["split"])
-    if cfg["n"] > len(ds):
-        raise InputError(f"asked for {cfg['n']} images but the {cfg['split']} set of '{lm.meta.dataset}' has only "
-                         f"{len(ds)}")
+    check_image_count(cfg["n"], len(ds), split=cfg["split"], dataset=lm.meta.dataset)
     idx = torch.arange(cfg["n"])
     x, y = ds.images(idx), ds.labels(idx)
     sha = model_sha256(lm)

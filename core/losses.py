@@ -26,6 +26,7 @@ and, as in the paper's Table 1c, multiply CE and KL; before ``burn_in`` epochs t
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -70,6 +71,9 @@ class LossConfig:
             raise InputError("an adversarial outer loss needs an inner attack (inner 'ce' or 'kl')")
         if self.beta > 0 and self.inner == "none":
             raise InputError("the KL term needs an inner attack (inner 'ce' or 'kl')")
+        b = self.burn_in
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or int(b) != b or b < 0:
+            raise InputError(f"burn in (epochs with uniform weights) must be an integer >= 0, got {b!r}")
         return self
 
     def to_dict(self) -> dict:

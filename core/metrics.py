@@ -66,6 +66,7 @@ __all__ = [
     "inception_score", "inception_score_from_logits",
     "FeatureExtractor", "ClassifierFeatures", "InceptionFeatures", "load_inception", "choose_extractor",
     "lpips_status", "lpips_to_real", "generation_metrics", "real_fid_floor", "independent_classifier",
+    "clear_inception_cache", "to_float01",
 ]
 
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -240,7 +241,8 @@ class FeatureExtractor:
         return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
-def _to_float01(x: torch.Tensor) -> torch.Tensor:
+def to_float01(x: torch.Tensor) -> torch.Tensor:
+    """Images as floats in [0, 1]: uint8 divided by 255, floats as they are."""
     return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
 
 
@@ -268,7 +270,7 @@ class ClassifierFeatures(FeatureExtractor):
 
         def fn(x: torch.Tensor):
 
-            x = _to_float01(x).to(device)
+            x = to_float01(x).to(device)
             handle = None
             if last is not None:
                 handle = last.register_forward_hook(lambda m, inp, out: store.__setitem__("f", inp[0].flatten(1)))
@@ -326,6 +328,11 @@ def inception_status() -> tuple[bool, str]:
 
 
 _INCEPTION_CACHE: dict[tuple[str, str], nn.Module] = {}
+
+
+def clear_inception_cache() -> None:
+    """Forget the Inception networks loaded so far (after the weights file changed); the next use reloads it."""
+    _INCEPTION_CACHE.clear()
 
 
 def load_inception(device: str | torch.device = "cpu") -> InceptionFeatures:
@@ -480,8 +487,8 @@ def lpips_to_real(fake: torch.Tensor, fake_labels, real: torch.Tensor, real_labe
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(fl), batch_size):
-            a = _to_float01(fake[i:i + batch_size]).to(device)
-            b = _to_float01(real[torch.as_tensor(pair[i:i + batch_size])]).to(device)
+            a = to_float01(fake[i:i + batch_size]).to(device)
+            b = to_float01(real[torch.as_tensor(pair[i:i + batch_size])]).to(device)
             if a.shape[1] == 1:
                 a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
             total += float(metric(a, b))

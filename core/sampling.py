@@ -90,7 +90,8 @@ __all__ = [
     "INITS", "NORMS", "MAX_STEPS", "MAX_CHAINS", "DEFAULT_PCA_SIGMA", "DEFAULTS", "DIGITS_DEFAULTS", "CIFAR_DEFAULTS",
     "dataset_family", "sgld_defaults", "sigma_from_official", "ClassMoments", "ClassStats", "dataset_fingerprint",
     "default_cache_dir",
-    "SGLDTrace", "StepOutput", "SGLDSampler", "validate_hyperparams", "validate_steps", "reference_energies",
+    "SGLDTrace", "StepOutput", "SGLDSampler", "validate_hyperparams", "validate_steps", "validate_sampler_settings",
+    "MAX_INTERACTIVE_CHAINS", "reference_energies",
     "reference_joint_energy", "SGLDJobConfig", "run_job",
 ]
 
@@ -100,6 +101,7 @@ INITS = ("random", "gaussian", "pca")
 NORMS = ("Linf", "L2")
 MAX_STEPS = 100_000          # per call of step() and per job
 MAX_CHAINS = 10_000          # chains held by one sampler (a job batches more)
+MAX_INTERACTIVE_CHAINS = 64  # chains per class of an interactive sampler (the SGLD studio); a batch job takes more
 STATS_VERSION = 1
 DEFAULT_PCA_SIGMA = 0.35     # = official σ 0.005 × √(5000 − 1) for a CIFAR-10 class, see module doc
 _INIT_DEFAULTS = {"pca_sigma": DEFAULT_PCA_SIGMA, "pca_variance": 0.95, "gaussian_ridge": 1e-4}
@@ -233,9 +235,40 @@ def _validate_init_params(pca_sigma, pca_variance, pca_components, gaussian_ridg
 
 
 def _seeds(seed: int, n: int) -> list[int]:
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, float)) or not math.isfinite(seed) \
+            or int(seed) != seed or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     return [int(s) for s in np.random.SeedSequence(int(seed)).generate_state(n, dtype=np.uint32)]
+
+
+def validate_sampler_settings(classes, n_per_class, *, init: str = "pca", eta=None, zeta=None, gamma=None,
+                              bound=None, seed: int = 0, pca_sigma: float = DEFAULT_PCA_SIGMA,
+                              pca_variance: float | None = _INIT_DEFAULTS["pca_variance"],
+                              pca_components: int | None = None,
+                              gaussian_ridge: float = _INIT_DEFAULTS["gaussian_ridge"],
+                              max_per_class: int | None = None) -> None:
+    """Check the settings of an :class:`SGLDSampler` before it is built (no model or data needed): the rules of
+    its constructor, and at most ``max_per_class`` chains per class (:data:`MAX_INTERACTIVE_CHAINS` for an
+    interactive sampler). η, ζ, γ left at None are the model's defaults, valid by construction."""
+    d = DEFAULTS
+    validate_hyperparams(d["eta"] if eta is None else eta, d["zeta"] if zeta is None else zeta,
+                         d["gamma"] if gamma is None else gamma)
+    _validate_bound(bound)
+    if init not in INITS:
+        raise InputError(f"initialisation must be one of {', '.join(INITS)}, got '{init}'")
+    _validate_init_params(pca_sigma, pca_variance, pca_components, gaussian_ridge)
+    _seeds(seed, 1)
+    classes = _validate_classes(classes)
+    counts = [n_per_class] * len(classes) if np.ndim(n_per_class) == 0 else list(n_per_class)
+    if len(counts) != len(classes):
+        raise InputError("n_per_class must be one number or one number per class")
+    counts = [_positive_int("chains per class", k) for k in counts]
+    if max_per_class is not None and max(counts) > max_per_class:
+        raise InputError(f"chains per class must be at most {max_per_class} in an interactive run, got "
+                         f"{max(counts)}; use a batch job for more")
+    if sum(counts) > MAX_CHAINS:
+        raise InputError(f"{sum(counts):,} chains at once is too many (max {MAX_CHAINS:,}); "
+                         "use a batch job for large runs")
 
 
 # =============================================================================================

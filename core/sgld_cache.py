@@ -35,7 +35,8 @@ from .fingerprint import weights_sha256
 from .sampling import ClassStats, dataset_fingerprint, default_cache_dir, reference_energies
 from .storage import atomic_write_json
 
-__all__ = ["reference_energies_cached", "reference_ready", "warm_up", "Warmup"]
+__all__ = ["reference_energies_cached", "reference_ready", "warm_up", "Warmup", "cache_key", "warmups",
+           "clear_memory"]
 
 REF_VERSION = 1
 REF_MAX_PER_CLASS = 1000     # reference energies: the mean over at most this many images per class (all of them for
@@ -62,7 +63,8 @@ def _dataset_fp(dataset) -> str:
     return fp
 
 
-def _key(model, dataset) -> str:
+def cache_key(model, dataset) -> str:
+    """The cache key of (model, dataset): the dataset's name, size and content fingerprint and the weights' hash."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(dataset.name)).strip("_")[-48:] or "dataset"
     return f"{slug}-{len(dataset)}-{_dataset_fp(dataset)}-{weights_sha256(getattr(model, 'model', model))[:16]}-m{REF_MAX_PER_CLASS}"
 
@@ -110,7 +112,7 @@ def reference_energies_cached(model, dataset, classes: Sequence[int] | None = No
     """``core.sampling.reference_energies`` of all classes, computed once per (model, dataset).
 
     ``wait=False`` returns None instead of waiting while another thread computes them."""
-    key = _key(model, dataset)
+    key = cache_key(model, dataset)
     hit = _memory.get(key)
     if hit is not None:
         return _pick(hit, classes)
@@ -131,9 +133,23 @@ def reference_energies_cached(model, dataset, classes: Sequence[int] | None = No
         lock.release()
 
 
+def clear_memory() -> None:
+    """Forget the reference energies held in memory and the background preparations, as a restarted server
+    would; the files of the disk cache stay (the next call reads them back)."""
+    with _global_lock:
+        _memory.clear()
+        _warmups.clear()
+
+
+def warmups() -> dict[str, "Warmup"]:
+    """The background preparations of this process so far: {cache key: handle} (a copy)."""
+    with _global_lock:
+        return dict(_warmups)
+
+
 def reference_ready(model, dataset) -> bool:
     """Whether the reference energies are in memory (no computation, no waiting)."""
-    return _key(model, dataset) in _memory
+    return cache_key(model, dataset) in _memory
 
 
 @dataclass
@@ -159,10 +175,18 @@ class Warmup:
                 return False
         return True
 
+    def finish(self, error: str | None = None) -> None:
+        """Mark the preparation ended (with ``error``, or ready) and wake up whoever waits."""
+        if error is None:
+            self.fraction, self.message = 1.0, "ready"
+        self.error = error
+        self.done = True
+        self._event.set()
+
 
 def warm_up(model, dataset, stats: ClassStats | None = None, *, cache_dir=None) -> Warmup:
     """Start (once per model, dataset and process) the background preparation; returns its handle."""
-    key = _key(model, dataset)
+    key = cache_key(model, dataset)
     with _global_lock:
         w = _warmups.get(key)
         # running or done: share it; a failed one is retried, but not on every page rerun
@@ -175,21 +199,20 @@ def warm_up(model, dataset, stats: ClassStats | None = None, *, cache_dir=None) 
 
     def body() -> None:
         t0 = time.perf_counter()
+        error = None
         try:
             for i, c in enumerate(classes):
                 w.fraction, w.message = 0.8 * i / max(len(classes), 1), f"class statistics {i + 1}/{len(classes)}"
                 st.get(c)
             w.fraction, w.message = 0.8, "energies of the real images"
             reference_energies_cached(model, dataset, cache_dir=cache_dir)
-            w.fraction, w.message = 1.0, "ready"
         except EnergyLensError as e:
-            w.error = str(e)
+            error = str(e)
         except Exception as e:  # noqa: BLE001 - reported on the handle, never lost in a thread
-            w.error = f"{type(e).__name__}: {e}"
+            error = f"{type(e).__name__}: {e}"
         finally:
             w.seconds = time.perf_counter() - t0
-            w.done = True
-            w._event.set()
+            w.finish(error)
 
     threading.Thread(target=body, name=f"energylens-sgld-warmup-{key[-8:]}", daemon=True).start()
     return w

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from .attacks import ATTACKS, AttackSpec, run_attack
 from .attacks.base import format_eps
 from .attacks.gradient import gradient_attack
+from .cli import ArgumentParser, error_exit
 from .data import augment as augment_batch
 from .data import dataset_spec, load_dataset, probe_indices
 from .data.loader import prefetch_batches
@@ -51,7 +53,7 @@ from .storage import StorageError, remove_stale_temp_files
 from .tensorio import atomic_torch_save, safe_torch_load
 from .train_progress import TrainClock, format_eta, progress_message
 
-__all__ = ["TrainConfig", "train", "train_step", "main", "TrainingStopped"]
+__all__ = ["TrainConfig", "train", "train_step", "oom_safe_step", "main", "TrainingStopped"]
 
 SCHEDULES = ("onecycle", "piecewise", "cosine", "constant")
 MAX_EVAL_SAMPLES = 100_000   # held-out images attacked after every epoch (CIFAR test: 10,000; SVHN: 26,032)
@@ -116,6 +118,12 @@ class TrainConfig:
                              weight_norm=self.weight_norm, weight_logits=self.weight_logits, burn_in=self.burn_in)
 
     def validate(self, n_train: int | None = None) -> "TrainConfig":
+        """Check every setting (InputError naming the field and the bad value); ``n_train``: the training set's
+        size, when known (the batch must fit in it). Cheap: no data is read."""
+        self._check_types()
+        if self.dataset.startswith("npz:") and not self.dataset[4:].strip():
+            raise InputError(f"dataset: enter the path of your .npz file (arrays x and y) after 'npz:', "
+                             f"got '{self.dataset}'")
         self.loss_config()
         num = {"lr": self.lr, "momentum": self.momentum, "weight decay": self.weight_decay}
         for k, v in num.items():
@@ -163,7 +171,10 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise InputError(f"schedule must be one of {SCHEDULES}")
         if not 0 < self.val_fraction < 1:
-            raise InputError("val_fraction must lie in (0, 1)")
+            raise InputError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.train_limit is not None and (int(self.train_limit) != self.train_limit or self.train_limit < 0):
+            raise InputError(f"train limit (the number of training images) must be an integer >= 0 (0 = all), "
+                             f"got {self.train_limit}")
         if n_train is not None and self.batch_size > n_train:
             raise InputError(f"batch size {self.batch_size} is larger than the training set ({n_train} images)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -172,11 +183,30 @@ class TrainConfig:
             raise InputError("CUDA was requested but no GPU is available: use device 'cpu' or 'auto'")
         return self
 
+    def _check_types(self) -> None:
+        """Each field holds its kind of value (a config file may hold anything): text, a number, true/false."""
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), str(f.type).split("|")[0].strip()
+            if v is None and "None" in str(f.type):
+                continue
+            ok = {"str": isinstance(v, str), "bool": isinstance(v, bool),
+                  "int": isinstance(v, numbers.Real) and not isinstance(v, bool),
+                  "float": isinstance(v, numbers.Real) and not isinstance(v, bool)}.get(kind, True)
+            if not ok:
+                what = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}[kind]
+                raise InputError(f"{f.name.replace('_', ' ')} must be {what}, got {v!r}")
+        for f in dataclasses.fields(self):  # NaN / inf where a whole number is expected
+            v = getattr(self, f.name)
+            if str(f.type).startswith("int") and isinstance(v, float) and not math.isfinite(v):
+                raise InputError(f"{f.name.replace('_', ' ')} must be an integer, got {v}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise InputError(f"the training configuration must be a JSON object of options, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -393,7 +423,7 @@ def train_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: A
     gradient average over processes (``world > 1``), optimizer step. Returns the LossTerms.
 
     ``micro_batch`` (smaller than the batch) splits forward/backward into micro-batches whose
-    gradients are accumulated before the single optimizer step (see :func:`_oom_safe_step`).
+    gradients are accumulated before the single optimizer step (see :func:`oom_safe_step`).
     A non-finite loss (on any process) raises TrainingStopped before the weights change.
     """
     opt.zero_grad(set_to_none=True)
@@ -421,7 +451,7 @@ def train_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: A
     return lt
 
 
-def _oom_safe_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: AttackSpec, oom: dict, **kw):
+def oom_safe_step(model, opt, lcfg, xb: torch.Tensor, yb: torch.Tensor, atk_spec: AttackSpec, oom: dict, **kw):
     """:func:`train_step` that survives running out of memory.
 
     On an out-of-memory error the batch is retried as two half-size micro-batches with gradient
@@ -461,6 +491,7 @@ def _write_progress(run: RunDir, **kw) -> None:
 def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> dict:
     """Run training; returns the last metrics record. Raises EnergyLensError subclasses on bad input."""
+    cfg.validate()  # every setting, before any data is read or any process group is started
     rank, world = _dist_info()
     device = resolve_device(cfg.device)
     if world > 1:
@@ -570,7 +601,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
                 yb = yu
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            lt = _oom_safe_step(model, opt, lcfg, xb, yb, atk_spec, oom, epoch=epoch, generator=g_atk, amp=amp,
+            lt = oom_safe_step(model, opt, lcfg, xb, yb, atk_spec, oom, epoch=epoch, generator=g_atk, amp=amp,
                                 world=world, where=f" at epoch {epoch + 1}, batch {b + 1}", net=net)
             sched.step()
             for k, v in lt.terms.items():
@@ -678,7 +709,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
 
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.train", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m core.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="JSON file with TrainConfig fields (command-line flags override it)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -704,17 +735,19 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
             base = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(f"cannot read config file {args.config}: {e}") from e
+    if not isinstance(base, dict):
+        raise InputError(f"config file {args.config} must hold a JSON object of training options")
     over = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
     return TrainConfig.from_dict({**base, **over})
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m core.train``: a bad setting ends with one line ``error: <message>`` on stderr, exit status 2."""
     try:
         cfg = config_from_args(argv)
         rec = train(cfg)
     except EnergyLensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error_exit(e)
     if rec:
         print(json.dumps({k: rec[k] for k in ("epoch", "nat_acc", "pgd_acc", "dE_mean", "dEy_mean")}))
     return 0

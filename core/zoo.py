@@ -57,7 +57,7 @@ from .storage import sniff_format
 
 __all__ = ["ZooEntry", "DEFAULT_ZOO_DIR", "DATASETS", "THREAT_MODELS", "EPS", "list_zoo", "get_zoo_entry",
            "zoo_path", "zoo_files", "gdrive_url", "load_zoo_model", "quarantine", "catalogue_source",
-           "canonical_dataset", "canonical_threat_model"]
+           "canonical_dataset", "canonical_threat_model", "catalogue", "robustbench_zoo_dir", "DOWNLOADERS"]
 
 #: Where zoo weights are kept by default: ``<repo>/checkpoints/robustbench`` (git-ignored).
 DEFAULT_ZOO_DIR = ZOO_DIR
@@ -395,7 +395,9 @@ def _make_entry(name: str, dataset: str, threat: str, arch: str | None, gid, cto
                     training=k.training, gdrive_id=gid, constructor=ctor)
 
 
-def _robustbench_zoo_dir() -> Path:
+def robustbench_zoo_dir() -> Path:
+    """The installed robustbench's ``model_zoo`` folder, whose cifar10.py / cifar100.py :func:`catalogue` parses
+    (FileNotFoundError when robustbench or the folder is missing: the built-in catalogue is used then)."""
     info = robustbench_info()  # locates the package without importing it
     if not info.installed:
         raise FileNotFoundError("robustbench is not installed")
@@ -405,12 +407,13 @@ def _robustbench_zoo_dir() -> Path:
 
 
 @lru_cache(maxsize=1)
-def _catalogue() -> tuple[dict[tuple[str, str], "OrderedDict[str, ZooEntry]"], str]:
-    """(dataset, threat) -> name -> entry, and where it came from. Parsed once per process."""
+def catalogue() -> tuple[dict[tuple[str, str], "OrderedDict[str, ZooEntry]"], str]:
+    """(dataset, threat) -> name -> entry, and where it came from. Parsed once per process
+    (``catalogue.cache_clear()`` parses again, e.g. after robustbench was installed)."""
     cat: dict[tuple[str, str], OrderedDict[str, ZooEntry]] = {(d, t): OrderedDict() for d in DATASETS
                                                                for t in THREAT_MODELS}
     try:
-        zoo_dir = _robustbench_zoo_dir()
+        zoo_dir = robustbench_zoo_dir()
         for dataset, fname in (("cifar10", "cifar10.py"), ("cifar100", "cifar100.py")):
             for threat, entries in _parse_zoo_file(zoo_dir / fname, dataset).items():
                 cat[(dataset, threat)] = OrderedDict((e.name, e) for e in entries)
@@ -428,7 +431,7 @@ def _catalogue() -> tuple[dict[tuple[str, str], "OrderedDict[str, ZooEntry]"], s
 
 def catalogue_source() -> str:
     """Where the catalogue came from: the parsed robustbench files, or the built-in fallback."""
-    return _catalogue()[1]
+    return catalogue()[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,7 +461,7 @@ def canonical_threat_model(threat_model: str) -> str:
 def get_zoo_entry(name: str, dataset: str = "cifar10", threat_model: str = "Linf") -> ZooEntry:
     """The catalogue entry for ``name`` (matched case-insensitively); ZooError with suggestions."""
     dataset, threat_model = canonical_dataset(dataset), canonical_threat_model(threat_model)
-    entries = _catalogue()[0][(dataset, threat_model)]
+    entries = catalogue()[0][(dataset, threat_model)]
     if name in entries:
         return entries[name]
     folded = {n.lower(): n for n in entries}
@@ -470,7 +473,7 @@ def get_zoo_entry(name: str, dataset: str = "cifar10", threat_model: str = "Linf
     close = difflib.get_close_matches(str(name).lower(), list(folded), n=5, cutoff=0.5)
     if close:
         msg += " Did you mean: " + ", ".join(folded[c] for c in close) + "?"
-    elsewhere = [f"{d}/{t}" for (d, t), es in _catalogue()[0].items()
+    elsewhere = [f"{d}/{t}" for (d, t), es in catalogue()[0].items()
                  if (d, t) != (dataset, threat_model) and str(name).strip().lower() in {n.lower() for n in es}]
     if elsewhere:
         msg += f" '{name}' exists for: {', '.join(elsewhere)}."
@@ -569,7 +572,7 @@ def list_zoo(dataset: str | None = None, threat_model: str | None = None,
     """
     datasets = DATASETS if dataset is None else (canonical_dataset(dataset),)
     threats = THREAT_MODELS if threat_model is None else (canonical_threat_model(threat_model),)
-    cat = _catalogue()[0]
+    cat = catalogue()[0]
     out = []
     for d in datasets:
         for t in threats:
@@ -631,7 +634,7 @@ class _DownloadBlocked(Exception):
 
 
 #: robustbench's Google-Drive download functions (the name changed between releases).
-_DOWNLOADERS = ("download_gdrive", "download_gdrive_new")
+DOWNLOADERS = ("download_gdrive", "download_gdrive_new")
 
 
 @contextlib.contextmanager
@@ -640,7 +643,7 @@ def _downloads(rb_utils, allowed: bool) -> Iterator[None]:
     if allowed:
         yield
         return
-    names = [n for n in _DOWNLOADERS if hasattr(rb_utils, n)]
+    names = [n for n in DOWNLOADERS if hasattr(rb_utils, n)]
     originals = {n: getattr(rb_utils, n) for n in names}
 
     def blocked(gdrive_id, fname_save):

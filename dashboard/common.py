@@ -426,22 +426,16 @@ def test_energies(lm, n: int | None = None):
     return _test_energies_cached(getattr(ref, "key", lm.meta.name), lm, lm.meta.dataset, n)
 
 
-MAX_INTERACTIVE_IMAGES = 5000
-
-
 def require_split(lm, split: str, n: int):
-    """The model's dataset split holding at least ``n`` images, or an InputError saying why not."""
+    """The model's dataset split holding at least ``n`` images, or an InputError saying why not (the count's
+    rules: core.attacks.budget.check_interactive_images)."""
+    from core.attacks.budget import check_interactive_images
     from core.errors import InputError
 
     ds = model_dataset(lm, split)
     if ds is None:
         raise InputError(f"no {split} images are available for dataset '{lm.meta.dataset}'")
-    if n <= 0:
-        raise InputError("the number of images must be positive")
-    if n > len(ds):
-        raise InputError(f"only {len(ds)} {split} images are available; asked for {n}")
-    if n > MAX_INTERACTIVE_IMAGES:
-        raise InputError(f"at most {MAX_INTERACTIVE_IMAGES} images per interactive run; use a background job for more")
+    check_interactive_images(n, len(ds), split=split, dataset=lm.meta.dataset)
     return ds
 
 

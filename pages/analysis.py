@@ -45,11 +45,9 @@ with tab_b:
             ds = common.model_dataset(lm, split)
             if ds is None:
                 raise InputError(f"the {split} images of '{meta.dataset}' are not available")
-            if n < 0:
-                raise InputError("the number of images must be positive (0 = all)")
-            if n > len(ds):
-                raise InputError(f"asked for {n} images but the {split} set has only {len(ds)}")
-            from core.data import probe_indices
+            from core.data import check_image_count, probe_indices
+
+            check_image_count(n, len(ds), split=split, dataset=meta.dataset, allow_all=True)
 
             idx = probe_indices(ds, n or len(ds), seed=seed)
             x, y = ds.images(idx), ds.labels(idx)
@@ -114,16 +112,20 @@ with tab_a:
         preview = p1.form_submit_button("Preview the subsets")
         launch = p2.form_submit_button("Launch the retraining jobs", type="primary")
 
-    def _selection(task):
-        base = analysis.base_train_config(lm, {"epochs": epochs})
+    def _check_request() -> dict:
+        """Every rule on the experiment's settings (core.analysis.validate_subset_request); its training config."""
+        ref_ = st.session_state.get("model_ref")
+        return analysis.validate_subset_request(lm, source=getattr(ref_, "source", None), size=size or None,
+                                                seed=sseed, train={"epochs": epochs})
+
+    def _selection(task, base):
         return analysis.compute_subset_selection(lm, size or None, train_config=base, seed=sseed,
                                                  progress=task.progress), base
 
     if preview:
         with common.guard("selecting the subsets"):
-            if epochs <= 0:
-                raise InputError("the number of epochs must be positive")
-            task = common.start_task("sub_task", "energies of the training set", _selection)
+            base = _check_request()
+            task = common.start_task("sub_task", "energies of the training set", lambda t: _selection(t, base))
             common.wait_briefly(task, 2.0)
 
     def _sel_done(t):
@@ -146,12 +148,7 @@ with tab_a:
             ref = st.session_state.get("model_ref")
             if ref is None:
                 raise InputError("choose a model in the sidebar first")
-            if epochs <= 0:
-                raise InputError("the number of epochs must be positive")
-            if ref.source == "zoo":
-                raise InputError("retraining RobustBench architectures is not supported here: use a bundled or local "
-                                 "model trained with EnergyLens")
-            analysis.base_train_config(lm, {"epochs": epochs})  # rejects bad overrides before submitting
+            _check_request()  # rejects bad settings before submitting
             from core import jobs
 
             cfg = {"model": dataclasses.asdict(ref), "size": size or None, "seed": sseed, "train": {"epochs": epochs},

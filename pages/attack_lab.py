@@ -188,7 +188,7 @@ if r is None and not attacking:
     params = sum(p.numel() for p in lm.model.parameters())
     on_gpu = device_of(lm.model).type == "cuda"
     quick = on_gpu or params * n_samples <= 1e9  # ~ a ResNet-18 on 64 images: well under a second on a CPU
-    if ds_prev is not None and quick and 0 < n_samples <= min(len(ds_prev), common.MAX_INTERACTIVE_IMAGES):
+    if ds_prev is not None and quick and 0 < n_samples <= min(len(ds_prev), budget.MAX_INTERACTIVE_IMAGES):
         pkey = (st.session_state["model_ref"].key, lm.meta.dataset, n_samples, seed)
         if st.session_state.get("atk_preview", (None,))[0] != pkey:
             with common.guard("computing the natural energies"):

@@ -48,13 +48,11 @@ if go:
         ds = common.model_dataset(lm, "test")
         if ds is None:
             raise InputError(f"the test images of '{lm.meta.dataset}' are not available")
-        if n > len(ds):
-            raise InputError(f"asked for {n} test images but '{lm.meta.dataset}' has only {len(ds)}")
         cfg = {"model": dataclasses.asdict(ref), "n": n, "norm": norm, "eps": eps, "pgd_steps": steps,
                "autoattack": aa != "off", "aa_version": "custom" if aa.startswith("fast") else "standard",
                "aa_attacks": ["apgd-ce", "apgd-t"] if aa.startswith("fast") else None, "chunk_size": chunk,
                "batch_size": min(chunk, 200), "seed": seed, "device": st.session_state.get("device", "auto")}
-        evaluation.resolve_config(cfg, lm.meta)  # validates before anything is queued
+        evaluation.resolve_config(cfg, lm.meta, n_available=len(ds))  # every rule, before anything is queued
         info = jobs.submit("eval", cfg, name=name.strip() or f"eval {ref.name} ({aa} AA, N={n})",
                            device=st.session_state.get("device", "auto"))
         st.success(f"Queued evaluation job {info.id}.")

@@ -157,6 +157,13 @@ if st.session_state.pop("sgld_autorun", False) and not busy:  # set by the guide
     do_init = True
 
 
+def _check_settings(n_chains: int, init_kind: str) -> None:
+    """Every rule on the settings (core.sampling.validate_sampler_settings), before any chain is built."""
+    sampling.validate_sampler_settings(sel, n_chains, init=init_kind, eta=eta, zeta=zeta, gamma=gamma, bound=bound,
+                                       seed=seed, pca_sigma=pca_sigma, pca_variance=pca_var, pca_components=pca_k,
+                                       gaussian_ridge=ridge, max_per_class=sampling.MAX_INTERACTIVE_CHAINS)
+
+
 def _new_sampler(init_kind: str, n_chains: int, stats=None):
     return sampling.SGLDSampler(
         lm, sel, n_chains, init=init_kind, eta=eta, zeta=zeta, gamma=gamma, bound=bound, seed=seed,
@@ -173,10 +180,7 @@ def _initialised(sampler_, seconds: float) -> None:
 
 if do_init:
     with common.guard("initialising the chains"):
-        if not sel:
-            raise InputError("choose at least one class")
-        if chains > 64:
-            raise InputError("at most 64 chains per class here; use a batch job below for more")
+        _check_settings(chains, init)
         t_init = time.perf_counter()
         if init != "random" and warm is not None and not warm.done:
             warm.wait(timeout=1.0)           # nearly ready (a small dataset): answer in this run
@@ -377,8 +381,7 @@ def _compare_job(task, samplers: dict, steps: int):
 
 if do_cmp:
     with common.guard("starting the comparison"):
-        if not sel:
-            raise InputError("choose at least one class")
+        _check_settings(cmp_chains, "random")
         steps = sampling.validate_steps(n_run)
         samplers = {k: _new_sampler(k, cmp_chains) for k in ("random", "gaussian", "pca")
                     if k == "random" or ds_train is not None}
@@ -456,8 +459,6 @@ else:
         with common.guard("launching the SGLD job"):
             if ref is None:
                 raise InputError("no model selected")
-            if not sel:
-                raise InputError("choose at least one class")
             cfg = {"model": dataclasses.asdict(ref), "classes": list(sel), "n_per_class": job_n, "init": init,
                    "eta": eta, "zeta": zeta, "gamma": gamma, "steps": job_steps,
                    "bound": list(bound) if bound else None, "seed": seed, "pca_sigma": pca_sigma,

@@ -13,7 +13,7 @@ import training_figures as tfig
 from core import jobs, phase
 from core.recorded import list_recorded, read_recorded_metrics
 from core.data import DATASETS
-from core.errors import EnergyLensError, InputError
+from core.errors import EnergyLensError
 from core.losses import INNERS, METHODS, OUTERS, WEIGHTINGS
 from core.models import ARCHITECTURES
 from core.train import SCHEDULES, TrainConfig
@@ -234,15 +234,7 @@ def form_config() -> dict:
 
 
 def validate(cfg: dict) -> TrainConfig:
-    """TrainConfig.validate with the real training-set size; raises EnergyLensError with the message."""
-    if cfg["dataset"] == "npz:":
-        raise InputError("enter the path of your .npz file (arrays x and y) under Dataset")
-    if cfg["eps"] < 0:
-        raise InputError(f"ε must be >= 0, got {cfg['eps'] * 255:g}/255")
-    if cfg.get("train_limit", 1) < 0:
-        raise InputError("the number of training images must be >= 0 (0 = all)")
-    if cfg.get("burn_in", 0) < 0:
-        raise InputError("burn-in epochs must be >= 0")
+    """TrainConfig.validate (every rule lives there) with the real training-set size; raises EnergyLensError."""
     tc = TrainConfig.from_dict({**cfg, "out_dir": "runs/check"})
     tc.validate()                       # cheap checks first: no dataset load for an obviously bad form
     ds = common.load_dataset_cached(dataset, "train")

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import CIFAR10_CLASSES  # noqa: E402
-from core.data.demo import DEMO_TEST_FILE, _cache_clear, load_demo, load_subset, split_positions  # noqa: E402
+from core.data.demo import DEMO_TEST_FILE, cache_clear, load_demo, load_subset, split_positions  # noqa: E402
 from core.storage import atomic_write, atomic_write_json, read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def build_split() -> None:
     arrays = {"x": x[pos], "y": y[pos].astype(np.int64), "subset_index": pos.astype(np.int64),
               "class_names": np.array(CIFAR10_CLASSES)}
     atomic_write(DEMO_TEST_FILE, lambda f: np.savez_compressed(f, **arrays))
-    _cache_clear()
+    cache_clear()
     test, train = load_demo("test"), load_demo("train")
     print(f"wrote {DEMO_TEST_FILE} ({DEMO_TEST_FILE.stat().st_size / 1e6:.2f} MB): {len(test)} test images "
           f"({np.bincount(test.y.numpy()).tolist()} per class); {len(train)} training images remain "

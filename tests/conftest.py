@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -64,3 +66,24 @@ def tiny_linear_model():
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
     return m.eval()
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch) -> Iterator[Path]:
+    """A fresh runs folder for this test: ``ENERGYLENS_RUNS`` points at ``tmp_path / "runs"`` (not created; the job
+    registry creates it on first use), so the real runs/ folder is never touched. Streamlit's data cache is cleared
+    (a page must not show another test's jobs), and jobs the test left running are stopped at the end."""
+    d = tmp_path / "runs"
+    monkeypatch.setenv("ENERGYLENS_RUNS", str(d))
+    if "streamlit" in sys.modules:  # no cache to clear before streamlit is imported
+        sys.modules["streamlit"].cache_data.clear()
+    yield d
+    if d.is_dir():
+        from core import jobs
+
+        try:
+            for info in jobs.list_jobs(d):
+                if info.active:
+                    jobs.stop_job(info.id, d, grace=5)
+        except Exception:  # noqa: BLE001 - best-effort clean-up; the test's own result stands
+            pass

@@ -377,11 +377,10 @@ def fake_train(config, run_dir, report):
 
 
 @pytest.mark.slow
-def test_run_subset_job_launches_one_training_job_per_subset(plain, tmp_path, monkeypatch):
+def test_run_subset_job_launches_one_training_job_per_subset(plain, runs_dir, monkeypatch):
     from core import jobs
 
-    runs = tmp_path / "runs"
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(runs))
+    runs = runs_dir
     monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps({"train": f"{Path(__file__).resolve()}:fake_train"}))
     run_dir = runs / "subset-test"
     run_dir.mkdir(parents=True)
@@ -484,19 +483,17 @@ def test_umap_time_promise_comes_from_what_this_machine_measured(tmp_path, monke
     """Issue 17: the page's UMAP promise is computed from n and the last measured warm-up and fit, not a fixed
     '~10-30 s'; before any measurement it uses the documented fallbacks."""
     monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(A._UMAP_STATE, "state", "cold")
-    e = A.umap_estimate(1000)
+    e = A.umap_estimate(1000, state="cold")
     assert not e["measured"] and e["warmup_s"] == A.UMAP_WARMUP_FALLBACK_S
     assert e["fit_s"] == pytest.approx(A.UMAP_FIT_1000_FALLBACK_S)
-    A._record_umap_timing(warmup_s=12.0)
-    A._record_umap_timing(fit_n=500, fit_s=1.0)
+    A.record_umap_timing(warmup_s=12.0)
+    A.record_umap_timing(fit_n=500, fit_s=1.0)
     assert A.umap_timings() == {"warmup_s": 12.0, "fit_n": 500, "fit_s": 1.0}
-    e = A.umap_estimate(2000)
+    e = A.umap_estimate(2000, state="cold")
     assert e["measured"] and e["warmup_s"] == 12.0 and e["fit_s"] == pytest.approx(4 ** A.UMAP_FIT_EXPONENT)
-    monkeypatch.setitem(A._UMAP_STATE, "state", "warm")
-    assert A.umap_estimate(500)["seconds"] == pytest.approx(1.0)        # warm: the fit only
+    assert A.umap_estimate(500, state="warm")["seconds"] == pytest.approx(1.0)        # warm: the fit only
     (tmp_path / "cache" / "umap-timings.json").write_text("{broken")       # unreadable: back to the fallbacks
-    assert A.umap_timings()["fit_s"] is None and not A.umap_estimate(10)["measured"]
+    assert A.umap_timings()["fit_s"] is None and not A.umap_estimate(10, state="warm")["measured"]
 
 
 def test_a_warm_umap_fit_records_its_time(tmp_path, monkeypatch):

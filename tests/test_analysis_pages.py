@@ -34,10 +34,9 @@ def _copy(path: Path, name: str, scale: float = 0.8, dataset: str | None = None)
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    """Temporary runs / cache folders; at least two bundled digits models (a copy when needed), plus one
-    'svhn' model for the mixed-dataset check."""
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+def env(runs_dir, tmp_path, monkeypatch):
+    """Temporary runs (conftest's runs_dir) / cache folders; at least two bundled digits models (a copy when
+    needed), plus one 'svhn' model for the mixed-dataset check."""
     monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", "0")
     real = registry.list_bundled
@@ -47,7 +46,7 @@ def env(tmp_path, monkeypatch):
     extra.append(_copy(tmp_path / "svhn-model.safetensors", "svhn-model", dataset="svhn"))
 
     def patched(folder=registry.BUNDLED_DIR):
-        return real(folder) + registry._entries(extra, "bundled")
+        return real(folder) + registry.checkpoint_entries(extra, "bundled")
 
     monkeypatch.setattr(registry, "list_bundled", patched)
     return tmp_path
@@ -226,6 +225,25 @@ def test_analysis_subset_preview(env):
     assert any("too large" in e for e in _errors(at)), _errors(at)
 
 
+@pytest.mark.parametrize("button", ["Preview the subsets", "Launch the retraining jobs"])
+def test_analysis_subset_bad_settings_are_refused_by_core(env, button):
+    """The experiment's rules live in core.analysis.validate_subset_request: refused at once, nothing queued."""
+    from core import jobs
+
+    at = _app()
+    at.switch_page("../pages/analysis.py").run()
+    at.number_input(key="sub_epochs").set_value(0)
+    at.button(key=f"FormSubmitter:subset_form-{button}").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("epochs must be a positive integer, got 0" in e for e in _errors(at)), _errors(at)
+    assert "sub_task" not in at.session_state and not jobs.list_jobs(kind="subset")
+    at.number_input(key="sub_epochs").set_value(2)
+    at.number_input(key="sub_size").set_value(-3)
+    at.button(key=f"FormSubmitter:subset_form-{button}").click().run()
+    assert any("the subset size must be a positive integer" in e for e in _errors(at)), _errors(at)
+    assert "sub_task" not in at.session_state and not jobs.list_jobs(kind="subset")
+
+
 def test_analysis_subset_preview_draws_where_the_subsets_sit(env):
     """Issue 13 item 10: the preview draws subset_energy_figure (the training-set E(x) histogram with the
     three subsets), with as many samples in each subset as the selection says."""
@@ -261,7 +279,8 @@ def test_embeddings_page_pca_and_selection(env):
         assert not at.exception and _charts(at)
     at.number_input(key="emb_n").set_value(100_000)
     at.button(key="FormSubmitter:emb_form-Compute features").click().run()
-    assert any(f"only {_n_test(at)} test images are available" in e for e in _errors(at)), _errors(at)
+    assert any("asked for 100000 images but the test set of" in e and e.endswith(f"has only {_n_test(at)}")
+               for e in _errors(at)), _errors(at)
 
 
 def _box_select(at, key: str, indices, coords, energy):

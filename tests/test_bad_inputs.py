@@ -602,14 +602,12 @@ ENTRY = str(REPO / "dashboard" / "Home.py")
 
 
 @pytest.fixture
-def app(tmp_path, monkeypatch):
+def app(runs_dir):
     pytest.importorskip("streamlit")
+    import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    import streamlit as st
-
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
-    st.cache_data.clear()
+    st.cache_data.clear()  # (runs_dir clears it only once streamlit is imported)
     at = AppTest.from_file(ENTRY, default_timeout=120)
     at.run()
     assert not at.exception, [e.message for e in at.exception]
@@ -646,7 +644,7 @@ def _set_l2_absurd(at):
     at.selectbox(key="atk_norm").set_value("L2")
     at.number_input(key="atk_n").set_value(0)
     at.button[0].click().run()
-    assert "the number of images must be positive" in _errors(at)
+    assert "the number of images must be a positive integer, got 0" in _errors(at)
     at.number_input(key="atk_eps_l2").set_value(1000.0)
     at.number_input(key="atk_n").set_value(16)
 
@@ -659,7 +657,7 @@ PAGE_CASES = [
     ("targeted-apgd-ce-with-chosen-class", _set_targeted_apgd, "APGD-CE has no targeted mode"),
     ("l2-absurd-epsilon", _set_l2_absurd, "epsilon 1000 is absurd for L2"),
     ("steps-beyond-limit", _set("atk_steps", 20_000), "steps=20000 is too many for PGD (cross-entropy) (max 10000)"),
-    ("zero-images", _set("atk_n", 0), "the number of images must be positive"),
+    ("zero-images", _set("atk_n", 0), "the number of images must be a positive integer, got 0"),
     ("negative-steps", _set("atk_steps", -4), "steps must be a positive integer, got -4"),
 ]
 

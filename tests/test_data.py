@@ -522,11 +522,11 @@ def test_parallel_decoding(tmp_path):
     good, bad = tmp_path / "good.JPEG", tmp_path / "bad.JPEG"
     save_jpeg(good, smooth_image(1))
     bad.write_bytes(b"nope")
-    x = disk._decode_images([good] * 300, workers=2)  # more than one chunk: the thread pool is used
+    x = disk.decode_images([good] * 300, workers=2)  # more than one chunk: the thread pool is used
     assert tuple(x.shape) == (300, 3, 64, 64) and bool((x == x[0]).all())
     assert_close_jpeg(x[-1], smooth_image(1))
     with pytest.raises(DataError, match="bad.JPEG"):
-        disk._decode_images([good] * 280 + [bad] + [good] * 30, workers=2)
+        disk.decode_images([good] * 280 + [bad] + [good] * 30, workers=2)
 
 
 def test_tinyimagenet_missing_and_corrupt(tmp_path):

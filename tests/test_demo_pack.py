@@ -74,13 +74,13 @@ def test_missing_or_corrupt_pack_names_the_file_and_the_fix(tmp_path, monkeypatc
     if content is not None:
         bad.write_bytes(content)
     monkeypatch.setattr(demo, "DEMO_TEST_FILE", bad)
-    demo._cache_clear()
+    demo.cache_clear()
     try:
         with pytest.raises(DataError) as e:
             load_dataset("cifar10-demo", "test")
         assert str(bad) in str(e.value) and "build_demo_pack.py" in str(e.value)
     finally:
-        demo._cache_clear()
+        demo.cache_clear()
 
 
 def test_broken_pack_app_still_opens_on_digits(tmp_path, monkeypatch):
@@ -89,7 +89,7 @@ def test_broken_pack_app_still_opens_on_digits(tmp_path, monkeypatch):
     bad = tmp_path / "cifar10-demo-test.npz"
     bad.write_bytes(b"this is not a numpy archive")
     monkeypatch.setattr(demo, "DEMO_TEST_FILE", bad)
-    demo._cache_clear()
+    demo.cache_clear()
     import streamlit as st
 
     st.cache_resource.clear()
@@ -102,7 +102,7 @@ def test_broken_pack_app_still_opens_on_digits(tmp_path, monkeypatch):
         at.switch_page("../pages/attack_lab.py").run()
         assert not at.exception, [e.message for e in at.exception]
     finally:
-        demo._cache_clear()
+        demo.cache_clear()
         st.cache_resource.clear()
 
 
@@ -224,10 +224,9 @@ def test_recorded_sat_run_overfits_and_drifts_far_more_than_trades_and_weat():
         assert abs(runs[other][-1]["dE_mean"]) * 5 < sat_end, (other, runs[other][-1]["dE_mean"], sat_end)
 
 
-def test_training_page_opens_a_recorded_run_read_only(tmp_path, monkeypatch):
+def test_training_page_opens_a_recorded_run_read_only(runs_dir):
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
     at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=120).run()
     at.switch_page("../pages/training.py").run()
     assert not at.exception, [e.message for e in at.exception]

@@ -154,12 +154,11 @@ def test_run_job_writes_the_record(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_job_through_the_job_system(tmp_path, monkeypatch):
+def test_eval_job_through_the_job_system(runs_dir):
     if not PLAIN.is_file():
         pytest.skip("bundled checkpoint missing")
     from core import jobs
 
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path))
     info = jobs.submit("eval", {"model": REF, "n": 12, "chunk_size": 6, "batch_size": 6, "pgd_steps": 3,
                                 "autoattack": False}, device="cpu")
     deadline = time.time() + 180

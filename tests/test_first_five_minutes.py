@@ -16,12 +16,8 @@ HOME = str(REPO / "dashboard" / "Home.py")
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+def isolated(runs_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
-    import streamlit as st
-
-    st.cache_data.clear()
 
 
 def app():

@@ -147,7 +147,7 @@ def test_a_view_that_cannot_run_the_example_is_not_used(monkeypatch):
         entry.module = Broken()
         return entry
 
-    real_build = folding._build
-    monkeypatch.setattr(folding, "_build", broken_build)
+    real_build = folding.build_folded
+    monkeypatch.setattr(folding, "build_folded", broken_build)
     with eval_mode(m):
         assert folded(m, x) is m

@@ -319,14 +319,14 @@ def test_inception_path_with_local_weights(monkeypatch, tmp_path):
     torch.save(net.state_dict(), weights)
     monkeypatch.undo()
     monkeypatch.setenv(M.INCEPTION_ENV, str(weights))
-    M._INCEPTION_CACHE.clear()
+    M.clear_inception_cache()
     ok, why = M.inception_status()
     assert ok, why
     ext = M.choose_extractor("auto", _Net(), "toy")
     assert ext.label == "inception-v3"
     f, lg = ext.extract(torch.rand(2, 1, 16, 16))   # grey images are replicated to RGB
     assert f.shape == (2, 2048) and lg.shape == (2, 1008)
-    M._INCEPTION_CACHE.clear()
+    M.clear_inception_cache()
 
 
 def test_inception_refuses_pickled_code(monkeypatch, tmp_path):
@@ -334,7 +334,7 @@ def test_inception_refuses_pickled_code(monkeypatch, tmp_path):
     bad = tmp_path / "evil.pth"
     torch.save({"obj": _Net()}, bad)   # a pickled module, not plain tensors
     monkeypatch.setenv(M.INCEPTION_ENV, str(bad))
-    M._INCEPTION_CACHE.clear()
+    M.clear_inception_cache()
     from core.errors import EnergyLensError
 
     with pytest.raises(EnergyLensError):

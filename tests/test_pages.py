@@ -17,9 +17,7 @@ ENTRY = str(REPO / "dashboard" / "Home.py")
 PAGES = sorted(p.name for p in (REPO / "pages").glob("*.py"))
 
 
-@pytest.fixture(autouse=True)
-def _isolated_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+pytestmark = pytest.mark.usefixtures("runs_dir")  # every test: its own runs folder (conftest)
 
 
 def fresh_app() -> AppTest:
@@ -146,7 +144,7 @@ def test_attack_lab_reports_autoattack_delta_e_over_the_perturbed_images():
 @pytest.mark.parametrize("field,value,expected", [
     ("atk_eps255", -3.0, "epsilon must be >= 0, got -3/255"),  # in the widget's units (issue 13)
     ("atk_steps", 0, "steps must be a positive integer"),
-    ("atk_n", 100000, "test images are available"),
+    ("atk_n", 100000, "asked for 100000 images but the test set of"),
 ])
 def test_attack_lab_bad_input_is_reported_and_keeps_results(field, value, expected):
     at = fresh_app()

@@ -35,8 +35,7 @@ def open_training_page():
     return at
 
 
-def test_jobs_outlive_the_dashboard_and_sessions_share_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+def test_jobs_outlive_the_dashboard_and_sessions_share_them(runs_dir, monkeypatch):
     monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps({"train": f"{FIXTURES}:sleepy"}))
     from core import jobs
 

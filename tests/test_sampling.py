@@ -455,7 +455,7 @@ def _save_cifar_like(path, model, name, dataset, method):
 
 @pytest.mark.slow
 def test_default_metrics_rank_gaussian_blobs_below_real_cifar_images(cifar_subset, cifar_plain_model, tmp_path,
-                                                                    monkeypatch, cache):
+                                                                    runs_dir, monkeypatch, cache):
     """The batch job's default features are an independent classifier of the same data, never the generating
     model, and with them Gaussian blobs (SGLD's 'gaussian' start, not moved: η tiny, γ = 0) score far worse
     than real images of the same number do (the real-vs-real floor that comes with every FID)."""
@@ -466,13 +466,12 @@ def test_default_metrics_rank_gaussian_blobs_below_real_cifar_images(cifar_subse
     data = tmp_path / "cifar2k.npz"
     np.savez(data, x=xs[:2000], y=ys[:2000])          # the fixture model's training images
     dataset = f"npz:{data}"
-    runs = tmp_path / "runs"
+    runs = runs_dir
     (runs / "scorer").mkdir(parents=True)
     _save_cifar_like(runs / "scorer" / "best.safetensors", cifar_plain_model[0], "cifar-plain", dataset, "plain")
     torch.manual_seed(1)
     gen = tmp_path / "generator.safetensors"          # the generating model: another network of the same data
     _save_cifar_like(gen, build_model("smallcnn", 10, width=16).eval(), "generator", dataset, "untrained")
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(runs))
     monkeypatch.setattr(M, "inception_status", lambda: (False, "Inception weights not found; using a classifier"))
     # 1,000 blobs against the 2,000 real images: at 200 the real-vs-real floor itself varies by 2x between draws
     cfg = {"model": {"source": "local", "name": "generator", "path": str(gen)}, "n_per_class": 100, "init": "gaussian",
@@ -497,7 +496,7 @@ def test_run_job_scores_with_inception_when_its_weights_are_present(tmp_path, mo
 
     def fake_inception(device="cpu"):
         def fn(x):
-            f = torch.nn.functional.avg_pool2d(M._to_float01(x), 8).flatten(1)
+            f = torch.nn.functional.avg_pool2d(M.to_float01(x), 8).flatten(1)
             return f, torch.zeros(len(x), 1008)
         return M.InceptionFeatures(label="inception-v3", layer="pool3 (stand-in)", fn=fn)
 

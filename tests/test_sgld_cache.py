@@ -15,8 +15,7 @@ from core.models import build_model
 @pytest.fixture
 def fresh(tmp_path, monkeypatch):
     monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
-    sgld_cache._memory.clear()
-    sgld_cache._warmups.clear()
+    sgld_cache.clear_memory()
     calls = []
     real = sgld_cache.reference_energies
 
@@ -26,8 +25,7 @@ def fresh(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sgld_cache, "reference_energies", counting)
     yield tmp_path / "cache", calls
-    sgld_cache._memory.clear()
-    sgld_cache._warmups.clear()
+    sgld_cache.clear_memory()
 
 
 def _model(seed=0):
@@ -51,15 +49,15 @@ def test_reference_energies_are_computed_once_then_read_from_memory_and_disk(fre
     assert len(calls) == 1
     files = list(cache.glob("sgldref-*.json"))
     assert len(files) == 1
-    sgld_cache._memory.clear()                                  # a restart: read back from disk, not recomputed
+    sgld_cache.clear_memory()                                   # a restart: read back from disk, not recomputed
     again = sgld_cache.reference_energies_cached(model, ds)
     assert len(calls) == 1 and again[5]["joint"] == pytest.approx(got[5]["joint"])
     files[0].write_text("{not json")                            # a corrupt file is recomputed, never trusted
-    sgld_cache._memory.clear()
+    sgld_cache.clear_memory()
     sgld_cache.reference_energies_cached(model, ds)
     assert len(calls) == 2
     other = _model(seed=1)                                      # other weights: another key
-    assert sgld_cache._key(other, ds) != sgld_cache._key(model, ds)
+    assert sgld_cache.cache_key(other, ds) != sgld_cache.cache_key(model, ds)
     assert sgld_cache.reference_energies_cached(other, ds)[0]["joint"] != pytest.approx(got[0]["joint"])
     assert len(calls) == 3
     with pytest.raises(Exception, match="class 42"):

@@ -18,8 +18,7 @@ PAGE = "../pages/sgld.py"
 
 
 @pytest.fixture
-def app(tmp_path, monkeypatch):
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(tmp_path / "runs"))
+def app(runs_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(HOME), default_timeout=120)
     at.run()
@@ -65,6 +64,22 @@ def _run_until(at, cond, timeout=180.0):
         if cond():
             return
     raise AssertionError("timed out waiting for the page")
+
+
+@pytest.mark.parametrize("setup,needle", [
+    (lambda at: at.number_input(key="sgld_chains").set_value(65), "chains per class must be at most 64"),
+    (lambda at: at.multiselect(key="sgld_classes").set_value([]), "choose at least one class"),
+    (lambda at: at.number_input(key="sgld_gamma").set_value(-0.1), "noise γ"),
+])
+def test_initialise_refuses_bad_settings_with_core_messages(app, setup, needle):
+    """The page's refusals come from core.sampling.validate_sampler_settings: an error, no chains, no task."""
+    at = app
+    setup(at)
+    at.run()
+    at.button(key="sgld_btn_init").click().run()
+    _ok(at)
+    assert any(needle in e.value for e in at.error), [e.value for e in at.error]
+    assert "sgld_sampler" not in at.session_state and "sgld_init_task" not in at.session_state
 
 
 def test_initialise_step_plot_and_bad_input(app):
@@ -185,18 +200,17 @@ def test_batch_job_runs_and_reports_labelled_metrics(app, tmp_path):
         [m.value for m in at.markdown]
 
 
-def test_step_defaults_follow_the_models_dataset_family(tmp_path, monkeypatch):
+def test_step_defaults_follow_the_models_dataset_family(runs_dir, tmp_path, monkeypatch):
     """A CIFAR-10 model gets η = 0.025, ζ = 0.8 (the digits' η = 1 makes CIFAR chains worse); digits keep theirs."""
     import torch
 
     from core.models import ModelMeta, build_model, save_checkpoint
 
-    runs = tmp_path / "runs"
+    runs = runs_dir
     (runs / "c10").mkdir(parents=True)
     torch.manual_seed(0)
     save_checkpoint(runs / "c10" / "best.safetensors", build_model("smallcnn", 10),
                     ModelMeta(arch="smallcnn", num_classes=10, dataset="cifar10", method="sat", name="c10-sat"))
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(runs))
     monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(HOME), default_timeout=120)
     at.run()
@@ -246,19 +260,19 @@ def test_energy_plot_marks_when_the_chain_passed_the_real_data_level(app):
     assert any(f"passed the real-image level Ē(x, y) at step {passed['step']}" in c.value for c in at.caption)
 
 
-def test_initialise_waits_for_the_background_statistics_off_the_script_thread(app):
+def test_initialise_waits_for_the_background_statistics_off_the_script_thread(app, monkeypatch):
     """While the shared preparation of the start statistics is still running, Initialise answers at once with a
     progress bar (the buttons held) and the chains appear when the preparation ends."""
     from core import sgld_cache
 
     at = app
     lm = at.session_state["model_ref"]
-    fakes = []
-    for key, w in list(sgld_cache._warmups.items()):     # every model's preparation (the digits one among them):
-        assert w.wait(timeout=120)                        # pretend it is still running
-        fakes.append(sgld_cache.Warmup(key, fraction=0.4, message="class statistics 5/10"))
-        sgld_cache._warmups[key] = fakes[-1]
-    assert fakes, lm
+    real = sgld_cache.warmups()
+    assert real, lm
+    for w in real.values():                               # every model's preparation (the digits one among them)
+        assert w.wait(timeout=120)                        # ends; from now on pretend it is still running
+    fakes = [sgld_cache.Warmup("still-running", fraction=0.4, message="class statistics 5/10")]
+    monkeypatch.setattr(sgld_cache, "warm_up", lambda *a, **k: fakes[0])
     t0 = time.time()
     at.run()
     plain = time.time() - t0                                          # one rerun of the page on this (loaded) machine
@@ -273,8 +287,7 @@ def test_initialise_waits_for_the_background_statistics_off_the_script_thread(ap
     assert any("preparing the start statistics" in (p.proto.text or "") for p in at.get("progress")), \
         [p.proto.text for p in at.get("progress")]
     for slow in fakes:
-        slow.fraction, slow.message, slow.done = 1.0, "ready", True
-        slow._event.set()
+        slow.finish()
     _run_until(at, lambda: "sgld_sampler" in at.session_state or at.session_state["sgld_init_task"].error)
     assert not at.session_state["sgld_init_task"].error, at.session_state["sgld_init_task"].error
     assert _sampler(at).steps_done == 0 and _sampler(at).n_chains == 6

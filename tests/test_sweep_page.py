@@ -43,16 +43,11 @@ evaluate:
 
 
 @pytest.fixture
-def runs(tmp_path, monkeypatch):
-    d = tmp_path / "runs"
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(d))
+def runs(runs_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("ENERGYLENS_CIFAR10_SUBSET", str(tmp_path / "no-subset.npz"))
-    import streamlit as st
-
-    st.cache_data.clear()
-    return d
+    return runs_dir
 
 
 

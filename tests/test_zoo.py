@@ -118,13 +118,13 @@ def _comment_out_entries(text: str, prefix: str) -> tuple[str, int]:
 @contextlib.contextmanager
 def _zoo_files(monkeypatch, folder: Path):
     """Parse the catalogue from ``folder`` (a model_zoo with cifar10.py / cifar100.py) instead of robustbench's."""
-    monkeypatch.setattr(zoo, "_robustbench_zoo_dir", lambda: folder)
-    zoo._catalogue.cache_clear()
+    monkeypatch.setattr(zoo, "robustbench_zoo_dir", lambda: folder)
+    zoo.catalogue.cache_clear()
     try:
         yield
     finally:
         monkeypatch.undo()
-        zoo._catalogue.cache_clear()
+        zoo.catalogue.cache_clear()
 
 
 def _models_page(select: str | None = None):
@@ -200,8 +200,8 @@ def test_catalogue_accuracies_architectures_and_paper_flags():
 
 
 def test_fallback_catalogue_when_robustbench_files_unparseable(monkeypatch):
-    monkeypatch.setattr(zoo, "_robustbench_zoo_dir", lambda: Path("/nonexistent/robustbench/model_zoo"))
-    zoo._catalogue.cache_clear()
+    monkeypatch.setattr(zoo, "robustbench_zoo_dir", lambda: Path("/nonexistent/robustbench/model_zoo"))
+    zoo.catalogue.cache_clear()
     try:
         assert zoo.catalogue_source().startswith("built-in")
         names = {e.name for e in zoo.list_zoo("cifar10", "Linf")}
@@ -209,7 +209,7 @@ def test_fallback_catalogue_when_robustbench_files_unparseable(monkeypatch):
         assert zoo.get_zoo_entry("Standard").clean_acc == 94.78
     finally:
         monkeypatch.undo()
-        zoo._catalogue.cache_clear()
+        zoo.catalogue.cache_clear()
     assert zoo.catalogue_source().startswith("robustbench")
 
 
@@ -638,9 +638,7 @@ def test_bad_device_is_a_zoo_error(tmp_path):
 
 def _patch_downloaders(monkeypatch, rb_utils, fn):
     """Replace robustbench's downloader under whichever name this release uses."""
-    from core.zoo import _DOWNLOADERS
-
-    names = [n for n in _DOWNLOADERS if hasattr(rb_utils, n)]
+    names = [n for n in zoo.DOWNLOADERS if hasattr(rb_utils, n)]
     assert names, "robustbench has no known download function"
     for n in names:
         monkeypatch.setattr(rb_utils, n, fn)

@@ -16,11 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..data import check_image_count
 from ..errors import InputError
 
-__all__ = ["AutoAttackBudget", "AUTOATTACK", "INTERACTIVE_TARGETS", "n_targets", "work_units", "full_cost"]
+__all__ = ["AutoAttackBudget", "AUTOATTACK", "INTERACTIVE_TARGETS", "MAX_INTERACTIVE_IMAGES", "n_targets",
+           "work_units", "full_cost", "check_interactive_images"]
 
 INTERACTIVE_TARGETS = 3          # APGD-T / FAB-T: the 3 most likely wrong classes (AutoAttack: 9)
+MAX_INTERACTIVE_IMAGES = 5000    # images per interactive run (Attack Lab, embeddings); background jobs take more
 INTERACTIVE_BATCH = 16           # images per call of an attack without per-step trace: progress and Cancel per batch
 
 
@@ -89,3 +92,10 @@ def full_cost(spec: Budgeted, seconds: float, num_classes: int) -> dict | None:
     return {"version": full.version, "setting": AutoAttackBudget(full.version, full.steps, targets,
                                                                  full.restarts).describe(spec.name),
             "factor": factor, "seconds": float(seconds) * factor}
+
+
+def check_interactive_images(n, available: int | None = None, *, split: str = "test",
+                             dataset: str | None = None) -> int:
+    """The number of images of an interactive run (an Attack Lab attack): a positive integer, at most the
+    ``available`` images of the split and at most :data:`MAX_INTERACTIVE_IMAGES`. Returns it as an int."""
+    return check_image_count(n, available, split=split, dataset=dataset, limit=MAX_INTERACTIVE_IMAGES)

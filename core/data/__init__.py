@@ -30,13 +30,13 @@ import torch
 
 from ..errors import DataError, InputError
 from . import disk
-from .dataset import (CIFAR10_CLASSES, CIFAR100_CLASSES, DatasetSpec, ImageDataset, augment, data_root, probe_indices,
-                      validate_images)
+from .dataset import (CIFAR10_CLASSES, CIFAR100_CLASSES, DatasetSpec, ImageDataset, augment, check_image_count,
+                      data_root, probe_indices, validate_images)
 from .demo import load_demo
 from .embedded import load_digits32
 
 __all__ = ["ImageDataset", "DatasetSpec", "DATASETS", "load_dataset", "data_root", "augment", "dataset_spec",
-           "probe_indices", "validate_images", "CIFAR10_CLASSES"]
+           "probe_indices", "validate_images", "check_image_count", "CIFAR10_CLASSES"]
 
 
 def _load_digits(split: str, root=None, download=False) -> ImageDataset:

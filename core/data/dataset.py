@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import DataError, InputError
 from ..paths import data_dir
 
 __all__ = ["ImageDataset", "DatasetSpec", "CIFAR10_CLASSES", "CIFAR100_CLASSES", "data_root", "augment",
-           "probe_indices", "validate_images"]
+           "probe_indices", "validate_images", "check_image_count"]
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -135,3 +136,23 @@ def validate_images(x: torch.Tensor, *, expect_shape: tuple[int, ...] | None = N
     if x.min() < 0 or x.max() > 1:
         raise InputError(f"image values must lie in [0, 1]; got range [{float(x.min()):.3g}, {float(x.max()):.3g}]")
     return x
+
+
+def check_image_count(n, available: int | None = None, *, split: str = "test", dataset: str | None = None,
+                      allow_all: bool = False, limit: int | None = None) -> int:
+    """The number of images a request asks for: a whole number >= 1 (``allow_all``: 0 = every image of the
+    split), at most ``available`` (the split's size, when known) and at most ``limit`` (an interactive run's
+    cap). Returns it as an int; an InputError naming the count otherwise."""
+    if isinstance(n, bool) or not isinstance(n, (int, float, np.integer)) or not np.isfinite(n) or int(n) != n:
+        raise InputError(f"the number of images must be a whole number, got {n!r}")
+    n = int(n)
+    if n < 0 or (n == 0 and not allow_all):
+        raise InputError(f"the number of images must be a positive integer{' (0 = all)' if allow_all else ''}, "
+                         f"got {n}")
+    if available is not None and n > available:
+        where = f"the {split} set" + (f" of '{dataset}'" if dataset else "")
+        raise InputError(f"asked for {n} images but {where} has only {available}")
+    if limit is not None and n > limit:
+        raise InputError(f"the number of images is {n}: at most {limit} images per interactive run; use a "
+                         "background job for more")
+    return n

@@ -33,7 +33,7 @@ from .dataset import CIFAR10_CLASSES, ImageDataset, data_root
 from .disk import load_cifar10
 
 __all__ = ["DEMO_DATASET", "DEMO_TEST_FILE", "SPLIT_SEED", "PER_CLASS", "SUBSET_PER_BATCH", "split_positions",
-           "load_demo", "subset_file", "rebuild_hint", "load_subset", "train_available"]
+           "load_demo", "subset_file", "rebuild_hint", "load_subset", "train_available", "cache_clear"]
 
 DEMO_DATASET = "cifar10-demo"
 PACK_DIR = DEMO_PACK_DIR
@@ -127,7 +127,8 @@ def _test_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, y.astype(np.int64), pos.astype(np.int64)
 
 
-def _cache_clear() -> None:
+def cache_clear() -> None:
+    """Forget the demo test arrays read so far (after ``DEMO_TEST_FILE`` changed or was rebuilt)."""
     _test_arrays.cache_clear()
 
 

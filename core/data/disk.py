@@ -39,7 +39,7 @@ from ..storage import StorageError, atomic_write
 from .dataset import CIFAR10_CLASSES, CIFAR100_CLASSES, ImageDataset, data_root
 
 __all__ = ["load_cifar10", "load_cifar100", "load_svhn", "load_tinyimagenet", "RestrictedUnpickler",
-           "safe_unpickle", "TINYIMAGENET_URL", "TINY_CACHE_VERSION"]
+           "safe_unpickle", "TINYIMAGENET_URL", "TINY_CACHE_VERSION", "decode_images"]
 
 SPLITS = ("train", "test")
 
@@ -417,7 +417,7 @@ def load_tinyimagenet(split: str, root: str | os.PathLike | None = None, downloa
         x, y = cached
     else:
         files, labels = (_tiny_train_files if split == "train" else _tiny_val_files)(base, wnids, how)
-        x = _decode_images(files)
+        x = decode_images(files)
         y = torch.from_numpy(labels)
         _write_tiny_cache(cache_path, x, y, wnids, split)
     return ImageDataset("tinyimagenet", split, x, y, class_names)
@@ -535,7 +535,7 @@ def _decode_one(path: Path) -> np.ndarray:
     return arr.transpose(2, 0, 1)
 
 
-def _decode_images(files: list[Path], workers: int | None = None) -> torch.Tensor:
+def decode_images(files: list[Path], workers: int | None = None) -> torch.Tensor:
     """Decode ``files`` straight into one preallocated uint8 N x 3 x 64 x 64 tensor.
 
     Pillow releases the GIL while decoding, so a small thread pool gives a real speed-up.

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["folded", "fold_count"]
+__all__ = ["folded", "fold_count", "build_folded"]
 
 _NORM_OF = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 _CONVS = tuple(_NORM_OF)
@@ -85,7 +85,9 @@ def _format_of(t: torch.Tensor) -> torch.memory_format:
         and not t.is_contiguous() else torch.contiguous_format
 
 
-def _build(model: nn.Module) -> _Folded | None:
+def build_folded(model: nn.Module) -> _Folded | None:
+    """Build the folded view of ``model`` (uncached; :func:`folded` caches it and checks it), or None when its
+    graph cannot be traced or has no conv -> BatchNorm pair to fold."""
     try:
         gm = fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 - untraceable models (data-dependent control flow, ...) are used as they are
@@ -149,7 +151,7 @@ def folded(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
         if model in _CACHE:
             entry = _CACHE[model]
         else:
-            entry = _build(model)
+            entry = build_folded(model)
             if entry is not None:
                 entry.refresh()
                 if example is not None and not _agrees(entry.module, model, example[:4]):

@@ -19,7 +19,8 @@ RUNS_DIR = DEFAULT_RUNS_DIR
 DEFAULT_MODEL = "cifar10-demo-plain"  # the bundled model the app opens on (non-robust, real CIFAR-10 images)
 FALLBACK_MODEL = "digits-plain"       # ... when the CIFAR-10 demo pack is missing or corrupt
 
-__all__ = ["ModelRef", "DEFAULT_MODEL", "FALLBACK_MODEL", "list_bundled", "list_local", "load_model_ref", "BUNDLED_DIR", "LOCAL_DIR", "RUNS_DIR"]
+__all__ = ["ModelRef", "DEFAULT_MODEL", "FALLBACK_MODEL", "list_bundled", "list_local", "load_model_ref", "BUNDLED_DIR", "LOCAL_DIR", "RUNS_DIR",
+           "checkpoint_entries"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,9 @@ def _runs_dir() -> Path:
     return _configured_runs_dir()
 
 
-def _entries(paths, source: str, runs_dir: Path | None = None) -> list[tuple[ModelRef, ModelMeta | None, str | None]]:
+def checkpoint_entries(paths, source: str, runs_dir: Path | None = None) -> list[tuple[ModelRef, ModelMeta | None, str | None]]:
+    """``(ref, metadata, None)`` for each readable checkpoint file of ``paths`` (``source``: 'bundled' or 'local'),
+    ``(ref, None, error)`` for an unreadable one: what :func:`list_bundled` and :func:`list_local` return."""
     out = []
     for p in paths:
         try:
@@ -60,7 +63,7 @@ def _entries(paths, source: str, runs_dir: Path | None = None) -> list[tuple[Mod
 def list_bundled(folder: Path | None = None):
     """Bundled checkpoints shipped in ``checkpoints/*.safetensors``: (ref, meta, error)."""
     folder = BUNDLED_DIR if folder is None else folder  # resolved per call (tests may point it elsewhere)
-    return _entries(sorted(Path(folder).glob("*.safetensors")), "bundled")
+    return checkpoint_entries(sorted(Path(folder).glob("*.safetensors")), "bundled")
 
 
 def list_local(local_dir: Path | None = None, runs_dir: Path | None = None):
@@ -77,7 +80,7 @@ def list_local(local_dir: Path | None = None, runs_dir: Path | None = None):
             for f in CHECKPOINT_FILES:
                 if (run / f).is_file():
                     files.append(run / f)
-    return _entries(files, "local", runs_dir)
+    return checkpoint_entries(files, "local", runs_dir)
 
 
 def load_model_ref(ref: ModelRef, device: str = "cpu", allow_download: bool = False,
