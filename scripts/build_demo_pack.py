@@ -13,6 +13,7 @@ training probe set, never the test images.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import CIFAR10_CLASSES  # noqa: E402
-from core.data.demo import DEMO_TEST_FILE, cache_clear, load_demo, load_subset, split_positions  # noqa: E402
+from core.data.demo import (DEMO_TEST_FILE, DEMO_TRAIN_FILE, SHARED_SUBSET, SUBSET_ENV, cache_clear,  # noqa: E402
+                            load_demo, load_subset, split_positions)
 from core.storage import atomic_write, atomic_write_json, read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,14 +34,21 @@ EPS, STEP = 8 / 255, 2 / 255
 
 
 def build_split() -> None:
+    """Both committed splits of the pack from the 5,085-image subset (never from the pack itself)."""
+    if not os.environ.get(SUBSET_ENV) and SHARED_SUBSET.is_file():
+        os.environ[SUBSET_ENV] = str(SHARED_SUBSET)   # read the source, not the files about to be rewritten
     x, y = load_subset()
     pos = split_positions(y)
-    arrays = {"x": x[pos], "y": y[pos].astype(np.int64), "subset_index": pos.astype(np.int64),
-              "class_names": np.array(CIFAR10_CLASSES)}
-    atomic_write(DEMO_TEST_FILE, lambda f: np.savez_compressed(f, **arrays))
+    rest = np.setdiff1d(np.arange(len(y)), pos)
+    for path, idx in ((DEMO_TEST_FILE, pos), (DEMO_TRAIN_FILE, rest)):
+        arrays = {"x": x[idx], "y": y[idx].astype(np.int64), "subset_index": idx.astype(np.int64),
+                  "class_names": np.array(CIFAR10_CLASSES)}
+        atomic_write(path, lambda f, a=arrays: np.savez_compressed(f, **a))
     cache_clear()
+    os.environ.pop(SUBSET_ENV, None)
     test, train = load_demo("test"), load_demo("train")
-    print(f"wrote {DEMO_TEST_FILE} ({DEMO_TEST_FILE.stat().st_size / 1e6:.2f} MB): {len(test)} test images "
+    print(f"wrote {DEMO_TRAIN_FILE} ({DEMO_TRAIN_FILE.stat().st_size / 1e6:.2f} MB) and "
+          f"{DEMO_TEST_FILE} ({DEMO_TEST_FILE.stat().st_size / 1e6:.2f} MB): {len(test)} test images "
           f"({np.bincount(test.y.numpy()).tolist()} per class); {len(train)} training images remain "
           f"({np.bincount(train.y.numpy()).tolist()} per class)")
 

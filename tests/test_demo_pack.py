@@ -56,16 +56,57 @@ def test_a_different_subset_is_refused(cifar_subset, tmp_path, monkeypatch):
 
 
 def test_training_split_absent_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv(demo.SUBSET_ENV, str(tmp_path / "missing.npz"))
+    # an old clone: no committed train file, no subset file beside it, no CIFAR-10 in the data folder
+    monkeypatch.setattr(demo, "DEMO_TRAIN_FILE", tmp_path / "no-train.npz")
+    monkeypatch.setattr(demo, "SHARED_SUBSET", tmp_path / "no-subset.npz")
+    monkeypatch.delenv(demo.SUBSET_ENV, raising=False)
     monkeypatch.setenv("ENERGYLENS_DATA", str(tmp_path / "no-data"))
+    demo.cache_clear()
+    assert not demo.train_available()
+    with pytest.raises(DataError, match="always available"):
+        load_dataset("cifar10-demo", "train")
+    monkeypatch.setenv(demo.SUBSET_ENV, str(tmp_path / "missing.npz"))   # a subset file named but not there
     assert not demo.train_available()
     with pytest.raises(DataError, match="missing"):
         load_dataset("cifar10-demo", "train")
-    monkeypatch.delenv(demo.SUBSET_ENV)
-    if demo.SHARED_SUBSET.is_file():
-        pytest.skip("the shared subset is present here")
-    with pytest.raises(DataError, match="always available"):
-        load_dataset("cifar10-demo", "train")
+
+
+def test_committed_train_split_is_the_rest_of_the_subset():
+    test, train = load_dataset("cifar10-demo", "test"), load_dataset("cifar10-demo", "train")
+    assert len(train) == 4585 and train.x.dtype == torch.uint8 and tuple(train.x.shape[1:]) == (3, 32, 32)
+    counts = np.bincount(train.y.numpy(), minlength=10)
+    assert counts.sum() == 4585 and counts.min() >= 400            # every class, as in the subset
+    x, y = demo.load_subset()                                      # both splits together: the 5,085 images
+    assert x.shape == (5085, 3, 32, 32) and np.array_equal(demo.split_positions(y), demo.split_positions(y.copy()))
+    pos = demo.split_positions(y)
+    assert np.array_equal(x[pos], test.x.numpy())
+    rest = np.setdiff1d(np.arange(len(y)), pos)
+    assert np.array_equal(x[rest], train.x.numpy()) and np.array_equal(y[rest], train.y.numpy())
+    # no image of the test split is also a training image (compared by content, not by position)
+    test_bytes = {bytes(im) for im in test.x.numpy().reshape(len(test), -1)}
+    assert not any(bytes(im) in test_bytes for im in train.x.numpy().reshape(len(train), -1))
+    assert demo.DEMO_TRAIN_FILE.stat().st_size < 15e6
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overlap"])
+def test_a_damaged_train_file_names_the_file(tmp_path, monkeypatch, damage):
+    bad = tmp_path / "cifar10-demo-train.npz"
+    if damage == "truncated":
+        bad.write_bytes(demo.DEMO_TRAIN_FILE.read_bytes()[:5000])
+    else:                                                          # positions that overlap the test split
+        with np.load(demo.DEMO_TRAIN_FILE) as d:
+            a = {k: d[k] for k in d.files}
+        with np.load(demo.DEMO_TEST_FILE) as d:
+            a["subset_index"][:10] = d["subset_index"][:10]
+        np.savez_compressed(bad, **a)
+    monkeypatch.setattr(demo, "DEMO_TRAIN_FILE", bad)
+    monkeypatch.delenv(demo.SUBSET_ENV, raising=False)
+    demo.cache_clear()
+    try:
+        with pytest.raises(DataError, match="cifar10-demo-train.npz"):
+            load_dataset("cifar10-demo", "train")
+    finally:
+        demo.cache_clear()
 
 
 @pytest.mark.parametrize("content", [None, b"", b"<html>not a zip</html>", b"PK\x03\x04garbage"])

@@ -5,14 +5,17 @@
 
 * ``test``  -- 500 images, 50 per class, committed in ``checkpoints/demo/cifar10-demo-test.npz``: always
   available, offline. The bundled ``cifar10-demo-*`` models never saw them.
-* ``train`` -- the remaining 4,585 images. They are not committed; they are rebuilt from the 5,085-image
-  subset file (``$ENERGYLENS_CIFAR10_SUBSET``, or ``../shared/data/cifar10_train_subset.npz`` beside the
-  checkout) or from a full CIFAR-10 in the data root (``cifar-10-batches-py``), whichever exists.
+* ``train`` -- the remaining 4,585 images, committed in ``checkpoints/demo/cifar10-demo-train.npz``: also
+  always available, offline (the bundled models were trained on them). Where the 5,085-image subset file
+  (``$ENERGYLENS_CIFAR10_SUBSET``, or ``../shared/data/cifar10_train_subset.npz`` beside the checkout) or a full
+  CIFAR-10 in the data root is present, ``scripts/build_demo_pack.py split`` rebuilds both files from it; when the
+  train file is missing, the split is rebuilt from those sources on the fly.
 
 The split: for each class ``c`` (CIFAR-10 order), the subset positions of class ``c`` are shuffled with
 ``numpy.random.default_rng(SPLIT_SEED)`` (one generator, classes in order) and the first 50 go to the
-test split. The test file stores those positions (``subset_index``), so a rebuilt training split is
-checked against the committed test images before it is used.
+test split. Both files store their subset positions (``subset_index``): together they are the whole subset (so
+:func:`load_subset` works from the pack alone), and a rebuilt training split is checked against the committed
+test images before it is used.
 
 Images: Krizhevsky, A. *Learning Multiple Layers of Features from Tiny Images*, tech. report, 2009.
 """
@@ -32,12 +35,14 @@ from ..paths import DEMO_PACK_DIR, ENV_CIFAR10_SUBSET, REPO_ROOT
 from .dataset import CIFAR10_CLASSES, ImageDataset, data_root
 from .disk import load_cifar10
 
-__all__ = ["DEMO_DATASET", "DEMO_TEST_FILE", "SPLIT_SEED", "PER_CLASS", "SUBSET_PER_BATCH", "split_positions",
-           "load_demo", "subset_file", "rebuild_hint", "load_subset", "train_available", "cache_clear"]
+__all__ = ["DEMO_DATASET", "DEMO_TEST_FILE", "DEMO_TRAIN_FILE", "SPLIT_SEED", "PER_CLASS", "SUBSET_PER_BATCH",
+           "split_positions", "load_demo", "subset_file", "rebuild_hint", "load_subset", "train_available",
+           "cache_clear"]
 
 DEMO_DATASET = "cifar10-demo"
 PACK_DIR = DEMO_PACK_DIR
 DEMO_TEST_FILE = PACK_DIR / "cifar10-demo-test.npz"
+DEMO_TRAIN_FILE = PACK_DIR / "cifar10-demo-train.npz"
 SUBSET_ENV = ENV_CIFAR10_SUBSET
 SHARED_SUBSET = REPO_ROOT.parent / "shared" / "data" / "cifar10_train_subset.npz"
 SPLIT_SEED = 2024
@@ -74,7 +79,7 @@ def subset_file() -> Path | None:
 
 def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise DataError(f"{path} is missing. " + (rebuild_hint() if path == DEMO_TEST_FILE else ""))
+        raise DataError(f"{path} is missing. " + (rebuild_hint() if path in (DEMO_TEST_FILE, DEMO_TRAIN_FILE) else ""))
     try:
         with np.load(path, allow_pickle=False) as d:
             return {k: d[k] for k in keys}
@@ -85,17 +90,40 @@ def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 
 def train_available(root=None) -> bool:
-    """Whether the demo training split can be rebuilt here (a subset file or a full CIFAR-10 is present)."""
+    """Whether the demo training split is available here: the committed train file, or a source to rebuild it from
+    (a subset file or a full CIFAR-10)."""
     p = subset_file()
+    if p is not None and os.environ.get(SUBSET_ENV):
+        return p.is_file()                    # an explicit subset file is the source, even beside the pack
+    if DEMO_TRAIN_FILE.is_file():
+        return True
     if p is not None:
         return p.is_file()
     return (data_root(root) / "cifar-10-batches-py" / "data_batch_1").is_file()
 
 
+def _pack_subset() -> tuple[np.ndarray, np.ndarray] | None:
+    """The whole subset put back together from the pack's two files (each stores its subset positions), or None
+    when the train file is absent."""
+    if not DEMO_TRAIN_FILE.is_file():
+        return None
+    xt, yt, pos = _test_arrays()
+    xr, yr, rpos = _train_arrays()
+    x = np.empty((SUBSET_SIZE, *xt.shape[1:]), dtype=np.uint8)
+    y = np.empty(SUBSET_SIZE, dtype=np.int64)
+    x[pos], y[pos] = xt, yt
+    x[rpos], y[rpos] = xr, yr
+    return x, y
+
+
 def load_subset(root=None) -> tuple[np.ndarray, np.ndarray]:
-    """The 5,085-image subset (uint8 N x 3 x 32 x 32, int64 labels) from the subset file or a full CIFAR-10."""
+    """The 5,085-image subset (uint8 N x 3 x 32 x 32, int64 labels): from ``$ENERGYLENS_CIFAR10_SUBSET`` when set,
+    else from the demo pack's two files, else from the shared subset file or a full CIFAR-10."""
     p = subset_file()
-    if p is not None:
+    packed = None if (p is not None and os.environ.get(SUBSET_ENV)) else _pack_subset()
+    if packed is not None:
+        x, y = packed
+    elif p is not None:
         d = _read_npz(p, ("x", "y"))
         x, y = d["x"], d["y"].astype(np.int64)
     else:
@@ -127,9 +155,29 @@ def _test_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, y.astype(np.int64), pos.astype(np.int64)
 
 
+@lru_cache(maxsize=1)
+def _train_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The committed train split, checked: uint8 3 x 32 x 32 images, the 4,585 subset positions that the test split
+    does not hold (each once), labels in range."""
+    d = _read_npz(DEMO_TRAIN_FILE, ("x", "y", "subset_index"))
+    x, y, rpos = d["x"], d["y"], d["subset_index"]
+    n = SUBSET_SIZE - PER_CLASS * len(CIFAR10_CLASSES)
+    if x.dtype != np.uint8 or x.shape != (n, 3, 32, 32) or y.shape != (n,) or rpos.shape != (n,):
+        raise DataError(f"{DEMO_TRAIN_FILE} holds arrays of the wrong shape or type (x {x.dtype} {x.shape}, "
+                        f"y {y.shape}; {n} images expected). {rebuild_hint()}")
+    _, _, pos = _test_arrays()
+    if not np.array_equal(np.sort(np.concatenate([pos, rpos])), np.arange(SUBSET_SIZE)):
+        raise DataError(f"{DEMO_TRAIN_FILE} and {DEMO_TEST_FILE} do not split the same 5,085-image subset "
+                        f"(their subset positions overlap or leave gaps). {rebuild_hint()}")
+    if y.min() < 0 or y.max() >= len(CIFAR10_CLASSES):
+        raise DataError(f"{DEMO_TRAIN_FILE} holds labels outside 0..9. {rebuild_hint()}")
+    return x, y.astype(np.int64), rpos.astype(np.int64)
+
+
 def cache_clear() -> None:
     """Forget the demo test arrays read so far (after ``DEMO_TEST_FILE`` changed or was rebuilt)."""
     _test_arrays.cache_clear()
+    _train_arrays.cache_clear()
 
 
 def load_demo(split: str, root=None, download: bool = False) -> ImageDataset:
@@ -138,6 +186,11 @@ def load_demo(split: str, root=None, download: bool = False) -> ImageDataset:
     if split == "test":
         return ImageDataset(DEMO_DATASET, "test", torch.from_numpy(xt.copy()), torch.from_numpy(yt.copy()),
                             list(CIFAR10_CLASSES))
+    if DEMO_TRAIN_FILE.is_file() and not os.environ.get(SUBSET_ENV):
+        xr, yr, rpos = _train_arrays()
+        order = np.argsort(rpos)            # subset order, as a rebuilt split has it
+        return ImageDataset(DEMO_DATASET, "train", torch.from_numpy(np.ascontiguousarray(xr[order])),
+                            torch.from_numpy(yr[order].copy()), list(CIFAR10_CLASSES))
     x, y = load_subset(root)
     if not np.array_equal(split_positions(y), pos) or not np.array_equal(x[pos], xt):
         raise DataError(f"the CIFAR-10 subset found here does not reproduce the committed demo test images "
