@@ -56,6 +56,7 @@ from .train_progress import TrainClock, format_eta, progress_message
 __all__ = ["TrainConfig", "train", "train_step", "oom_safe_step", "main", "TrainingStopped"]
 
 SCHEDULES = ("onecycle", "piecewise", "cosine", "constant")
+WIDTH_ARCHS = ("smallcnn", "demonet")   # architectures with a width option
 MAX_EVAL_SAMPLES = 100_000   # held-out images attacked after every epoch (CIFAR test: 10,000; SVHN: 26,032)
 MAX_PROBE_SIZE = 10_000      # probe images attacked after every epoch
 
@@ -97,6 +98,8 @@ class TrainConfig:
     data_root: str | None = None
     val_fraction: float = 0.1           # held-out share of train when the dataset has no test split
     train_limit: int | None = None
+    train_per_class: int | None = None  # class-balanced subset: the first N training images of each class
+    width: int | None = None            # architecture width (smallcnn / demonet); None = the architecture's default
     exclude_indices_file: str | None = None  # JSON list of training-set indices to leave out (Fig. 5a)
     amp: bool = False                   # bf16 autocast (CUDA only)
     channels_last: bool = False
@@ -112,6 +115,10 @@ class TrainConfig:
 
     def resolved_step(self) -> float:
         return float(self.step_size) if self.step_size is not None else self.resolved_eps() / 4
+
+    def arch_kwargs(self) -> dict:
+        """Keyword arguments of the architecture (its width, when set)."""
+        return {"width": int(self.width)} if self.width is not None else {}
 
     def loss_config(self):
         return method_config(self.method, beta=self.beta, inner=self.inner, outer=self.outer, weighting=self.weighting,
@@ -175,6 +182,12 @@ class TrainConfig:
         if self.train_limit is not None and (int(self.train_limit) != self.train_limit or self.train_limit < 0):
             raise InputError(f"train limit (the number of training images) must be an integer >= 0 (0 = all), "
                              f"got {self.train_limit}")
+        for k, lo, hi in (("train_per_class", 1, 10_000_000), ("width", 1, 1024)):
+            v = getattr(self, k)
+            if v is not None and (int(v) != v or not lo <= v <= hi):
+                raise InputError(f"{k.replace('_', ' ')} must be an integer in [{lo}, {hi:,}] (or unset), got {v}")
+        if self.width is not None and self.arch not in WIDTH_ARCHS:
+            raise InputError(f"width applies to {' and '.join(WIDTH_ARCHS)} only, not to '{self.arch}'")
         if n_train is not None and self.batch_size > n_train:
             raise InputError(f"batch size {self.batch_size} is larger than the training set ({n_train} images)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -231,6 +244,9 @@ def load_splits(cfg: TrainConfig):
         val = load_dataset(cfg.dataset, "test", root=cfg.data_root)
     if cfg.train_limit:
         train = train.subset(torch.arange(min(cfg.train_limit, len(train))))
+    if cfg.train_per_class:
+        keep = torch.cat([train.class_indices(c)[:cfg.train_per_class] for c in range(train.num_classes)])
+        train = train.subset(keep.sort().values)
     if cfg.exclude_indices_file:
         train = train.subset(_kept_indices(cfg.exclude_indices_file, len(train)))
     return train, val
@@ -523,7 +539,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     spec = dataset_spec(cfg.dataset)
-    model = build_model(cfg.arch, train_ds.num_classes).to(device)
+    arch_kwargs = cfg.arch_kwargs()
+    model = build_model(cfg.arch, train_ds.num_classes, **arch_kwargs).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = CompiledForward(model) if cfg.compile else None  # train-mode forwards only; state dicts stay the module's
@@ -557,7 +574,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
     pidx = probe_indices(train_ds, probe_size, seed=cfg.seed)
     xp, yp = train_ds.images(pidx), train_ds.labels(pidx)
     amp = cfg.amp and device.type == "cuda"
-    meta = ModelMeta(arch=cfg.arch, num_classes=train_ds.num_classes, dataset=cfg.dataset,
+    meta = ModelMeta(arch=cfg.arch, num_classes=train_ds.num_classes, dataset=cfg.dataset, arch_kwargs=arch_kwargs,
                      input_shape=list(train_ds.input_shape), class_names=train_ds.class_names, method=cfg.method,
                      hparams={**cfg.to_dict(), "eps": eps, "step_size": step, "probe_size": probe_size,
                               "loss": lcfg.to_dict()},

@@ -353,3 +353,33 @@ def test_adversarial_training_improves_robustness_on_real_cifar(tmp_path, cifar_
     print("\n[cifar robustness] " + json.dumps({m: {k: round(v, 4) for k, v in r.items()} for m, r in res.items()}))
     assert res["plain"]["nat_acc"] > 0.2 and res["sat"]["nat_acc"] > 0.2   # both learned something (chance 0.1)
     assert res["sat"]["pgd_acc"] > res["plain"]["pgd_acc"] + 0.05
+
+
+# ------------------------------------------------------------------------------------------------ Fig. 3 recipe
+def test_train_per_class_takes_the_first_images_of_each_class():
+    full, _ = load_splits(TrainConfig(dataset="digits"))
+    sub, _ = load_splits(TrainConfig(dataset="digits", train_per_class=7))
+    assert len(sub) == 70 and np.bincount(sub.y.numpy(), minlength=10).tolist() == [7] * 10
+    for c in range(10):                                     # the first 7 of class c, in the dataset's order
+        assert torch.equal(sub.x[sub.y == c], full.x[full.class_indices(c)[:7]])
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"train_per_class": 0}, "train per class"), ({"train_per_class": 2.5}, "train per class"),
+    ({"width": 0}, "width"), ({"width": 16, "arch": "resnet18"}, "width applies to"),
+])
+def test_fig3_options_are_validated(kwargs, msg):
+    with pytest.raises(InputError, match=msg):
+        TrainConfig(dataset="digits", **kwargs).validate()
+
+
+def test_width_reaches_the_model_and_its_checkpoint(tmp_path):
+    cfg = TrainConfig(dataset="digits", arch="demonet", width=8, train_per_class=13, epochs=1, batch_size=64,
+                      attack_steps=1, eval_samples=32, eval_steps=1, out_dir=str(tmp_path / "run"), augment=False)
+    train(cfg)
+    lm = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert lm.meta.arch_kwargs == {"width": 8}
+    assert lm.model.features[0].out_channels == 8          # DemoNet's first conv has `width` channels
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    from core.models import build_model
+    assert n_params == sum(p.numel() for p in build_model("demonet", 10, width=8).parameters())
