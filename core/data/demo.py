@@ -49,6 +49,7 @@ SPLIT_SEED = 2024
 PER_CLASS = 50
 SUBSET_PER_BATCH = 1017     # the subset = the first 1,017 images of each official training batch
 SUBSET_SIZE = 5 * SUBSET_PER_BATCH
+TRAIN_SIZE = SUBSET_SIZE - PER_CLASS * len(CIFAR10_CLASSES)   # 4,585
 
 
 def rebuild_hint() -> str:
@@ -161,7 +162,7 @@ def _train_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     does not hold (each once), labels in range."""
     d = _read_npz(DEMO_TRAIN_FILE, ("x", "y", "subset_index"))
     x, y, rpos = d["x"], d["y"], d["subset_index"]
-    n = SUBSET_SIZE - PER_CLASS * len(CIFAR10_CLASSES)
+    n = TRAIN_SIZE
     if x.dtype != np.uint8 or x.shape != (n, 3, 32, 32) or y.shape != (n,) or rpos.shape != (n,):
         raise DataError(f"{DEMO_TRAIN_FILE} holds arrays of the wrong shape or type (x {x.dtype} {x.shape}, "
                         f"y {y.shape}; {n} images expected). {rebuild_hint()}")
