@@ -102,8 +102,8 @@ def test_page_renders_without_runs(runs):
     assert next(s for s in at.selectbox if s.key.startswith("tr_arch_")).value == "smallcnn"
 
 
-def test_demo_dataset_is_the_default_where_available(runs, monkeypatch, cifar_subset):
-    monkeypatch.setenv("ENERGYLENS_CIFAR10_SUBSET", str(REPO.parent / "shared" / "data" / "cifar10_train_subset.npz"))
+def test_demo_dataset_is_the_default_where_available(runs, monkeypatch):
+    monkeypatch.delenv("ENERGYLENS_CIFAR10_SUBSET")          # the pack's own train split (in every clone)
     at = open_page()
     assert next(s for s in at.selectbox if s.key.startswith("tr_dataset_")).value == "cifar10-demo"
     assert next(s for s in at.selectbox if s.key.startswith("tr_arch_")).value == "demonet"
