@@ -115,9 +115,9 @@ def sentence(o: Overfitting) -> str:
         when = (f"{abs(lag):.0f} epochs after the peak" if lag > 0.5 else
                 f"{abs(lag):.0f} epochs before the peak" if lag < -0.5 else "at the peak")
         p3 = (f"; ΔE(x) on the training data enters phase 3 at epoch {o.phase3_start:.0f} ({when}), falling from "
-              f"{o.dE_plateau:+.2f} to {o.dE_end:+.2f}")
+              f"{o.dE_plateau:+.3f} to {o.dE_end:+.3f}")
     else:
-        flat = f" (ends at {o.dE_end:+.2f})" if o.dE_end is not None else ""
+        flat = f" (ends at {o.dE_end:+.3f})" if o.dE_end is not None else ""
         p3 = f"; ΔE(x) shows no phase 3{flat}"
     gap = ""
     if o.train_rob_end is not None and o.gap_end is not None:

@@ -2,7 +2,9 @@
 
     python scripts/build_demo_pack.py split     # checkpoints/demo/cifar10-demo-test.npz from the 5,085-image subset
     python scripts/build_demo_pack.py pack      # copy trained runs (runs/demo-pack/) into checkpoints/, measure them
-    python scripts/build_demo_pack.py table     # the README's tables, from checkpoints/demo/results.json
+    python scripts/build_demo_pack.py pack-fig3 # copy the Fig. 3 small-data runs (runs/demo-pack/fig3-*) in, measure
+    python scripts/build_demo_pack.py table     # the README's tables: models from results.json, runs from their files
+    python scripts/build_demo_pack.py readme    # write those tables into README.md (between its markers)
 
 The models and recorded runs are trained by the project's own CLI: scripts/build_demo_models.sh (which calls both).
 Robust models are taken from their recorded run at the epoch where the ΔE(x) phase detector (core.phase) places the
@@ -13,6 +15,7 @@ training probe set, never the test images.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.data import CIFAR10_CLASSES  # noqa: E402
 from core.data.demo import (DEMO_TEST_FILE, DEMO_TRAIN_FILE, SHARED_SUBSET, SUBSET_ENV, cache_clear,  # noqa: E402
                             load_demo, load_subset, split_positions)
+from core import overfitting  # noqa: E402
+from core.rundir import RunDir  # noqa: E402
 from core.storage import atomic_write, atomic_write_json, read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,6 +150,70 @@ def build_pack() -> None:
     print(__import__("json").dumps(results, indent=2))
 
 
+FIG3 = ("sat", "trades", "weat-adv")          # the small-data runs of Fig. 3 (scripts/build_demo_models.sh fig3)
+FIG3_RUN = "cifar10-demo-2k-{}"                 # their names under checkpoints/runs/
+SAT_PEAK, SAT_END = "cifar10-demo-2k-sat-peak", "cifar10-demo-2k-sat-end"
+
+
+def _half(state: dict) -> dict:
+    """Weights as float16 (half the size; they load into the float32 model unchanged up to rounding)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def pack_fig3(source: Path) -> None:
+    """Copy the Fig. 3 runs (``<source>/fig3-<method>``) into ``checkpoints/runs/`` and SAT's checkpoints at its
+    robust-accuracy peak (best.safetensors) and at its end (last.safetensors) into ``checkpoints/``, then measure
+    those two on the 500 demo test images."""
+    import shutil
+
+    from core.models import load_checkpoint, save_checkpoint
+
+    results = json.loads((CKPT / "demo" / "results.json").read_text()) if (CKPT / "demo" / "results.json").is_file() \
+        else {}
+    for m in FIG3:
+        src = RunDir(source / f"fig3-{m}")
+        if not src.metrics.is_file():
+            print(f"skipping {m}: {src.path} has no metrics")
+            continue
+        cfg = src.read_config()
+        done = len(src.read_metrics())
+        if done < int(cfg.get("epochs", 0)):
+            print(f"skipping {m}: {src.path} has {done} of its {cfg.get('epochs')} epochs (still running?)")
+            continue
+        dst = RunDir(CKPT / "runs" / FIG3_RUN.format(m))
+        if dst.path.exists():
+            shutil.rmtree(dst.path)
+        dst.probe_dir.mkdir(parents=True)
+        dst.write_config(cfg)
+        shutil.copy2(src.metrics, dst.metrics)
+        for e in src.probe_epochs():
+            shutil.copy2(src.probe_file(e), dst.probe_file(e))
+        dst.write_command(_command(cfg))
+        if m == "sat":
+            for name, ck, what in ((SAT_PEAK, src.best, "the robust-accuracy peak"), (SAT_END, src.last, "the end")):
+                lm = load_checkpoint(ck)
+                lm.meta.name = name
+                lm.meta.hparams["selected"] = f"epoch {lm.meta.epoch}: {what} of the Fig. 3 SAT run"
+                path = save_checkpoint(CKPT / f"{name}.safetensors", _half(lm.model.state_dict()), lm.meta)
+                results[name] = measure(path)
+                print(name, results[name])
+    atomic_write_json(CKPT / "demo" / "results.json", results)
+
+
+def run_rows() -> list[tuple[str, dict, object]]:
+    """(name, config, overfitting summary) of every shipped recorded run, computed from its files."""
+    rows = []
+    for folder in sorted((CKPT / "runs").iterdir()):
+        run = RunDir(folder)
+        if not run.metrics.is_file():
+            continue
+        cfg = run.read_config()
+        o = overfitting.summarize(run.read_metrics(), cfg.get("method"), cfg.get("eval_samples"))
+        if o is not None:
+            rows.append((folder.name, cfg, o))
+    return rows
+
+
 def tables(results: dict) -> str:
     """Markdown tables of the bundled models and of the recorded runs, from ``results.json``."""
     rows = ["| model | selected epoch | natural | PGD-10 | mean ΔE(x), PGD-10 | share of E(x) lowered | mean \\|ΔE(x)\\| "
@@ -158,29 +227,56 @@ def tables(results: dict) -> str:
                     f"| {r['share_lowered']:.0%} | {r['abs_dE_mean']:.3f} "
                     f"| {r['dE_apgdt_mean']:+.3f} ({r['share_raised_apgdt']:.0%}) | {r['dE_targeted_mean']:+.3f} "
                     f"| {r['size_mb']:.2f} MB |")
-    runs = ["| recorded run | epochs | robust test acc. peak (epoch) | at the end | natural at the end | ΔE(x) at the end "
-            "| phase 3 from epoch (detector) |", "|---|---|---|---|---|---|---|"]
-    for m in ROBUST:
-        r = results.get(f"run:{m}")
-        if not r:
-            continue
-        p3 = "none" if r.get("phase3_start") is None else f"{r['phase3_start']:.0f}"
-        runs.append(f"| {m} | {r['epochs']} | {r['peak_pgd']:.1%} ({r['peak_epoch']}) | {r['end_pgd']:.1%} "
-                    f"| {r['end_nat']:.1%} | {r['end_dE']:+.3f} | {p3} |")
-    return "\n".join(rows) + "\n\n" + "\n".join(runs)
+    runs = ["| recorded run | training images | epochs | robust test acc. peak (epoch) | at the end | drop (SE) "
+            "| training probe, robust, at the end | ΔE(x) at the end | phase 3 from epoch (detector) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, cfg, o in run_rows():
+        p3 = "none" if o.phase3_start is None else f"{o.phase3_start:.0f}"
+        tr = "–" if o.train_rob_end is None else f"{o.train_rob_end:.1%}"
+        runs.append(f"| {name} | {overfitting.recipe(cfg)} | {o.epochs} | {o.peak_acc:.1%} ({o.peak_epoch}) "
+                    f"| {o.end_acc:.1%} | {100 * o.drop:.1f} pts ({100 * o.drop_se:.1f}) | {tr} | {o.dE_end:+.3f} | {p3} |")
+        notes.append(f"- **{name}**: {overfitting.sentence(o)}")
+    for name in (SAT_PEAK, SAT_END):
+        r = results.get(name)
+        if r:
+            rows.append(f"| {name} | {r['epoch']} | {r['natural']:.1%} | {r['pgd10']:.1%} | {r['dE_mean']:+.3f} "
+                        f"| {r['share_lowered']:.0%} | {r['abs_dE_mean']:.3f} "
+                        f"| {r['dE_apgdt_mean']:+.3f} ({r['share_raised_apgdt']:.0%}) | {r['dE_targeted_mean']:+.3f} "
+                        f"| {r['size_mb']:.2f} MB |")
+    return "\n".join(rows) + "\n\n" + "\n".join(runs) + "\n\n" + "\n".join(notes)
+
+
+MARK_START, MARK_END = "<!-- demo-tables:start (python scripts/build_demo_pack.py readme) -->", "<!-- demo-tables:end -->"
+
+
+def write_readme(results: dict, readme: Path = REPO / "README.md") -> None:
+    """Replace the README's demo tables (between the two markers) with :func:`tables` of the shipped files."""
+    text = readme.read_text()
+    if MARK_START not in text or MARK_END not in text:
+        raise SystemExit(f"{readme} lacks the markers {MARK_START!r} ... {MARK_END!r}")
+    head, rest = text.split(MARK_START, 1)
+    _, tail = rest.split(MARK_END, 1)
+    atomic_write(readme, lambda f: f.write((head + MARK_START + "\n" + tables(results) + "\n" + MARK_END + tail)
+                                           .encode()))
+
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["split", "pack", "table"], help="what to build")
+    p.add_argument("step", choices=["split", "pack", "pack-fig3", "table", "readme"], help="what to build")
+    p.add_argument("--from", dest="source", type=Path, default=RUNS,
+                   help="pack-fig3: the folder holding fig3-<method>/ run folders (default runs/demo-pack)")
     args = p.parse_args(argv)
     if args.step == "split":
         build_split()
     elif args.step == "pack":
         build_pack()
+    elif args.step == "pack-fig3":
+        pack_fig3(args.source)
+    elif args.step == "readme":
+        write_readme(json.loads((CKPT / "demo" / "results.json").read_text()))
     else:
-        import json
-
         print(tables(json.loads((CKPT / "demo" / "results.json").read_text())))
     return 0
 
