@@ -14,7 +14,9 @@ import streamlit as st
 import common
 
 PLAIN, SAT, TRADES, WEAT = "cifar10-demo-plain", "cifar10-demo-sat", "cifar10-demo-trades", "cifar10-demo-weat-adv"
+SAT_PEAK, SAT_END = "cifar10-demo-2k-sat-peak", "cifar10-demo-2k-sat-end"   # the Fig. 3 SAT run's two checkpoints
 RUN = "recorded:cifar10-demo-"
+FIG3 = RUN + "2k-"            # the small-data recorded runs in which SAT overfits (checkpoints/runs/cifar10-demo-2k-*)
 ATTACK = {"atk_name": "pgd", "atk_norm": "Linf", "atk_eps255": 8.0, "atk_steps": 10, "atk_auto_step": True,
           "atk_n": 64, "atk_seed": 0, "atk_targeted": False, "atk_compare": False}
 
@@ -51,12 +53,13 @@ STEPS: list[Step] = [
               "for what it does here. (Targeted PGD with cross-entropy can go either way: on a confident model it "
               "raises the target logit so far that E(x) falls; try it with the Targeted box.)"),
     Step("Fig. 3: the three phases of robust overfitting", "training",
-         widgets={"tr_view": RUN + "sat", "tr_compare": [RUN + "sat", RUN + "trades", RUN + "weat-adv"]},
-         text="A real 60-epoch SAT run on the CIFAR-10 demo pack. The paper reports that ΔE(x) = E(x) − E(x*) of "
-              "training images settles, plateaus, then falls once the robust test error starts rising; the lines "
-              "under the chart say what the detector and the robust accuracy show on this run. The comparison below "
-              "overlays TRADES and WEAT trained with the same budget."),
-    Step("WEAT: weighting samples by their energy", "training", widgets={"tr_view": RUN + "weat-adv"},
+         widgets={"tr_view": FIG3 + "sat", "tr_compare": [FIG3 + "sat", FIG3 + "trades", FIG3 + "weat-adv"]},
+         text="Real SAT, TRADES and WEAT runs on 2,000 CIFAR-10 training images without augmentation, where a small "
+              "model can memorise its training set under attack. The paper reports that ΔE(x) = E(x) − E(x*) of "
+              "training images settles, plateaus, then falls steeply once the robust test error rises, while TRADES "
+              "keeps it flat: the chart at the top shows both, with the gap between training and test robust "
+              "accuracy under it, and a sentence per run computed from its records."),
+    Step("WEAT: weighting samples by their energy", "training", widgets={"tr_view": FIG3 + "weat-adv"},
          text="WEAT weights each sample by w(x) = 1/log(1 + e^|E(x)|): images whose energy is close to zero weigh "
               "most. Scroll to *WEAT weights* to see the weights of the probe images per epoch, and compare this "
               "run's ΔE(x) curve with SAT's."),
@@ -68,16 +71,34 @@ STEPS: list[Step] = [
 ]
 
 
-def start(k: int) -> None:
-    """Button callback for step ``k``: set its model and widgets (callbacks run before any widget of the next run
-    exists, so even the sidebar's can be set) and ask :func:`follow` to switch to its page."""
-    step = STEPS[k]
+# Not a tour step: the Training studio's "compare the peak and the end" button opens the Attack Lab with it.
+PEAK_VS_END = Step("The Fig. 3 SAT run at its robust-accuracy peak vs at its end", "attack", model=SAT_PEAK,
+                   widgets={**ATTACK, "atk_compare": True, "atk_model_b": SAT_END, "atk_autorun": True},
+                   text="The same 64 test images and PGD-10 on SAT's checkpoint at its robust-accuracy peak (left) and "
+                        "after overfitting (right).")
+
+
+def open_step(step: Step) -> None:
+    """Button callback: set a step's model and widgets and switch to its page, outside the tour."""
+    _apply(step)
+    st.session_state.pop("tour_step", None)
+    st.session_state["tour_goto"] = step.page
+
+
+def _apply(step: Step) -> None:
     if step.model:
         st.session_state["model_source"] = "Bundled"
         st.session_state["pick-Bundled"] = step.model
     for key, value in step.widgets.items():
         st.session_state[key] = value
         st.session_state.pop(f"_default_scope_{key}", None)  # the tour's value wins over a page default
+
+
+def start(k: int) -> None:
+    """Button callback for step ``k``: set its model and widgets (callbacks run before any widget of the next run
+    exists, so even the sidebar's can be set) and ask :func:`follow` to switch to its page."""
+    step = STEPS[k]
+    _apply(step)
     st.session_state["tour_step"] = k
     st.session_state["tour_goto"] = step.page
 

@@ -194,3 +194,57 @@ def batch_loss_figure(records: list[dict], title: str = "Training loss by batch 
     fig.update_layout(title=title, xaxis_title="epoch (fraction done)", yaxis_title="loss of the batch", height=260,
                       **LAYOUT)
     return fig
+
+
+def overfitting_story_figure(runs: dict[str, dict], phase=None, phase_run: str | None = None,
+                             height: int = 640) -> go.Figure:
+    """Fig. 3 for several runs on shared axes: ΔE(x) of the training probe set (top, left axis) with the robust test
+    error (top, right axis, dotted), and robust accuracy on the training probe vs the test images (bottom: the gap that
+    memorisation opens). ``runs``: label -> {"epochs", "dE", "rob_err", "train_rob", "test_rob"} arrays. The phases
+    of ``phase`` (a core.phase.PhaseResult of ``phase_run``) are shaded."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.6, 0.4],
+                        specs=[[{"secondary_y": True}], [{"secondary_y": False}]],
+                        subplot_titles=("ΔE(x) = E(x) − E(x*) on training images, and robust test error",
+                                        "Robust accuracy: training probe (solid) vs test images (dotted)"))
+    all_err = []
+    for i, (label, r) in enumerate(runs.items()):
+        c = PALETTE[i % len(PALETTE)]
+        ep = np.asarray(r["epochs"], dtype=float)
+        fig.add_trace(go.Scatter(x=ep, y=np.asarray(r["dE"], dtype=float), mode="lines+markers", name=f"{label}: ΔE(x)",
+                                 line=dict(color=c, width=2.5), marker=dict(size=4), legendgroup=label,
+                                 hovertemplate=f"{label} ΔE(x): %{{y:+.3f}}<extra></extra>"), row=1, col=1,
+                      secondary_y=False)
+        err = np.asarray(r["rob_err"], dtype=float)
+        all_err.append(err)
+        fig.add_trace(go.Scatter(x=ep, y=err, mode="lines", name=f"{label}: robust test error",
+                                 line=dict(color=c, width=1.5, dash="dot"), legendgroup=label,
+                                 hovertemplate=f"{label} robust test error: %{{y:.1%}}<extra></extra>"), row=1, col=1,
+                      secondary_y=True)
+        if _finite(r.get("train_rob", [])):
+            fig.add_trace(go.Scatter(x=ep, y=np.asarray(r["train_rob"], dtype=float), mode="lines",
+                                     name=f"{label}: robust acc., training probe", line=dict(color=c, width=2),
+                                     legendgroup=label, showlegend=False,
+                                     hovertemplate=f"{label} training probe: %{{y:.1%}}<extra></extra>"), row=2, col=1)
+        fig.add_trace(go.Scatter(x=ep, y=np.asarray(r["test_rob"], dtype=float), mode="lines",
+                                 name=f"{label}: robust acc., test", line=dict(color=c, width=1.5, dash="dot"),
+                                 legendgroup=label, showlegend=False,
+                                 hovertemplate=f"{label} test: %{{y:.1%}}<extra></extra>"), row=2, col=1)
+    if phase is not None and runs:
+        ep = np.concatenate([np.asarray(r["epochs"], dtype=float) for r in runs.values()])
+        x0, x1 = float(ep.min()), float(ep.max())
+        p1 = phase.phase1_end if phase.phase1_end is not None else x0
+        p3 = phase.phase3_start if phase.phase3_start is not None else x1
+        who = f" ({phase_run})" if phase_run else ""
+        for (label, a, b), color in zip((("phase 1", x0, p1), ("phase 2", p1, p3), (f"phase 3{who}", p3, x1)),
+                                        PHASE_COLORS):
+            if b > a:
+                fig.add_vrect(x0=a, x1=b, fillcolor=color, line_width=0, layer="below", row="all", col=1,
+                              annotation_text=label if label != "phase 1" or b - a > 2 else "",
+                              annotation_position="top left", annotation=dict(font_size=11, font_color="#555"))
+    fig.update_layout(height=height, hovermode="x unified", **LAYOUT)
+    fig.update_xaxes(title_text="epoch", row=2, col=1)
+    fig.update_yaxes(title_text="ΔE(x)", row=1, col=1, secondary_y=False)
+    fig.update_yaxes(title_text="robust test error", tickformat=".0%", row=1, col=1, secondary_y=True,
+                     showgrid=False, **error_axis(all_err))
+    fig.update_yaxes(title_text="robust accuracy", tickformat=".0%", row=2, col=1, range=[0, 1])
+    return fig

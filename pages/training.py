@@ -11,7 +11,9 @@ import figures as fig
 import tour
 import training_figures as tfig
 from core import jobs, phase
-from core.recorded import list_recorded, read_recorded_metrics
+from core import overfitting
+from core.models.registry import list_bundled
+from core.recorded import CONTRAST_RUNS, FIG3_RUNS, list_recorded, read_recorded_metrics, story
 from core.data import DATASETS
 from core.errors import EnergyLensError
 from core.losses import INNERS, METHODS, OUTERS, WEIGHTINGS
@@ -368,13 +370,14 @@ recorded = list_recorded()
 if recorded:
     with st.expander(f"Recorded runs ({len(recorded)}): real training runs shipped with EnergyLens, read-only",
                      expanded=not all_jobs):
-        st.caption("Made by the project's own training CLI on the CIFAR-10 demo pack (4,585 training images, the 500 "
-                   "demo test images held out), same seed and budget for every method. Open one below to see its "
-                   "Fig. 3 at once, or compare it with your own runs.")
+        st.caption("Made by the project's own training CLI on the CIFAR-10 demo pack (the 500 demo test images held "
+                   "out), same seed and budget for every method of a group: the cifar10-demo-2k runs on 2,000 "
+                   "training images without augmentation (Fig. 3 above), the others on all 4,585 with augmentation. "
+                   "Open one below to see its plots, or compare it with your own runs.")
         for rr in recorded:
             cfg = rr.config or {}
-            line = (f":material/history: **{rr.name}** · {cfg.get('method', '?')} · {cfg.get('dataset', '?')} · "
-                    f"{cfg.get('arch', '?')} · {cfg.get('epochs', '?')} epochs")
+            line = (f":material/history: **{rr.name}** · {cfg.get('method', '?')} · {cfg.get('dataset', '?')} "
+                    f"({overfitting.recipe(cfg)}) · {cfg.get('arch', '?')} · {cfg.get('epochs', '?')} epochs")
             if rr.error:
                 st.markdown(line)
                 st.error(f"Cannot open this recorded run: {rr.error}")
@@ -383,6 +386,63 @@ if recorded:
             c1.markdown(line + (f"  \n`{rr.command}`" if rr.command else ""))
             if c2.button("Open", key=f"tr_open_{rr.name}"):
                 st.session_state["tr_view_request"] = rr.id
+
+
+# ============================================================================= Fig. 3, told on the recorded runs
+@st.cache_data(max_entries=4, show_spinner=False)
+def recorded_story(names: tuple[str, ...], stamp: tuple) -> dict:
+    return story([r for r in recorded if r.name in names])
+
+
+def story_block() -> None:
+    fig3 = [r for r in recorded if r.name in FIG3_RUNS and not r.error]
+    if not fig3:
+        return
+    stamp = tuple((r.name, RunDir(r.run_dir).metrics.stat().st_mtime) for r in recorded if RunDir(r.run_dir).metrics.is_file())
+    data = recorded_story(tuple(r.name for r in recorded), stamp)
+    runs = {n: data[n] for n in FIG3_RUNS if n in data}
+    if not runs:
+        return
+    st.divider()
+    st.subheader("Fig. 3 on real images: the three phases of robust overfitting")
+    first = next(iter(runs.values()))
+    st.caption(f"Recorded runs on {first['recipe']} CIFAR-10 demo training images (DemoNet, L∞ ε = 8/255, PGD-5 "
+               "with step 2/255 inside training, 40 epochs, learning rate ×0.1 at epochs 20 and 30), measured on the "
+               "500 demo test images with PGD-10 after every epoch. Phases are detected from SAT's ΔE(x) alone "
+               "(core.phase), never from the test accuracy.")
+    sat = next((n for n in runs if runs[n]["method"] == "sat"), None)
+    res = runs[sat]["summary"] if sat else None      # its phase boundaries come from ΔE(x) alone (core.phase)
+    labels = {n: runs[n]["method"].upper() for n in runs}
+    st.plotly_chart(tfig.overfitting_story_figure({labels[n]: runs[n] for n in runs}, res,
+                                                  labels.get(sat) if sat else None),
+                    key="tr_story_fig", width="stretch")
+    for n, r in runs.items():
+        st.markdown(f"- {overfitting.sentence(r['summary'])}")
+    sums = {r["method"]: r["summary"] for r in runs.values()}
+    if "sat" in sums and "trades" in sums and sums["sat"].dE_end is not None and sums["trades"].dE_end is not None:
+        ratio = abs(sums["trades"].dE_end) / max(abs(sums["sat"].dE_end), 1e-12)
+        st.markdown(f"TRADES keeps ΔE(x) at {sums['trades'].dE_end:+.3f} where SAT's falls to {sums['sat'].dE_end:+.3f} "
+                    f"({ratio:.0%} of it): the paper's claim that TRADES does not let the energy gap open. "
+                    + ("Its robust accuracy fell less, " if sums["trades"].drop < sums["sat"].drop else
+                       "Yet its robust accuracy fell as far, ")
+                    + f"{100 * sums['trades'].drop:.1f} points against SAT's {100 * sums['sat'].drop:.1f}.")
+    contrast = [data[n] for n in CONTRAST_RUNS if n in data]
+    if contrast:
+        with st.expander(f"The contrast: the same methods on {contrast[0]['recipe']} images"):
+            for r in contrast:
+                st.markdown(f"- {overfitting.sentence(r['summary'])}")
+    if sat and bundled_names() >= {tour.SAT_PEAK, tour.SAT_END}:
+        st.button(f"Compare the peak (epoch {runs[sat]['summary'].peak_epoch}) and the end in the Attack Lab",
+                  key="tr_peak_vs_end", on_click=tour.open_step, args=(tour.PEAK_VS_END,),
+                  help="Opens the Attack Lab side by side on SAT's checkpoint at its robust-accuracy peak and at "
+                       "its last epoch: the same images, the same PGD-10, arrows and ΔE(x) for both.")
+
+
+def bundled_names() -> set[str]:
+    return {ref.name for ref, _meta, err in list_bundled() if err is None}
+
+
+story_block()
 
 
 def run_metrics(info) -> list:
@@ -579,6 +639,7 @@ live_view(view_id, by_id[view_id].active)
 st.divider()
 st.subheader("Compare runs (Table 2a)")
 default_cmp = ([j.id for j in viewable if j.status == "done"][:4]
+               or [r.id for r in recorded if not r.error and r.name in FIG3_RUNS]
                or [r.id for r in recorded if not r.error][:4] or ids[:2])
 chosen = st.multiselect("Runs to compare", ids, key="tr_compare",
                         default=None if "tr_compare" in st.session_state else [i for i in default_cmp if i in ids],

@@ -114,13 +114,47 @@ def test_tour_steps_5_and_6_open_the_recorded_runs():
     at.button(key="tour_go_4").click().run()
     ok(at)
     assert at.title[0].value == "Training studio"
-    assert at.selectbox(key="tr_view").value == "recorded:cifar10-demo-sat"
-    assert set(at.multiselect(key="tr_compare").value) == {"recorded:cifar10-demo-sat", "recorded:cifar10-demo-trades",
-                                                          "recorded:cifar10-demo-weat-adv"}
-    assert any(t.startswith("ΔE during training — cifar10-demo-sat") for t in titles(at))
+    fig3 = "recorded:cifar10-demo-2k-"
+    assert at.selectbox(key="tr_view").value == fig3 + "sat"
+    assert set(at.multiselect(key="tr_compare").value) == {fig3 + "sat", fig3 + "trades", fig3 + "weat-adv"}
+    assert any(t.startswith("ΔE during training — cifar10-demo-2k-sat") for t in titles(at))
     at.button(key="tour_next").click().run()
     ok(at)
-    assert at.selectbox(key="tr_view").value == "recorded:cifar10-demo-weat-adv"
+    assert at.selectbox(key="tr_view").value == fig3 + "weat-adv"
+
+
+def test_training_studio_tells_the_fig3_story_from_the_records():
+    """The story block states the numbers of the shipped records (computed here from the files, independently of the
+    page), and its button opens the Attack Lab side by side on SAT's peak and end checkpoints."""
+    from core.recorded import FIG3_RUNS, list_recorded, read_recorded_metrics
+
+    at = app()
+    at.button(key="tour_go_4").click().run()        # the tour's Fig. 3 step opens the Training studio on these runs
+    ok(at)
+    assert any(h.value.startswith("Fig. 3 on real images") for h in at.subheader)
+    text = " ".join(m.value for m in at.markdown)
+    runs = {r.name: r for r in list_recorded()}
+    for name in FIG3_RUNS:
+        recs = read_recorded_metrics(runs[name])
+        pgd = [r["pgd_acc"] for r in recs]
+        k = max(range(len(pgd)), key=lambda i: (pgd[i], -i))          # the first epoch of the highest accuracy
+        method = runs[name].config["method"].upper()
+        assert f"{method}: robust test accuracy peaked at {100 * pgd[k]:.1f}% in epoch {recs[k]['epoch']} and ended " \
+               f"at {100 * pgd[-1]:.1f}% after {recs[-1]['epoch']} epochs" in text, (method, text[:2000])
+        assert f"robust accuracy reaches {100 * recs[-1]['probe_adv_acc']:.1f}%" in text
+    assert "ΔE(x) on the training data enters phase 3 at epoch" in text    # SAT's sentence
+    assert "TRADES: " in text and "ΔE(x) shows no phase 3" in text
+    from apptest_helpers import chart_with
+
+    chart_with(at, "Robust accuracy: training probe")                  # the Fig. 3 story chart
+    at.button(key="tr_peak_vs_end").click().run()
+    ok(at)
+    assert at.title[0].value == "Attack Lab"
+    assert at.session_state["model_ref"].name == "cifar10-demo-2k-sat-peak"
+    r = wait_attack(at)
+    assert r["model"] == "cifar10-demo-2k-sat-peak" and r["b"]["model"] == "cifar10-demo-2k-sat-end"
+    # the overfitted model is less robust on the same images and attack than the peak one
+    assert r["b"]["trace"].robust_accuracy() <= r["trace"].robust_accuracy()
 
 
 def test_next_step_follows_the_tour_to_another_page():
