@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -18,6 +19,28 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.
 # The app warms UMAP (numba's compile) in a background thread at launch; in tests that thread would only compete
 # for the CPU with the test itself. Tests of the warm-up set the variable back.
 os.environ.setdefault("ENERGYLENS_UMAP_WARMUP", "0")
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 120.0, what: str = "the condition", every: float = 0.05,
+               detail: Callable[[], Any] | None = None) -> Any:
+    """Poll ``pred()`` and return its first truthy value as soon as it holds. ``timeout`` only bounds a hang: it is
+    generous (the thing waited for either happens or never does) and is never a time the work has to beat, so a
+    slow, loaded machine passes exactly as a fast one. On a timeout the message names ``what`` (and ``detail()``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f": {detail()}" if detail is not None else ""
+            raise AssertionError(f"{what} never happened (gave up after {timeout:.0f} s){extra}")
+        time.sleep(every)
+
+
+@pytest.fixture(name="wait_until")
+def wait_until_fixture() -> Callable[..., Any]:
+    """:func:`wait_until` for tests: ``wait_until(lambda: cond, what="...")``."""
+    return wait_until
 
 
 @pytest.fixture(scope="session")

@@ -38,10 +38,18 @@ def quick(config, run_dir, report):
     return {"answer": 42, "value": config.get("value", 0), "steps": steps}
 
 
+def wait_for_go(run_dir) -> None:
+    """Block until the test creates ``run_dir/go``: a job held at a known point, however fast or slow the machine."""
+    while not (Path(run_dir) / "go").exists():
+        time.sleep(0.01)
+
+
 def sleepy(config, run_dir, report):
-    """Sleeps ``steps`` x ``dt`` seconds, checkpointing the step; with resume=True it continues."""
+    """Sleeps ``steps`` x ``dt`` seconds, checkpointing the step; with resume=True it continues. With
+    ``gate: k`` it holds after reporting step k until the test creates ``run_dir/go`` (or stops it there)."""
     run_dir = Path(run_dir)
     steps, dt = int(config.get("steps", 10)), float(config.get("dt", 0.1))
+    gate = config.get("gate")
     state = run_dir / "state.json"
     first = json.loads(state.read_text())["step"] if config.get("resume") and state.exists() else 0
     _marker(run_dir, pid=os.getpid(), start=time.time(), first_step=first, resume=bool(config.get("resume")))
@@ -51,6 +59,8 @@ def sleepy(config, run_dir, report):
             time.sleep(dt)
             state.write_text(json.dumps({"step": i + 1}))
             report((i + 1) / steps, f"step {i + 1}/{steps}")
+            if gate is not None and i + 1 == int(gate):
+                wait_for_go(run_dir)
     finally:
         _marker(run_dir, cleanup=time.time())  # proves the runner unwinds on a stop request
     _marker(run_dir, end=time.time())
@@ -71,10 +81,12 @@ def user_error(config, run_dir, report):
 
 
 def chatty(config, run_dir, report):
-    """Reports progress far more often than the registry accepts writes."""
+    """Reports progress far more often than the registry accepts writes: at least ``reports`` times for at least
+    ``seconds``, and with ``gate: true`` on until the test creates ``run_dir/go``."""
     n, t_end = int(config.get("reports", 2000)), time.time() + float(config.get("seconds", 2.0))
+    go = Path(run_dir) / "go" if config.get("gate") else None
     i = 0
-    while time.time() < t_end or i < n:
+    while time.time() < t_end or i < n or (go is not None and not go.exists()):
         i += 1
         report(min(1.0, i / n), f"report {i}")
         time.sleep(0.001)

@@ -795,7 +795,7 @@ out = []
 for it in items:
     exact = reset_peak()
     base = status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time of this process: the load other processes put on the machine does not count
     try:
         call(it)
         res = {"ok": True}
@@ -803,7 +803,7 @@ for it in items:
         res = {"error": type(e).__name__, "msg": str(e)}
     except BaseException as e:
         res = {"error": type(e).__name__, "msg": str(e)[:300], "unexpected": True}
-    res["seconds"] = time.perf_counter() - t0
+    res["cpu_seconds"] = time.process_time() - t0
     peak = status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res["peak_growth_mb"] = (peak - base) / 1024  # peak resident memory during the call, above the start
     out.append(res)
@@ -885,7 +885,7 @@ def test_memory_hostile_uploads_are_refused_in_bounded_memory_and_time(bounded_r
     assert res.get("error") == "InputError", res
     for n in needles:
         assert n in res["msg"], res
-    assert res["seconds"] < 1.0 and res["peak_growth_mb"] < BOUND_MB, res
+    assert res["cpu_seconds"] < 1.0 and res["peak_growth_mb"] < BOUND_MB, res
 
 
 @pytest.mark.parametrize("needles", [c[2] for c in MEMORY_CKPT_CASES], ids=[c[0] for c in MEMORY_CKPT_CASES])
@@ -894,7 +894,7 @@ def test_memory_hostile_metadata_is_refused_before_any_model_is_built(bounded_re
     assert res.get("error") == "CheckpointError", res
     for n in needles:
         assert n in res["msg"], res
-    assert res["seconds"] < 1.0 and res["peak_growth_mb"] < BOUND_MB, res
+    assert res["cpu_seconds"] < 1.0 and res["peak_growth_mb"] < BOUND_MB, res
 
 
 def _big_uploads() -> list[tuple[str, bytes]]:
@@ -926,7 +926,7 @@ def test_large_valid_uploads_decode_in_bounded_memory(tmp_path):
     for (name, _), res in zip(big, results):
         assert res.get("ok"), (name, res)
         assert res["peak_growth_mb"] < BOUND_MB, (name, res)
-        assert res["seconds"] < 5.0, (name, res)  # at most 0.5 s measured on two busy cores (16 Mpx RGBA PNG)
+        assert res["cpu_seconds"] < 5.0, (name, res)  # at most 0.5 s measured on two busy cores (16 Mpx RGBA PNG)
 
 
 def test_metadata_shapes_are_checked_before_the_real_model_is_built(ckpt, tmp_path, monkeypatch):

@@ -55,7 +55,17 @@ def _kill_leftovers(root: Path) -> None:
     process.reap_children()
 
 
-def wait_for(pred, timeout=20.0, interval=0.05, what="condition"):
+# Generous: a timeout only bounds a hang (the condition either comes or never does), never a time the job must beat.
+WAIT_S = 120.0
+FOREVER = 10**7  # sleepy steps: a job that only ends when the test stops it
+
+
+def go(info) -> None:
+    """Release a job held at its gate (jobs_fixtures.wait_for_go)."""
+    (Path(info.run_dir) / "go").touch()
+
+
+def wait_for(pred, timeout=WAIT_S, interval=0.05, what="condition"):
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -66,7 +76,7 @@ def wait_for(pred, timeout=20.0, interval=0.05, what="condition"):
         time.sleep(interval)
 
 
-def wait_status(job_id, root, statuses, timeout=20.0):
+def wait_status(job_id, root, statuses, timeout=WAIT_S):
     statuses = (statuses,) if isinstance(statuses, str) else statuses
     return wait_for(lambda: (j := jobs.get_job(job_id, root)).status in statuses and j, timeout,
                     what=f"job {job_id} to become {'/'.join(statuses)}")
@@ -133,11 +143,12 @@ def test_failing_runner_records_error_and_log_tail(runs):
 
 
 def test_queued_job_starts_when_the_first_finishes(runs):
-    first = jobs.submit("sleepy", {"steps": 6, "dt": 0.1}, device="cpu", runs_dir=runs)
+    first = jobs.submit("sleepy", {"steps": 6, "dt": 0.1, "gate": 1}, device="cpu", runs_dir=runs)
     second = jobs.submit("quick", {}, device="cpu", runs_dir=runs)
-    assert second.status == "queued"  # one job per slot
+    assert second.status == "queued"  # one job per slot (the first is held at its gate until go())
+    go(first)
     # only plain registry reads from here on: the finishing job must start the next one itself
-    wait_for(lambda: raw_row(runs, second.id).get("status") == "done", 30, what="the queued job to finish")
+    wait_for(lambda: raw_row(runs, second.id).get("status") == "done", what="the queued job to finish")
     r1, r2 = raw_row(runs, first.id), raw_row(runs, second.id)
     assert r1["status"] == "done"
     assert r2["started"] >= r1["finished"] - 1e-3
@@ -147,8 +158,8 @@ def test_queued_job_starts_when_the_first_finishes(runs):
 
 def test_max_jobs_per_device_allows_parallel_jobs(runs, monkeypatch):
     monkeypatch.setenv("ENERGYLENS_MAX_JOBS_PER_DEVICE", "2")
-    a = jobs.submit("sleepy", {"steps": 30, "dt": 0.1}, device="cpu", runs_dir=runs)
-    b = jobs.submit("sleepy", {"steps": 30, "dt": 0.1}, device="cpu", runs_dir=runs)
+    a = jobs.submit("sleepy", {"steps": FOREVER, "dt": 0.1}, device="cpu", runs_dir=runs)
+    b = jobs.submit("sleepy", {"steps": FOREVER, "dt": 0.1}, device="cpu", runs_dir=runs)
     c = jobs.submit("quick", {}, device="cpu", runs_dir=runs)
     assert [jobs.get_job(j.id, runs).status for j in (a, b, c)] == ["running", "running", "queued"]
     for j in (a, b, c):
@@ -156,60 +167,63 @@ def test_max_jobs_per_device_allows_parallel_jobs(runs, monkeypatch):
 
 
 def test_stop_terminates_the_process_group(runs):
-    info = jobs.submit("sleepy", {"steps": 200, "dt": 0.05}, device="cpu", runs_dir=runs)
+    info = jobs.submit("sleepy", {"steps": FOREVER, "dt": 0.05}, device="cpu", runs_dir=runs)
     running = wait_for(lambda: (j := jobs.get_job(info.id, runs)).progress > 0 and j, what="progress")
-    t0 = time.monotonic()
-    stopped = jobs.stop_job(info.id, runs, grace=5)
-    assert time.monotonic() - t0 < 5  # unwound on SIGTERM, no SIGKILL needed
+    # a generous grace: stop_job returns as soon as the group is gone; SIGKILL would only come after WAIT_S
+    stopped = jobs.stop_job(info.id, runs, grace=WAIT_S)
     assert stopped.status == "stopped" and stopped.finished is not None
     assert gone(running.pid)
-    assert "cleanup" in marker(stopped)  # the runner's finally ran: JobStopped unwound it
+    # unwound on SIGTERM, no SIGKILL needed: the runner's finally ran (JobStopped unwound it), which a SIGKILL
+    # would never let happen
+    assert "cleanup" in marker(stopped)
     assert "end" not in marker(stopped)
     assert jobs.stop_job(info.id, runs).status == "stopped"  # idempotent
 
 
 def test_stop_escalates_to_sigkill(runs):
-    info = jobs.submit("stubborn", {"seconds": 60}, device="cpu", runs_dir=runs)
+    # it ignores SIGTERM and would sleep for a day: only SIGKILL ends it, so returning at all means escalation
+    info = jobs.submit("stubborn", {"seconds": 86400}, device="cpu", runs_dir=runs)
     running = wait_for(lambda: (j := jobs.get_job(info.id, runs)).progress > 0 and j, what="progress")
     t0 = time.monotonic()
     stopped = jobs.stop_job(info.id, runs, grace=0.5)
     assert stopped.status == "stopped"
-    assert 0.4 < time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 > 0.4  # the grace was granted before SIGKILL (a slow machine only adds to this)
     assert gone(running.pid)
 
 
 def test_stop_queued_job_never_runs(runs):
-    a = jobs.submit("sleepy", {"steps": 100, "dt": 0.05}, device="cpu", runs_dir=runs)
+    a = jobs.submit("sleepy", {"steps": FOREVER, "dt": 0.05}, device="cpu", runs_dir=runs)
     b = jobs.submit("quick", {}, device="cpu", runs_dir=runs)
     assert jobs.stop_job(b.id, runs).status == "stopped"
-    jobs.stop_job(a.id, runs, grace=5)
+    jobs.stop_job(a.id, runs, grace=WAIT_S)
     assert jobs.get_job(b.id, runs).status == "stopped" and not marker(jobs.get_job(b.id, runs))
 
 
 def test_resume_continues_in_the_same_folder(runs):
-    info = jobs.submit("sleepy", {"steps": 12, "dt": 0.1}, device="cpu", runs_dir=runs)
+    # held after step 3 until stopped: the stop lands mid-run however slow the machine is
+    info = jobs.submit("sleepy", {"steps": 12, "dt": 0.1, "gate": 3}, device="cpu", runs_dir=runs)
     wait_for(lambda: jobs.get_job(info.id, runs).progress >= 0.25, what="progress")
-    stopped = jobs.stop_job(info.id, runs, grace=5)
+    stopped = jobs.stop_job(info.id, runs, grace=WAIT_S)
     done_steps = json.loads((runs / info.id / "state.json").read_text())["step"]
-    assert stopped.status == "stopped" and 0 < done_steps < 12
+    assert stopped.status == "stopped" and done_steps == 3
     with pytest.raises(JobError, match="only stopped or failed"):
         jobs.resume_job(jobs.submit("quick", {}, device="cpu", runs_dir=runs, start=False).id, runs)
     resumed = jobs.resume_job(info.id, runs)
     assert resumed.id == info.id and resumed.run_dir == info.run_dir
     assert resumed.config["resume"] is True and resumed.error is None
     assert json.loads((runs / info.id / "job.json").read_text())["config"]["resume"] is True
-    done = wait_status(info.id, runs, ("done", "failed"), timeout=30)
+    done = wait_status(info.id, runs, ("done", "failed"))
     assert done.status == "done", done.error
     assert done.result == {"steps": 12, "first_step": done_steps}
     assert jobs.read_log_tail(info.id, 500, runs).count("launching sleepy job") == 2
 
 
 def test_delete_refuses_while_running(runs):
-    info = jobs.submit("sleepy", {"steps": 100, "dt": 0.05}, device="cpu", runs_dir=runs)
+    info = jobs.submit("sleepy", {"steps": FOREVER, "dt": 0.05}, device="cpu", runs_dir=runs)
     with pytest.raises(JobError, match="running"):
         jobs.delete_job(info.id, runs)
     assert Path(info.run_dir).is_dir()
-    jobs.stop_job(info.id, runs, grace=5)
+    jobs.stop_job(info.id, runs, grace=WAIT_S)
     jobs.delete_job(info.id, runs)
     assert not Path(info.run_dir).exists()
     with pytest.raises(JobError, match="unknown job"):
@@ -232,10 +246,10 @@ def test_duplicate_with_changes(runs):
 
 
 def test_sigkilled_job_is_detected_as_failed(runs):
-    info = jobs.submit("sleepy", {"steps": 200, "dt": 0.05}, device="cpu", runs_dir=runs)
-    running = wait_for(lambda: (j := jobs.get_job(info.id, runs)).progress >= 0.02 and j, what="progress")
+    info = jobs.submit("sleepy", {"steps": FOREVER, "dt": 0.05}, device="cpu", runs_dir=runs)
+    running = wait_for(lambda: (j := jobs.get_job(info.id, runs)).progress > 0 and j, what="progress")
     os.killpg(running.pid, signal.SIGKILL)
-    failed = wait_status(info.id, runs, "failed", timeout=10)
+    failed = wait_status(info.id, runs, "failed")
     assert "ended without reporting a result" in failed.error
     assert "Last log lines" in failed.error and "sleepy step" in failed.error
     assert failed.finished is not None and failed.status == "failed"
@@ -266,9 +280,9 @@ def test_concurrent_submits_never_share_a_folder(runs):
              for _ in range(3)]
     for p in procs:
         p.start()
-    ids = [i for _ in procs for i in out.get(timeout=60)]
+    ids = [i for _ in procs for i in out.get(timeout=WAIT_S)]
     for p in procs:
-        p.join(timeout=30)
+        p.join(timeout=WAIT_S)
         assert p.exitcode == 0
     assert len(ids) == len(set(ids)) == 3 * n
     for i in ids:
@@ -331,7 +345,8 @@ def test_id_collision_is_retried(runs, monkeypatch):
 
 
 def test_registry_is_consistent_while_a_job_writes(runs):
-    info = jobs.submit("chatty", {"reports": 2000, "seconds": 2.0}, device="cpu", runs_dir=runs)
+    # it reports on (at least 2,000 times and 2 s) until the readers have seen it running often enough
+    info = jobs.submit("chatty", {"reports": 2000, "seconds": 2.0, "gate": True}, device="cpu", runs_dir=runs)
     seen, errors = [], []
     stop = threading.Event()
 
@@ -349,7 +364,10 @@ def test_registry_is_consistent_while_a_job_writes(runs):
     for t in threads:
         t.start()
     try:
-        done = wait_status(info.id, runs, ("done", "failed"), timeout=30)
+        wait_for(lambda: sum(s[2] == "running" for s in seen) > 20 or not jobs.get_job(info.id, runs).active,
+                 what="the readers to see the job running")
+        go(info)
+        done = wait_status(info.id, runs, ("done", "failed"))
     finally:
         stop.set()
         for t in threads:
@@ -360,7 +378,7 @@ def test_registry_is_consistent_while_a_job_writes(runs):
     assert all(0.0 <= s[0] <= 1.0 and 0.0 <= s[3] <= 1.0 for s in seen)
     running = [s for s in seen if s[2] == "running"]
     assert len(running) > 20
-    # progress writes are throttled to ~2/s: a 2 s job shows only a handful of distinct versions
+    # progress writes are throttled to ~2/s: a job running for t s shows only about 2 t distinct versions
     budget = (done.finished - done.started) / jobs.REPORT_INTERVAL_S + 5  # + launch, claim, first report
     assert len({s[1] for s in running}) <= budget
 
@@ -462,7 +480,7 @@ def test_launch_uses_an_argument_list_never_a_shell(runs, monkeypatch):
 def _cli(runs: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ENERGYLENS_EXTRA_KINDS": json.dumps(TEST_KINDS)}
     return subprocess.run([sys.executable, "-m", "core.jobs", "--runs-dir", str(runs), *args], capture_output=True,
-                          text=True, env=env, cwd=jobs.REPO_ROOT, timeout=60)
+                          text=True, env=env, cwd=jobs.REPO_ROOT, timeout=WAIT_S)
 
 
 def test_cli_parity(runs, tmp_path):
@@ -507,13 +525,13 @@ def test_registry_recreated_or_corrupt(runs):
 def test_a_queued_job_has_no_running_time(runs):
     """Issue 13 item 10: a resumed job waiting for its slot keeps its old start time, but its running time
     does not count while it waits (it showed the time since its first start, growing while queued)."""
-    b = jobs.submit("sleepy", {"steps": 40, "dt": 0.1}, device="cpu", runs_dir=runs)
-    wait_for(lambda: jobs.get_job(b.id, runs).progress >= 0.05, what="progress")
-    jobs.stop_job(b.id, runs, grace=5)
-    a = jobs.submit("sleepy", {"steps": 400, "dt": 0.05}, device="cpu", runs_dir=runs)  # holds the only cpu slot
-    wait_status(a.id, runs, ("running",), timeout=30)
+    b = jobs.submit("sleepy", {"steps": FOREVER, "dt": 0.1}, device="cpu", runs_dir=runs)
+    wait_for(lambda: jobs.get_job(b.id, runs).progress > 0, what="progress")
+    jobs.stop_job(b.id, runs, grace=WAIT_S)
+    a = jobs.submit("sleepy", {"steps": FOREVER, "dt": 0.05}, device="cpu", runs_dir=runs)  # holds the only cpu slot
+    wait_status(a.id, runs, ("running",))
     queued = jobs.resume_job(b.id, runs)
-    time.sleep(1.2)
+    jobs.refresh(runs)  # the scheduler looks again (a waiting job may not start; its running time must not grow)
     queued = jobs.get_job(b.id, runs)
     assert queued.status == "queued" and queued.started is not None
     assert queued.duration is None

@@ -335,7 +335,8 @@ def test_run_list_shows_material_icons_and_no_running_time_while_queued(runs, mo
     monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps({"train": f"{__file__}:fake_train_runner",
                                                               "sleepy": f"{fixtures}:sleepy"}))
     monkeypatch.setenv("ENERGYLENS_MAX_JOBS_PER_DEVICE", "1")
-    hold = jobs.submit("sleepy", {"steps": 600, "dt": 0.05}, device="cpu", runs_dir=runs)  # holds the cpu slot
+    # holds the cpu slot until the test stops it (not for a fixed time the page check would have to beat)
+    hold = jobs.submit("sleepy", {"steps": 10**7, "dt": 0.05}, device="cpu", runs_dir=runs)
     try:
         queued = jobs.submit("train", {"method": "sat", "dataset": "digits", "epochs": 3}, name="waiting run",
                              device="cpu", runs_dir=runs)
@@ -385,7 +386,7 @@ def test_training_form_can_pick_an_npz_dataset(runs, tmp_path):
     assert jobs.list_jobs(runs) == []
 
 
-def test_running_job_shows_batch_progress_eta_and_live_batch_loss(runs):
+def test_running_job_shows_batch_progress_eta_and_live_batch_loss(runs, wait_until):
     """A real digits job, viewed while its first epoch runs: a batch counter and an ETA in the progress text and
     the batch-level training loss plot, before any per-epoch ΔE record exists; Stop ends it."""
     from core import jobs
@@ -398,20 +399,24 @@ def test_running_job_shows_batch_progress_eta_and_live_batch_loss(runs):
     no_crash(at)
     job = jobs.list_jobs(runs, kind="train")[0]
     try:
-        t0 = time.time()
-        while not RunDir(job.run_dir).read_batches() and time.time() - t0 < 120:
+        import re
+        shown = r"epoch [123]/3 · (batch \d+/89|evaluating).* · ETA ~?\d+m\d\ds"
+
+        def alive(what):
             assert jobs.get_job(job.id).active, jobs.read_log_tail(job.id, 30)
-            time.sleep(0.2)
-        assert RunDir(job.run_dir).read_batches(), "no batch was reported within 120 s"
-        time.sleep(1.5)                      # the registry write is throttled to 2 per second
+            return what
+
+        # wait for what the page is to show, however slowly it comes: a batch record, then a registry message with
+        # a batch counter and an ETA (the registry write is throttled, the ETA needs a measured batch time)
+        wait_until(lambda: alive(RunDir(job.run_dir).read_batches()), timeout=300, what="a reported batch")
+        wait_until(lambda: alive(re.search(shown, jobs.get_job(job.id).message or "")), timeout=300,
+                   what="a batch counter and an ETA in the job's message", detail=lambda: jobs.get_job(job.id).message)
         at.run()
         no_crash(at)
         texts = [p.proto.text for p in at.get("progress")]
         batch_texts = [t for t in texts if "batch " in t or "evaluating" in t]
         assert batch_texts, texts
-        import re
-        assert any(re.search(r"epoch [123]/3 · (batch \d+/89|evaluating).* · ETA ~?\d+m\d\ds", t) for t in batch_texts), \
-            batch_texts
+        assert any(re.search(shown, t) for t in batch_texts), batch_texts
         figs = charts(at)
         live = chart_with(figs, "Training loss by batch")
         loss = live.array(live.trace("training loss"), "y")
