@@ -364,3 +364,24 @@ def test_readme_tables_are_the_ones_the_script_writes_from_the_shipped_files(rep
     text = (repo_root / "README.md").read_text()
     inside = text.split(mod.MARK_START, 1)[1].split(mod.MARK_END, 1)[0]
     assert inside.strip() == mod.tables(results).strip(), "README's demo tables are stale: run build_demo_pack.py readme"
+
+
+@pytest.mark.slow
+def test_the_fig3_recipe_reproduces_the_first_two_shipped_epochs(tmp_path):
+    """The shipped SAT run is what its recipe makes: re-run the recorded config (the pack's own train split, in every
+    clone) for its first two epochs and compare with the shipped records, within the noise of thread counts."""
+    from core.recorded import list_recorded, read_recorded_metrics
+    from core.rundir import RunDir
+    from core.train import TrainConfig, TrainingStopped, train
+
+    run = next(r for r in list_recorded() if r.name == "cifar10-demo-2k-sat")
+    shipped = read_recorded_metrics(run)[:2]
+    cfg = TrainConfig.from_dict({**run.config, "out_dir": str(tmp_path / "run"), "resume": False, "threads": None})
+    out = RunDir(tmp_path / "run")
+    with pytest.raises(TrainingStopped):                 # stop in epoch 3: the schedule is the 40-epoch one
+        train(cfg, should_stop=lambda: len(out.read_metrics()) >= 2)
+    mine = out.read_metrics()
+    assert [r["epoch"] for r in mine] == [1, 2]
+    for a, b in zip(mine, shipped):
+        for key, tol in (("nat_acc", 0.06), ("pgd_acc", 0.06), ("probe_nat_acc", 0.08), ("dE_mean", 0.06)):
+            assert abs(a[key] - b[key]) <= tol, (a["epoch"], key, a[key], b[key])
