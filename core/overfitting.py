@@ -19,7 +19,7 @@ from . import phase
 from .data import DATASETS
 from .data.demo import DEMO_DATASET, TRAIN_SIZE as DEMO_TRAIN_SIZE
 
-__all__ = ["Overfitting", "summarize", "sentence", "recipe", "SIGNIFICANT_SE"]
+__all__ = ["Overfitting", "summarize", "sentence", "recipe", "finite_number", "SIGNIFICANT_SE"]
 
 SIGNIFICANT_SE = 2.0     # a drop of robust test accuracy counts as robust overfitting beyond 2 standard errors
 
@@ -56,7 +56,8 @@ class Overfitting:
         return {**asdict(self), "significant": self.significant, "phase3_lag": self.phase3_lag}
 
 
-def _num(rec: dict, key: str) -> float | None:
+def finite_number(rec: dict, key: str) -> float | None:
+    """``rec[key]`` as a finite float, else None (missing, text, NaN, infinite)."""
     try:
         v = float(rec.get(key))
     except (TypeError, ValueError):
@@ -69,7 +70,7 @@ def summarize(records: Sequence[dict], method: str | None = None, n_test: int | 
     """The robust-overfitting summary of a run, or None when no epoch has a robust test accuracy yet.
 
     ``n_test`` is the number of held-out images (the run's ``eval_samples``; default 500, the demo test split)."""
-    recs = [r for r in records if isinstance(r, dict) and _num(r, "pgd_acc") is not None and _num(r, "epoch")]
+    recs = [r for r in records if isinstance(r, dict) and finite_number(r, "pgd_acc") is not None and finite_number(r, "epoch")]
     if not recs:
         return None
     n = int(n_test or 500)
@@ -78,7 +79,7 @@ def summarize(records: Sequence[dict], method: str | None = None, n_test: int | 
     peak_epoch, peak_acc, end_acc = peak
     se = math.sqrt(peak_acc * (1 - peak_acc) / n + end_acc * (1 - end_acc) / n)
     last = recs[-1]
-    train_rob, train_nat = _num(last, "probe_adv_acc"), _num(last, "probe_nat_acc")
+    train_rob, train_nat = finite_number(last, "probe_adv_acc"), finite_number(last, "probe_nat_acc")
     ep, de = phase.metric_series(records, key)
     ok = np.isfinite(de)
     res = phase.detect_phases(de[ok], ep[ok]) if ok.sum() >= 3 else None

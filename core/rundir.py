@@ -42,6 +42,15 @@ PROBE_REQUIRED = ("e_nat", "e_adv", "ej_nat", "ej_adv")
 CHECKPOINT_FILES = ("best.safetensors", "last.safetensors")
 
 
+def _json_object(path: Path) -> dict | None:
+    """A JSON object read from ``path``, or None when the file is absent, unreadable or holds something else."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
 class RunDir:
     """One run folder. ``RunDir(path).metrics`` is the path of its metrics file, ``.read_metrics()`` its records."""
 
@@ -195,11 +204,7 @@ class RunDir:
 
     def read_progress(self) -> dict | None:
         """The latest ``progress.json`` (epoch, batch, batches, eta_s, ...), or None."""
-        try:
-            d = json.loads(self.progress.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return d if isinstance(d, dict) else None
+        return _json_object(self.progress)
 
     # ---- probe snapshots -------------------------------------------------------------------------------------------
     def write_probe(self, epoch: int, arrays: dict[str, np.ndarray]) -> None:
@@ -243,11 +248,7 @@ class RunDir:
 
     def read_result(self) -> dict | None:
         """``result.json`` of an evaluation run, or None when absent or unreadable."""
-        try:
-            r = json.loads(self.result.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return r if isinstance(r, dict) else None
+        return _json_object(self.result)
 
     def write_command(self, command: str) -> None:
         atomic_write_text(self.command, command.rstrip("\n") + "\n")

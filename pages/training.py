@@ -494,13 +494,7 @@ def series(recs, key):
     return phase.metric_series(recs, key)
 
 
-def num(rec: dict, key: str) -> float | None:
-    """A finite number from a metrics record, else None (missing, text, NaN)."""
-    try:
-        v = float(rec.get(key))
-    except (TypeError, ValueError):
-        return None
-    return v if np.isfinite(v) else None
+num = overfitting.finite_number   # a finite number from a metrics record, else None (missing, text, NaN)
 
 
 def fmt(v: float | None, spec: str) -> str:

@@ -13,10 +13,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from core import jobs
 from core.errors import JobError
@@ -58,14 +58,7 @@ WAIT_S = 120.0
 
 
 def wait_for(pred, timeout=WAIT_S, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+    return wait_until(pred, timeout=timeout, what=what)
 
 
 def wait_status(job_id, root, statuses, timeout=WAIT_S):

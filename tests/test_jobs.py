@@ -16,6 +16,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from core import jobs
 from core.errors import JobError
@@ -66,14 +67,7 @@ def go(info) -> None:
 
 
 def wait_for(pred, timeout=WAIT_S, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(pred, timeout=timeout, what=what, every=interval)
 
 
 def wait_status(job_id, root, statuses, timeout=WAIT_S):
