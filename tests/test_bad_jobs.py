@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def runs(tmp_path, monkeypatch):
-    root = tmp_path / "runs"
+def runs(runs_dir, monkeypatch):
+    """The shared private runs folder (conftest.runs_dir) with the test runners registered."""
+    root = runs_dir
     monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps(TEST_KINDS))
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(root))
     monkeypatch.setenv("ENERGYLENS_MAX_JOBS_PER_DEVICE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield root

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,9 +31,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def runs(tmp_path, monkeypatch):
-    d = tmp_path / "runs"
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(d))
+def runs(runs_dir, monkeypatch):
+    d = runs_dir
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.chdir(REPO)  # submitit's tasks start in this folder and import this checkout's core

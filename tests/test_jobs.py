@@ -27,11 +27,11 @@ TEST_KINDS = {k: f"{FIXTURES}:{k}" for k in ("quick", "sleepy", "failing", "user
 
 
 @pytest.fixture
-def runs(tmp_path, monkeypatch):
-    """A private runs folder; the test runners are registered through ENERGYLENS_EXTRA_KINDS."""
-    root = tmp_path / "runs"
+def runs(runs_dir, monkeypatch):
+    """The shared private runs folder (conftest.runs_dir); the test runners are registered through
+    ENERGYLENS_EXTRA_KINDS."""
+    root = runs_dir
     monkeypatch.setenv("ENERGYLENS_EXTRA_KINDS", json.dumps(TEST_KINDS))
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(root))
     monkeypatch.setenv("ENERGYLENS_MAX_JOBS_PER_DEVICE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield root

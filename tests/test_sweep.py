@@ -30,9 +30,8 @@ TINY_EVAL = {"n": 32, "pgd_steps": 2, "aa_version": "custom", "aa_attacks": ["ap
 
 
 @pytest.fixture
-def runs(tmp_path, monkeypatch):
-    d = tmp_path / "runs"
-    monkeypatch.setenv("ENERGYLENS_RUNS", str(d))
+def runs(runs_dir, monkeypatch):
+    d = runs_dir
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     return d
