@@ -352,6 +352,11 @@ _TRAIN_KEYS_IGNORED = {"seed", "out_dir", "name", "resume", "device", "data_root
                        "snapshot_every", "eval_samples", "probe_size", "eval_steps", "exclude_indices_file"}
 
 
+def check_job_config(config: dict) -> None:
+    """core.jobs' check of an evaluation job's config before it is queued (InputError naming the setting)."""
+    resolve_config(config)
+
+
 def run_job(config: dict, run_dir: Path, report: Progress) -> dict:
     """Job runner (kind 'eval'). Returns the evaluation record (also written to ``result.json``)."""
     ref = ModelRef(**_model_ref_dict(config))

@@ -1041,6 +1041,11 @@ def _load_ref(d: dict, device: str):
     return load_model_ref(ModelRef(**{k: v for k, v in d.items() if k in allowed}), device=device)
 
 
+def check_job_config(config: dict) -> None:
+    """core.jobs' check of an SGLD batch job's config before it is queued (InputError naming the setting)."""
+    SGLDJobConfig.from_dict(config).validate()
+
+
 def run_job(config: dict, run_dir, report: Progress) -> dict:
     """Generate ``n_per_class`` samples for each class and score them.
 

@@ -774,6 +774,11 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+def check_job_config(config: dict) -> None:
+    """core.jobs' check of a training job's config before it is queued (InputError naming the field)."""
+    TrainConfig.from_dict({k: v for k, v in config.items() if k != "out_dir"}).validate()
+
+
 def run_job(config: dict, run_dir, report: Callable[[float, str], None]) -> dict:
     """Entry point for background jobs (core.jobs): train into ``run_dir``.
 

@@ -534,3 +534,21 @@ def test_a_queued_job_has_no_running_time(runs):
     assert jobs.get_job(a.id, runs).duration > 0
     for j in (never, queued, a):
         jobs.stop_job(j.id, runs, grace=5)
+
+
+@pytest.mark.parametrize("kind, config, needle", [
+    ("train", {"dataset": "digits", "epochs": -1}, "epochs must be a positive integer"),
+    ("train", {"dataset": "digits", "bogus_option": 1}, "unknown training option"),
+    ("sgld", {"classes": []}, "sgld config refused"),
+])
+def test_a_bad_config_is_refused_before_anything_is_queued(runs_dir, kind, config, needle):
+    with pytest.raises(JobError, match=needle):
+        jobs.submit(kind, config, runs_dir=runs_dir)
+    assert jobs.list_jobs(runs_dir) == []
+    # the command line says it in one line, exit code 2
+    cfg = runs_dir.parent / "bad.json"
+    cfg.write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, "-m", "core.jobs", "--runs-dir", str(runs_dir), "submit", kind, "--config",
+                          str(cfg)], cwd=jobs.REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

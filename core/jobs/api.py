@@ -13,6 +13,7 @@ in ``job.json`` at submission, so a queued job always runs the runner it was sub
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import signal
 import time
 from pathlib import Path
 
-from ..errors import JobError
+from ..errors import EnergyLensError, JobError
 from ..rundir import RunDir
 from . import files, process, reconcile, store
 from .files import clean_text, job_dir
@@ -32,7 +33,8 @@ from .store import JobInfo, registry_notice
 
 __all__ = ["KINDS", "JobInfo", "available_kinds", "submit", "list_jobs", "get_job", "peek_job", "refresh",
            "stop_job", "resume_job", "delete_job", "duplicate_job", "read_metrics", "read_log_tail", "job_dir",
-           "max_jobs_per_device", "registry_notice", "clean_text", "is_external_slot", "resolve_device", "new_job_id"]
+           "max_jobs_per_device", "registry_notice", "clean_text", "is_external_slot", "resolve_device", "new_job_id",
+           "CHECKS", "check_config"]
 
 KINDS: dict[str, str] = {
     "train": "core.train:run_job",
@@ -40,6 +42,15 @@ KINDS: dict[str, str] = {
     "landscape": "core.analysis:run_landscape_job",
     "sgld": "core.sampling:run_job",
     "subset": "core.analysis:run_subset_job",
+}
+
+# Each kind's config check, named like its runner (loaded by name: the job system imports nothing above it). submit()
+# runs it before anything is queued, so a bad config is refused at once with the check's message, from the CLI as
+# from the pages, instead of failing later in the job process.
+CHECKS: dict[str, str] = {
+    "train": "core.train:check_job_config",
+    "eval": "core.evaluation:check_job_config",
+    "sgld": "core.sampling:check_job_config",
 }
 
 ENV_EXTRA_KINDS = "ENERGYLENS_EXTRA_KINDS"
@@ -62,6 +73,15 @@ def available_kinds() -> dict[str, str]:
             raise JobError(f'{ENV_EXTRA_KINDS} must be a JSON object {{"kind": "module:function"}}')
         kinds.update(more)
     return kinds
+
+
+def check_config(kind: str, config: dict) -> None:
+    """Run the kind's config check (:data:`CHECKS`); JobError with its message when the config is refused."""
+    module, _, name = CHECKS[kind].partition(":")
+    try:
+        getattr(importlib.import_module(module), name)(config)
+    except EnergyLensError as e:
+        raise JobError(f"{kind} config refused: {e}") from e
 
 
 def resolve_device(device: str | None, config: dict) -> str:
@@ -180,6 +200,8 @@ def submit(kind: str, config: dict, *, name: str | None = None, device: str = "a
         config = json.loads(json.dumps(config, default=files.json_default))
     except (TypeError, ValueError) as e:
         raise JobError(f"the job config cannot be stored as JSON: {e}") from e
+    if target is None and kind in CHECKS:
+        check_config(kind, config)
     slot = resolve_device(device, config)
     root = files.runs_dir(runs_dir)
     _prepare_runs_dir(root)
