@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import sys
@@ -122,8 +123,35 @@ def start_task(key: str, label: str, fn: Callable[[Task], Any]) -> Task:
 
     task.thread = threading.Thread(target=body, name=f"energylens-{key}", daemon=True)
     st.session_state[key] = task
+    with _LIVE_LOCK:
+        _LIVE[:] = [(th, ev) for th, ev in _LIVE if th.is_alive()] + [(task.thread, task.cancel_event)]
     task.thread.start()
     return task
+
+
+# Background tasks that may still run torch code: when the process exits (the server is stopped, a test session
+# ends), they are asked to stop and given a moment to return, because a daemon thread left inside a torch operation
+# while the interpreter tears torch down aborts the process ("terminate called without an active exception").
+_LIVE: list[tuple[threading.Thread, threading.Event]] = []
+_LIVE_LOCK = threading.Lock()
+EXIT_GRACE_S = 20.0
+
+
+def stop_all_tasks(timeout: float = EXIT_GRACE_S) -> None:
+    """Cancel every background task still running and wait up to ``timeout`` seconds in all for them to return
+    (the SGLD-statistics and UMAP warm-up threads too, which cannot be cancelled but finish on their own)."""
+    with _LIVE_LOCK:
+        live = [(th, ev) for th, ev in _LIVE if th.is_alive()]
+    for _, ev in live:
+        ev.set()
+    deadline = time.monotonic() + timeout
+    others = [t for t in threading.enumerate() if t.daemon and t.is_alive()
+              and t.name.startswith(("energylens-sgld-warmup", "energylens-umap-warmup"))]
+    for th in [th for th, _ in live] + others:
+        th.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(stop_all_tasks)
 
 
 def wait_briefly(task: Task, seconds: float = 1.5) -> None:

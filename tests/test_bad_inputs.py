@@ -571,7 +571,7 @@ def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch, where):
     if where == "write":
         real = storage.atomic_write
         monkeypatch.setattr(storage, "atomic_write",
-                            lambda p, writer, mode="wb": real(p, lambda f: (f.write(b"partial"), full()), mode))
+                            lambda p, writer, mode="wb", **kw: real(p, lambda f: (f.write(b"partial"), full()), mode, **kw))
     elif where == "fsync":
         monkeypatch.setattr(storage.os, "fsync", full)
     else:

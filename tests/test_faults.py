@@ -220,12 +220,12 @@ def _fail_second_last_checkpoint(monkeypatch, how: str) -> list:
     if how == "atomic_write":
         real = storage.atomic_write
 
-        def atomic_write(path, writer, mode="wb"):
+        def atomic_write(path, writer, mode="wb", **kw):
             if Path(path).name == "last.safetensors":
                 hits.append(str(path))
                 if len(hits) == 2:
                     raise StorageError(f"could not write {path}: No space left on device")
-            return real(path, writer, mode)
+            return real(path, writer, mode, **kw)
 
         monkeypatch.setattr(storage, "atomic_write", atomic_write)
     else:  # the real atomic_write, with the final rename failing like a full disk

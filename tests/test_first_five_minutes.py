@@ -168,7 +168,7 @@ def test_next_step_follows_the_tour_to_another_page():
     ok(at)
     assert at.title[0].value == "Training studio"
     assert any("Tour, step 5 of 7" in m.value for m in at.markdown)
-    assert at.selectbox(key="tr_view").value == "recorded:cifar10-demo-sat"
+    assert at.selectbox(key="tr_view").value == "recorded:cifar10-demo-2k-sat"
     at.button(key="tour_next").click().run()            # step 6, same page
     at.button(key="tour_next").click().run()            # step 7 lives on the SGLD studio
     ok(at)
