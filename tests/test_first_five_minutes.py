@@ -5,6 +5,8 @@ uploads get an energy-based out-of-distribution hint, and results survive a page
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -297,3 +299,25 @@ def test_sgld_state_round_trip_continues_exactly():
 
     with pytest.raises(InputError, match="does not match"):
         SGLDSampler.from_state(lm, arrays, meta)
+
+
+@pytest.mark.slow
+def test_a_process_that_ends_while_a_task_runs_exits_cleanly(tmp_path):
+    """A session ends while SGLD chains still run in a background task (the tour's step 7): the process cancels the
+    task at exit instead of aborting inside torch (exit code 134, "terminate called without an active exception")."""
+    script = tmp_path / "end_while_running.py"
+    script.write_text(f"""
+import os
+os.environ["ENERGYLENS_CACHE"] = {str(tmp_path / "cache")!r}
+os.environ["ENERGYLENS_RUNS"] = {str(tmp_path / "runs")!r}
+os.environ["ENERGYLENS_UMAP_WARMUP"] = "0"
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file({HOME!r}, default_timeout=120).run()
+at.button(key="tour_go_6").click().run()
+import threading
+assert any(t.name.startswith("energylens-") and t.is_alive() for t in threading.enumerate()), "no task running"
+print("leaving with a task running")
+""")
+    out = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    assert "leaving with a task running" in out.stdout and "terminate called" not in out.stderr
