@@ -200,7 +200,7 @@ def submit(kind: str, config: dict, *, name: str | None = None, device: str = "a
         config = json.loads(json.dumps(config, default=files.json_default))
     except (TypeError, ValueError) as e:
         raise JobError(f"the job config cannot be stored as JSON: {e}") from e
-    if target is None and kind in CHECKS:
+    if target is None and kind in CHECKS and kinds[kind] == KINDS.get(kind):   # the check of the built-in runner
         check_config(kind, config)
     slot = resolve_device(device, config)
     root = files.runs_dir(runs_dir)
