@@ -132,10 +132,6 @@ class RunDir:
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.path / self.EPOCHS_DIR / f"epoch_{int(epoch):04d}.safetensors"
 
-    def checkpoints(self) -> list[Path]:
-        """The best / last checkpoints that exist."""
-        return [self.path / f for f in CHECKPOINT_FILES if (self.path / f).is_file()]
-
     # ---- config ------------------------------------------------------------------------------------------------
     def write_config(self, config: dict) -> None:
         atomic_write_json(self.config, config)

@@ -12,7 +12,7 @@ import tour
 import training_figures as tfig
 from core import jobs, phase
 from core import overfitting
-from core.models.registry import list_bundled
+from core.paths import BUNDLED_DIR
 from core.recorded import CONTRAST_RUNS, FIG3_RUNS, list_recorded, read_recorded_metrics, story
 from core.data import DATASETS
 from core.errors import EnergyLensError
@@ -398,7 +398,7 @@ def story_block() -> None:
     fig3 = [r for r in recorded if r.name in FIG3_RUNS and not r.error]
     if not fig3:
         return
-    stamp = tuple((r.name, RunDir(r.run_dir).metrics.stat().st_mtime) for r in recorded if RunDir(r.run_dir).metrics.is_file())
+    stamp = tuple((r.name, RunDir(r.run_dir).metrics.stat().st_mtime_ns) for r in recorded if not r.error)
     data = recorded_story(tuple(r.name for r in recorded), stamp)
     runs = {n: data[n] for n in FIG3_RUNS if n in data}
     if not runs:
@@ -431,15 +431,11 @@ def story_block() -> None:
         with st.expander(f"The contrast: the same methods on {contrast[0]['recipe']} images"):
             for r in contrast:
                 st.markdown(f"- {overfitting.sentence(r['summary'])}")
-    if sat and bundled_names() >= {tour.SAT_PEAK, tour.SAT_END}:
+    if sat and all((BUNDLED_DIR / f"{n}.safetensors").is_file() for n in (tour.SAT_PEAK, tour.SAT_END)):
         st.button(f"Compare the peak (epoch {runs[sat]['summary'].peak_epoch}) and the end in the Attack Lab",
                   key="tr_peak_vs_end", on_click=tour.open_step, args=(tour.PEAK_VS_END,),
                   help="Opens the Attack Lab side by side on SAT's checkpoint at its robust-accuracy peak and at "
                        "its last epoch: the same images, the same PGD-10, arrows and ΔE(x) for both.")
-
-
-def bundled_names() -> set[str]:
-    return {ref.name for ref, _meta, err in list_bundled() if err is None}
 
 
 story_block()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from core.data.demo import (DEMO_TEST_FILE, DEMO_TRAIN_FILE, SHARED_SUBSET, SUBS
                             load_demo, load_subset, split_positions)
 from core import overfitting  # noqa: E402
 from core.rundir import RunDir  # noqa: E402
-from core.storage import atomic_write, atomic_write_json, read_jsonl  # noqa: E402
+from core.storage import atomic_write, atomic_write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "demo-pack"
@@ -72,13 +73,26 @@ def _selected_epoch(run: Path) -> tuple[int, str, float | None]:
     """(epoch, why, the detector's phase-3 start or None)."""
     from core import phase
 
-    recs = read_jsonl(run / "metrics.jsonl")
+    recs = RunDir(run).read_metrics()
     res = phase.detect_from_metrics(recs, "dE_mean")
     last = int(recs[-1]["epoch"])
     if res.phase3_start is not None:
         e = int(round(res.phase3_start))
         return e, f"epoch {e}: start of phase 3 (robust overfitting) found by the ΔE(x) detector", res.phase3_start
     return last, f"epoch {last}: the last epoch (the ΔE(x) detector finds no phase 3)", None
+
+
+def copy_run(src: RunDir, dst: RunDir) -> None:
+    """A recorded run: the config, the metrics, the probe snapshots and the command line; no optimizer state."""
+    if dst.path.exists():
+        shutil.rmtree(dst.path)
+    dst.probe_dir.mkdir(parents=True)
+    cfg = src.read_config()
+    dst.write_config(cfg)
+    shutil.copy2(src.metrics, dst.metrics)
+    for e in src.probe_epochs():
+        shutil.copy2(src.probe_file(e), dst.probe_file(e))
+    dst.write_command(_command(cfg))
 
 
 def measure(path: Path) -> dict:
@@ -103,12 +117,10 @@ def measure(path: Path) -> dict:
 
 
 def build_pack() -> None:
-    import shutil
-
     from core.models import load_checkpoint, save_checkpoint
 
     results = {}
-    plain = RUNS / "plain" / "last.safetensors"
+    plain = RunDir(RUNS / "plain").last
     targets = []
     if plain.is_file():
         lm = load_checkpoint(plain)
@@ -117,28 +129,19 @@ def build_pack() -> None:
         targets.append(("plain", save_checkpoint(CKPT / "cifar10-demo-plain.safetensors", lm.model, lm.meta)))
     for m in ROBUST:
         run = RUNS / f"recorded-{m}"
-        if not (run / "metrics.jsonl").is_file():
+        if not RunDir(run).metrics.is_file():
             print(f"skipping {m}: {run} has no metrics yet")
             continue
         epoch, why, p3 = _selected_epoch(run)
-        src = run / "epochs" / f"epoch_{epoch:04d}.safetensors"
+        src = RunDir(run).epoch_checkpoint(epoch)
         lm = load_checkpoint(src)
         lm.meta.name = f"cifar10-demo-{m}"
         lm.meta.hparams["selected"] = why
         targets.append((m, save_checkpoint(CKPT / f"cifar10-demo-{m}.safetensors", lm.model, lm.meta)))
-        dst = CKPT / "runs" / f"cifar10-demo-{m}"
-        if dst.exists():
-            shutil.rmtree(dst)
-        (dst / "probe").mkdir(parents=True)
-        cfg = __import__("json").loads((run / "config.json").read_text())
-        atomic_write_json(dst / "config.json", cfg)
-        shutil.copy2(run / "metrics.jsonl", dst / "metrics.jsonl")
-        for f in sorted((run / "probe").glob("epoch_*.npz")):
-            shutil.copy2(f, dst / "probe" / f.name)
-        (dst / "COMMAND").write_text(_command(cfg) + "\n")
+        copy_run(RunDir(run), RunDir(CKPT / "runs" / f"cifar10-demo-{m}"))
         from core.phase import robust_peak
 
-        recs = read_jsonl(run / "metrics.jsonl")
+        recs = RunDir(run).read_metrics()
         peak_epoch, peak_pgd, end_pgd = robust_peak([r["epoch"] for r in recs], [r["pgd_acc"] for r in recs])
         results[f"run:{m}"] = {"epochs": len(recs), "peak_pgd": peak_pgd, "peak_epoch": peak_epoch,
                                "end_pgd": end_pgd, "end_nat": recs[-1]["nat_acc"], "end_dE": recs[-1]["dE_mean"],
@@ -164,8 +167,6 @@ def pack_fig3(source: Path) -> None:
     """Copy the Fig. 3 runs (``<source>/fig3-<method>``) into ``checkpoints/runs/`` and SAT's checkpoints at its
     robust-accuracy peak (best.safetensors) and at its end (last.safetensors) into ``checkpoints/``, then measure
     those two on the 500 demo test images."""
-    import shutil
-
     from core.models import load_checkpoint, save_checkpoint
 
     results = json.loads((CKPT / "demo" / "results.json").read_text()) if (CKPT / "demo" / "results.json").is_file() \
@@ -180,15 +181,7 @@ def pack_fig3(source: Path) -> None:
         if done < int(cfg.get("epochs", 0)):
             print(f"skipping {m}: {src.path} has {done} of its {cfg.get('epochs')} epochs (still running?)")
             continue
-        dst = RunDir(CKPT / "runs" / FIG3_RUN.format(m))
-        if dst.path.exists():
-            shutil.rmtree(dst.path)
-        dst.probe_dir.mkdir(parents=True)
-        dst.write_config(cfg)
-        shutil.copy2(src.metrics, dst.metrics)
-        for e in src.probe_epochs():
-            shutil.copy2(src.probe_file(e), dst.probe_file(e))
-        dst.write_command(_command(cfg))
+        copy_run(src, RunDir(CKPT / "runs" / FIG3_RUN.format(m)))
         if m == "sat":
             for name, ck, what in ((SAT_PEAK, src.best, "the robust-accuracy peak"), (SAT_END, src.last, "the end")):
                 lm = load_checkpoint(ck)

@@ -70,6 +70,11 @@ def split_positions(y: np.ndarray) -> np.ndarray:
     return np.sort(np.concatenate(test))
 
 
+def _explicit_subset() -> bool:
+    """``$ENERGYLENS_CIFAR10_SUBSET`` is set: that file is the source of the training split, even beside the pack."""
+    return bool(os.environ.get(SUBSET_ENV))
+
+
 def subset_file() -> Path | None:
     """The 5,085-image subset file, if one is available here."""
     env = os.environ.get(SUBSET_ENV)
@@ -94,8 +99,8 @@ def train_available(root=None) -> bool:
     """Whether the demo training split is available here: the committed train file, or a source to rebuild it from
     (a subset file or a full CIFAR-10)."""
     p = subset_file()
-    if p is not None and os.environ.get(SUBSET_ENV):
-        return p.is_file()                    # an explicit subset file is the source, even beside the pack
+    if _explicit_subset():
+        return p.is_file()
     if DEMO_TRAIN_FILE.is_file():
         return True
     if p is not None:
@@ -121,7 +126,7 @@ def load_subset(root=None) -> tuple[np.ndarray, np.ndarray]:
     """The 5,085-image subset (uint8 N x 3 x 32 x 32, int64 labels): from ``$ENERGYLENS_CIFAR10_SUBSET`` when set,
     else from the demo pack's two files, else from the shared subset file or a full CIFAR-10."""
     p = subset_file()
-    packed = None if (p is not None and os.environ.get(SUBSET_ENV)) else _pack_subset()
+    packed = None if _explicit_subset() else _pack_subset()
     if packed is not None:
         x, y = packed
     elif p is not None:
@@ -187,7 +192,7 @@ def load_demo(split: str, root=None, download: bool = False) -> ImageDataset:
     if split == "test":
         return ImageDataset(DEMO_DATASET, "test", torch.from_numpy(xt.copy()), torch.from_numpy(yt.copy()),
                             list(CIFAR10_CLASSES))
-    if DEMO_TRAIN_FILE.is_file() and not os.environ.get(SUBSET_ENV):
+    if DEMO_TRAIN_FILE.is_file() and not _explicit_subset():
         xr, yr, rpos = _train_arrays()
         order = np.argsort(rpos)            # subset order, as a rebuilt split has it
         return ImageDataset(DEMO_DATASET, "train", torch.from_numpy(np.ascontiguousarray(xr[order])),
