@@ -406,7 +406,7 @@ def story_block() -> None:
     st.divider()
     st.subheader("Fig. 3 on real images: the three phases of robust overfitting")
     first = next(iter(runs.values()))
-    st.caption(f"Recorded runs on {first['recipe']} CIFAR-10 demo training images (DemoNet, L∞ ε = 8/255, PGD-5 "
+    st.caption(f"Recorded runs on CIFAR-10 demo training images — {first['recipe']} — (DemoNet, L∞ ε = 8/255, PGD-5 "
                "with step 2/255 inside training, 40 epochs, learning rate ×0.1 at epochs 20 and 30), measured on the "
                "500 demo test images with PGD-10 after every epoch. Phases are detected from SAT's ΔE(x) alone "
                "(core.phase), never from the test accuracy.")
