@@ -76,6 +76,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
+    decay_epochs: str | None = None     # piecewise: epochs after which lr is multiplied by 0.1, e.g. "8,16";
+    #                                     None = after half and three quarters of the epochs
     eps: float | None = None            # default: the dataset's (8/255 CIFAR, 16/255 digits)
     step_size: float | None = None      # default: eps / 4
     attack_steps: int = 10
@@ -115,6 +117,22 @@ class TrainConfig:
 
     def resolved_step(self) -> float:
         return float(self.step_size) if self.step_size is not None else self.resolved_eps() / 4
+
+    def decay_milestones(self) -> list[int]:
+        """The epochs after which the piecewise schedule multiplies lr by 0.1 (InputError when malformed)."""
+        if self.decay_epochs is None:
+            return [int(self.epochs * 0.5), int(self.epochs * 0.75)]
+        if self.schedule != "piecewise":
+            raise InputError(f"decay epochs apply to the piecewise schedule only, not to '{self.schedule}'")
+        parts = [p.strip() for p in str(self.decay_epochs).split(",")]
+        if not all(p.isdigit() for p in parts) or len(parts) > 16:
+            raise InputError(f"decay epochs must be up to 16 comma-separated whole numbers like '8,16', "
+                             f"got {self.decay_epochs!r}")
+        m = [int(p) for p in parts]
+        if m != sorted(set(m)) or not all(1 <= e < self.epochs for e in m):
+            raise InputError(f"decay epochs must increase and lie in [1, {self.epochs - 1}] (before the last epoch), "
+                             f"got {self.decay_epochs!r}")
+        return m
 
     def arch_kwargs(self) -> dict:
         """Keyword arguments of the architecture (its width, when set)."""
@@ -177,6 +195,7 @@ class TrainConfig:
             raise InputError(f"seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"schedule must be one of {SCHEDULES}")
+        self.decay_milestones()
         if not 0 < self.val_fraction < 1:
             raise InputError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         if self.train_limit is not None and (int(self.train_limit) != self.train_limit or self.train_limit < 0):
@@ -279,7 +298,8 @@ def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     if cfg.schedule == "piecewise":
-        m = [int(total * 0.5), int(total * 0.75)]
+        m = [e * steps_per_epoch for e in cfg.decay_milestones()] if cfg.decay_epochs is not None else \
+            [int(total * 0.5), int(total * 0.75)]
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=m, gamma=0.1)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
