@@ -44,8 +44,13 @@ The rule (and why)
    tests/test_phase.py) sharp falls are located exactly at noise/fall ratios up to 1:12, and
    no false alarm occurred on ~2,000 flat or slowly drifting noisy (TRADES-like) curves.
 4. **Phase 1 end** is the first kink of the accepted model (``M2`` when phase 3 is found, else
-   ``M1``), reported only when the initial piece differs from the plateau by at least
-   ``noise_mult`` σ over its duration; otherwise it is None (no distinct initial transient).
+   ``M1``), reported only when it is a real *initial transient*: (a) early -- phase 1 lasts no longer
+   than the plateau after it; (b) large -- the initial piece, extrapolated to the first epoch,
+   differs from the plateau line by at least ``noise_mult`` σ; (c) significant -- the F statistic of
+   the fit against the same fit without that kink is at least ``f_min``. Otherwise it is None (no
+   distinct initial transient). Without (a) and (c), a kink the search placed in the last few noisy
+   epochs passed (b) because its slope error is multiplied by the long first segment: flat noise
+   reported "phase 1 ends at epoch 51" of 60.
 
 ``confidence`` is ``z² / (z² + noise_mult²)`` with ``z`` the phase-3 drop in units of σ: 0.5 at the
 acceptance threshold, → 1 for a drop far above the noise, 0 when nothing is detected.
@@ -358,8 +363,21 @@ def detect_phases(values: Iterable[float], epochs: Iterable[float] | None = None
         xs = np.concatenate([[x[0]], xs, [x[-1]]])
         return xs.tolist(), (sign * _eval_hinge(xs, knots, coef, quad)).tolist()
 
-    def phase1_check(t1: float, s1: float, s2: float, sigma: float) -> bool:
-        return abs(s1 - s2) * (t1 - x[0]) >= noise_mult * sigma
+    def phase1_check(t1: float, s1: float, s2: float, sigma: float, rss: float, later: list[float], quad: bool,
+                     dof: int) -> bool:
+        """Is the first kink ``t1`` a real initial transient? It must be (a) early: no longer than the plateau
+        that follows it (up to the phase-3 kink, else the last epoch) -- a transient, not most of training;
+        (b) large: the first piece, extrapolated back to the first epoch, differs from the plateau line by
+        ``noise_mult`` σ; (c) significant: the F statistic of the fit against the same fit without that kink is at
+        least ``f_min`` (a kink chosen by search in pure noise or in a straight drift does not pass)."""
+        plateau_end = later[0] if later else float(x[-1])
+        if not (t1 - x[0]) <= (plateau_end - t1):
+            return False
+        if abs(s1 - s2) * (t1 - x[0]) < noise_mult * sigma:
+            return False
+        base = np.asarray([later], float) if later else np.zeros((1, 0))
+        rss0 = float(_batch_fit(x, y, base, quad and bool(later))[0][0])
+        return ((rss0 - rss) / 2.0) / max(rss / max(dof, 1), 1e-300) >= f_min
 
     def assess(knots: list[float], i3: int, coef: np.ndarray, rss: float) -> dict:
         """Tests of the last kink ``knots[-1]`` (index ``i3``) as the start of phase 3."""
@@ -388,7 +406,7 @@ def detect_phases(values: Iterable[float], epochs: Iterable[float] | None = None
             "sustained": z >= noise_mult and below >= min_phase3,
             "significant": f_stat >= f_min,
         }
-        return {"knots": knots, "i3": i3, "coef": coef, "slopes": np.append(slopes[:-1], s3), "sigma": sigma,
+        return {"knots": knots, "i3": i3, "coef": coef, "rss": rss, "slopes": np.append(slopes[:-1], s3), "sigma": sigma,
                 "drop": drop, "z": z, "f": f_stat, "conds": conds, "ok": all(conds.values())}
 
     cands = []
@@ -404,7 +422,8 @@ def detect_phases(values: Iterable[float], epochs: Iterable[float] | None = None
         t3 = knots[-1]
         s2, s3 = slopes[-2], slopes[-1]
         p1 = None
-        if len(knots) == 2 and phase1_check(knots[0], slopes[0], slopes[1], sigma):
+        if len(knots) == 2 and phase1_check(knots[0], slopes[0], slopes[1], sigma, float(c["rss"]), [knots[1]],
+                                            curved, n - 2 - 4 - (1 if curved else 0)):
             p1 = knots[0]
         conf = float(z * z / (z * z + noise_mult ** 2)) if math.isfinite(z) else 1.0
         fx, fy = fit_curve(knots, c["coef"], curved)
@@ -436,7 +455,7 @@ def detect_phases(values: Iterable[float], epochs: Iterable[float] | None = None
     t1 = float(x[m1["i1"]])
     s1, s2 = coef[1], coef[1] + coef[2]
     sigma = max(math.sqrt(m1["rss"] / max(n - 4, 1)), sigma_floor)
-    p1 = t1 if phase1_check(t1, s1, s2, sigma) else None
+    p1 = t1 if phase1_check(t1, s1, s2, sigma, float(m1["rss"]), [], False, n - 4) else None
     fx, fy = fit_curve([t1], coef)
     expl = ("No robust overfitting detected: ΔE(x) shows no steep sustained fall after a plateau"
             + (f" ({'; '.join(reasons)})" if reasons else "")

@@ -244,3 +244,37 @@ def test_robust_peak_reports_the_best_epoch_and_the_end():
     assert robust_peak([1, 2, 3, 4], [0.2, 0.35, 0.3, 0.28]) == (2, 0.35, 0.28)
     assert robust_peak([1, 2, 3], [float("nan"), 0.1, 0.2]) == (3, 0.2, 0.2)   # NaN epochs skipped; ends at its peak
     assert robust_peak([1, 2], [float("nan"), float("nan")]) is None
+
+
+# ------------------------------------------------------------------------------------ phase 1 is an early transient
+@pytest.mark.parametrize("n", [30, 40, 60, 100])
+@pytest.mark.parametrize("noise", [0.005, 0.02])
+def test_flat_noise_has_no_phase1_and_no_phase3(n, noise):
+    """Pure noise around a constant: nothing to report (issue 23: phase 1 'ended at epoch 51' of 60 here)."""
+    rng = np.random.default_rng(0)
+    for seed in range(20):
+        y = noise * rng.standard_normal(n)
+        r = detect_phases(y)
+        assert r.phase1_end is None and r.phase3_start is None, (seed, r.explanation)
+
+
+@pytest.mark.parametrize("n", [30, 60, 100])
+@pytest.mark.parametrize("slope", [-0.002, 0.003])
+def test_steady_drift_has_no_phase1_and_no_phase3(n, slope):
+    """A straight drift plus noise has no kink at all: neither an initial transient nor an overfitting phase."""
+    rng = np.random.default_rng(1)
+    e = np.arange(1, n + 1, dtype=float)
+    for seed in range(20):
+        y = slope * e + 0.01 * rng.standard_normal(n)
+        r = detect_phases(y)
+        assert r.phase1_end is None and r.phase3_start is None, (seed, r.explanation)
+
+
+def test_phase1_is_early_not_a_late_wiggle():
+    """A kink late in a flat series is not 'the initial transient', however its slope compares."""
+    e = np.arange(1, 61, dtype=float)
+    rng = np.random.default_rng(3)
+    for seed in range(10):
+        y = 0.005 * rng.standard_normal(60) + np.where(e > 52, 0.004 * (e - 52), 0.0)   # a small late rise
+        r = detect_phases(y)
+        assert r.phase1_end is None or r.phase1_end <= 30, (seed, r.explanation)
