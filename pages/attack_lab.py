@@ -10,7 +10,7 @@ import persist
 import tour
 from core.attacks import ATTACKS, AttackSpec, attack_slug, describe_attack, format_eps, interactive_batch_size, run_attack
 from core.attacks import budget
-from core.claims import marginal_claim
+from core.claims import RULE, marginal_claim
 from core.drift import EnergyTrace, natural_trace
 from core.energy import joint_energies, marginal_energy, typicality
 from core.models import device_of
@@ -124,11 +124,16 @@ def chosen_images(ds, n: int, seed: int):
     return ds.images(idx), ds.labels(idx)
 
 
+def who(meta) -> dict:
+    """What the claim check needs to know about a model: its training method, origin and name."""
+    return {"method": meta.method, "source": meta.source, "model_name": meta.name}
+
+
 def attack_job(task, x, y, spec, model_name, lm_b=None):
     share = 0.5 if lm_b is not None else 1.0
     res = run_attack(lm.model, x, y, spec, progress=lambda f, m: task.progress(f * share, m), should_stop=task.cancelled)
     keep = min(16, len(res.x_adv))  # a cancelled attack returns the images attacked so far
-    out = {"trace": res.trace, "spec": spec, "model": model_name, "seconds": res.seconds,
+    out = {"trace": res.trace, "spec": spec, "model": model_name, "seconds": res.seconds, "who": who(lm.meta),
            "x": x[:keep].cpu().numpy(), "x_adv": res.x_adv[:keep].cpu().numpy(), "notes": res.notes}
     if lm_b is not None and not res.partial:
         rb = run_attack(lm_b.model, x, y, spec, should_stop=task.cancelled,
@@ -137,6 +142,7 @@ def attack_job(task, x, y, spec, model_name, lm_b=None):
             out["notes"] = list(res.notes) + [f"Cancelled while attacking {lm_b.meta.name}: only {model_name} is shown."]
         else:
             out["b"] = {"trace": rb.trace, "model": lm_b.meta.name, "method": lm_b.meta.method, "seconds": rb.seconds,
+                        "who": who(lm_b.meta),
                         "x_adv": rb.x_adv[:keep].cpu().numpy(), "notes": rb.notes}
     return out
 
@@ -212,8 +218,9 @@ elif r is not None:
     xr = fig.shared_range(*[t.marginal[[0, -1]] for _, t, *_ in runs])
     yr = fig.shared_range(*[t.joint[[0, -1]] for _, t, *_ in runs])
     both = fig.shared_range(xr, yr)
+    whos = [r.get("who") or {}] + ([b.get("who") or {}] if b else [])
     cols = st.columns(len(runs))
-    for col, (model_name, t, secs, notes, _) in zip(cols, runs):
+    for col, who_, (model_name, t, secs, notes, _) in zip(cols, whos, runs):
         with col:
             if b:
                 st.markdown(f"**{model_name}**")
@@ -228,8 +235,9 @@ elif r is not None:
             ts = t.target_success()
             m4.metric("Target reached" if ts is not None else "mean ΔE(x,y)" + over,
                       f"{ts:.1%}" if ts is not None else "n/a" if not ds_["n_perturbed"] else f"{ds_['dEy_mean']:+.3f}")
-            claim = marginal_claim(t, label=ATTACKS[s.name].label + (" (targeted)" if s.targeted else ""))
+            claim = marginal_claim(t, label=ATTACKS[s.name].label + (" (targeted)" if s.targeted else ""), **who_)
             (st.success if claim.holds else st.info if claim.holds is None else st.warning)(claim.text)
+            st.caption(RULE)
             for note in notes:
                 st.warning(note)
             full = budget.full_cost(s, secs, meta.num_classes)

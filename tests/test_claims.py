@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.claims import expected_direction, marginal_claim, overlap_coefficient
+from core.claims import NEAR_ZERO, energy_shift, expected_direction, marginal_claim, model_kind, overlap_coefficient
 from core.drift import EnergyTrace
 from core.energy import typicality
 from core.errors import InputError
@@ -32,39 +32,90 @@ def test_expected_directions_follow_the_paper():
     assert expected_direction("unknown-attack") is None
 
 
+def plain(t, **kw):
+    return marginal_claim(t, method="plain", **kw)
+
+
 def test_untargeted_claim_holds_when_energy_goes_down_and_fails_when_it_goes_up():
-    down = marginal_claim(trace(NAT, NAT - 2))
+    down = plain(trace(NAT, NAT - 2))
     assert down.holds is True and down.mean_delta == pytest.approx(2, abs=1e-4) and down.share_lowered == 1.0
-    assert "lowered E(x) for 100% of these 200 images" in down.text and "as the paper reports" in down.text
-    up = marginal_claim(trace(NAT, NAT + 1.5))
-    assert up.holds is False and "does not follow the paper's Sec. 3.1 claim" in up.text
+    assert "lowered E(x) for 100% of these 200 images" in down.text and "the claim holds" in down.text
+    assert down.shift.outcome == "lower" and down.shift.lo > 1.5 and "Sec. 3.1" in down.text
+    up = plain(trace(NAT, NAT + 1.5))
+    assert up.holds is False and up.shift.outcome == "raise" and "does not hold" in up.text
     assert "+" not in up.text.split("ΔE(x) = ")[1][:1], "the sign is printed as computed"
-    mixed = marginal_claim(trace(NAT, NAT + np.where(np.arange(200) < 120, 0.2, -2.0)))  # 40% lowered, mean > 0
-    assert mixed.holds is False and mixed.mean_delta > 0 and "mixed" in mixed.text
+    # mostly unmoved, a few pushed far down: the mean is positive but the standardised shift is inside the band
+    tiny = plain(trace(NAT, NAT + np.where(np.arange(200) < 190, 0.0, -2.0)))
+    assert tiny.shift.outcome in ("overlap", "undecided") and tiny.holds is not True
 
 
 def test_targeted_claim_is_the_opposite():
-    assert marginal_claim(trace(NAT, NAT + 2, targeted=True)).holds is True
-    c = marginal_claim(trace(NAT, NAT - 2, targeted=True))
-    assert c.holds is False and "not raised" in c.text
+    assert plain(trace(NAT, NAT + 2, targeted=True)).holds is True
+    c = plain(trace(NAT, NAT - 2, targeted=True))
+    assert c.holds is False and c.shift.outcome == "lower"
 
 
-def test_overlap_claim_for_margin_attacks():
-    near = marginal_claim(trace(NAT, NAT + rng.normal(0, 0.05, 200), attack="cw"))
-    assert near.holds is True and near.overlap > 0.8 and "overlap" in near.text
-    far = marginal_claim(trace(NAT, NAT - 6, attack="cw"))
+def test_overlap_claim_for_margin_attacks_uses_the_effect_size_rule():
+    near = plain(trace(NAT, NAT + rng.normal(0, 0.05, 200), attack="cw"))
+    assert near.holds is True and near.overlap > 0.8 and near.shift.outcome == "overlap"
+    far = plain(trace(NAT, NAT - 6, attack="cw"))
     assert far.holds is False and far.overlap < 0.1
+    # issue 23: a 1 SD shift shares ~60% of the histogram area and used to be called "overlap"
+    one_sd = plain(trace(NAT, NAT + NAT.std(), attack="square"))
+    assert one_sd.overlap > 0.5 and one_sd.shift.outcome == "raise" and one_sd.holds is False
     assert overlap_coefficient(NAT, NAT) == pytest.approx(1.0)
     assert overlap_coefficient([0, 0, 0], [5, 5, 5]) == 0.0
+
+
+def test_adjacent_cases_read_consistently():
+    """Two attacks with nearly the same shift get the same outcome, whatever the attack (one rule for all)."""
+    a = plain(trace(NAT, NAT + 3.53, attack="apgd-t"))
+    b = plain(trace(NAT, NAT + 3.74, attack="cw", targeted=True))
+    assert a.shift.outcome == b.shift.outcome == "raise"
+    assert a.holds is True and b.holds is False   # the paper expects 'raise' for APGD-T and 'overlap' for CW-T
+
+
+def test_shift_rule_and_interval():
+    s = energy_shift(NAT, NAT - 0.5 * NAT.std())
+    assert s.outcome == "lower" and s.lo < s.d < s.hi and s.d == pytest.approx(0.5, rel=1e-6)
+    s = energy_shift(NAT, NAT + 0.1 * NAT.std())
+    assert s.outcome == "overlap" and -NEAR_ZERO <= s.lo and s.hi <= NEAR_ZERO
+    few = energy_shift(NAT[:8], NAT[:8] - 0.3 * NAT.std() + rng.normal(0, 0.5, 8))
+    assert few.outcome == "undecided" and few.lo < NEAR_ZERO < few.hi
+    assert energy_shift(NAT, NAT - 0.3) == energy_shift(NAT, NAT - 0.3), "deterministic (fixed seed)"
+    assert energy_shift([np.nan], [1.0]).outcome == "undecided"
+
+
+def test_robust_models_are_judged_against_fig4():
+    """Issue 23: a robust model under PGD is judged by the robust claim (E(x) stays put), not by Sec. 3.1."""
+    t = trace(NAT, NAT - 0.15 * NAT.std())           # SAT-like: a small shift
+    for method in ("sat", "trades", "weat-adv"):
+        c = marginal_claim(t, method=method)
+        assert c.kind == "robust" and c.holds is True and "Fig. 4" in c.text and "Sec. 3.1" not in c.text
+    assert plain(t).holds is False and plain(t).kind == "non-robust"       # a plain model must move it
+    big = marginal_claim(trace(NAT, NAT - 2), method="sat")
+    assert big.holds is False and "does not hold" in big.text
+    # other attacks on a robust model: the paper states no claim
+    assert marginal_claim(trace(NAT, NAT + 2, attack="fab"), method="sat").holds is None
+    zoo = marginal_claim(t, source="zoo", model_name="Carmon2019Unlabeled")
+    assert zoo.kind == "robust" and zoo.holds is True
+    assert marginal_claim(t, source="zoo", model_name="Standard").kind == "non-robust"
+
+
+def test_model_kind_from_measurement_when_the_training_is_unknown():
+    assert model_kind(robust_accuracy=0.45)[0] == "robust" and "45%" in model_kind(robust_accuracy=0.45)[1]
+    assert model_kind(robust_accuracy=0.0)[0] == "non-robust"
+    assert model_kind() == (None, "the model's training is unknown")
+    assert model_kind("plain")[0] == "non-robust" and model_kind("mart")[0] == "robust"
 
 
 def test_claim_ignores_non_finite_points_and_handles_no_claim():
     e = NAT.copy()
     e[:10] = np.nan
-    c = marginal_claim(trace(e, e - 1))
+    c = plain(trace(e, e - 1))
     assert c.n == 190 and c.holds is True
-    assert marginal_claim(trace(NAT, NAT - 1, attack="mystery")).holds is None
-    empty = marginal_claim(trace([np.nan], [np.nan]))
+    assert plain(trace(NAT, NAT - 1, attack="mystery")).holds is None
+    empty = plain(trace([np.nan], [np.nan]))
     assert empty.n == 0 and empty.holds is None
 
 
@@ -137,7 +188,7 @@ def test_claim_judges_only_the_images_the_attack_changed():
     t = trace(NAT, NAT - 1.0, attack="apgd-ce")
     t.perturbed = np.arange(200) < 80          # 120 images left untouched
     t.marginal[-1, 80:] = t.marginal[0, 80:]
-    c = marginal_claim(t)
+    c = marginal_claim(t, method="plain")
     assert c.n == 80 and c.share_lowered == 1.0 and c.mean_delta == pytest.approx(1.0, abs=1e-4)
     assert "of the 80 images it changed (120 left untouched)" in c.text and c.holds is True
     t.perturbed = np.zeros(200, bool)
