@@ -118,7 +118,7 @@ def _comment_out_entries(text: str, prefix: str) -> tuple[str, int]:
 @contextlib.contextmanager
 def _zoo_files(monkeypatch, folder: Path):
     """Parse the catalogue from ``folder`` (a model_zoo with cifar10.py / cifar100.py) instead of robustbench's."""
-    monkeypatch.setattr(zoo, "robustbench_zoo_dir", lambda: folder)
+    monkeypatch.setattr(zoo.lookup, "robustbench_zoo_dir", lambda: folder)
     zoo.catalogue.cache_clear()
     try:
         yield
@@ -200,7 +200,7 @@ def test_catalogue_accuracies_architectures_and_paper_flags():
 
 
 def test_fallback_catalogue_when_robustbench_files_unparseable(monkeypatch):
-    monkeypatch.setattr(zoo, "robustbench_zoo_dir", lambda: Path("/nonexistent/robustbench/model_zoo"))
+    monkeypatch.setattr(zoo.lookup, "robustbench_zoo_dir", lambda: Path("/nonexistent/robustbench/model_zoo"))
     zoo.catalogue.cache_clear()
     try:
         assert zoo.catalogue_source().startswith("built-in")
