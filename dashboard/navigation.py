@@ -8,8 +8,8 @@ too (``tests/apptest_helpers.py``); tests/test_pages.py checks that this list an
 How the dashboard modules find each other: Streamlit puts the entry script's folder (``dashboard/``) on
 ``sys.path`` while it runs the app (``streamlit run dashboard/Home.py`` and ``AppTest.from_file`` alike),
 so Home, the pages and these modules import one another by plain name (``import common``); ``core`` is
-installed (``pip install -e .``, see requirements.txt). The tests get ``dashboard/`` through pytest's
-``pythonpath`` setting in pyproject.toml. No module edits ``sys.path``.
+installed (``pip install -e .``, see requirements.txt). The tests get ``dashboard/`` from
+``tests/conftest.py``. No module of the app edits ``sys.path``.
 
 This module imports nothing from Streamlit, so the list can be read anywhere.
 """

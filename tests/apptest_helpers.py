@@ -28,7 +28,7 @@ from typing import Any, Iterable
 from pathlib import Path
 
 import numpy as np
-from navigation import page_file  # dashboard/ is on sys.path through pytest's `pythonpath` (pyproject.toml)
+from navigation import page_file  # dashboard/ is on sys.path (tests/conftest.py)
 
 __all__ = ["Chart", "charts", "decode_spec", "chart_with", "decode_array", "HOME", "open_page"]
 

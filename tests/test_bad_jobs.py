@@ -297,7 +297,7 @@ def test_control_characters_in_job_names_are_never_printed_raw(runs):
 
 def test_ui_shows_job_names_as_plain_text():
     pytest.importorskip("streamlit")
-    import common  # dashboard/ is on sys.path through pytest's `pythonpath` (pyproject.toml)
+    import common  # dashboard/ is on sys.path (tests/conftest.py)
     shown = common.plain(EVIL_NAME + " **bold** [link](http://x)")
     assert not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f or c == "\u202e" for c in shown), repr(shown)
     assert "\\*\\*bold\\*\\*" in shown and "\\[link\\]\\(http://x\\)" in shown.replace("\\.", ".")
