@@ -1,11 +1,10 @@
-"""Shared UI pieces: path set-up, error guard, background tasks, model picker, cached loaders."""
+"""Shared UI pieces: error guard, background tasks, model picker, cached loaders."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
 import logging
-import sys
 import threading
 import time
 import traceback
@@ -13,30 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `streamlit run dashboard/Home.py` only puts dashboard/ on sys.path
-    sys.path.insert(0, str(REPO_ROOT))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from core.errors import Cancelled as _CoreCancelled  # noqa: E402
-from core.errors import EnergyLensError  # noqa: E402
-from core.errors import InputError  # noqa: E402
-from core.runtime import resolve_device as core_resolve_device  # noqa: E402
+from core.errors import Cancelled as _CoreCancelled
+from core.errors import EnergyLensError
+from core.errors import InputError
+from core.runtime import resolve_device as core_resolve_device
 
 log = logging.getLogger("energylens.dashboard")
-
-PAGE_FILES = {
-    "home": "../pages/home.py",
-    "models": "../pages/models.py",
-    "attack": "../pages/attack_lab.py",
-    "training": "../pages/training.py",
-    "sgld": "../pages/sgld.py",
-    "landscape": "../pages/landscape.py",
-    "analysis": "../pages/analysis.py",
-    "embeddings": "../pages/embeddings.py",
-    "evaluation": "../pages/evaluation.py",
-}
 
 
 # ---------------------------------------------------------------------------------------------

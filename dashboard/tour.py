@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import streamlit as st
 
-import common
+from navigation import page_file
 
 PLAIN, SAT, TRADES, WEAT = "cifar10-demo-plain", "cifar10-demo-sat", "cifar10-demo-trades", "cifar10-demo-weat-adv"
 SAT_PEAK, SAT_END = "cifar10-demo-2k-sat-peak", "cifar10-demo-2k-sat-end"   # the Fig. 3 SAT run's two checkpoints
@@ -24,7 +24,7 @@ ATTACK = {"atk_name": "pgd", "atk_norm": "Linf", "atk_eps255": 8.0, "atk_steps":
 @dataclass(frozen=True)
 class Step:
     title: str
-    page: str                       # key of common.PAGE_FILES
+    page: str                       # key of navigation.PAGES
     text: str                       # what to look at (two or three sentences, markdown)
     model: str | None = None        # bundled model to select in the sidebar
     widgets: dict = field(default_factory=dict)
@@ -107,7 +107,7 @@ def follow() -> None:
     """Switch to the page a tour button asked for (st.switch_page cannot run inside a callback)."""
     page = st.session_state.pop("tour_goto", None)
     if page is not None:
-        st.switch_page(common.PAGE_FILES[page])
+        st.switch_page(page_file(page))
 
 
 def step_list() -> None:

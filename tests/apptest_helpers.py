@@ -11,6 +11,11 @@ shape labels, colour-bar titles, and data arrays as numpy arrays.
     from apptest_helpers import charts
     fig = charts(at)[0]
     assert fig.title.startswith("PCA of") and {"ΔE(x)", "ΔE(x,y)"} <= set(fig.trace_names)
+
+Pages are opened by their key in the dashboard's one page list (``dashboard/navigation.py``)::
+
+    at = AppTest.from_file(HOME).run()
+    open_page(at, "attack")
 """
 
 from __future__ import annotations
@@ -20,9 +25,20 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import numpy as np
+from pathlib import Path
 
-__all__ = ["Chart", "charts", "decode_spec", "chart_with", "decode_array"]
+import numpy as np
+from navigation import page_file  # dashboard/ is on sys.path (tests/conftest.py)
+
+__all__ = ["Chart", "charts", "decode_spec", "chart_with", "decode_array", "HOME", "open_page"]
+
+#: The dashboard's entry script, which every AppTest starts from.
+HOME = str(Path(__file__).resolve().parents[1] / "dashboard" / "Home.py")
+
+
+def open_page(at, key: str):
+    """Switch the AppTest ``at`` to the page ``key`` of ``navigation.PAGES`` and run it; returns ``at``."""
+    return at.switch_page(page_file(key)).run()
 
 
 def decode_array(value: Any) -> np.ndarray:

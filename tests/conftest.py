@@ -13,6 +13,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# dashboard/ on sys.path, as Streamlit puts it there for `streamlit run dashboard/Home.py`: tests import the dashboard
+# modules (common, figures, navigation, ...) by the plain names the pages use. Done here once, for every test file
+# (not through pytest's `pythonpath` in pyproject.toml: scripts/venv.sh rebuilds the venv when pyproject.toml changes).
+if str(REPO / "dashboard") not in sys.path:
+    sys.path.insert(0, str(REPO / "dashboard"))
 
 # Respect OMP_NUM_THREADS when set (CI, loaded machines); otherwise at most 2 threads.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from apptest_helpers import charts
+from apptest_helpers import charts, open_page
 
 from core.models import registry
 from core.models.checkpoint import load_checkpoint, save_checkpoint
@@ -106,7 +106,7 @@ def _landscape_keys(at):
 @pytest.mark.parametrize("page", PAGES)
 def test_page_renders_with_the_bundled_model(env, page):
     at = _app()
-    at.switch_page(f"../pages/{page}.py").run()
+    open_page(at, page)
     assert not at.exception, [e.message for e in at.exception]
     assert not _errors(at), _errors(at)
     assert at.title and at.title[0].value
@@ -114,7 +114,7 @@ def test_page_renders_with_the_bundled_model(env, page):
 
 def test_landscape_computes_for_two_bundled_models(env):
     at = _app()
-    at.switch_page("../pages/landscape.py").run()
+    open_page(at, "landscape")
     ms, digits, _ = _landscape_keys(at)
     assert len(digits) >= 2
     ms.set_value(digits[:2])
@@ -139,7 +139,7 @@ def test_landscape_computes_for_two_bundled_models(env):
 @pytest.mark.parametrize("case", ["none", "mixed", "too_many"])
 def test_landscape_bad_inputs_show_errors(env, case):
     at = _app()
-    at.switch_page("../pages/landscape.py").run()
+    open_page(at, "landscape")
     ms, digits, svhn = _landscape_keys(at)
     if case == "none":
         ms.set_value([])
@@ -159,7 +159,7 @@ def test_landscape_bad_inputs_show_errors(env, case):
 def test_landscape_background_job_progress_then_results(env):
     """The 'background job' path: the page polls the job, then loads and draws its results once."""
     at = _app()
-    at.switch_page("../pages/landscape.py").run()
+    open_page(at, "landscape")
     ms, digits, _ = _landscape_keys(at)
     ms.set_value(digits[:2])
     at.number_input(key="land_n").set_value(16)
@@ -185,7 +185,7 @@ def test_landscape_failed_job_shows_error_and_log(env):
         time.sleep(0.5)
     assert jobs.get_job(info.id).status == "failed"
     at = _app()
-    at.switch_page("../pages/landscape.py").run()
+    open_page(at, "landscape")
     at.session_state["land_job"] = info.id
     at.run()
     assert not at.exception, [e.message for e in at.exception]
@@ -195,7 +195,7 @@ def test_landscape_failed_job_shows_error_and_log(env):
 
 def test_analysis_page_computes_fig5(env):
     at = _app()
-    at.switch_page("../pages/analysis.py").run()
+    open_page(at, "analysis")
     at.number_input(key="ana_n").set_value(300)
     at.button(key="FormSubmitter:ana_form-Analyse").click().run()
     assert _wait(at, lambda a: len(_charts(a)) >= 3 or a.exception or _errors(a))
@@ -213,7 +213,7 @@ def test_analysis_page_computes_fig5(env):
 
 def test_analysis_subset_preview(env):
     at = _app()
-    at.switch_page("../pages/analysis.py").run()
+    open_page(at, "analysis")
     at.number_input(key="sub_size").set_value(3)
     at.button(key="FormSubmitter:subset_form-Preview the subsets").click().run()
     assert _wait(at, lambda a: any("**Selection**" in m.value for m in a.markdown) or a.exception or _errors(a))
@@ -231,7 +231,7 @@ def test_analysis_subset_bad_settings_are_refused_by_core(env, button):
     from core import jobs
 
     at = _app()
-    at.switch_page("../pages/analysis.py").run()
+    open_page(at, "analysis")
     at.number_input(key="sub_epochs").set_value(0)
     at.button(key=f"FormSubmitter:subset_form-{button}").click().run()
     assert not at.exception, [e.message for e in at.exception]
@@ -248,7 +248,7 @@ def test_analysis_subset_preview_draws_where_the_subsets_sit(env):
     """Issue 13 item 10: the preview draws subset_energy_figure (the training-set E(x) histogram with the
     three subsets), with as many samples in each subset as the selection says."""
     at = _app()
-    at.switch_page("../pages/analysis.py").run()
+    open_page(at, "analysis")
     at.number_input(key="sub_size").set_value(7)
     at.button(key="FormSubmitter:subset_form-Preview the subsets").click().run()
     assert _wait(at, lambda a: any("**Selection**" in m.value for m in a.markdown) or a.exception or _errors(a))
@@ -263,7 +263,7 @@ def test_analysis_subset_preview_draws_where_the_subsets_sit(env):
 
 def test_embeddings_page_pca_and_selection(env):
     at = _app()
-    at.switch_page("../pages/embeddings.py").run()
+    open_page(at, "embeddings")
     at.number_input(key="emb_n").set_value(40)
     at.button(key="FormSubmitter:emb_form-Compute features").click().run()
     assert _wait(at, lambda a: len(_charts(a)) >= 1 or a.exception or _errors(a))
@@ -310,7 +310,7 @@ def _box_select(at, key: str, indices, coords, energy):
 def test_embeddings_box_selection_shows_the_selected_images(env):
     """Issue 13 item 5: a box selection (payload shape of the real frontend) shows the selected images."""
     at = _app()
-    at.switch_page("../pages/embeddings.py").run()
+    open_page(at, "embeddings")
     at.number_input(key="emb_n").set_value(40)
     at.checkbox(key="emb_adv").set_value(False)
     at.button(key="FormSubmitter:emb_form-Compute features").click().run()
@@ -332,7 +332,7 @@ def test_embeddings_box_selection_shows_the_selected_images(env):
 @pytest.mark.slow
 def test_evaluation_page_launches_a_job_and_shows_the_table(env):
     at = _app()
-    at.switch_page("../pages/evaluation.py").run()
+    open_page(at, "evaluation")
     at.number_input(key="ev_n").set_value(5000)
     at.button(key="FormSubmitter:eval_form-Launch evaluation job").click().run()
     assert any(f"has only {_n_test(at)}" in e for e in _errors(at)), _errors(at)
@@ -367,7 +367,7 @@ def test_evaluation_page_shows_failed_jobs(env):
         time.sleep(0.5)
     assert jobs.get_job(info.id).status == "failed"
     at = _app()
-    at.switch_page("../pages/evaluation.py").run()
+    open_page(at, "evaluation")
     assert not at.exception, [e.message for e in at.exception]
     assert any("failed" in e and "not found" in e for e in _errors(at)), _errors(at)
     assert any(ex.label == "Error and log tail" for ex in at.expander)
@@ -375,9 +375,6 @@ def test_evaluation_page_shows_failed_jobs(env):
 
 
 def test_figure_helpers():
-    import sys
-
-    sys.path.insert(0, str(REPO / "dashboard"))
     import numpy as np
 
     import analysis_figures as af
@@ -399,9 +396,6 @@ def test_figure_helpers():
 
 def test_selection_indices_accepts_every_customdata_shape_the_frontend_sends():
     """Issue 13 item 5: {"0": 28} (Streamlit 1.67 + numpy customdata), [28] (lists) and 28 (1-D customdata)."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "dashboard"))
     import analysis_figures as af
 
     ev = {"selection": {"points": [{"customdata": {"0": 28}}, {"customdata": [5]}, {"customdata": 2},
@@ -421,9 +415,6 @@ def test_selection_indices_accepts_every_customdata_shape_the_frontend_sends():
 def test_per_class_figure_rows_share_one_categorical_class_axis():
     """Issue 13 item 6: the error, entropy and energy rows of Fig. 5d use the same categorical class axis, in
     the order of the error (digit class names would otherwise make the upper rows numeric)."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "dashboard"))
     import analysis_figures as af
 
     errs = [0.30, 0.05, 0.20, 0.10]
@@ -441,7 +432,7 @@ def test_per_class_figure_rows_share_one_categorical_class_axis():
 @pytest.mark.slow
 def test_embeddings_page_umap_in_the_background(env):
     at = _app()
-    at.switch_page("../pages/embeddings.py").run()
+    open_page(at, "embeddings")
     at.number_input(key="emb_n").set_value(40)
     at.checkbox(key="emb_adv").set_value(False)
     at.button(key="FormSubmitter:emb_form-Compute features").click().run()

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from apptest_helpers import open_page
 import torch
 
 import core.storage as storage
@@ -665,7 +666,7 @@ PAGE_CASES = [
 @pytest.mark.parametrize("setup,expected", [c[1:] for c in PAGE_CASES], ids=[c[0] for c in PAGE_CASES])
 def test_attack_lab_bad_settings_keep_the_earlier_result(app, setup, expected):
     at = app
-    at.switch_page("../pages/attack_lab.py").run()
+    open_page(at, "attack")
     before = _attack_once(at)
     setup(at)
     at.button[0].click().run()
@@ -692,7 +693,7 @@ def test_corrupt_local_checkpoint_is_skipped_with_a_note(app, tmp_path, monkeypa
     assert "skipped broken.safetensors (unreadable)" in notes, notes
     assert "skipped page.safetensors (unreadable)" in notes and "HTML page" in notes, notes
     assert at.session_state["model_ref"].name == "fine", "the readable checkpoint is still offered"
-    at.switch_page("../pages/models.py").run()
+    open_page(at, "models")
     assert not at.exception, [e.message for e in at.exception]
     statuses = " ".join(str(v) for df in at.dataframe for v in df.value.get("status", []) if isinstance(v, str))
     assert "unreadable:" in statuses and "broken.safetensors" in statuses, statuses
@@ -705,7 +706,7 @@ def test_zoo_model_not_downloaded_shows_where_to_put_the_file(app):
     at = app
     at.sidebar.radio(key="model_source").set_value("RobustBench zoo").run()
     at.sidebar.selectbox(key="zoo_name").set_value("Standard").run()
-    at.switch_page("../pages/attack_lab.py").run()
+    open_page(at, "attack")
     assert not at.exception, [e.message for e in at.exception]
     errs = _errors(at)
     assert "Could not load model **Standard**" in errs and "is not downloaded" in errs, errs

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from apptest_helpers import open_page
 from conftest import wait_until
 
 from core import jobs
@@ -139,7 +140,7 @@ def test_training_page_warns_that_the_registry_was_rebuilt(runs):
     for f in runs.glob("registry.sqlite*"):
         f.unlink()
     at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=60).run()
-    at.switch_page("../pages/training.py").run()
+    open_page(at, "training")
     assert not at.exception, [e.message for e in at.exception]
     warnings = " | ".join(w.value for w in at.warning)
     assert "was missing and was rebuilt" in warnings, warnings
@@ -296,11 +297,7 @@ def test_control_characters_in_job_names_are_never_printed_raw(runs):
 
 def test_ui_shows_job_names_as_plain_text():
     pytest.importorskip("streamlit")
-    sys.path.insert(0, str(REPO / "dashboard"))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(REPO / "dashboard"))
+    import common  # dashboard/ is on sys.path (tests/conftest.py)
     shown = common.plain(EVIL_NAME + " **bold** [link](http://x)")
     assert not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f or c == "\u202e" for c in shown), repr(shown)
     assert "\\*\\*bold\\*\\*" in shown and "\\[link\\]\\(http://x\\)" in shown.replace("\\.", ".")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from apptest_helpers import open_page
 import torch
 
 from core.attacks import AttackSpec, run_attack
@@ -140,7 +141,7 @@ def test_broken_pack_app_still_opens_on_digits(tmp_path, monkeypatch):
         assert at.session_state["model_ref"].name == "digits-plain"
         warn = " ".join(w.value for w in at.sidebar.warning)
         assert str(bad) in warn and "digits" in warn and "build_demo_pack.py" in warn
-        at.switch_page("../pages/attack_lab.py").run()
+        open_page(at, "attack")
         assert not at.exception, [e.message for e in at.exception]
     finally:
         demo.cache_clear()
@@ -285,7 +286,7 @@ def test_training_page_opens_a_recorded_run_read_only(runs_dir):
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=120).run()
-    at.switch_page("../pages/training.py").run()
+    open_page(at, "training")
     assert not at.exception, [e.message for e in at.exception]
     assert at.selectbox(key="tr_view").value.startswith("recorded:cifar10-demo-")
     from apptest_helpers import charts

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from apptest_helpers import open_page
 import torch
 
 import core.storage as storage
@@ -86,7 +87,7 @@ def test_attack_lab_shows_the_out_of_memory_note(runs_dir, monkeypatch):
     st.cache_data.clear()
     at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=120)
     at.run()
-    at.switch_page("../pages/attack_lab.py").run()
+    open_page(at, "attack")
     at.number_input(key="atk_n").set_value(16)
     at.button[0].click().run()
     t0 = time.time()
@@ -392,7 +393,7 @@ def test_attack_lab_cancel_keeps_the_images_so_far(runs_dir, monkeypatch, wait_u
     st.cache_data.clear()
     at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=120)
     at.run()
-    at.switch_page("../pages/attack_lab.py").run()
+    open_page(at, "attack")
     common = sys.modules["common"]  # the pages' dashboard/common.py, as the app imported it
     answers: list[bool] = []
     real_cancelled = common.Task.cancelled

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from apptest_helpers import open_page
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = str(REPO / "dashboard" / "Home.py")
@@ -220,7 +221,7 @@ def test_upload_hint_compares_the_energy_with_the_model_test_images():
     from core.models import load_checkpoint
 
     at = app()
-    at.switch_page("../pages/attack_lab.py").run()
+    open_page(at, "attack")
     img = load_dataset("cifar10-demo", "test").x[3].numpy().transpose(1, 2, 0)
     at.file_uploader(key="atk_upload").set_value(("cat.png", _png(img), "image/png")).run()
     ok(at)
@@ -238,7 +239,7 @@ def test_attack_result_survives_a_reload_and_clear_removes_it():
     from streamlit.testing.v1 import AppTest
 
     at = app()
-    at.switch_page("../pages/attack_lab.py").run()
+    open_page(at, "attack")
     at.button[0].click().run()
     r = wait_attack(at)
     sid = at.query_params["s"]
@@ -246,7 +247,7 @@ def test_attack_result_survives_a_reload_and_clear_removes_it():
     at2 = AppTest.from_file(HOME, default_timeout=120)
     at2.query_params["s"] = sid
     at2.run()
-    at2.switch_page("../pages/attack_lab.py").run()
+    open_page(at2, "attack")
     ok(at2)
     r2 = at2.session_state["atk_result"]
     assert np.array_equal(r2["trace"].marginal, r["trace"].marginal) and r2["spec"] == r["spec"]
@@ -256,7 +257,7 @@ def test_attack_result_survives_a_reload_and_clear_removes_it():
     at3 = AppTest.from_file(HOME, default_timeout=120)
     at3.query_params["s"] = sid
     at3.run()
-    at3.switch_page("../pages/attack_lab.py").run()
+    open_page(at3, "attack")
     assert "atk_result" not in at3.session_state
 
 
@@ -275,7 +276,7 @@ def test_sgld_chains_survive_a_reload():
     at2.session_state["model_source"] = "Bundled"
     at2.session_state["pick-Bundled"] = "cifar10-demo-sat"
     at2.run()
-    at2.switch_page("../pages/sgld.py").run()
+    open_page(at2, "sgld")
     ok(at2)
     s2 = at2.session_state["sgld_sampler"]
     assert s2.steps_done == 10 and np.array_equal(s2.images().numpy(), s.images().numpy())

@@ -151,3 +151,24 @@ def test_a_view_that_cannot_run_the_example_is_not_used(monkeypatch):
     monkeypatch.setattr(folding, "build_folded", broken_build)
     with eval_mode(m):
         assert folded(m, x) is m
+
+
+def test_conv_without_bias_and_batchnorm_without_affine_fold_to_the_same_function():
+    """The optional tensors of the fold (conv bias, BatchNorm gamma / beta) may each be absent."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+                      nn.Conv2d(4, 5, 3, bias=True), nn.BatchNorm2d(5), nn.Flatten())
+    with torch.no_grad():
+        m[4].weight.uniform_(0.5, 1.5)
+        m[4].bias.uniform_(-0.3, 0.3)
+    m.train()
+    with torch.no_grad():
+        m(torch.rand(16, 3, 8, 8))
+    m.eval()
+    x = torch.rand(4, 3, 8, 8)
+    with eval_mode(m):
+        view = folded(m, x)
+        assert view is not m and fold_count(m) == 2
+        with torch.no_grad():
+            ref, out = m(x), view(x)
+    assert (out - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))

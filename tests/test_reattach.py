@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("streamlit")
+from apptest_helpers import open_page  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = str(REPO / "dashboard" / "Home.py")
@@ -29,7 +30,7 @@ def open_training_page():
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(HOME, default_timeout=90).run()
-    at.switch_page("../pages/training.py").run()
+    open_page(at, "training")
     assert not at.exception, [e.message for e in at.exception]
     return at
 

@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-from apptest_helpers import charts
+from apptest_helpers import charts, open_page
 
 st_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = st_testing.AppTest
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = REPO / "dashboard" / "Home.py"
-PAGE = "../pages/sgld.py"
+PAGE = "sgld"  # key in dashboard/navigation.py
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def app(runs_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(HOME), default_timeout=120)
     at.run()
-    at.switch_page(PAGE).run()
+    open_page(at, PAGE)
     assert not at.exception, [e.message for e in at.exception]
     # prefer the bundled robust model when it is there (the default is the first bundled one)
     pick = at.sidebar.selectbox(key="pick-Bundled")
@@ -215,7 +215,7 @@ def test_step_defaults_follow_the_models_dataset_family(runs_dir, tmp_path, monk
     monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(HOME), default_timeout=120)
     at.run()
-    at.switch_page(PAGE).run()
+    open_page(at, PAGE)
     _ok(at)
 
     def pick_bundled(prefix):

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from apptest_helpers import open_page as switch_to
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = str(REPO / "dashboard" / "Home.py")
-PAGE = "../pages/training.py"
+PAGE = "training"  # key in dashboard/navigation.py
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -33,7 +34,7 @@ def open_page():
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(HOME, default_timeout=60).run()
-    at.switch_page(PAGE).run()
+    switch_to(at, PAGE)
     no_crash(at)
     return at
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "dashboard"))
 
 from core.attacks import AttackSpec, attack_slug, describe_attack, format_eps  # noqa: E402
 from core.errors import InputError  # noqa: E402

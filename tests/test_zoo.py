@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from apptest_helpers import open_page
 import torch
 
 from core import zoo
@@ -118,7 +119,7 @@ def _comment_out_entries(text: str, prefix: str) -> tuple[str, int]:
 @contextlib.contextmanager
 def _zoo_files(monkeypatch, folder: Path):
     """Parse the catalogue from ``folder`` (a model_zoo with cifar10.py / cifar100.py) instead of robustbench's."""
-    monkeypatch.setattr(zoo, "robustbench_zoo_dir", lambda: folder)
+    monkeypatch.setattr(zoo.lookup, "robustbench_zoo_dir", lambda: folder)
     zoo.catalogue.cache_clear()
     try:
         yield
@@ -132,7 +133,7 @@ def _models_page(select: str | None = None):
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(REPO / "dashboard" / "Home.py"), default_timeout=90).run()
-    at.switch_page("../pages/models.py").run()
+    open_page(at, "models")
     if select is not None:
         at.selectbox(key="models_zoo_name").set_value(select).run()
     assert not at.exception, [e.message for e in at.exception]
@@ -200,7 +201,7 @@ def test_catalogue_accuracies_architectures_and_paper_flags():
 
 
 def test_fallback_catalogue_when_robustbench_files_unparseable(monkeypatch):
-    monkeypatch.setattr(zoo, "robustbench_zoo_dir", lambda: Path("/nonexistent/robustbench/model_zoo"))
+    monkeypatch.setattr(zoo.lookup, "robustbench_zoo_dir", lambda: Path("/nonexistent/robustbench/model_zoo"))
     zoo.catalogue.cache_clear()
     try:
         assert zoo.catalogue_source().startswith("built-in")
@@ -743,7 +744,7 @@ def test_models_page_download_now_offline_says_it_needs_internet(tmp_path, rb_ut
     monkeypatch.setattr(zoo, "load_zoo_model", functools.partial(zoo.load_zoo_model, model_dir=tmp_path))
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "Home.py"), default_timeout=120)
     at.run()
-    at.switch_page("../pages/models.py").run()
+    open_page(at, "models")
     at.selectbox(key="models_zoo_ds").set_value("cifar10")
     at.selectbox(key="models_zoo_tm").set_value("L2").run()
     at.selectbox(key="models_zoo_name").set_value(SMALL[0]).run()

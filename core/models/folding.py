@@ -6,6 +6,8 @@ so a convolution z = W * x + b feeding it can absorb it:
 
     W' = W * s,   b' = (b - mu) * s + beta,   s = gamma / sqrt(var + eps)   (s broadcast per output channel)
 
+(the arithmetic is torch's own ``torch.nn.utils.fusion.fuse_conv_bn_weights``, done in float32 at least).
+
 The folded view computes the same logits up to float rounding (checked when it is built) and skips
 the BatchNorm in every forward and, more importantly, in every backward to the input: attacks, the
 inner maximisation of adversarial training and SGLD differentiate with respect to x hundreds of
@@ -29,6 +31,7 @@ import weakref
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = ["folded", "fold_count", "build_folded"]
 
@@ -60,17 +63,9 @@ class _Folded:
         with torch.no_grad():
             for conv, bn, new in self.pairs:
                 ct = torch.promote_types(conv.weight.dtype, torch.float32)  # fold in fp32 at least
-                w = conv.weight.to(ct)
-                scale = torch.rsqrt(bn.running_var.to(ct) + bn.eps)
-                if bn.weight is not None:
-                    scale = scale * bn.weight.to(ct)
-                shift = -bn.running_mean.to(ct) * scale
-                if conv.bias is not None:
-                    shift = shift + conv.bias.to(ct) * scale
-                if bn.bias is not None:
-                    shift = shift + bn.bias.to(ct)
-                fw = (w * scale.view(-1, *([1] * (w.dim() - 1)))).to(conv.weight.dtype)
-                fb = shift.to(conv.weight.dtype)
+                w, b = fuse_conv_bn_weights(_as(conv.weight, ct), _as(conv.bias, ct), _as(bn.running_mean, ct),
+                                            _as(bn.running_var, ct), bn.eps, _as(bn.weight, ct), _as(bn.bias, ct))
+                fw, fb = w.detach().to(conv.weight.dtype), b.detach().to(conv.weight.dtype)
                 if new.weight.shape == fw.shape and new.weight.device == fw.device and new.weight.dtype == fw.dtype:
                     new.weight.copy_(fw)
                     new.bias.copy_(fb)
@@ -78,6 +73,10 @@ class _Folded:
                     new.weight = nn.Parameter(fw.contiguous(memory_format=_format_of(conv.weight)), requires_grad=False)
                     new.bias = nn.Parameter(fb, requires_grad=False)
         self.key = key
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(dtype)
 
 
 def _format_of(t: torch.Tensor) -> torch.memory_format:
