@@ -118,6 +118,57 @@ def check_job_config(config: dict) -> None:
     SGLDJobConfig.from_dict(config).validate()
 
 
+def _score_samples(cfg: SGLDJobConfig, lm, ds, x: torch.Tensor, y: torch.Tensor, classes: list[int], device: str,
+                   progress: Progress) -> tuple[dict | None, str | None]:
+    """IS / FID / KID of the generated images ``x`` (labels ``y``) against the real images of ``classes``:
+    (metrics, None), or (None, the reason) when no feature extractor independent of the generating model exists.
+
+    The features: the classifier the user chose (``metrics.feature_model``); else Inception-v3 when asked for or, with
+    'auto', when its weights are present; else an independent classifier of the same data, never the sampling model.
+    """
+    meta = lm.meta
+    mc = cfg.metrics
+    fm = mc.get("feature_model")
+    features = mc.get("features", "auto")
+    own_note = ("features from the generating model itself: SGLD optimises the samples for it, so these numbers "
+                "are optimistic (and a robust model's features barely tell images apart); choose another "
+                "classifier for a fairer score")
+    clf = clf_name = None
+    notes: list[str] = []
+    inception_ok, inception_why = inception_status()
+    if fm:   # chosen by the user
+        flm = _load_ref(fm, device)
+        clf, clf_name = flm.model, flm.meta.name or fm.get("name", "classifier")
+        if flm.path is not None and lm.path is not None and Path(flm.path).resolve() == Path(lm.path).resolve():
+            notes.append(own_note)
+    elif features == "classifier" or (features == "auto" and not inception_ok):
+        # never the generating model by default: an independent classifier of the same data
+        pick = independent_classifier(meta, lm.path)
+        if pick is not None:
+            pref, pmeta = pick
+            flm = _load_ref({"source": pref.source, "name": pref.name, "path": pref.path}, device)
+            clf, clf_name = flm.model, pmeta.name or pref.name
+            notes.append(f"features from {clf_name} ({pmeta.method}, {pmeta.dataset}), a classifier other than "
+                         f"the generating model {meta.name}")
+    if clf is None and (features == "classifier" or (features == "auto" and not inception_ok)):
+        return None, (f"IS / FID / KID skipped: no feature extractor independent of {meta.name} is available for "
+                      f"'{meta.dataset}'. {inception_why.split(';')[0]}; or choose a classifier for the features "
+                      "(the generating model's own features are optimistic).")
+    ext = choose_extractor(features, clf, clf_name or "classifier", device)
+    if ext.label.startswith("classifier:"):
+        ext.notes.extend(notes)
+    sel = torch.nonzero(torch.isin(ds.y, torch.tensor(classes))).squeeze(1)
+    n_real = mc.get("n_real")
+    if n_real:
+        g = torch.Generator().manual_seed(cfg.seed)
+        sel = sel[torch.randperm(len(sel), generator=g)[:int(n_real)]].sort().values
+    real, real_y = ds.images(sel), ds.y[sel]
+    return generation_metrics(
+        x, real, ext, fake_labels=y.numpy(), real_labels=real_y.numpy(), is_splits=int(mc.get("is_splits", 10)),
+        kid_subset_size=int(mc.get("kid_subset_size", 1000)), kid_subsets=int(mc.get("kid_subsets", 100)),
+        seed=cfg.seed, lpips=bool(mc.get("lpips", False)), progress=progress), None
+
+
 def run_job(config: dict, run_dir, report: Progress) -> dict:
     """Generate ``n_per_class`` samples for each class and score them.
 
@@ -209,51 +260,10 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
         result["energy"]["classes_below_reference"] = len(below)
         result["energy"]["reference_passed_at_step"] = int(steps_axis[hit[0]]) if hit.size else None
     if cfg.metrics.get("enabled", True):
-        mc = cfg.metrics
-        fm = mc.get("feature_model")
-        features = mc.get("features", "auto")
-        own_note = ("features from the generating model itself: SGLD optimises the samples for it, so these numbers "
-                    "are optimistic (and a robust model's features barely tell images apart); choose another "
-                    "classifier for a fairer score")
-        clf = clf_name = None
-        notes: list[str] = []
-        inception_ok, inception_why = inception_status()
-        if fm:   # chosen by the user
-            flm = _load_ref(fm, device)
-            clf, clf_name = flm.model, flm.meta.name or fm.get("name", "classifier")
-            if flm.path is not None and lm.path is not None and Path(flm.path).resolve() == Path(lm.path).resolve():
-                notes.append(own_note)
-        elif features == "classifier" or (features == "auto" and not inception_ok):
-            # never the generating model by default: an independent classifier of the same data
-            pick = independent_classifier(meta, lm.path)
-            if pick is not None:
-                pref, pmeta = pick
-                flm = _load_ref({"source": pref.source, "name": pref.name, "path": pref.path}, device)
-                clf, clf_name = flm.model, pmeta.name or pref.name
-                notes.append(f"features from {clf_name} ({pmeta.method}, {pmeta.dataset}), a classifier other than "
-                             f"the generating model {meta.name}")
-        if clf is None and (features == "classifier" or (features == "auto" and not inception_ok)):
-            result["metrics"] = None
-            result["metrics_note"] = (
-                f"IS / FID / KID skipped: no feature extractor independent of {meta.name} is available for "
-                f"'{meta.dataset}'. {inception_why.split(';')[0]}; or choose a classifier for the features "
-                "(the generating model's own features are optimistic).")
-        else:
-            ext = choose_extractor(features, clf, clf_name or "classifier", device)
-            if ext.label.startswith("classifier:"):
-                ext.notes.extend(notes)
-            sel = torch.nonzero(torch.isin(ds.y, torch.tensor(classes))).squeeze(1)
-            n_real = mc.get("n_real")
-            if n_real:
-                g = torch.Generator().manual_seed(cfg.seed)
-                sel = sel[torch.randperm(len(sel), generator=g)[:int(n_real)]].sort().values
-            real, real_y = ds.images(sel), ds.y[sel]
-            m = generation_metrics(
-                x, real, ext, fake_labels=y.numpy(), real_labels=real_y.numpy(),
-                is_splits=int(mc.get("is_splits", 10)), kid_subset_size=int(mc.get("kid_subset_size", 1000)),
-                kid_subsets=int(mc.get("kid_subsets", 100)), seed=cfg.seed, lpips=bool(mc.get("lpips", False)),
-                progress=lambda f, msg: report(0.02 + gen_share + (0.98 - gen_share) * f, msg))
-            result["metrics"] = m
+        result["metrics"], note = _score_samples(
+            cfg, lm, ds, x, y, classes, device, lambda f, msg: report(0.02 + gen_share + (0.98 - gen_share) * f, msg))
+        if note is not None:
+            result["metrics_note"] = note
     result["notes"] = job_notes
     result["seconds"] = round(time.time() - t0, 3)
     atomic_write_json(RunDir(run_dir).sample_metrics, result)
