@@ -1,14 +1,18 @@
 """Generation metrics: Inception Score, FID, KID (and optional LPIPS) for SGLD samples.
 
-The statistics themselves are implemented here in numpy/torch, so they work without any extra
-package and do not depend on a particular feature network:
+FID and KID are torchmetrics' (``torchmetrics.image``, imported lazily: it pulls in torchvision, torch-fidelity
+and scipy); the features come from the project's extractors below, computed once per image set and fed to
+torchmetrics, so IS, FID, KID and the floor share one pass over the images:
 
 * ``inception_score(probs)``      IS = exp(E_x KL(p(y|x) || p(y))), mean and std over splits.
-* ``frechet_distance(...)``       ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)); the trace of the
-                                  matrix square root is taken from the eigenvalues of the symmetric
-                                  PSD matrix S1^(1/2) S2 S1^(1/2), which is stable for singular S.
-* ``kid(...)``                    unbiased MMD^2 with the polynomial kernel k(a, b) = (a.b/d + 1)^3,
-                                  mean and std over random subsets (Binkowski et al. 2018).
+* ``fid_from_features(...)``      torchmetrics' ``FrechetInceptionDistance`` whose ``feature`` module passes the
+                                  precomputed features through (:class:`PrecomputedFeatures`);
+                                  ``frechet_distance(mu, S, ...)`` is its distance from given moments:
+                                  ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+* ``kid(...)``                    unbiased MMD^2 with the polynomial kernel k(a, b) = (a.b/d + 1)^3 (torchmetrics'
+                                  ``poly_mmd``), mean and std over random subsets (Binkowski et al. 2018). The
+                                  subsets are drawn here with a seeded numpy generator (torchmetrics'
+                                  ``KernelInceptionDistance`` draws them from torch's global generator).
 
 Feature extractors. Every metric result says which network produced the features
 (``result['features']``), because numbers from different extractors are not comparable:
@@ -62,7 +66,8 @@ from .tensorio import atomic_torch_save, safe_torch_load
 
 __all__ = [
     "INCEPTION_URL", "INCEPTION_FILENAME", "inception_weights_path", "inception_status",
-    "feature_statistics", "frechet_distance", "fid_from_features", "polynomial_mmd2_unbiased", "kid",
+    "feature_statistics", "frechet_distance", "fid_from_features", "PrecomputedFeatures", "polynomial_mmd2_unbiased",
+    "kid",
     "inception_score", "inception_score_from_logits",
     "FeatureExtractor", "ClassifierFeatures", "InceptionFeatures", "load_inception", "choose_extractor",
     "lpips_status", "lpips_to_real", "generation_metrics", "real_fid_floor", "independent_classifier",
@@ -100,17 +105,25 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     return mu, (c.T @ c) / (f.shape[0] - 1)
 
 
-def _sqrtm_psd(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+class PrecomputedFeatures(nn.Module):
+    """The ``feature`` module handed to torchmetrics' ``FrechetInceptionDistance`` when the features were already
+    computed by a :class:`FeatureExtractor`: it returns its input (N, D), in float64."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = int(num_features)   # read by torchmetrics instead of probing with a dummy image
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.double()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (torchmetrics' FID formula):
 
-    d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)), where
-    Tr((S1 S2)^(1/2)) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))) (same spectrum, symmetric PSD).
+    d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)), clipped at 0 (rounding can leave -1e-12).
     """
+    from torchmetrics.image.fid import _compute_fid  # lazy: heavy (torchvision, torch-fidelity, scipy: ~10 s)
+
     mu1, mu2 = np.asarray(mu1, np.float64).ravel(), np.asarray(mu2, np.float64).ravel()
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
@@ -119,16 +132,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     for nm, a in (("mean", mu1), ("mean", mu2), ("covariance", s1), ("covariance", s2)):
         if not np.isfinite(a).all():
             raise InputError(f"{nm} contains NaN or infinite values")
-    r = _sqrtm_psd(s1)
-    m = r @ s2 @ r
-    tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
-    diff = mu1 - mu2
-    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt, 0.0))
+    return float(max(float(_compute_fid(*(torch.from_numpy(a) for a in (mu1, s1, mu2, s2)))), 0.0))
 
 
 def fid_from_features(f_real, f_fake) -> float:
-    """FID between two feature sets (Gaussian fit of each)."""
-    return frechet_distance(*feature_statistics(f_real), *feature_statistics(f_fake))
+    """FID between two feature sets (Gaussian fit of each): torchmetrics' ``FrechetInceptionDistance`` fed the
+    features through :class:`PrecomputedFeatures`."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # lazy: heavy (torchvision, torch-fidelity, scipy)
+
+    fr, ff = _as_2d_float64(f_real, "real features"), _as_2d_float64(f_fake, "generated features")
+    if fr.shape[1] != ff.shape[1]:
+        raise InputError(f"feature dimensions differ: {fr.shape[1]} (real) vs {ff.shape[1]} (generated)")
+    if fr.shape[0] < 2 or ff.shape[0] < 2:
+        raise InputError("at least 2 samples are needed to estimate a covariance")
+    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(fr.shape[1]))
+    metric.update(torch.from_numpy(fr), real=True)
+    metric.update(torch.from_numpy(ff), real=False)
+    return float(max(float(metric.compute()), 0.0))
 
 
 def real_fid_floor(f_real, n: int, seed: int = 0) -> tuple[float, int] | tuple[None, int]:
@@ -144,37 +164,44 @@ def real_fid_floor(f_real, n: int, seed: int = 0) -> tuple[float, int] | tuple[N
 
 
 def polynomial_mmd2_unbiased(x, y, degree: int = 3, coef0: float = 1.0) -> float:
-    """Unbiased MMD^2 between samples x (m, d) and y (n, d) with k(a, b) = (a.b/d + coef0)^degree."""
+    """Unbiased MMD^2 between samples x (m, d) and y (n, d) with k(a, b) = (a.b/d + coef0)^degree (torchmetrics'
+    ``poly_kernel``). The estimator allows m != n (torchmetrics' ``poly_mmd`` assumes m == n; with equal sizes the
+    two agree)."""
+    from torchmetrics.image.kid import poly_kernel  # lazy: heavy (torchvision, torch-fidelity, scipy: ~10 s)
+
     x, y = _as_2d_float64(x, "x"), _as_2d_float64(y, "y")
     if x.shape[1] != y.shape[1]:
         raise InputError(f"feature dimensions differ: {x.shape[1]} vs {y.shape[1]}")
     m, n = x.shape[0], y.shape[0]
     if m < 2 or n < 2:
         raise InputError("the unbiased MMD needs at least 2 samples on each side")
-    d = x.shape[1]
-    kxx = (x @ x.T / d + coef0) ** degree
-    kyy = (y @ y.T / d + coef0) ** degree
-    kxy = (x @ y.T / d + coef0) ** degree
-    sxx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-    syy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    kxx, kyy, kxy = (poly_kernel(a, b, degree, None, coef0) for a, b in ((tx, tx), (ty, ty), (tx, ty)))
+    sxx = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
+    syy = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
     return float(sxx + syy - 2.0 * kxy.mean())
 
 
 def kid(f_real, f_fake, subset_size: int = 1000, n_subsets: int = 100, seed: int = 0) -> tuple[float, float, int]:
-    """Kernel Inception Distance: unbiased polynomial MMD^2 averaged over random subsets.
+    """Kernel Inception Distance: unbiased polynomial MMD^2 (torchmetrics' ``poly_mmd``) averaged over random subsets.
 
     Each subset draws ``m = min(subset_size, n_real, n_fake)`` samples without replacement from both
-    sets. Returns (mean, std over subsets, m).
+    sets (a numpy generator seeded with ``seed``). Returns (mean, std over subsets, m).
     """
+    from torchmetrics.image.kid import poly_mmd  # lazy: heavy (torchvision, torch-fidelity, scipy: ~10 s)
+
     fr, ff = _as_2d_float64(f_real, "real features"), _as_2d_float64(f_fake, "generated features")
+    if fr.shape[1] != ff.shape[1]:
+        raise InputError(f"feature dimensions differ: {fr.shape[1]} (real) vs {ff.shape[1]} (generated)")
     if int(subset_size) < 2 or int(n_subsets) < 1:
         raise InputError("KID needs subset_size >= 2 and n_subsets >= 1")
     m = min(int(subset_size), fr.shape[0], ff.shape[0])
     if m < 2:
         raise InputError("KID needs at least 2 real and 2 generated samples")
     rng = np.random.default_rng(seed)
-    vals = np.array([polynomial_mmd2_unbiased(fr[rng.choice(fr.shape[0], m, replace=False)],
-                                              ff[rng.choice(ff.shape[0], m, replace=False)])
+    tr, tf = torch.from_numpy(fr), torch.from_numpy(ff)
+    vals = np.array([float(poly_mmd(tr[torch.from_numpy(rng.choice(fr.shape[0], m, replace=False))],
+                                    tf[torch.from_numpy(rng.choice(ff.shape[0], m, replace=False))]))
                      for _ in range(int(n_subsets))])
     return float(vals.mean()), float(vals.std()), m
 

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 from .errors import EnergyLensError, InputError
 from .fingerprint import weights_sha256
-from .sampling import ClassStats, dataset_fingerprint, default_cache_dir, reference_energies
+from .sampling.stats import ClassStats, dataset_fingerprint, default_cache_dir, reference_energies
 from .storage import atomic_write_json
 
 __all__ = ["reference_energies_cached", "reference_ready", "warm_up", "Warmup", "cache_key", "warmups",

@@ -7,9 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from axes import symlog, symlog_ticks
 from plotly.subplots import make_subplots
-
-from core.analysis import symlog, symlog_ticks
 
 MARG_COLOR = "#1f77b4"    # Delta E(x)
 JOINT_COLOR = "#ff7f0e"   # Delta E(x, y)

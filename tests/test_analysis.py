@@ -187,33 +187,6 @@ def test_robustness_trend_signs():
 
 
 # ---------------------------------------------------------------------------------------------
-# symmetric log axis
-# ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("c", [0.01, 0.1, 1.0, 10.0])
-def test_symlog_monotone_odd_and_invertible(c):
-    v = np.sort(np.concatenate([-np.logspace(-4, 4, 200), [0.0], np.logspace(-4, 4, 200)]))
-    t = A.symlog(v, c)
-    assert np.all(np.diff(t) > 0)
-    np.testing.assert_allclose(A.symlog(-v, c), -t)
-    np.testing.assert_allclose(A.symlog_inverse(t, c), v, rtol=1e-9, atol=1e-12)
-    # linear near zero: symlog(v) ~ v / (c ln 10)
-    assert A.symlog(1e-6 * c, c) == pytest.approx(1e-6 / np.log(10), rel=1e-5)
-    with pytest.raises(InputError):
-        A.symlog(v, 0.0)
-
-
-def test_symlog_ticks():
-    vals, text = A.symlog_ticks(-250.0, 3.0, c=1.0)
-    assert "0" in text and "-100" in text and "1" in text
-    assert vals == sorted(vals) and len(vals) <= 11
-    back = A.symlog_inverse(np.array(vals), 1.0)
-    assert back.min() >= -250.0 - 1e-9 and back.max() <= 3.0 + 1e-9
-    np.testing.assert_allclose(back, [float(s) for s in text], rtol=1e-9)
-    vals, text = A.symlog_ticks(-0.05, 0.03, c=0.01)
-    assert "0" in text and len(vals) >= 3
-
-
-# ---------------------------------------------------------------------------------------------
 # Fig. 5 b-d
 # ---------------------------------------------------------------------------------------------
 def test_probabilistic_margin_and_entropy_by_hand():

@@ -272,6 +272,50 @@ def test_every_fid_comes_with_its_real_vs_real_floor():
     assert r["FID"] > r["FID_floor"]              # shifted images score above what real images of that size do
 
 
+
+def test_generation_metrics_equal_torchmetrics_with_the_project_extractor_as_its_feature_module():
+    """Issue 26 item 6: FID and KID are torchmetrics'. Handing the project's extractor to torchmetrics'
+    FrechetInceptionDistance / KernelInceptionDistance as their ``feature`` module and feeding them the images gives
+    generation_metrics' numbers (which extract the features once and feed torchmetrics those)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    ext = M.ClassifierFeatures(_Net(), "toy")
+
+    class Features(nn.Module):          # images -> the extractor's features, as torchmetrics wants a feature network
+        num_features = 16
+
+        def forward(self, x):
+            return ext.fn(x)[0].double()
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(60, 3, 8, 8, generator=g)
+    fake = torch.rand(60, 3, 8, 8, generator=g) * 0.5 + 0.4
+    # one subset holding every image: KID does not depend on which subsets torchmetrics' global generator draws
+    r = M.generation_metrics(fake, real, ext, kid_subset_size=60, kid_subsets=1, is_splits=2)
+    fid = FrechetInceptionDistance(feature=Features())
+    kid = KernelInceptionDistance(feature=Features(), subsets=1, subset_size=60)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    assert r["FID"] > 0.01 and r["FID"] == pytest.approx(float(fid.compute()), rel=1e-6)
+    assert r["KID"] > 0 and r["KID"] == pytest.approx(float(kid.compute()[0]), rel=1e-6)
+
+
+def test_the_metrics_import_torchmetrics_only_when_they_compute():
+    """torchmetrics.image imports torchvision, torch-fidelity and scipy (about 10 s): the SGLD page and the job
+    runner import core.metrics without paying for it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, core.metrics, core.sampling; print('torchmetrics' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def _cand(name, dataset, method, source="bundled", shape=(3, 32, 32), path=None):
     from core.models import ModelMeta
     from core.models.registry import ModelRef

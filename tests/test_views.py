@@ -168,7 +168,9 @@ def test_landscape_ticks_do_not_overlap_and_no_violin_is_clipped():
     """Issue 13 item 10: ticks 0.1, 0 and -0.1 were drawn on top of each other, and the y range clipped the
     longest violin. Ticks are now at least 1/11 of the axis apart and the range covers every value."""
     import analysis_figures as af
-    from core.analysis import LandscapeResult, symlog
+    from axes import symlog
+
+    from core.analysis import LandscapeResult
 
     rng = np.random.default_rng(1)
     lab = np.zeros(128, int)
@@ -187,3 +189,34 @@ def test_landscape_ticks_do_not_overlap_and_no_violin_is_clipped():
     allv = np.concatenate([np.concatenate([r.delta_marginal, r.delta_joint]) for r in res])
     assert lo < symlog(allv).min() and hi > symlog(allv).max()
     assert "0" in ax.ticktext and "10" in ax.ticktext
+
+
+# ---------------------------------------------------------------------------------------------
+# symmetric log axis (dashboard/axes.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("c", [0.01, 0.1, 1.0, 10.0])
+def test_symlog_monotone_odd_and_invertible(c):
+    import axes
+
+    v = np.sort(np.concatenate([-np.logspace(-4, 4, 200), [0.0], np.logspace(-4, 4, 200)]))
+    t = axes.symlog(v, c)
+    assert np.all(np.diff(t) > 0)
+    np.testing.assert_allclose(axes.symlog(-v, c), -t)
+    np.testing.assert_allclose(axes.symlog_inverse(t, c), v, rtol=1e-9, atol=1e-12)
+    # linear near zero: symlog(v) ~ v / (c ln 10)
+    assert axes.symlog(1e-6 * c, c) == pytest.approx(1e-6 / np.log(10), rel=1e-5)
+    with pytest.raises(InputError):
+        axes.symlog(v, 0.0)
+
+
+def test_symlog_ticks():
+    import axes
+
+    vals, text = axes.symlog_ticks(-250.0, 3.0, c=1.0)
+    assert "0" in text and "-100" in text and "1" in text
+    assert vals == sorted(vals) and len(vals) <= 11
+    back = axes.symlog_inverse(np.array(vals), 1.0)
+    assert back.min() >= -250.0 - 1e-9 and back.max() <= 3.0 + 1e-9
+    np.testing.assert_allclose(back, [float(s) for s in text], rtol=1e-9)
+    vals, text = axes.symlog_ticks(-0.05, 0.03, c=0.01)
+    assert "0" in text and len(vals) >= 3
