@@ -243,3 +243,30 @@ def test_subset_request_returns_the_retraining_config():
     assert base["epochs"] == 2 and base["method"] == "sat" and base["dataset"] == "digits"
     with pytest.raises(InputError, match="RobustBench"):
         validate_subset_request(_lm(source="zoo"))
+
+
+def test_decay_epochs_of_the_piecewise_schedule():
+    from core.errors import InputError
+    from core.train import TrainConfig
+
+    assert TrainConfig(schedule="piecewise", epochs=40).validate().decay_milestones() == [20, 30]
+    assert TrainConfig(schedule="piecewise", epochs=30, decay_epochs="10, 20").validate().decay_milestones() == [10, 20]
+    for bad, what in (("20,10", "increase"), ("0", "lie in"), ("30", "lie in"), ("ten", "whole numbers"),
+                      ("1," * 20 + "2", "whole numbers")):
+        with pytest.raises(InputError, match=what):
+            TrainConfig(schedule="piecewise", epochs=30, decay_epochs=bad).validate()
+    with pytest.raises(InputError, match="piecewise schedule only"):
+        TrainConfig(schedule="onecycle", epochs=30, decay_epochs="10").validate()
+
+
+def test_decay_epochs_reach_the_learning_rate(tmp_path):
+    """The recorded lr (end of each epoch) drops by 10x after each chosen decay epoch, not at the default half/3/4."""
+    from core.rundir import RunDir
+    from core.train import TrainConfig, train
+
+    cfg = TrainConfig(dataset="digits", arch="demonet", width=8, train_per_class=13, epochs=4, batch_size=64,
+                      attack_steps=1, eval_samples=32, eval_steps=1, out_dir=str(tmp_path / "run"), augment=False,
+                      schedule="piecewise", decay_epochs="1,3", lr=0.1)
+    train(cfg)
+    lrs = [r["lr"] for r in RunDir(tmp_path / "run").read_metrics()]
+    assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001])
