@@ -1,0 +1,208 @@
+"""The settings of a training run: :class:`TrainConfig` (every field, its default and its check)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..attacks import ATTACKS
+from ..attacks.base import format_eps
+from ..data import dataset_spec
+from ..errors import InputError
+from ..losses import method_config
+
+__all__ = ["TrainConfig", "SCHEDULES", "WIDTH_ARCHS", "MAX_EVAL_SAMPLES", "MAX_PROBE_SIZE", "PROBE_SHARE",
+           "PROBE_MAX", "PROBE_PER_CLASS_MIN"]
+
+SCHEDULES = ("onecycle", "piecewise", "cosine", "constant")
+WIDTH_ARCHS = ("smallcnn", "demonet")   # architectures with a width option
+MAX_EVAL_SAMPLES = 100_000   # held-out images attacked after every epoch (CIFAR test: 10,000; SVHN: 26,032)
+MAX_PROBE_SIZE = 10_000      # probe images attacked after every epoch
+# the default probe set (auto_probe_size): 3% of the training set, at least 4 images per class, at most 256
+PROBE_SHARE, PROBE_MAX, PROBE_PER_CLASS_MIN = 0.03, 256, 4
+
+
+@dataclass
+class TrainConfig:
+    method: str = "sat"
+    dataset: str = "digits"
+    arch: str = "smallcnn"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    decay_epochs: str | None = None     # piecewise: epochs after which lr is multiplied by 0.1, e.g. "8,16";
+    #                                     None = after half and three quarters of the epochs
+    eps: float | None = None            # default: the dataset's (8/255 CIFAR, 16/255 digits)
+    step_size: float | None = None      # default: eps / 4
+    attack_steps: int = 10
+    beta: float | None = None           # default: the method's (6)
+    inner: str | None = None            # ablation overrides (Table 1c)
+    outer: str | None = None
+    weighting: str | None = None
+    weight_norm: str = "batch"
+    weight_logits: str = "train"
+    burn_in: int | None = None
+    eval_steps: int = 20
+    eval_samples: int = 512
+    probe_size: int | None = None       # default: auto_probe_size(training set) -- 3% of it, 4/class..256
+    snapshot_every: int = 1
+    checkpoint_every: int = 0           # also keep epoch_XXXX.safetensors every N epochs (0 = only last/best)
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "runs/default"
+    data_root: str | None = None
+    val_fraction: float = 0.1           # held-out share of train when the dataset has no test split
+    train_limit: int | None = None
+    train_per_class: int | None = None  # class-balanced subset: the first N training images of each class
+    width: int | None = None            # architecture width (smallcnn / demonet); None = the architecture's default
+    exclude_indices_file: str | None = None  # JSON list of training-set indices to leave out (Fig. 5a)
+    amp: bool = False                   # bf16 autocast (CUDA only)
+    channels_last: bool = False
+    compile: bool = False               # torch.compile the training forwards (eager again if compiling fails)
+    loader_workers: int | None = None   # threads gathering the next batches (pinned memory on CUDA); 0 = inline;
+    #                                     None: 2 on CUDA, 0 on a CPU (there they only compete with torch's threads)
+    threads: int | None = None          # CPU threads of this process (torch.set_num_threads); None = torch's
+    resume: bool = False
+    name: str | None = None
+
+    def resolved_eps(self) -> float:
+        return float(self.eps) if self.eps is not None else dataset_spec(self.dataset).default_eps
+
+    def resolved_step(self) -> float:
+        return float(self.step_size) if self.step_size is not None else self.resolved_eps() / 4
+
+    def decay_milestones(self) -> list[int]:
+        """The epochs after which the piecewise schedule multiplies lr by 0.1 (InputError when malformed)."""
+        if self.decay_epochs is None:
+            return [int(self.epochs * 0.5), int(self.epochs * 0.75)]
+        if self.schedule != "piecewise":
+            raise InputError(f"decay epochs apply to the piecewise schedule only, not to '{self.schedule}'")
+        parts = [p.strip() for p in str(self.decay_epochs).split(",")]
+        if not all(p.isdigit() for p in parts) or len(parts) > 16:
+            raise InputError(f"decay epochs must be up to 16 comma-separated whole numbers like '8,16', "
+                             f"got {self.decay_epochs!r}")
+        m = [int(p) for p in parts]
+        if m != sorted(set(m)) or not all(1 <= e < self.epochs for e in m):
+            raise InputError(f"decay epochs must increase and lie in [1, {self.epochs - 1}] (before the last epoch), "
+                             f"got {self.decay_epochs!r}")
+        return m
+
+    def arch_kwargs(self) -> dict:
+        """Keyword arguments of the architecture (its width, when set)."""
+        return {"width": int(self.width)} if self.width is not None else {}
+
+    def loss_config(self):
+        return method_config(self.method, beta=self.beta, inner=self.inner, outer=self.outer, weighting=self.weighting,
+                             weight_norm=self.weight_norm, weight_logits=self.weight_logits, burn_in=self.burn_in)
+
+    def validate(self, n_train: int | None = None) -> "TrainConfig":
+        """Check every setting (InputError naming the field and the bad value); ``n_train``: the training set's
+        size, when known (the batch must fit in it). Cheap: no data is read."""
+        self._check_types()
+        if self.dataset.startswith("npz:") and not self.dataset[4:].strip():
+            raise InputError(f"dataset: enter the path of your .npz file (arrays x and y) after 'npz:', "
+                             f"got '{self.dataset}'")
+        self.loss_config()
+        num = {"lr": self.lr, "momentum": self.momentum, "weight decay": self.weight_decay}
+        for k, v in num.items():
+            if not math.isfinite(v) or v < 0:
+                raise InputError(f"{k} must be a finite number >= 0, got {v}")
+        if self.lr == 0:
+            raise InputError("learning rate must be > 0")
+        if self.eps is not None and (not math.isfinite(self.eps) or self.eps < 0 or self.eps > 1):
+            raise InputError(f"epsilon must lie in [0, 1] (0 to 255/255), got {format_eps(self.eps)}")
+        if self.step_size is not None and not (self.step_size > 0):
+            raise InputError(f"step size must be > 0, got {self.step_size}")
+        if self.beta is not None and not (self.beta >= 0):
+            raise InputError(f"beta must be >= 0, got {self.beta}")
+        for k in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_samples", "probe_size", "snapshot_every",
+                  "checkpoint_every"):
+            v = getattr(self, k)
+            if (k == "probe_size" and v is None) or (k == "checkpoint_every" and v == 0):
+                continue
+            if int(v) != v or v <= 0:
+                raise InputError(f"{k.replace('_', ' ')} must be a positive integer, got {v}")
+        for k in ("loader_workers", "threads"):
+            v = getattr(self, k)
+            if v is not None and (int(v) != v or v < (1 if k == "threads" else 0) or v > 256):
+                raise InputError(f"{k.replace('_', ' ')} must be an integer in [{1 if k == 'threads' else 0}, 256], "
+                                 f"got {v}")
+        if self.epochs > 10_000:
+            raise InputError(f"epochs={self.epochs} is absurd (max 10000)")
+        # the training attack, the evaluation attack and the probe attack run through the attack code: the same
+        # step limits as run_attack (AttackInfo.max_steps), so that nothing is accepted here that fails (or hangs) later
+
+        inner = "trades-kl" if self.loss_config().inner == "kl" else "pgd"
+        for k, limit, what in (("attack_steps", min(ATTACKS[inner].max_steps, ATTACKS["pgd"].max_steps),
+                                f"for the training attack ({ATTACKS[inner].label})"),
+                               ("eval_steps", ATTACKS["pgd"].max_steps, "for the evaluation attack (PGD)")):
+            if getattr(self, k) > limit:
+                raise InputError(f"{k.replace('_', ' ')}={getattr(self, k)} is too many {what} (max {limit})")
+        if self.eval_samples > MAX_EVAL_SAMPLES:
+            raise InputError(f"eval samples={self.eval_samples} is absurd: every epoch attacks that many test images "
+                             f"(max {MAX_EVAL_SAMPLES:,}; the whole test set is used when it is smaller)")
+        if self.probe_size is not None and self.probe_size > MAX_PROBE_SIZE:
+            raise InputError(f"probe size={self.probe_size} is absurd: every epoch attacks that many training images "
+                             f"(max {MAX_PROBE_SIZE:,}; the default is 3% of the training set, at most {PROBE_MAX})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
+            raise InputError(f"seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"schedule must be one of {SCHEDULES}")
+        self.decay_milestones()
+        if not 0 < self.val_fraction < 1:
+            raise InputError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.train_limit is not None and (int(self.train_limit) != self.train_limit or self.train_limit < 0):
+            raise InputError(f"train limit (the number of training images) must be an integer >= 0 (0 = all), "
+                             f"got {self.train_limit}")
+        for k, lo, hi in (("train_per_class", 1, 10_000_000), ("width", 1, 1024)):
+            v = getattr(self, k)
+            if v is not None and (int(v) != v or not lo <= v <= hi):
+                raise InputError(f"{k.replace('_', ' ')} must be an integer in [{lo}, {hi:,}] (or unset), got {v}")
+        if self.width is not None and self.arch not in WIDTH_ARCHS:
+            raise InputError(f"width applies to {' and '.join(WIDTH_ARCHS)} only, not to '{self.arch}'")
+        if n_train is not None and self.batch_size > n_train:
+            raise InputError(f"batch size {self.batch_size} is larger than the training set ({n_train} images)")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise InputError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got '{self.device}'")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError("CUDA was requested but no GPU is available: use device 'cpu' or 'auto'")
+        return self
+
+    def _check_types(self) -> None:
+        """Each field holds its kind of value (a config file may hold anything): text, a number, true/false."""
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), str(f.type).split("|")[0].strip()
+            if v is None and "None" in str(f.type):
+                continue
+            ok = {"str": isinstance(v, str), "bool": isinstance(v, bool),
+                  "int": isinstance(v, numbers.Real) and not isinstance(v, bool),
+                  "float": isinstance(v, numbers.Real) and not isinstance(v, bool)}.get(kind, True)
+            if not ok:
+                what = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}[kind]
+                raise InputError(f"{f.name.replace('_', ' ')} must be {what}, got {v!r}")
+        for f in dataclasses.fields(self):  # NaN / inf where a whole number is expected
+            v = getattr(self, f.name)
+            if str(f.type).startswith("int") and isinstance(v, float) and not math.isfinite(v):
+                raise InputError(f"{f.name.replace('_', ' ')} must be an integer, got {v}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise InputError(f"the training configuration must be a JSON object of options, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InputError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**d)
+
