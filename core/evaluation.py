@@ -8,9 +8,9 @@
 ``n``              number of test images (the first ``n`` of the split, as RobustBench does)
 ``split``          'test' (default) or 'train'
 ``norm``           'Linf' (default) or 'L2'
-``eps``            budget; default: the dataset's (8/255 CIFAR, 16/255 digits), 0.5 for L2,
+``eps``            budget; default: the dataset's (DatasetSpec.default_eps), 0.5 for L2,
                    the threat model's for zoo models
-``pgd_steps``      20;  ``pgd_step_size``: default eps / 4 (2/255 at eps 8/255)
+``pgd_steps``      20;  ``pgd_step_size``: default core.attacks.pgd_step_size(eps) (eps / 4)
 ``autoattack``     true; ``aa_version``: 'standard' (APGD-CE, APGD-T, FAB-T, Square) or 'custom'
                    with ``aa_attacks`` (a list of pyautoattack attack names)
 ``chunk_size``     images per chunk (resumability unit); ``batch_size`` for attacks
@@ -46,9 +46,9 @@ import numpy as np
 import torch
 from pyautoattack import AutoAttack
 
-from .attacks import AttackSpec, run_attack
+from .attacks import AttackSpec, pgd_step_size, run_attack
 from .attacks.base import format_eps
-from .data import check_image_count, dataset_spec, load_dataset, validate_images
+from .data import PAPER_EPS, check_image_count, dataset_spec, load_dataset, validate_images
 from .errors import EnergyLensError, InputError
 from .fingerprint import model_sha256
 from .models import device_of
@@ -57,7 +57,7 @@ from .rundir import RunDir
 from .runtime import eval_mode, is_oom_error
 from .storage import atomic_write_json
 
-__all__ = ["EVAL_DEFAULTS", "resolve_config", "evaluate", "run_job", "load_partial", "results_table",
+__all__ = ["EVAL_DEFAULTS", "default_n", "resolve_config", "evaluate", "run_job", "load_partial", "results_table",
            "ResultsTable", "AA_ATTACKS", "default_eps"]
 
 logging.getLogger("auto-attack").setLevel(logging.WARNING)
@@ -71,6 +71,16 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "autoattack": True, "aa_version": "standard", "aa_attacks": None, "chunk_size": 200, "batch_size": 200,
     "seed": 0, "device": "auto",
 }
+DEFAULT_L2_EPS = 0.5
+
+
+def default_n(n_available: int | None = None) -> int:
+    """The number of images an evaluation takes by default: ``EVAL_DEFAULTS['n']``, or the whole split when it is
+    smaller (``n_available``: its size, when known). What the Evaluation page and the sweep panel show."""
+    n = int(EVAL_DEFAULTS["n"])
+    return min(n, int(n_available)) if n_available else n
+
+
 MAX_EVAL_SEED = 1_000_000  # chunk seeds seed * 1000 + k stay below 2**32 (AttackSpec's limit)
 # keys that do not change the numbers (ignored when checking whether partial results can be resumed)
 _NOT_RESULT_KEYS = {"device", "batch_size"}
@@ -116,7 +126,7 @@ def resolve_config(config: dict, meta=None, n_available: int | None = None) -> d
     if not math.isfinite(cfg["eps"]) or cfg["eps"] < 0:
         raise InputError(f"epsilon must be a finite number >= 0, got {format_eps(cfg['eps'], cfg['norm'])}")
     if cfg["pgd_step_size"] is None:
-        cfg["pgd_step_size"] = cfg["eps"] / 4
+        cfg["pgd_step_size"] = pgd_step_size(cfg["eps"])
     cfg["pgd_step_size"] = float(cfg["pgd_step_size"])
     if cfg["autoattack"]:
         if cfg["aa_version"] not in AA_VERSIONS:
@@ -138,16 +148,16 @@ def resolve_config(config: dict, meta=None, n_available: int | None = None) -> d
 def default_eps(meta, norm: str = "Linf") -> float:
     """The evaluation budget: 0.5 for L2, the zoo threat model's, else the dataset's default."""
     if norm == "L2":
-        return 0.5
+        return DEFAULT_L2_EPS
     if meta is not None and getattr(meta, "source", None) == "zoo":
         e = (meta.hparams or {}).get("eps")
         if e:
             return float(e)
 
     try:
-        return float(dataset_spec(meta.dataset).default_eps) if meta is not None else 8 / 255
+        return float(dataset_spec(meta.dataset).default_eps) if meta is not None else PAPER_EPS
     except EnergyLensError:
-        return 8 / 255
+        return PAPER_EPS
 
 
 def _fingerprint(cfg: dict, model_sha: str, n_images: int) -> str:

@@ -68,7 +68,7 @@ MAX_CELLS = 2000                      # a grid larger than this is almost certai
 TOP_KEYS = {"name", "base", "grid", "evaluate", "backend", "nproc", "device"}
 MANAGED = {"out_dir", "resume", "name"}   # set by the sweep / the job system, never by the file
 # the evaluation of each finished run (core.evaluation keys, plus which checkpoint to evaluate)
-EVAL_SWEEP_DEFAULTS: dict[str, Any] = {"n": 1000, "pgd_steps": 20, "autoattack": True, "aa_version": "standard",
+EVAL_SWEEP_DEFAULTS: dict[str, Any] = {**{k: EVAL_DEFAULTS[k] for k in ("n", "pgd_steps", "autoattack", "aa_version")},
                                        "checkpoint": "best"}
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

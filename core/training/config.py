@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..attacks import ATTACKS
+from ..attacks import ATTACKS, pgd_step_size
 from ..attacks.base import format_eps
 from ..data import dataset_spec
 from ..errors import InputError
@@ -39,8 +39,8 @@ class TrainConfig:
     schedule: str = "onecycle"
     decay_epochs: str | None = None     # piecewise: epochs after which lr is multiplied by 0.1, e.g. "8,16";
     #                                     None = after half and three quarters of the epochs
-    eps: float | None = None            # default: the dataset's (8/255 CIFAR, 16/255 digits)
-    step_size: float | None = None      # default: eps / 4
+    eps: float | None = None            # default: the dataset's (DatasetSpec.default_eps)
+    step_size: float | None = None      # default: core.attacks.pgd_step_size(eps)
     attack_steps: int = 10
     beta: float | None = None           # default: the method's (6)
     inner: str | None = None            # ablation overrides (Table 1c)
@@ -77,7 +77,11 @@ class TrainConfig:
         return float(self.eps) if self.eps is not None else dataset_spec(self.dataset).default_eps
 
     def resolved_step(self) -> float:
-        return float(self.step_size) if self.step_size is not None else self.resolved_eps() / 4
+        return float(self.step_size) if self.step_size is not None else pgd_step_size(self.resolved_eps())
+
+    def eval_step_size(self) -> float:
+        """The step of the per-epoch PGD evaluation: the training step, at least the PGD rule's (eps / 4)."""
+        return max(self.resolved_step(), pgd_step_size(self.resolved_eps()))
 
     def decay_milestones(self) -> list[int]:
         """The epochs after which the piecewise schedule multiplies lr by 0.1 (InputError when malformed)."""

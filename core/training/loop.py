@@ -301,7 +301,7 @@ def evaluate_epoch(r: Run, epoch: int, progress: Progress | None = None) -> dict
     if progress:
         progress({"epoch": epoch + 1, "batch": spe, "batches": spe, "fraction": (epoch + 1) / cfg.epochs,
                   "eta_s": eta, "message": msg})
-    return evaluate(r.model, r.xv, r.yv, r.eps, max(r.step, r.eps / 4) if cfg.eval_steps else r.step, cfg.eval_steps)
+    return evaluate(r.model, r.xv, r.yv, r.eps, cfg.eval_step_size() if cfg.eval_steps else r.step, cfg.eval_steps)
 
 
 # --------------------------------------------------------------------------------------------------- probe
