@@ -31,12 +31,14 @@ configuration except the seed are grouped, mean ± std over seeds) with CSV / Ma
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -48,6 +50,7 @@ from pyautoattack import AutoAttack
 
 from .attacks import AttackSpec, pgd_step_size, run_attack
 from .attacks.base import format_eps
+from .cli import ArgumentParser, error_exit, parse_fraction
 from .data import PAPER_EPS, check_image_count, dataset_spec, load_dataset, validate_images
 from .errors import EnergyLensError, InputError
 from .fingerprint import model_sha256
@@ -81,6 +84,14 @@ def default_n(n_available: int | None = None) -> int:
     return min(n, int(n_available)) if n_available else n
 
 
+EVAL_HELP = {  # the command line's help text of each EVAL_DEFAULTS key (python -m core evaluate)
+    "n": "number of test images (the first n of the split)", "split": "split the images come from",
+    "norm": "threat model", "eps": "budget, e.g. 8/255 (default: the dataset's; 0.5 for L2; a zoo model's own)",
+    "pgd_steps": "PGD steps", "pgd_step_size": "PGD step, e.g. 2/255 (default: eps / 4, core.attacks.pgd_step_size)",
+    "autoattack": "run AutoAttack", "aa_version": "AutoAttack version", "aa_attacks": "custom AutoAttack: "
+    "comma-separated attacks", "chunk_size": "images per chunk (the resume unit)", "batch_size": "attack batch size",
+    "seed": "seed of the attacks (chunk k: seed * 1000 + k)", "device": "'auto', 'cpu' or 'cuda[:N]'"}
+EVAL_CHOICES = {"split": ("test", "train"), "norm": ("Linf", "L2"), "aa_version": AA_VERSIONS}
 MAX_EVAL_SEED = 1_000_000  # chunk seeds seed * 1000 + k stay below 2**32 (AttackSpec's limit)
 # keys that do not change the numbers (ignored when checking whether partial results can be resumed)
 _NOT_RESULT_KEYS = {"device", "batch_size"}
@@ -528,3 +539,63 @@ def results_table(records: Sequence[dict]) -> ResultsTable:
     rows.sort(key=lambda r: (r["dataset"], -(r["aa_mean"] if r["aa_mean"] is not None else r["pgd_mean"] or 0.0),
                              r["method"]))
     return ResultsTable(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser(prog: str = "python -m core.evaluation") -> ArgumentParser:
+    """``python -m core evaluate``: evaluate one model in the foreground into a run folder (as an 'eval' job does)."""
+    p = ArgumentParser(prog=prog, description="Evaluate a model: natural, PGD and AutoAttack accuracy (Table 1).")
+    p.add_argument("--config", help="JSON file with the evaluation config (command-line flags override it)")
+    p.add_argument("--out-dir", required=True, help="folder for partial.json (resume) and result.json")
+    for k, what in (("source", "model source: bundled, local or zoo"), ("name", "model name"),
+                    ("path", "checkpoint file (bundled / local)"), ("dataset", "zoo: the model's dataset"),
+                    ("threat_model", "zoo: the model's threat model")):
+        p.add_argument("--" + k.replace("_", "-"), dest=k, help=what)
+    for k, default in EVAL_DEFAULTS.items():
+        flag, text = "--" + k.replace("_", "-"), EVAL_HELP[k] + (f" [default: {default}]" if default is not None else "")
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=k, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif k in ("eps", "pgd_step_size"):
+            p.add_argument(flag, dest=k, type=lambda v, _k=k: parse_fraction(v, _k.replace("_", " ")), default=None,
+                           help=text, metavar="NUMBER")
+        elif k == "aa_attacks":
+            p.add_argument(flag, dest=k, type=lambda v: [a.strip() for a in v.split(",") if a.strip()], default=None,
+                           help=text + f" (from: {', '.join(AA_ATTACKS)})")
+        else:
+            p.add_argument(flag, dest=k, type=int if isinstance(default, int) else str, default=None, help=text,
+                           choices=EVAL_CHOICES.get(k))
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m core.evaluation") -> int:
+    """A bad setting ends with one line ``error: <message>`` on stderr, exit status 2."""
+    try:
+        args = vars(build_parser(prog).parse_args(argv))
+        config: dict = {}
+        cfg_path = args.pop("config")
+        if cfg_path:
+            try:
+                config = json.loads(Path(cfg_path).read_text())
+            except (OSError, ValueError) as e:
+                raise InputError(f"cannot read the config file {cfg_path}: {e}") from e
+        if not isinstance(config, dict):
+            raise InputError("the config file must hold a JSON object of evaluation options")
+        out = Path(args.pop("out_dir"))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create the folder {out}: {e.strerror or e}") from e
+        config = {**config, **{k: v for k, v in args.items() if v is not None}}
+        if config.get("eps") is not None:
+            config["eps"] = parse_fraction(config["eps"], "eps")
+        if config.get("pgd_step_size") is not None:
+            config["pgd_step_size"] = parse_fraction(config["pgd_step_size"], "pgd step size")
+        rec = run_job(config, out, lambda f, m: print(f"{f:4.0%} {m}", file=sys.stderr, flush=True))
+    except EnergyLensError as e:
+        return error_exit(e)
+    print(json.dumps({k: rec.get(k) for k in ("model_name", "n", "natural_acc", "pgd_acc", "aa_acc")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

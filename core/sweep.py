@@ -50,6 +50,7 @@ from typing import Any, Callable
 import yaml
 
 from . import jobs
+from .cli import FRACTION, parse_fraction
 from .data import dataset_spec
 from .errors import EnergyLensError, InputError, JobError
 from .evaluation import EVAL_DEFAULTS, resolve_config, results_table
@@ -266,15 +267,11 @@ def _check_type(name: str, f: dataclasses.Field, value: Any) -> None:
         raise InputError(f"{name} must be {kind}, got {value!r}")
 
 
-_FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*/\s*255\s*$")
-
-
 def _over_255(key: str, value: Any) -> Any:
-    """'8/255' (as YAML files write budgets) -> 8 / 255 for the budget fields; anything else unchanged."""
-    if key in ("eps", "step_size") and isinstance(value, str):
-        m = _FRACTION.match(value)
-        if m:
-            return float(m.group(1)) / 255
+    """'8/255' (as YAML files write budgets) -> 8 / 255 for the budget fields (core.cli.parse_fraction); anything
+    else unchanged."""
+    if key in ("eps", "step_size") and isinstance(value, str) and FRACTION.match(value):
+        return parse_fraction(value, key)
     return value
 
 
@@ -637,3 +634,7 @@ def cli(argv: list[str], runs_dir=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":  # python -m core.sweep ... (an alias of python -m core sweep / python -m core.jobs sweep)
+    sys.exit(cli(sys.argv[1:]))

@@ -27,11 +27,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .cli import ArgumentParser, error_exit
+from .cli import ArgumentParser, error_exit, parse_fraction
 from .errors import EnergyLensError, InputError
 from .train_progress import format_eta
 from .training.config import (MAX_EVAL_SAMPLES, MAX_PROBE_SIZE, PROBE_MAX, PROBE_PER_CLASS_MIN, PROBE_SHARE, SCHEDULES,
-                              WIDTH_ARCHS, TrainConfig)
+                              WIDTH_ARCHS, TrainConfig, field_choices)
 from .training.data import load_splits, make_scheduler
 from .training.loop import train
 from .training.measure import auto_probe_size, evaluate, probe_energies
@@ -43,27 +43,42 @@ __all__ = ["TrainConfig", "train", "train_step", "oom_safe_step", "main", "Train
            "build_parser", "config_from_args", "check_job_config", "run_job"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m core.train", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m core.train") -> argparse.ArgumentParser:
+    """The training command line, built from TrainConfig's field metadata: every option has its help text, its
+    default and (method, dataset, arch, schedule, inner, outer, weighting, ...) its choices from the registries;
+    budgets and steps take fractions like ``8/255``."""
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="JSON file with TrainConfig fields (command-line flags override it)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        help_text = f.metadata["help"].replace("%", "%%")
+        choices = field_choices(f)
+        if choices:
+            help_text += f" (one of: {', '.join(choices)})"
+        default = getattr(TrainConfig, f.name, None)  # None: the help text says what an unset option means
+        if default is not None:
+            help_text += f" [default: {default}]"
+        if str(f.type).startswith("bool"):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        if f.metadata.get("fraction"):
+            def typ(v, _what=f.name.replace("_", " ")):
+                return parse_fraction(v, _what)
+            typ.__name__ = "number or fraction"
+        elif "float" in str(f.type):
+            typ = float
+        elif "int" in str(f.type):
+            typ = int
         else:
-            typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0].replace("|", "").strip(), None)
-            if "float" in str(f.type):
-                typ = float
-            elif "int" in str(f.type):
-                typ = int
-            else:
-                typ = str
-            p.add_argument(flag, dest=f.name, type=typ, default=None)
+            typ = str
+        strict = choices and f.name != "dataset" and f.name != "arch"  # npz:<path>; architectures registered later
+        p.add_argument(flag, dest=f.name, type=typ, default=None, help=help_text,
+                       metavar=None if strict else f.name.upper(), choices=choices if strict else None)
     return p
 
 
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
+def config_from_args(argv: list[str] | None = None, prog: str = "python -m core.train") -> TrainConfig:
+    args = build_parser(prog).parse_args(argv)
     base: dict = {}
     if args.config:
         try:
@@ -76,10 +91,11 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig.from_dict({**base, **over})
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m core.train``: a bad setting ends with one line ``error: <message>`` on stderr, exit status 2."""
+def main(argv: list[str] | None = None, prog: str = "python -m core.train") -> int:
+    """``python -m core train`` / ``python -m core.train``: a bad setting ends with one line ``error: <message>`` on
+    stderr, exit status 2."""
     try:
-        cfg = config_from_args(argv)
+        cfg = config_from_args(argv, prog)
         rec = train(cfg)
     except EnergyLensError as e:
         return error_exit(e)

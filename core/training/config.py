@@ -5,17 +5,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ..attacks import ATTACKS, pgd_step_size
 from ..attacks.base import format_eps
-from ..data import dataset_spec
+from ..cli import parse_fraction
+from ..data import DATASETS, dataset_spec
 from ..errors import InputError
-from ..losses import method_config
+from ..losses import INNERS, METHODS, OUTERS, WEIGHT_LOGITS, WEIGHT_NORMS, WEIGHTINGS, method_config
+from ..models import ARCHITECTURES
 
-__all__ = ["TrainConfig", "SCHEDULES", "WIDTH_ARCHS", "MAX_EVAL_SAMPLES", "MAX_PROBE_SIZE", "PROBE_SHARE",
+__all__ = ["TrainConfig", "field_choices", "SCHEDULES", "WIDTH_ARCHS", "MAX_EVAL_SAMPLES", "MAX_PROBE_SIZE", "PROBE_SHARE",
            "PROBE_MAX", "PROBE_PER_CLASS_MIN"]
 
 SCHEDULES = ("onecycle", "piecewise", "cosine", "constant")
@@ -26,52 +28,80 @@ MAX_PROBE_SIZE = 10_000      # probe images attacked after every epoch
 PROBE_SHARE, PROBE_MAX, PROBE_PER_CLASS_MIN = 0.03, 256, 4
 
 
+def _opt(default, help: str, *, choices=None, fraction: bool = False):
+    """A TrainConfig field: its default and the metadata the command line and the config reader are built from."""
+    meta = {"help": help, "fraction": fraction}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+def field_choices(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """The names a field accepts (from its registry), or None when it takes any value."""
+    c = f.metadata.get("choices")
+    return tuple(c()) if c is not None else None
+
+
 @dataclass
 class TrainConfig:
-    method: str = "sat"
-    dataset: str = "digits"
-    arch: str = "smallcnn"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    decay_epochs: str | None = None     # piecewise: epochs after which lr is multiplied by 0.1, e.g. "8,16";
-    #                                     None = after half and three quarters of the epochs
-    eps: float | None = None            # default: the dataset's (DatasetSpec.default_eps)
-    step_size: float | None = None      # default: core.attacks.pgd_step_size(eps)
-    attack_steps: int = 10
-    beta: float | None = None           # default: the method's (6)
-    inner: str | None = None            # ablation overrides (Table 1c)
-    outer: str | None = None
-    weighting: str | None = None
-    weight_norm: str = "batch"
-    weight_logits: str = "train"
-    burn_in: int | None = None
-    eval_steps: int = 20
-    eval_samples: int = 512
-    probe_size: int | None = None       # default: auto_probe_size(training set) -- 3% of it, 4/class..256
-    snapshot_every: int = 1
-    checkpoint_every: int = 0           # also keep epoch_XXXX.safetensors every N epochs (0 = only last/best)
-    augment: bool = True
-    seed: int = 0
-    device: str = "auto"
-    out_dir: str = "runs/default"
-    data_root: str | None = None
-    val_fraction: float = 0.1           # held-out share of train when the dataset has no test split
-    train_limit: int | None = None
-    train_per_class: int | None = None  # class-balanced subset: the first N training images of each class
-    width: int | None = None            # architecture width (smallcnn / demonet); None = the architecture's default
-    exclude_indices_file: str | None = None  # JSON list of training-set indices to leave out (Fig. 5a)
-    amp: bool = False                   # bf16 autocast (CUDA only)
-    channels_last: bool = False
-    compile: bool = False               # torch.compile the training forwards (eager again if compiling fails)
-    loader_workers: int | None = None   # threads gathering the next batches (pinned memory on CUDA); 0 = inline;
-    #                                     None: 2 on CUDA, 0 on a CPU (there they only compete with torch's threads)
-    threads: int | None = None          # CPU threads of this process (torch.set_num_threads); None = torch's
-    resume: bool = False
-    name: str | None = None
+    """Every setting of a training run. Each field's metadata holds its help text (``help``), where its choices come
+    from (``choices``: a callable returning the registry's names, read when asked, so architectures registered later
+    count) and whether it is a budget written as a fraction like ``8/255`` (``fraction``): the command line
+    (:func:`core.train.build_parser`) and the config-file reader are built from them."""
+
+    method: str = _opt("sat", "training method (paper Table 1c): the loss recipe; inner / outer / weighting / beta "
+                       "override its parts", choices=lambda: tuple(METHODS))
+    dataset: str = _opt("digits", "dataset to train on", choices=lambda: (*DATASETS, "npz:<path>"))
+    arch: str = _opt("smallcnn", "architecture", choices=lambda: tuple(ARCHITECTURES))
+    epochs: int = _opt(10, "number of epochs")
+    batch_size: int = _opt(128, "batch size (over all processes; the last partial batch of an epoch is dropped)")
+    lr: float = _opt(0.1, "learning rate (the peak of the onecycle schedule)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "SGD weight decay")
+    schedule: str = _opt("onecycle", "learning-rate schedule", choices=lambda: SCHEDULES)
+    decay_epochs: str | None = _opt(None, "piecewise schedule: epochs after which lr is multiplied by 0.1, e.g. "
+                                    "'8,16' (default: after half and three quarters of the epochs)")
+    eps: float | None = _opt(None, "L-infinity budget of the training attack, e.g. 8/255 (default: the dataset's, "
+                             "core.data.DatasetSpec.default_eps)", fraction=True)
+    step_size: float | None = _opt(None, "step of the training attack, e.g. 2/255 (default: eps / 4, "
+                                   "core.attacks.pgd_step_size)", fraction=True)
+    attack_steps: int = _opt(10, "steps of the training attack (PGD / TRADES-KL)")
+    beta: float | None = _opt(None, "weight of the KL term (default: the method's)")
+    inner: str | None = _opt(None, "ablation (Table 1c): the inner loss that finds x* (default: the method's)",
+                             choices=lambda: INNERS)
+    outer: str | None = _opt(None, "ablation (Table 1c): the outer cross-entropy term (default: the method's)",
+                             choices=lambda: OUTERS)
+    weighting: str | None = _opt(None, "ablation (Table 1c): the sample weighting (default: the method's)",
+                                 choices=lambda: WEIGHTINGS)
+    weight_norm: str = _opt("batch", "energy weights: divide the loss by the batch size (official) or by sum(w)",
+                            choices=lambda: WEIGHT_NORMS)
+    weight_logits: str = _opt("train", "energy weights from the train-mode logits (official) or an extra eval-mode "
+                              "forward", choices=lambda: WEIGHT_LOGITS)
+    burn_in: int | None = _opt(None, "MAIL: epochs with uniform sample weights (default: the method's)")
+    eval_steps: int = _opt(20, "PGD steps of the evaluation after every epoch")
+    eval_samples: int = _opt(512, "held-out images evaluated after every epoch")
+    probe_size: int | None = _opt(None, "training images whose Delta E is probed after every epoch (default: 3% of "
+                                  "the training set, at least 4 per class, at most 256)")
+    snapshot_every: int = _opt(1, "write the probe set's energies (arrow plots) every N epochs")
+    checkpoint_every: int = _opt(0, "also keep epoch_XXXX.safetensors every N epochs (0 = only last and best)")
+    augment: bool = _opt(True, "random crops (and flips where the dataset allows them)")
+    seed: int = _opt(0, "random seed (data order, augmentation, attack noise, probe set)")
+    device: str = _opt("auto", "'auto', 'cpu' or 'cuda[:N]'")
+    out_dir: str = _opt("runs/default", "run folder (metrics, checkpoints, probe snapshots)")
+    data_root: str | None = _opt(None, "data folder (default: $ENERGYLENS_DATA or <repo>/data)")
+    val_fraction: float = _opt(0.1, "held-out share of the training set when the dataset has no test split")
+    train_limit: int | None = _opt(None, "use only the first N training images (0 or unset = all)")
+    train_per_class: int | None = _opt(None, "class-balanced subset: the first N training images of each class")
+    width: int | None = _opt(None, "architecture width (smallcnn / demonet; default: the architecture's)")
+    exclude_indices_file: str | None = _opt(None, "JSON list of training-set indices to leave out (Fig. 5a)")
+    amp: bool = _opt(False, "bf16 autocast (CUDA only)")
+    channels_last: bool = _opt(False, "channels-last memory format")
+    compile: bool = _opt(False, "torch.compile the training forwards (eager again if compiling fails)")
+    loader_workers: int | None = _opt(None, "threads gathering the next batches (0 = inline; default: 2 on CUDA, "
+                                      "0 on a CPU)")
+    threads: int | None = _opt(None, "CPU threads of this process (torch.set_num_threads; default: torch's)")
+    resume: bool = _opt(False, "continue from the run folder's state.pt (its last completed epoch)")
+    name: str | None = _opt(None, "run name shown in the dashboard (default: the run folder's name)")
 
     def resolved_eps(self) -> float:
         return float(self.eps) if self.eps is not None else dataset_spec(self.dataset).default_eps
@@ -208,5 +238,7 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise InputError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**d)
+        fractions = {f.name for f in dataclasses.fields(cls) if f.metadata.get("fraction")}
+        return cls(**{k: parse_fraction(v, k.replace("_", " ")) if k in fractions and isinstance(v, str) else v
+                      for k, v in d.items()})
 
