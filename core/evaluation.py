@@ -552,7 +552,7 @@ def build_parser(prog: str = "python -m core.evaluation") -> ArgumentParser:
                     ("threat_model", "zoo: the model's threat model")):
         p.add_argument("--" + k.replace("_", "-"), dest=k, help=what)
     for k, default in EVAL_DEFAULTS.items():
-        flag, text = "--" + k.replace("_", "-"), EVAL_HELP[k] + (f" [default: {default}]" if default is not None else "")
+        flag, text = "--" + k.replace("_", "-"), EVAL_HELP[k] + ("" if default is None else f" [default: {default}]")
         if isinstance(default, bool):
             p.add_argument(flag, dest=k, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif k in ("eps", "pgd_step_size"):
@@ -581,15 +581,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m core.evaluation")
         if not isinstance(config, dict):
             raise InputError("the config file must hold a JSON object of evaluation options")
         out = Path(args.pop("out_dir"))
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"cannot create the folder {out}: {e.strerror or e}") from e
         config = {**config, **{k: v for k, v in args.items() if v is not None}}
-        if config.get("eps") is not None:
-            config["eps"] = parse_fraction(config["eps"], "eps")
-        if config.get("pgd_step_size") is not None:
-            config["pgd_step_size"] = parse_fraction(config["pgd_step_size"], "pgd step size")
+        for k in ("eps", "pgd_step_size"):   # a config file may write them as fractions too
+            if config.get(k) is not None:
+                config[k] = parse_fraction(config[k], k.replace("_", " "))
         rec = run_job(config, out, lambda f, m: print(f"{f:4.0%} {m}", file=sys.stderr, flush=True))
     except EnergyLensError as e:
         return error_exit(e)

@@ -17,8 +17,8 @@ from ..errors import InputError
 from ..losses import INNERS, METHODS, OUTERS, WEIGHT_LOGITS, WEIGHT_NORMS, WEIGHTINGS, method_config
 from ..models import ARCHITECTURES
 
-__all__ = ["TrainConfig", "field_choices", "SCHEDULES", "WIDTH_ARCHS", "MAX_EVAL_SAMPLES", "MAX_PROBE_SIZE", "PROBE_SHARE",
-           "PROBE_MAX", "PROBE_PER_CLASS_MIN"]
+__all__ = ["TrainConfig", "field_choices", "SCHEDULES", "WIDTH_ARCHS", "MAX_EVAL_SAMPLES", "MAX_PROBE_SIZE",
+           "PROBE_SHARE", "PROBE_MAX", "PROBE_PER_CLASS_MIN"]
 
 SCHEDULES = ("onecycle", "piecewise", "cosine", "constant")
 WIDTH_ARCHS = ("smallcnn", "demonet")   # architectures with a width option

@@ -106,7 +106,8 @@ class CompiledForward:
             self.fn = torch.compile(model)
         except Exception as e:  # noqa: BLE001
             self.fn = None
-            self.note = f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); eager"
+            first = str(e).splitlines()[0] if str(e) else ""
+            self.note = f"torch.compile unavailable ({type(e).__name__}: {first}); eager"
             print(f"{self.note}", file=sys.stderr, flush=True)
 
     @property
