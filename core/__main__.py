@@ -17,7 +17,7 @@ import sys
 COMMANDS = {
     "train": ("core.train", "train a model in the foreground (every TrainConfig option)"),
     "jobs": ("core.jobs.__main__", "background jobs: submit, list, status, stop, logs, run"),
-    "sweep": ("core.sweep", "sweeps: submit a grid of runs, list, status, Table 1, stop"),
+    "sweep": ("core.sweep_cli", "sweeps: submit a grid of runs, list, status, Table 1, stop"),
     "evaluate": ("core.evaluation", "natural / PGD / AutoAttack accuracy of one model"),
 }
 
