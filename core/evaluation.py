@@ -8,9 +8,9 @@
 ``n``              number of test images (the first ``n`` of the split, as RobustBench does)
 ``split``          'test' (default) or 'train'
 ``norm``           'Linf' (default) or 'L2'
-``eps``            budget; default: the dataset's (8/255 CIFAR, 16/255 digits), 0.5 for L2,
+``eps``            budget; default: the dataset's (DatasetSpec.default_eps), 0.5 for L2,
                    the threat model's for zoo models
-``pgd_steps``      20;  ``pgd_step_size``: default eps / 4 (2/255 at eps 8/255)
+``pgd_steps``      20;  ``pgd_step_size``: default core.attacks.pgd_step_size(eps) (eps / 4)
 ``autoattack``     true; ``aa_version``: 'standard' (APGD-CE, APGD-T, FAB-T, Square) or 'custom'
                    with ``aa_attacks`` (a list of pyautoattack attack names)
 ``chunk_size``     images per chunk (resumability unit); ``batch_size`` for attacks
@@ -31,12 +31,14 @@ configuration except the seed are grouped, mean ± std over seeds) with CSV / Ma
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -46,9 +48,10 @@ import numpy as np
 import torch
 from pyautoattack import AutoAttack
 
-from .attacks import AttackSpec, run_attack
+from .attacks import AttackSpec, pgd_step_size, run_attack
 from .attacks.base import format_eps
-from .data import check_image_count, dataset_spec, load_dataset, validate_images
+from .cli import ArgumentParser, error_exit, parse_fraction
+from .data import PAPER_EPS, check_image_count, dataset_spec, load_dataset, validate_images
 from .errors import EnergyLensError, InputError
 from .fingerprint import model_sha256
 from .models import device_of
@@ -57,7 +60,7 @@ from .rundir import RunDir
 from .runtime import eval_mode, is_oom_error
 from .storage import atomic_write_json
 
-__all__ = ["EVAL_DEFAULTS", "resolve_config", "evaluate", "run_job", "load_partial", "results_table",
+__all__ = ["EVAL_DEFAULTS", "default_n", "resolve_config", "evaluate", "run_job", "load_partial", "results_table",
            "ResultsTable", "AA_ATTACKS", "default_eps"]
 
 logging.getLogger("auto-attack").setLevel(logging.WARNING)
@@ -71,6 +74,24 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "autoattack": True, "aa_version": "standard", "aa_attacks": None, "chunk_size": 200, "batch_size": 200,
     "seed": 0, "device": "auto",
 }
+DEFAULT_L2_EPS = 0.5
+
+
+def default_n(n_available: int | None = None) -> int:
+    """The number of images an evaluation takes by default: ``EVAL_DEFAULTS['n']``, or the whole split when it is
+    smaller (``n_available``: its size, when known). What the Evaluation page and the sweep panel show."""
+    n = int(EVAL_DEFAULTS["n"])
+    return min(n, int(n_available)) if n_available else n
+
+
+EVAL_HELP = {  # the command line's help text of each EVAL_DEFAULTS key (python -m core evaluate)
+    "n": "number of test images (the first n of the split)", "split": "split the images come from",
+    "norm": "threat model", "eps": "budget, e.g. 8/255 (default: the dataset's; 0.5 for L2; a zoo model's own)",
+    "pgd_steps": "PGD steps", "pgd_step_size": "PGD step, e.g. 2/255 (default: eps / 4, core.attacks.pgd_step_size)",
+    "autoattack": "run AutoAttack", "aa_version": "AutoAttack version", "aa_attacks": "custom AutoAttack: "
+    "comma-separated attacks", "chunk_size": "images per chunk (the resume unit)", "batch_size": "attack batch size",
+    "seed": "seed of the attacks (chunk k: seed * 1000 + k)", "device": "'auto', 'cpu' or 'cuda[:N]'"}
+EVAL_CHOICES = {"split": ("test", "train"), "norm": ("Linf", "L2"), "aa_version": AA_VERSIONS}
 MAX_EVAL_SEED = 1_000_000  # chunk seeds seed * 1000 + k stay below 2**32 (AttackSpec's limit)
 # keys that do not change the numbers (ignored when checking whether partial results can be resumed)
 _NOT_RESULT_KEYS = {"device", "batch_size"}
@@ -116,7 +137,7 @@ def resolve_config(config: dict, meta=None, n_available: int | None = None) -> d
     if not math.isfinite(cfg["eps"]) or cfg["eps"] < 0:
         raise InputError(f"epsilon must be a finite number >= 0, got {format_eps(cfg['eps'], cfg['norm'])}")
     if cfg["pgd_step_size"] is None:
-        cfg["pgd_step_size"] = cfg["eps"] / 4
+        cfg["pgd_step_size"] = pgd_step_size(cfg["eps"])
     cfg["pgd_step_size"] = float(cfg["pgd_step_size"])
     if cfg["autoattack"]:
         if cfg["aa_version"] not in AA_VERSIONS:
@@ -138,16 +159,16 @@ def resolve_config(config: dict, meta=None, n_available: int | None = None) -> d
 def default_eps(meta, norm: str = "Linf") -> float:
     """The evaluation budget: 0.5 for L2, the zoo threat model's, else the dataset's default."""
     if norm == "L2":
-        return 0.5
+        return DEFAULT_L2_EPS
     if meta is not None and getattr(meta, "source", None) == "zoo":
         e = (meta.hparams or {}).get("eps")
         if e:
             return float(e)
 
     try:
-        return float(dataset_spec(meta.dataset).default_eps) if meta is not None else 8 / 255
+        return float(dataset_spec(meta.dataset).default_eps) if meta is not None else PAPER_EPS
     except EnergyLensError:
-        return 8 / 255
+        return PAPER_EPS
 
 
 def _fingerprint(cfg: dict, model_sha: str, n_images: int) -> str:
@@ -518,3 +539,58 @@ def results_table(records: Sequence[dict]) -> ResultsTable:
     rows.sort(key=lambda r: (r["dataset"], -(r["aa_mean"] if r["aa_mean"] is not None else r["pgd_mean"] or 0.0),
                              r["method"]))
     return ResultsTable(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser(prog: str = "python -m core.evaluation") -> ArgumentParser:
+    """``python -m core evaluate``: evaluate one model in the foreground into a run folder (as an 'eval' job does)."""
+    p = ArgumentParser(prog=prog, description="Evaluate a model: natural, PGD and AutoAttack accuracy (Table 1).")
+    p.add_argument("--config", help="JSON file with the evaluation config (command-line flags override it)")
+    p.add_argument("--out-dir", required=True, help="folder for partial.json (resume) and result.json")
+    for k, what in (("source", "model source: bundled, local or zoo"), ("name", "model name"),
+                    ("path", "checkpoint file (bundled / local)"), ("dataset", "zoo: the model's dataset"),
+                    ("threat_model", "zoo: the model's threat model")):
+        p.add_argument("--" + k.replace("_", "-"), dest=k, help=what)
+    for k, default in EVAL_DEFAULTS.items():
+        flag, text = "--" + k.replace("_", "-"), EVAL_HELP[k] + ("" if default is None else f" [default: {default}]")
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=k, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif k in ("eps", "pgd_step_size"):
+            p.add_argument(flag, dest=k, type=lambda v, _k=k: parse_fraction(v, _k.replace("_", " ")), default=None,
+                           help=text, metavar="NUMBER")
+        elif k == "aa_attacks":
+            p.add_argument(flag, dest=k, type=lambda v: [a.strip() for a in v.split(",") if a.strip()], default=None,
+                           help=text + f" (from: {', '.join(AA_ATTACKS)})")
+        else:
+            p.add_argument(flag, dest=k, type=int if isinstance(default, int) else str, default=None, help=text,
+                           choices=EVAL_CHOICES.get(k))
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m core.evaluation") -> int:
+    """A bad setting ends with one line ``error: <message>`` on stderr, exit status 2."""
+    try:
+        args = vars(build_parser(prog).parse_args(argv))
+        config: dict = {}
+        cfg_path = args.pop("config")
+        if cfg_path:
+            try:
+                config = json.loads(Path(cfg_path).read_text())
+            except (OSError, ValueError) as e:
+                raise InputError(f"cannot read the config file {cfg_path}: {e}") from e
+        if not isinstance(config, dict):
+            raise InputError("the config file must hold a JSON object of evaluation options")
+        out = Path(args.pop("out_dir"))
+        config = {**config, **{k: v for k, v in args.items() if v is not None}}
+        for k in ("eps", "pgd_step_size"):   # a config file may write them as fractions too
+            if config.get(k) is not None:
+                config[k] = parse_fraction(config[k], k.replace("_", " "))
+        rec = run_job(config, out, lambda f, m: print(f"{f:4.0%} {m}", file=sys.stderr, flush=True))
+    except EnergyLensError as e:
+        return error_exit(e)
+    print(json.dumps({k: rec.get(k) for k in ("model_name", "n", "natural_acc", "pgd_acc", "aa_acc")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,6 +40,8 @@ __all__ = ["LossConfig", "METHODS", "method_config", "outer_loss", "LossTerms"]
 INNERS = ("none", "ce", "kl")
 OUTERS = ("nat", "adv", "bce-adv")
 WEIGHTINGS = ("none", "mart", "pm", "energy")
+WEIGHT_NORMS = ("batch", "sum")       # energy weights: divide by B (official) or by sum(w)
+WEIGHT_LOGITS = ("train", "eval")     # energy weights from the train-mode logits (official) or an eval forward
 
 
 @dataclass
@@ -63,9 +65,9 @@ class LossConfig:
             raise InputError(f"weighting must be one of {WEIGHTINGS}")
         if not (self.beta >= 0) or self.beta != self.beta:
             raise InputError(f"beta must be >= 0, got {self.beta}")
-        if self.weight_norm not in ("batch", "sum"):
+        if self.weight_norm not in WEIGHT_NORMS:
             raise InputError("weight_norm must be 'batch' or 'sum'")
-        if self.weight_logits not in ("train", "eval"):
+        if self.weight_logits not in WEIGHT_LOGITS:
             raise InputError("weight_logits must be 'train' or 'eval'")
         if self.outer in ("adv", "bce-adv") and self.inner == "none":
             raise InputError("an adversarial outer loss needs an inner attack (inner 'ce' or 'kl')")

@@ -29,10 +29,10 @@ and Markdown.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import difflib
+import importlib
 import itertools
 import json
 import math
@@ -50,25 +50,25 @@ from typing import Any, Callable
 import yaml
 
 from . import jobs
+from .cli import FRACTION, parse_fraction
 from .data import dataset_spec
 from .errors import EnergyLensError, InputError, JobError
 from .evaluation import EVAL_DEFAULTS, resolve_config, results_table
 from .evaluation import run_job as eval_job
 from .paths import REPO_ROOT
 from .rundir import RunDir
-from .storage import atomic_write_text
 from .train import TrainConfig
 from .train import run_job as train_job
 
 __all__ = ["SweepSpec", "load_spec", "parse_spec", "expand", "submit_sweep", "list_sweeps", "load_sweep", "status",
-           "table", "stop_sweep", "run_cell", "cli", "EVAL_SWEEP_DEFAULTS", "MAX_CELLS"]
+           "table", "stop_sweep", "run_cell", "EVAL_SWEEP_DEFAULTS", "MAX_CELLS"]
 
 SWEEPS_DIR = "sweeps"
 MAX_CELLS = 2000                      # a grid larger than this is almost certainly a typo
 TOP_KEYS = {"name", "base", "grid", "evaluate", "backend", "nproc", "device"}
 MANAGED = {"out_dir", "resume", "name"}   # set by the sweep / the job system, never by the file
 # the evaluation of each finished run (core.evaluation keys, plus which checkpoint to evaluate)
-EVAL_SWEEP_DEFAULTS: dict[str, Any] = {"n": 1000, "pgd_steps": 20, "autoattack": True, "aa_version": "standard",
+EVAL_SWEEP_DEFAULTS: dict[str, Any] = {**{k: EVAL_DEFAULTS[k] for k in ("n", "pgd_steps", "autoattack", "aa_version")},
                                        "checkpoint": "best"}
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -266,15 +266,11 @@ def _check_type(name: str, f: dataclasses.Field, value: Any) -> None:
         raise InputError(f"{name} must be {kind}, got {value!r}")
 
 
-_FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*/\s*255\s*$")
-
-
 def _over_255(key: str, value: Any) -> Any:
-    """'8/255' (as YAML files write budgets) -> 8 / 255 for the budget fields; anything else unchanged."""
-    if key in ("eps", "step_size") and isinstance(value, str):
-        m = _FRACTION.match(value)
-        if m:
-            return float(m.group(1)) / 255
+    """'8/255' (as YAML files write budgets) -> 8 / 255 for the budget fields (core.cli.parse_fraction); anything
+    else unchanged."""
+    if key in ("eps", "step_size") and isinstance(value, str) and FRACTION.match(value):
+        return parse_fraction(value, key)
     return value
 
 
@@ -544,96 +540,5 @@ def stop_sweep(sweep_id: str, runs_dir=None) -> int:
     return n
 
 
-# ============================================================================================
-# Command line: python -m core.jobs sweep ...
-# ============================================================================================
-ACTIONS = ("submit", "list", "status", "table", "stop")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.jobs sweep",
-                                description="Sweeps: a base config plus a grid, run as ordinary jobs sharing a sweep id.",
-                                epilog="python -m core.jobs sweep FILE.yaml is short for 'sweep submit FILE.yaml'.")
-    sub = p.add_subparsers(dest="action", required=True)
-    s = sub.add_parser("submit", help="expand a sweep file (YAML or JSON) and submit its runs")
-    s.add_argument("file")
-    s.add_argument("--backend", choices=jobs.backend_names(), default=None, help="override the file's backend")
-    s.add_argument("--partition", default=None, help="slurm: partition")
-    s.add_argument("--gpus-per-job", type=int, default=None, help="slurm: GPUs per run")
-    s.add_argument("--time", default=None, help="slurm: time limit per run (minutes or HH:MM:SS)")
-    s.add_argument("--dry-run", action="store_true", help="only list the runs")
-    sub.add_parser("list", help="list the sweeps")
-    st = sub.add_parser("status", help="progress grid of a sweep")
-    st.add_argument("id")
-    st.add_argument("--json", action="store_true")
-    t = sub.add_parser("table", help="Table-1 view (mean ± std over seeds) of a sweep's finished runs")
-    t.add_argument("id")
-    t.add_argument("--format", choices=("markdown", "csv"), default="markdown")
-    t.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
-    sp = sub.add_parser("stop", help="stop every queued or running job of a sweep")
-    sp.add_argument("id")
-    return p
-
-
-def _pct(v) -> str:
-    return "—" if v is None else f"{100 * v:.1f}"
-
-
-def cli(argv: list[str], runs_dir=None) -> int:
-    argv = list(argv)
-    first = next((a for a in argv if not a.startswith("-")), None)
-    if first is not None and first not in ACTIONS:   # 'sweep FILE ...' is 'sweep submit FILE ...'
-        argv = ["submit"] + argv
-    args = _parser().parse_args(argv)
-    try:
-        if args.action == "submit":
-            spec = load_spec(args.file)
-            over = {}
-            if args.backend:
-                over["name"] = args.backend
-            for k, v in (("partition", args.partition), ("gpus_per_job", args.gpus_per_job), ("time", args.time)):
-                if v is not None:
-                    over[k] = v
-            if over:
-                same = over.get("name", spec.backend["name"]) == spec.backend["name"]
-                spec.backend = jobs.check_backend({**(spec.backend if same else {}), **over})
-            runs = expand(spec)
-            if args.dry_run:
-                for r in runs:
-                    print(_label(r["cell"]))
-                print(f"{len(runs)} runs, backend {spec.backend['name']}")
-                return 0
-            rec = submit_sweep(spec, runs_dir)
-            print(f"{rec['id']}  {len(rec['cells'])} runs  backend {rec['backend']['name']}")
-        elif args.action == "list":
-            sweeps = list_sweeps(runs_dir)
-            if not sweeps:
-                print("no sweeps")
-            for r in sweeps:
-                print(f"{r['id']}  {len(r['cells'])} runs  backend {r.get('backend', {}).get('name', '?')}  "
-                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r.get('created') or 0))}")
-        elif args.action == "status":
-            s = status(args.id, runs_dir)
-            if args.json:
-                print(json.dumps({"cells": s["cells"], "counts": s["counts"]}, indent=2, default=str))
-                return 0
-            for c in s["cells"]:
-                ax = " ".join(f"{k}={c[k]}" for k in s["sweep"].get("axes", []))
-                print(f"{jobs.clean_text(c['job_id'] or '-')}  {c['status']:<8} {c['progress']:>4.0%}  {ax}  "
-                      f"nat {_pct(c['natural'])} pgd {_pct(c['pgd'])} aa {_pct(c['aa'])}  "
-                      f"{jobs.clean_text(c['message'], 60)}")
-            print(", ".join(f"{v} {k}" for k, v in sorted(s["counts"].items())))
-        elif args.action == "table":
-            t = table(args.id, runs_dir)
-            text = t.to_csv() if args.format == "csv" else t.to_markdown()
-            if args.output:
-                atomic_write_text(Path(args.output), text)
-                print(f"wrote {len(t)} rows to {args.output}")
-            else:
-                print(text, end="")
-        elif args.action == "stop":
-            print(f"stopped {stop_sweep(args.id, runs_dir)} jobs")
-    except EnergyLensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+if __name__ == "__main__":  # python -m core.sweep: the sweep commands (core.sweep_cli, which imports this module)
+    sys.exit(importlib.import_module("core.sweep_cli").cli(sys.argv[1:]))

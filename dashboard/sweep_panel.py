@@ -9,20 +9,34 @@ from __future__ import annotations
 import streamlit as st
 
 import common
-from core import sweep
+from core import evaluation, sweep
+from core.data import DATASETS
 from core.errors import EnergyLensError, InputError
 
 STATUS_MARK = {"queued": "⏳", "running": "▶", "done": "✔", "failed": "✖", "stopped": "■"}
-EXAMPLE = """name: my-sweep
+DEFAULT_DATASET = "digits"   # the form's and the example's dataset: embedded, so a sweep runs on any machine
+
+
+def eval_defaults() -> dict:
+    """The evaluation the form and the example start from: core's (core.evaluation.EVAL_DEFAULTS), the number of
+    images capped at the default dataset's test set."""
+    D = evaluation.EVAL_DEFAULTS
+    n_test = len(common.load_dataset_cached(DEFAULT_DATASET, "test"))
+    return {"n": evaluation.default_n(n_test), "pgd_steps": int(D["pgd_steps"]),
+            "autoattack": bool(D["autoattack"])}
+
+
+def example() -> str:
+    return f"""name: my-sweep
 base:
-  dataset: digits
-  arch: smallcnn
+  dataset: {DEFAULT_DATASET}
+  arch: {DATASETS[DEFAULT_DATASET].recipe.arch}
   epochs: 5
 grid:
   method: [sat, trades]
   seed: [0, 1, 2]
 evaluate:
-  n: 359
+  n: {eval_defaults()["n"]}
 backend: local
 """
 
@@ -49,29 +63,29 @@ def _seeds(text: str) -> list[int]:
 
 def _form_spec() -> dict | str:
     """The sweep the widgets describe (a dict), or the pasted file (text)."""
-    from core.data import DATASETS
     from core.losses import METHODS
 
     mode = st.radio("Describe the sweep", ["with the form", "as a sweep file (YAML or JSON)"], horizontal=True,
                     key="sw_mode")
     if mode != "with the form":
-        return st.text_area("Sweep file", value=EXAMPLE, height=260, key="sw_text",
+        return st.text_area("Sweep file", value=example(), height=260, key="sw_text",
                             help="The same file `python -m core.jobs sweep FILE.yaml` takes: base (training options), "
                                  "grid (lists to combine), evaluate, backend. See examples/table1a_cifar10.yaml.")
     c1, c2, c3 = st.columns(3)
     methods = c1.multiselect("Methods", list(METHODS), default=["sat", "trades"], key="sw_methods")
-    datasets = c2.multiselect("Datasets", list(DATASETS), default=["digits"], key="sw_datasets")
+    datasets = c2.multiselect("Datasets", list(DATASETS), default=[DEFAULT_DATASET], key="sw_datasets")
     seeds = c3.text_input("Seeds", value="0, 1, 2", key="sw_seeds", help="e.g. '0, 1, 2' or '0-4'")
     c4, c5, c6, c7 = st.columns(4)
     epochs = c4.number_input("Epochs", 1, 10_000, 5, key="sw_runepochs")
-    arch = c5.text_input("Architecture", value="smallcnn", key="sw_arch",
+    arch = c5.text_input("Architecture", value=DATASETS[DEFAULT_DATASET].recipe.arch, key="sw_arch",
                          help="smallcnn / demonet for the small datasets, resnet18 as in the paper")
     limit = c6.number_input("Training images (0 = all)", 0, 10_000_000, 0, key="sw_trainimages")
-    n_eval = c7.number_input("Test images evaluated", 1, 100_000, 359, key="sw_evalimages",
+    ev = eval_defaults()
+    n_eval = c7.number_input("Test images evaluated", 1, 100_000, ev["n"], key="sw_evalimages",
                              help="natural / PGD-20 / AutoAttack on the first n test images of each finished run")
     c8, c9, c10 = st.columns(3)
-    aa = c8.checkbox("AutoAttack (standard)", value=True, key="sw_aa")
-    pgd_steps = c9.number_input("PGD steps (evaluation)", 1, 1000, 20, key="sw_evalsteps")
+    aa = c8.checkbox("AutoAttack (standard)", value=ev["autoattack"], key="sw_aa")
+    pgd_steps = c9.number_input("PGD steps (evaluation)", 1, 1000, ev["pgd_steps"], key="sw_evalsteps")
     name = c10.text_input("Sweep name", value="sweep", key="sw_name")
     backend = st.radio("Backend", ["local", "slurm"], horizontal=True, key="sw_backend",
                        help="local: this machine's job queue (one run per GPU). slurm: a cluster through submitit "

@@ -9,8 +9,9 @@ import figures as fig
 import persist
 import tour
 from core.attacks import ATTACKS, AttackSpec, attack_slug, describe_attack, format_eps, interactive_batch_size, run_attack
-from core.attacks import budget
+from core.attacks import budget, pgd_step_size
 from core.claims import RULE, marginal_claim
+from core.data import PAPER_EPS
 from core.drift import EnergyTrace, natural_trace
 from core.energy import joint_energies, marginal_energy, typicality
 from core.models import device_of
@@ -59,7 +60,8 @@ SQUARE_QUERIES = 300  # ~20 s on 64 digits images on a busy 2-core CPU (issue 13
 # defaults live in session state (the guided tour sets the same keys); ε follows the model's dataset
 common.widget_default("atk_eps255", round(default_eps * 255, 2), scope=meta.dataset)
 for k, v in {"atk_name": "pgd", "atk_norm": "Linf", "atk_eps_l2": 0.5, "atk_steps": 10, "atk_auto_step": True,
-             "atk_step": 2 / 255, "atk_n": 64, "atk_seed": 0, "atk_targeted": False, "atk_tmode": "random",
+             "atk_step": pgd_step_size(PAPER_EPS),  # the paper's PGD step at its budget (2/255)
+             "atk_n": 64, "atk_seed": 0, "atk_targeted": False, "atk_tmode": "random",
              "atk_queries": SQUARE_QUERIES, "atk_kappa": 0.0, "atk_targets": budget.INTERACTIVE_TARGETS}.items():
     common.widget_default(k, v)
 with st.form("attack_form"):
@@ -124,7 +126,7 @@ def chosen_images(ds, n: int, seed: int):
     return ds.images(idx), ds.labels(idx)
 
 
-def who(meta) -> dict:
+def model_identity(meta) -> dict:
     """What the claim check needs to know about a model: its training method, origin and name."""
     return {"method": meta.method, "source": meta.source, "model_name": meta.name}
 
@@ -133,7 +135,7 @@ def attack_job(task, x, y, spec, model_name, lm_b=None):
     share = 0.5 if lm_b is not None else 1.0
     res = run_attack(lm.model, x, y, spec, progress=lambda f, m: task.progress(f * share, m), should_stop=task.cancelled)
     keep = min(16, len(res.x_adv))  # a cancelled attack returns the images attacked so far
-    out = {"trace": res.trace, "spec": spec, "model": model_name, "seconds": res.seconds, "who": who(lm.meta),
+    out = {"trace": res.trace, "spec": spec, "model": model_name, "seconds": res.seconds, "who": model_identity(lm.meta),
            "x": x[:keep].cpu().numpy(), "x_adv": res.x_adv[:keep].cpu().numpy(), "notes": res.notes}
     if lm_b is not None and not res.partial:
         rb = run_attack(lm_b.model, x, y, spec, should_stop=task.cancelled,
@@ -142,7 +144,7 @@ def attack_job(task, x, y, spec, model_name, lm_b=None):
             out["notes"] = list(res.notes) + [f"Cancelled while attacking {lm_b.meta.name}: only {model_name} is shown."]
         else:
             out["b"] = {"trace": rb.trace, "model": lm_b.meta.name, "method": lm_b.meta.method, "seconds": rb.seconds,
-                        "who": who(lm_b.meta),
+                        "who": model_identity(lm_b.meta),
                         "x_adv": rb.x_adv[:keep].cpu().numpy(), "notes": rb.notes}
     return out
 
@@ -176,7 +178,7 @@ if submitted:
         spec.validate(meta.num_classes)
         x, y = chosen_images(ds, n_samples, seed)
         lm_b = common.load_ref(ref_b) if ref_b is not None else None
-        what = f"{ATTACKS[name].label} on {n_samples} images" + (f", two models" if lm_b is not None else "")
+        what = f"{ATTACKS[name].label} on {n_samples} images" + (", two models" if lm_b is not None else "")
         task = common.start_task("atk_task", what, lambda t: attack_job(t, x, y, spec, meta.name, lm_b))
         common.wait_briefly(task, 1.5)
 

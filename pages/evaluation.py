@@ -22,20 +22,23 @@ lm = common.current_model() if ref is not None else None
 with st.form("eval_form"):
     st.markdown(f"**Model:** {ref.name if ref else '— choose one in the sidebar —'}")
     meta = lm.meta if lm is not None else None
-    default_eps = evaluation.default_eps(meta, "Linf") if meta is not None else 8 / 255
+    default_eps = evaluation.default_eps(meta, "Linf")  # the dataset's budget (core.data.DatasetSpec.default_eps)
+    test_ds = common.model_dataset(lm, "test", quiet=True) if lm is not None else None
+    D = evaluation.EVAL_DEFAULTS  # every default below is core's
     c1, c2, c3, c4 = st.columns(4)
-    n = int(c1.number_input("Test images (N)", value=200, step=100, key="ev_n"))
-    norm = c2.selectbox("Norm", ["Linf", "L2"], key="ev_norm")
+    n_test = len(test_ds) if test_ds is not None else None
+    n = int(c1.number_input("Test images (N)", value=evaluation.default_n(n_test), step=100, key="ev_n"))
+    norm = c2.selectbox("Norm", ["Linf", "L2"], index=["Linf", "L2"].index(D["norm"]), key="ev_norm")
     if norm == "Linf":
         eps = float(c3.number_input("ε (× 1/255)", value=round(default_eps * 255, 2), step=1.0, key="ev_eps")) / 255
     else:
-        eps = float(c3.number_input("ε (L2)", value=0.5, step=0.1, key="ev_eps_l2"))
-    steps = int(c4.number_input("PGD steps", value=20, step=1, key="ev_steps"))
+        eps = float(c3.number_input("ε (L2)", value=evaluation.default_eps(meta, "L2"), step=0.1, key="ev_eps_l2"))
+    steps = int(c4.number_input("PGD steps", value=int(D["pgd_steps"]), step=1, key="ev_steps"))
     c5, c6, c7, c8 = st.columns(4)
     aa = c5.selectbox("AutoAttack", ["standard", "fast (APGD-CE + APGD-T)", "off"], key="ev_aa",
                       help="standard is the RobustBench protocol; on CPU it takes minutes per hundred images")
-    chunk = int(c6.number_input("Chunk size (resume unit)", value=100, step=50, key="ev_chunk"))
-    seed = int(c7.number_input("Seed", value=0, step=1, key="ev_seed"))
+    chunk = int(c6.number_input("Chunk size (resume unit)", value=int(D["chunk_size"]), step=50, key="ev_chunk"))
+    seed = int(c7.number_input("Seed", value=int(D["seed"]), step=1, key="ev_seed"))
     name = c8.text_input("Job name (optional)", key="ev_name")
     go = st.form_submit_button("Launch evaluation job", type="primary")
 
@@ -51,7 +54,8 @@ if go:
         cfg = {"model": dataclasses.asdict(ref), "n": n, "norm": norm, "eps": eps, "pgd_steps": steps,
                "autoattack": aa != "off", "aa_version": "custom" if aa.startswith("fast") else "standard",
                "aa_attacks": ["apgd-ce", "apgd-t"] if aa.startswith("fast") else None, "chunk_size": chunk,
-               "batch_size": min(chunk, 200), "seed": seed, "device": st.session_state.get("device", "auto")}
+               "batch_size": min(chunk, D["batch_size"]), "seed": seed,
+               "device": st.session_state.get("device", "auto")}
         evaluation.resolve_config(cfg, lm.meta, n_available=len(ds))  # every rule, before anything is queued
         info = jobs.submit("eval", cfg, name=name.strip() or f"eval {ref.name} ({aa} AA, N={n})",
                            device=st.session_state.get("device", "auto"))

@@ -1,5 +1,6 @@
 """Training studio: adversarial-training jobs with live ΔE(x) (paper Sec. 3.2: Fig. 3, Fig. 1 b-d, Table 2a)."""
 
+import dataclasses
 import json
 import shlex
 
@@ -14,7 +15,7 @@ from core import jobs, phase
 from core import overfitting
 from core.paths import BUNDLED_DIR
 from core.recorded import CONTRAST_RUNS, FIG3_RUNS, list_recorded, read_recorded_metrics, story
-from core.data import DATASETS
+from core.data import DATASETS, PAPER_EPS, TrainingRecipe
 from core.errors import EnergyLensError
 from core.losses import INNERS, METHODS, OUTERS, WEIGHTINGS
 from core.models import ARCHITECTURES
@@ -48,21 +49,16 @@ job registry on disk. Plots refresh every 2 s while a run is running.
 """
     )
 
-DATASET_DEFAULTS = {
-    "cifar10-demo": dict(arch="demonet", epochs=15, lr=0.1, batch_size=128),
-    "digits": dict(arch="smallcnn", epochs=15, lr=0.1, batch_size=128),
-    "cifar10": dict(arch="resnet18", epochs=100, lr=0.1, batch_size=128),
-    "cifar100": dict(arch="resnet18", epochs=100, lr=0.1, batch_size=128),
-    "svhn": dict(arch="resnet18", epochs=100, lr=0.01, batch_size=128),
-    "tinyimagenet": dict(arch="resnet18", epochs=100, lr=0.1, batch_size=128),
-}
 DEFAULT = "(method default)"
 BASE = TrainConfig()
 
 
 def dataset_defaults(name: str) -> dict:
-    d = dict(DATASET_DEFAULTS.get(name, DATASET_DEFAULTS["cifar10"]))
-    d["eps255"] = round(DATASETS[name].default_eps * 255, 2) if name in DATASETS else 8.0
+    """The form's starting values for a dataset: its training recipe and budget (core.data.DatasetSpec); an npz
+    file gets the default recipe and the paper's budget."""
+    spec = DATASETS.get(name)
+    d = dataclasses.asdict(spec.recipe if spec is not None else TrainingRecipe())
+    d["eps255"] = round((spec.default_eps if spec is not None else PAPER_EPS) * 255, 2)
     return d
 
 

@@ -39,6 +39,7 @@ import os, sys
 import torch
 import torch.nn as nn
 import core.train as T
+import core.training.step as S
 from core.models.architectures import ARCHITECTURES
 
 
@@ -54,7 +55,7 @@ class NoBN(nn.Module):
 
 ARCHITECTURES["nobn-test"] = NoBN
 seen = {}
-real_allreduce = T._allreduce_grads
+real_allreduce = S._allreduce_grads
 
 
 def spy(model, world, loss=None):
@@ -62,10 +63,10 @@ def spy(model, world, loss=None):
     return real_allreduce(model, world, loss)
 
 
-T._allreduce_grads = spy
+S._allreduce_grads = spy
 nan_rank = os.environ.get("EL_NAN_RANK")
 if nan_rank is not None:
-    real_loss = T.outer_loss
+    real_loss = S.outer_loss
 
     def nan_loss(cfg, ln, la, y, *, epoch=0, **kw):
         lt = real_loss(cfg, ln, la, y, epoch=epoch, **kw)
@@ -73,7 +74,7 @@ if nan_rank is not None:
             lt.loss = lt.loss * float("nan")
         return lt
 
-    T.outer_loss = nan_loss
+    S.outer_loss = nan_loss
 if __name__ == "__main__":
     rc = T.main(sys.argv[1:])
     if "model" in seen:
@@ -165,7 +166,7 @@ def _initial_weights(entry: Path) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         return {k: v.detach().clone() for k, v in mod.NoBN(10).state_dict().items()}
     finally:
-        mod.T._allreduce_grads = mod.real_allreduce  # undo the spy in this process
+        mod.S._allreduce_grads = mod.real_allreduce  # undo the spy in this process
         from core.models.architectures import ARCHITECTURES
 
         ARCHITECTURES.pop("nobn-test", None)

@@ -16,6 +16,7 @@ import torch
 
 import core.storage as storage
 import core.train as train_mod
+import core.training.loop as loop_mod
 from core.attacks import ATTACKS, AttackSpec, run_attack
 from core.runtime import is_oom_error
 from core.errors import InputError
@@ -192,14 +193,14 @@ def _tiny_cfg(out: Path, **kw) -> TrainConfig:
 
 def test_training_survives_oom_with_micro_batches(tmp_path, monkeypatch, capsys):
     limit = 4
-    real_build = train_mod.build_model
+    real_build = loop_mod.build_model
 
     def build_with_small_memory(arch, num_classes, **kw):
         m = real_build(arch, num_classes, **kw)
         m.forward = _oom_above(limit)(m.forward)
         return m
 
-    monkeypatch.setattr(train_mod, "build_model", build_with_small_memory)
+    monkeypatch.setattr(loop_mod, "build_model", build_with_small_memory)
     out = tmp_path / "run"
     rec = train(_tiny_cfg(out))
     assert rec["epoch"] == 2, "training completed"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import core.train as train_mod
+import core.training.step as step_mod
 from core.data import load_dataset
 from core.errors import InputError
 from core.models import load_checkpoint, read_metadata
@@ -163,7 +164,7 @@ def test_default_probe_size_is_resolved_and_recorded(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # NaN guard
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real = train_mod.outer_loss
+    real = step_mod.outer_loss
 
     def nan_in_epoch_2(cfg, ln, la, y, *, epoch=0, **kw):
         lt = real(cfg, ln, la, y, epoch=epoch, **kw)
@@ -171,7 +172,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
             lt.loss = lt.loss * float("nan")
         return lt
 
-    monkeypatch.setattr(train_mod, "outer_loss", nan_in_epoch_2)
+    monkeypatch.setattr(step_mod, "outer_loss", nan_in_epoch_2)
     out = tmp_path / "run"
     cfg = TrainConfig(**{**TINY, "method": "plain"}, epochs=3, out_dir=str(out))
     with pytest.raises(TrainingStopped, match="loss became nan at epoch 2, batch 1.*smaller learning rate"):

@@ -18,11 +18,11 @@ from ..models.folding import folded
 from . import autoattack as _aa
 from . import gradient as _g
 from .base import (ATTACKS, AttackInfo, AttackInterrupted, AttackResult, AttackSpec, Progress, choose_targets,
-                   eval_mode, format_eps, is_oom_error, make_recorder, project, timed)
+                   eval_mode, format_eps, is_oom_error, make_recorder, pgd_step_size, project, scaled_step_size, timed)
 from .budget import INTERACTIVE_BATCH
 
 __all__ = ["ATTACKS", "AttackSpec", "AttackResult", "AttackInfo", "run_attack", "eval_mode", "project", "format_eps",
-           "describe_attack", "attack_slug", "interactive_batch_size"]
+           "describe_attack", "attack_slug", "interactive_batch_size", "pgd_step_size", "scaled_step_size"]
 
 ATTACKS.update({  # the registry lives in core.attacks.base (AttackSpec.validate reads it); filled here
     "pgd": AttackInfo("PGD (cross-entropy)", _g.pgd,

@@ -19,13 +19,14 @@ from typing import Callable
 
 import torch
 
+from ..data.dataset import PAPER_EPS
 from ..drift import EnergyTrace, TraceRecorder
 from ..errors import InputError
 from ..runtime import Progress, eval_mode, is_oom_error, timed
 from .budget import n_targets
 
 __all__ = ["ATTACKS", "AttackSpec", "AttackResult", "AttackInfo", "AttackInterrupted", "eval_mode", "project", "choose_targets",
-           "is_oom_error", "Progress", "format_eps", "timed"]
+           "is_oom_error", "Progress", "format_eps", "timed", "pgd_step_size", "scaled_step_size"]
 
 NORMS = ("Linf", "L2")
 MAX_KAPPA = 1e4          # a logit margin; far beyond any real one, and exactly representable in float32
@@ -47,13 +48,27 @@ def format_eps(eps: float, norm: str = "Linf") -> str:
     return f"{r}/255" if abs(k - r) < 1e-6 else f"{k:.3g}/255"
 
 
+# ---- the step-size rules: the only place they are stated ------------------------------------------------------------
+def pgd_step_size(eps: float) -> float:
+    """The paper's PGD step, eps / 4 (2/255 at eps = 8/255), whatever the number of steps: the training attack
+    (TrainConfig, PGD-10), the per-epoch and the job evaluation (PGD-20), and the Attack Lab's manual step."""
+    return float(eps) / 4
+
+
+def scaled_step_size(eps: float, steps: int) -> float:
+    """2.5 * eps / steps (Madry et al.): a step that covers the ball whatever ``steps`` is. An :class:`AttackSpec`
+    without ``step_size`` uses it (the Attack Lab's "auto" step, attacks run from code); equal to
+    :func:`pgd_step_size` at 10 steps."""
+    return 2.5 * float(eps) / max(int(steps), 1)
+
+
 @dataclass
 class AttackSpec:
-    """What to run. ``step_size=None`` means 2.5 * eps / steps (Madry et al.)."""
+    """What to run. ``step_size=None`` means :func:`scaled_step_size` (2.5 * eps / steps, Madry et al.)."""
 
     name: str = "pgd"
     norm: str = "Linf"
-    eps: float = 8 / 255
+    eps: float = PAPER_EPS
     steps: int = 10
     step_size: float | None = None
     targeted: bool = False
@@ -67,7 +82,7 @@ class AttackSpec:
 
     @property
     def alpha(self) -> float:
-        return float(self.step_size) if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+        return float(self.step_size) if self.step_size is not None else scaled_step_size(self.eps, self.steps)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,12 +30,13 @@ import torch
 
 from ..errors import DataError, InputError
 from . import disk
-from .dataset import (CIFAR10_CLASSES, CIFAR100_CLASSES, DatasetSpec, ImageDataset, augment, check_image_count,
-                      data_root, probe_indices, validate_images)
+from .dataset import (CIFAR10_CLASSES, CIFAR100_CLASSES, PAPER_EPS, SGLD_FAMILIES, DatasetSpec, ImageDataset,
+                      TrainingRecipe, augment, check_image_count, data_root, probe_indices, validate_images)
 from .demo import load_demo
 from .embedded import load_digits32
 
-__all__ = ["ImageDataset", "DatasetSpec", "DATASETS", "load_dataset", "data_root", "augment", "dataset_spec",
+__all__ = ["ImageDataset", "DatasetSpec", "TrainingRecipe", "PAPER_EPS", "SGLD_FAMILIES", "DATASETS", "load_dataset",
+           "data_root", "augment", "dataset_spec",
            "probe_indices", "validate_images", "check_image_count", "CIFAR10_CLASSES"]
 
 
@@ -57,17 +58,19 @@ def _on_disk(loader: Callable[..., ImageDataset]) -> Callable[..., ImageDataset]
 
 DATASETS: dict[str, DatasetSpec] = {
     "cifar10-demo": DatasetSpec("cifar10-demo", 10, (3, 32, 32), CIFAR10_CLASSES, _load_demo, offline=True,
+                                recipe=TrainingRecipe(arch="demonet", epochs=15),
                                 description="CIFAR-10 demo pack: 500 real test images (50 per class) shipped with the "
                                             "project; its 4,585 training images come from the CIFAR-10 subset"),
     "digits": DatasetSpec("digits", 10, (3, 32, 32), [str(i) for i in range(10)], _load_digits,
-                          default_eps=16 / 255, flip=False, offline=True,
+                          default_eps=16 / 255, flip=False, offline=True, sgld_family="digits",
+                          recipe=TrainingRecipe(arch="smallcnn", epochs=15),
                           description="scikit-learn 8x8 handwritten digits upscaled to 32x32 (embedded, offline)"),
     "cifar10": DatasetSpec("cifar10", 10, (3, 32, 32), CIFAR10_CLASSES, _on_disk(disk.load_cifar10),
                            description="CIFAR-10 (torchvision python format)"),
     "cifar100": DatasetSpec("cifar100", 100, (3, 32, 32), CIFAR100_CLASSES,
                             _on_disk(disk.load_cifar100), description="CIFAR-100 (torchvision python format)"),
     "svhn": DatasetSpec("svhn", 10, (3, 32, 32), [str(i) for i in range(10)], _on_disk(disk.load_svhn),
-                        flip=False, description="SVHN cropped digits (.mat files)"),
+                        flip=False, recipe=TrainingRecipe(lr=0.01), description="SVHN cropped digits (.mat files)"),
     "tinyimagenet": DatasetSpec("tinyimagenet", 200, (3, 64, 64), [f"class {i}" for i in range(200)],
                                 _on_disk(disk.load_tinyimagenet), description="Tiny-ImageNet-200 (folder layout)"),
 }

@@ -14,7 +14,8 @@ import torch
 from ..errors import DataError, InputError
 from ..paths import data_dir
 
-__all__ = ["ImageDataset", "DatasetSpec", "CIFAR10_CLASSES", "CIFAR100_CLASSES", "data_root", "augment",
+__all__ = ["ImageDataset", "DatasetSpec", "TrainingRecipe", "PAPER_EPS", "SGLD_FAMILIES", "CIFAR10_CLASSES",
+           "CIFAR100_CLASSES", "data_root", "augment",
            "probe_indices", "validate_images", "check_image_count"]
 
 
@@ -65,17 +66,36 @@ class ImageDataset:
         return torch.nonzero(self.y == c).squeeze(1)
 
 
+PAPER_EPS = 8 / 255   # the paper's L-infinity budget (CIFAR-10/100, SVHN, Tiny-ImageNet): the one place it is stated
+SGLD_FAMILIES = ("cifar", "digits")   # the SGLD default sets (core.sampling): natural photos vs. upscaled digits
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """The Training studio's starting point for a dataset: architecture, epochs, learning rate, batch size."""
+
+    arch: str = "resnet18"
+    epochs: int = 100
+    lr: float = 0.1
+    batch_size: int = 128
+
+
 @dataclass
 class DatasetSpec:
+    """Everything a dataset decides by default: its attack budget, whether flips are a valid augmentation, the
+    training recipe and which SGLD default set its images take."""
+
     name: str
     num_classes: int
     input_shape: tuple[int, int, int]
     class_names: list[str]
     loader: Callable[..., ImageDataset]
-    default_eps: float = 8 / 255
+    default_eps: float = PAPER_EPS
     flip: bool = True                  # horizontal flips are a valid augmentation
     offline: bool = False              # ships with the package (no download needed)
     description: str = ""
+    recipe: TrainingRecipe = field(default_factory=TrainingRecipe)
+    sgld_family: str = "cifar"         # one of SGLD_FAMILIES
 
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

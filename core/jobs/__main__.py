@@ -7,7 +7,7 @@ import sys
 
 from core.jobs.cli import main
 
-SWEEP_CLI = "core.sweep:cli"   # the sweep commands, above the job system
+SWEEP_CLI = "core.sweep_cli:cli"   # the sweep commands, above the job system
 
 
 def _sweep_cli(*args, **kwargs) -> int:

@@ -6,7 +6,7 @@
     python -m core.jobs run RUN_DIR      (internal: the job process)
 
 The ``sweep`` commands are core.sweep's: :func:`main` hands them to the ``sweep_cli`` it is given (__main__.py
-passes core.sweep.cli), so that nothing in core.jobs imports core.sweep.
+passes core.sweep_cli.cli), so that nothing in core.jobs imports core.sweep.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, sweep_cli: Callable[..., int] | None = None) -> int:
     """Run one command; returns the exit status (2 with 'error: ...' on stderr for an EnergyLensError).
-    ``sweep_cli(args, runs_dir=...)`` runs the ``sweep`` commands (core.sweep.cli; see __main__.py)."""
+    ``sweep_cli(args, runs_dir=...)`` runs the ``sweep`` commands (core.sweep_cli.cli; see __main__.py)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)  # 'sweep' hands its own options (--help, --backend ...) to core.sweep
     if rest and args.cmd != "sweep":

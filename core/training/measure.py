@@ -1,0 +1,55 @@
+"""What a training run measures after every epoch: natural / PGD accuracy on held-out images, and the
+natural vs adversarial energies of the probe set of training images (Delta E, paper Fig. 1 b-d, Fig. 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..attacks import AttackSpec, run_attack
+from ..models import device_of
+from ..runtime import eval_mode
+from .config import PROBE_MAX, PROBE_PER_CLASS_MIN, PROBE_SHARE
+
+__all__ = ["evaluate", "auto_probe_size", "probe_energies", "quantile_stats"]
+
+
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, batch_size: int = 256,
+             norm: str = "Linf") -> dict:
+    """Natural and PGD accuracy (eval mode)."""
+    if eps > 0:
+        spec = AttackSpec("pgd", norm=norm, eps=eps, step_size=step, steps=steps, batch_size=batch_size, seed=0)
+        tr = run_attack(model, x, y, spec).trace
+        return {"nat_acc": tr.natural_accuracy(), "pgd_acc": tr.robust_accuracy()}
+    with eval_mode(model), torch.no_grad():
+        dev = device_of(model)
+        pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+    acc = float((pred == y).float().mean())
+    return {"nat_acc": acc, "pgd_acc": acc}
+
+
+def auto_probe_size(n_train: int, num_classes: int) -> int:
+    """Default probe-set size: 3% of the training set, at least 4 images per class, at most 256.
+
+    The probe attack costs about as much per image as a training step, so 3% keeps Delta E probing
+    near 3% of the epoch (bench/bench_train.py); 256 images (a 50k CIFAR-10 epoch) already pin the mean
+    Delta E to a few thousandths, and the per-class floor keeps the arrows of every class on tiny sets.
+    """
+    n = max(PROBE_PER_CLASS_MIN * num_classes, round(PROBE_SHARE * n_train))
+    return int(min(PROBE_MAX, n, n_train))
+
+
+def probe_energies(model, x, y, eps: float, step: float, steps: int, inner: str) -> dict[str, np.ndarray]:
+    """Natural vs adversarial energies of the probe set under the training attack."""
+    name = "trades-kl" if inner == "kl" else "pgd"
+    spec = AttackSpec(name, eps=eps, step_size=step, steps=steps, seed=0, batch_size=256)
+    tr = run_attack(model, x, y, spec).trace
+    return {"e_nat": tr.marginal[0], "e_adv": tr.marginal[-1], "ej_nat": tr.joint[0], "ej_adv": tr.joint[-1],
+            "correct_nat": (tr.pred[0] == tr.labels), "correct_adv": (tr.pred[-1] == tr.labels)}
+
+
+def quantile_stats(v: np.ndarray, prefix: str) -> dict:
+    q = np.quantile(v, [0.1, 0.25, 0.5, 0.75, 0.9])
+    return {f"{prefix}_mean": float(v.mean()), f"{prefix}_std": float(v.std()),
+            **{f"{prefix}_q{int(p * 100)}": float(x) for p, x in zip([0.1, 0.25, 0.5, 0.75, 0.9], q)}}
+
