@@ -18,7 +18,7 @@ import torch
 
 from .. import zoo
 from ..attacks import AttackSpec, run_attack
-from ..data import check_image_count, dataset_spec, load_dataset, probe_indices, validate_images
+from ..data import PAPER_EPS, check_image_count, dataset_spec, load_dataset, probe_indices, validate_images
 from ..errors import EnergyLensError, InputError
 from ..evaluation import default_eps
 from ..fingerprint import data_sha256, model_sha256, weights_sha256
@@ -231,7 +231,7 @@ def landscape(models: Sequence[LoadedModel], x: torch.Tensor | None = None, y: t
         try:
             eps = dataset_spec(meta0.dataset).default_eps
         except EnergyLensError:
-            eps = 8 / 255
+            eps = PAPER_EPS
         spec = AttackSpec("pgd", eps=eps, steps=10, seed=seed, batch_size=128)
     spec.validate(int(meta0.num_classes))
     # channels-last images make CPU convolutions ~30% faster (same numbers); the models are not touched

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.dataset import PAPER_EPS
 from ..paths import ZOO_DIR
 
 #: Where zoo weights are kept by default: ``<repo>/checkpoints/robustbench`` (git-ignored).
@@ -20,7 +21,7 @@ DATASETS = ("cifar10", "cifar100")
 THREAT_MODELS = ("Linf", "L2")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 #: The RobustBench evaluation budget of each threat model.
-EPS = {"Linf": 8 / 255, "L2": 0.5}
+EPS = {"Linf": PAPER_EPS, "L2": 0.5}
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
