@@ -2,7 +2,7 @@
 
 * ``train``     train a model in the foreground (core.train; also ``python -m core.train``)
 * ``jobs``      background jobs: submit, list, stop, logs (core.jobs; also ``python -m core.jobs``)
-* ``sweep``     grids of training runs and their Table 1 (core.sweep; also ``python -m core.sweep``)
+* ``sweep``     grids of training runs and their Table 1 (core.sweep_cli; also ``python -m core.sweep_cli``)
 * ``evaluate``  natural / PGD / AutoAttack accuracy of one model (core.evaluation; also ``python -m core.evaluation``)
 
 ``python -m core <command> --help`` lists a command's options.

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import importlib
 import itertools
 import json
 import math
@@ -539,6 +538,3 @@ def stop_sweep(sweep_id: str, runs_dir=None) -> int:
             continue
     return n
 
-
-if __name__ == "__main__":  # python -m core.sweep: the sweep commands (core.sweep_cli, which imports this module)
-    sys.exit(importlib.import_module("core.sweep_cli").cli(sys.argv[1:]))

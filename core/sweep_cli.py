@@ -1,4 +1,4 @@
-"""The sweep commands: ``python -m core sweep ...`` (also ``python -m core.jobs sweep`` and ``python -m core.sweep``).
+"""The sweep commands: ``python -m core sweep ...`` (also ``python -m core.jobs sweep`` and ``python -m core.sweep_cli``).
 
 ``sweep FILE.yaml`` is short for ``sweep submit FILE.yaml``; ``list``, ``status ID``, ``table ID``, ``stop ID``.
 The sweeps themselves (expansion, submission, status, Table 1) are :mod:`core.sweep`'s.

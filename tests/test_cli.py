@@ -77,7 +77,7 @@ def test_the_entry_points_and_their_aliases_run():
                        (["-m", "core", "evaluate", "--help"], "python -m core evaluate"),
                        (["-m", "core.evaluation", "--help"], "python -m core.evaluation"),
                        (["-m", "core", "sweep", "--help"], "sweep"),
-                       (["-m", "core.sweep", "--help"], "sweep"),
+                       (["-m", "core.sweep_cli", "--help"], "sweep"),
                        (["-m", "core", "jobs", "--help"], "python -m core.jobs"),
                        (["-m", "core.jobs", "--help"], "python -m core.jobs")):
         p = _run(*args)
