@@ -326,7 +326,7 @@ def _laughs(depth: int = 9, where: str = "grid") -> str:
     top = {"grid": f"grid:\n  seed: [0, *a{depth}]\n",
            "name": f"name: *a{depth}\ngrid:\n  seed: [0]\n",
            "axis": f"grid:\n  seed: *a{depth}\n",
-           "base": f"grid:\n  seed: [0]\n"}[where]
+           "base": "grid:\n  seed: [0]\n"}[where]
     base = "base:\n" + anchors + ("\n  dataset: *a%d\n" % depth if where == "base" else "\n")
     return base + top  # anchors first: YAML refers back only
 
