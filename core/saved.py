@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,9 @@ def load(session: str, kind: str, problems: list[str] | None = None
             raise ValueError("meta is not a JSON object")
     except RecursionError:
         return _drop(path, "its metadata is nested too deeply", problems)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, MemoryError) as e:
+    except (Exception, MemoryError) as e:  # noqa: BLE001 - zipfile / zlib / numpy raise many kinds on a corrupt file
+        if isinstance(e, zlib.error):
+            e = ValueError(f"corrupt compressed data: {e}")
         return _drop(path, str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__, problems)
     os.utime(path.parent)  # touched: kept by prune()
     return arrays, meta

@@ -147,7 +147,14 @@ def _check_trace(t, n_classes: int | None, what: str) -> None:
 
 def unpack_attack(arrays: dict, meta: dict, num_classes: int | None = None) -> tuple[dict, dict]:
     """The Attack Lab result packed by :func:`pack_attack`; ValueError when it is inconsistent (shapes, labels
-    outside ``num_classes``), so that the page never draws it."""
+    outside ``num_classes``, fields of the wrong kind), so that the page never draws it."""
+    try:
+        return _unpack_attack(arrays, meta, num_classes)
+    except (AttributeError, TypeError, KeyError, IndexError, OverflowError, EnergyLensError) as e:  # wrong kind
+        raise ValueError(f"{type(e).__name__}: {str(e)[:150]}") from e
+
+
+def _unpack_attack(arrays: dict, meta: dict, num_classes: int | None) -> tuple[dict, dict]:
     from core.attacks import AttackSpec  # lazy: the attacks (torch) are loaded by the page that restores
     from core.drift import EnergyTrace  # lazy: as above
 
@@ -163,10 +170,22 @@ def unpack_attack(arrays: dict, meta: dict, num_classes: int | None = None) -> t
         mb = meta["b"]
         r["b"] = {"trace": trace("b_", mb.get("trace_meta") or {}), "model": mb["model"], "method": mb.get("method"),
                   "seconds": float(mb["seconds"]), "x_adv": arrays["b_x_adv"], "notes": mb.get("notes") or []}
+    for part in [r] + ([r["b"]] if "b" in r else []):
+        if not isinstance(part["model"], str) or not isinstance(part["notes"], list) or \
+                not all(isinstance(n, str) for n in part["notes"]):
+            raise ValueError("the saved model name or notes are not text")
+    r["spec"].validate(num_classes)  # a spec the page can describe (InputError: ValueError above)
     n = r["trace"].n_samples
     x = np.asarray(r["x"])
     if x.ndim != 4 or x.shape[0] > n or np.asarray(r["x_adv"]).shape != x.shape or \
             ("b" in r and (np.asarray(r["b"]["x_adv"]).shape != x.shape or r["b"]["trace"].n_samples != n)):
         raise ValueError("the saved images do not match the saved trace")
-    history = {k: {kk: np.asarray(vv) for kk, vv in v.items()} for k, v in (meta.get("history") or {}).items()}
+    history = {}
+    for k, v in (meta.get("history") or {}).items():  # step curves of earlier runs: the ones that can be drawn
+        try:
+            h = {kk: np.asarray(v[kk], dtype=float) for kk in ("step", "mean", "std")}
+        except (KeyError, TypeError, ValueError):
+            continue
+        if all(a.ndim == 1 for a in h.values()) and len({len(a) for a in h.values()}) == 1:
+            history[str(k)] = {**{kk: np.asarray(vv) for kk, vv in v.items()}, **h}
     return r, history

@@ -421,3 +421,25 @@ def test_attack_lab_says_when_a_result_could_not_be_saved(monkeypatch, tmp_path)
     assert at.metric, "and is drawn"
     notes = [w.value for w in at.warning if "was not saved" in w.value]
     assert notes and "No space left on device" in notes[0], [w.value for w in at.warning]
+
+
+@pytest.mark.parametrize("field, value", [("history", 5), ("trace_meta", [1]), ("spec", {"name": None}),
+                                          ("seconds", {}), ("b", 3), ("notes", 7)])
+def test_unpack_attack_refuses_fields_of_the_wrong_kind_with_value_error(field, value):
+    """Found by scripts/fuzz_loaders.py: a saved result whose meta fields had the wrong kind raised AttributeError
+    (the page caught only ValueError, KeyError, TypeError and IndexError)."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "dashboard"))
+    import persist
+
+    n, s1 = 4, 3
+    t = {f"a_{k}": np.zeros((s1, n), np.float32) for k in ("marginal", "joint", "loss")}
+    t.update(a_pred=np.zeros((s1, n), np.int64), a_labels=np.zeros(n, np.int64), a_steps=np.arange(s1))
+    arrays = {**t, "x": np.zeros((n, 3, 8, 8), np.float32), "x_adv": np.zeros((n, 3, 8, 8), np.float32)}
+    meta = {"spec": {"name": "pgd"}, "model": "m", "seconds": 1.0, "notes": [], "trace_meta": {}, "history": {}}
+    persist.unpack_attack(arrays, meta, num_classes=10)  # the valid one
+    with pytest.raises(ValueError):
+        persist.unpack_attack(arrays, {**meta, field: value}, num_classes=10)

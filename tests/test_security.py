@@ -561,3 +561,26 @@ def test_saved_refuses_oversized_metadata_on_save(saved_cache):
 
     with pytest.raises(InputError, match="metadata too large"):
         saved.save(SID, "attack", {}, {"notes": "x" * (saved.MAX_META + 1)})
+
+
+def test_saved_file_with_any_one_byte_corrupted_is_removed_never_raised(saved_cache):
+    """Found by scripts/fuzz_loaders.py: a byte flipped inside a deflate stream raised zlib.error out of load()."""
+    import numpy as np
+
+    from core import saved
+
+    rng = np.random.default_rng(0)
+    saved.save(SID, "attack", {"x": rng.normal(size=(4, 8)).astype(np.float32), "labels": np.arange(4)},
+               {"model": "m", "notes": ["a", "b"]})
+    good = saved_cache.read_bytes()
+    removed = 0
+    for i in range(0, len(good)):
+        bad = bytearray(good)
+        bad[i] ^= 0xFF
+        saved_cache.write_bytes(bytes(bad))
+        problems: list[str] = []
+        res = saved.load(SID, "attack", problems)   # never raises
+        if res is None:
+            removed += 1
+            assert len(problems) == 1 and "\n" not in problems[0] and not saved_cache.exists(), (i, problems)
+    assert removed > len(good) // 2
