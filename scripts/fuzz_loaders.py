@@ -106,9 +106,9 @@ def fuzz_sweep(n: int, seed: int, slow: float) -> dict:
 
 def _valid_attack_result():
     """A real (small) Attack Lab result, packed as the page packs it."""
+    import persist
     import torch
 
-    import persist
     from core.attacks import AttackSpec, run_attack
     from core.models import build_model
 
@@ -167,8 +167,8 @@ def _mutate_saved(rng: random.Random, arrays: dict, meta: dict):
 
 def fuzz_saved(n: int, seed: int, slow: float) -> dict:
     import numpy as np
-
     import persist
+
     from core import saved
 
     os.environ["ENERGYLENS_CACHE"] = tempfile.mkdtemp(prefix="fuzz-saved-")
