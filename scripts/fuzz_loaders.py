@@ -134,7 +134,10 @@ def _mutate_saved(rng: random.Random, arrays: dict, meta: dict):
         if op < 0.15:
             arrays[k] = a[: rng.randint(0, max(0, a.shape[0] - 1))] if a.ndim else a
         elif op < 0.25:
-            arrays[k] = a.astype(rng.choice([np.float16, np.int8, np.int64, np.uint8, np.bool_, "U3"]))
+            try:
+                arrays[k] = a.astype(rng.choice([np.float16, np.int8, np.int64, np.uint8, np.bool_, "U3"]))
+            except ValueError:  # text that is not a number
+                pass
         elif op < 0.35 and a.size:
             b = a.copy().reshape(-1)
             if b.dtype.kind in "iuf":
