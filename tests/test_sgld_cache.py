@@ -155,7 +155,7 @@ def test_a_poisoned_reference_file_is_recomputed_not_used(fresh, how):
         assert got[c]["joint"] == pytest.approx(good[c]["joint"]) and got[c]["n"] == good[c]["n"]
     assert sgld_cache.reference_energies_cached(model, ds, [1])[1] == got[1]   # class 1 is there
     if how == "100k deep":  # the warm-up (which read it first) succeeds too
-        f.write_text(_poison({}, how))
+        f.write_text(_poison({"classes": {}}, how))
         sgld_cache.clear_memory()
         w = sgld_cache.warm_up(model, ds)
         assert w.wait(300) and w.error is None, w.error
