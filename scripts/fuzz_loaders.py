@@ -141,8 +141,11 @@ def _mutate_saved(rng: random.Random, arrays: dict, meta: dict):
         elif op < 0.35 and a.size:
             b = a.copy().reshape(-1)
             if b.dtype.kind in "iuf":
-                b[rng.randrange(b.size)] = rng.choice([-1, 10, 10 ** 6, 255]) if b.dtype.kind != "f" else \
-                    rng.choice([np.nan, np.inf, -1e30, 0.0])
+                try:
+                    b[rng.randrange(b.size)] = rng.choice([-1, 10, 10 ** 6, 255]) if b.dtype.kind != "f" else \
+                        rng.choice([np.nan, np.inf, -1e30, 0.0])
+                except OverflowError:  # a value the (mutated) dtype cannot hold
+                    pass
             arrays[k] = b.reshape(a.shape)
         elif op < 0.45:
             arrays[k] = a.reshape(-1)
