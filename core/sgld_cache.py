@@ -23,12 +23,15 @@ result instead of computing it again); ``ClassStats.get`` has its own lock.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
+import torch
 
 from .errors import EnergyLensError, InputError
 from .fingerprint import weights_sha256
@@ -78,15 +81,44 @@ def _path(key: str, cache_dir) -> Path:
     return Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"sgldref-{key}.json"
 
 
-def _load(path: Path) -> dict[int, dict] | None:
+MAX_ABS_ENERGY = 1e6        # a cached mean energy beyond this is not from a real model: recomputed
+
+
+def _expected_counts(model, dataset) -> dict[int, int]:
+    """{class: number of images the reference energies average} for this dataset (and model): what a cached file
+    must hold, exactly."""
+    counts = torch.bincount(torch.as_tensor(dataset.y).long().flatten()).tolist()
+    out = {c: min(int(n), REF_MAX_PER_CLASS) for c, n in enumerate(counts) if n > 0}
+    k = getattr(getattr(model, "meta", None), "num_classes", None)
+    if isinstance(k, int) and out and max(out) >= k:
+        return {}           # the dataset has labels the model does not: nothing cached can fit, recompute (and fail)
+    return out
+
+
+def _load(path: Path, expected: dict[int, int] | None = None) -> dict[int, dict] | None:
+    """The cached reference energies, or None (recomputed) when absent, unreadable, too deep, or when they do not fit
+    the model and dataset: ``expected`` {class: count} must match exactly; energies finite, within
+    ±MAX_ABS_ENERGY, and E(x) <= E(x, y) (a log-sum-exp is at least each logit)."""
     try:
+        if path.stat().st_size > 1_000_000:
+            return None
         d = json.loads(path.read_text(encoding="utf-8"))
         if d.get("version") != REF_VERSION:
             return None
-        out = {int(c): {"joint": float(v["joint"]), "marginal": float(v["marginal"]), "n": int(v["n"])}
-               for c, v in d["classes"].items()}
+        out = {}
+        for c, v in d["classes"].items():
+            j, m, n = v["joint"], v["marginal"], v["n"]
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (j, m)) or \
+                    not isinstance(n, int) or isinstance(n, bool):
+                return None
+            if not (math.isfinite(j) and math.isfinite(m) and abs(j) <= MAX_ABS_ENERGY and abs(m) <= MAX_ABS_ENERGY
+                    and m <= j + 1e-6 * max(1.0, abs(j)) and n > 0):
+                return None
+            out[int(c)] = {"joint": float(j), "marginal": float(m), "n": n}
+        if expected is not None and {c: v["n"] for c, v in out.items()} != expected:
+            return None       # a missing or extra class, or another count: not this model and dataset's statistics
         return out or None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None           # absent or unreadable: recomputed, never trusted
 
 
@@ -123,7 +155,7 @@ def reference_energies_cached(model, dataset, classes: Sequence[int] | None = No
         hit = _memory.get(key)
         if hit is None:
             path = _path(key, cache_dir)
-            hit = _load(path)
+            hit = _load(path, _expected_counts(model, dataset))
             if hit is None:
                 hit = reference_energies(model, dataset, None, max_per_class=REF_MAX_PER_CLASS)
                 _save(path, hit)

@@ -70,6 +70,12 @@ MANAGED = {"out_dir", "resume", "name"}   # set by the sweep / the job system, n
 EVAL_SWEEP_DEFAULTS: dict[str, Any] = {**{k: EVAL_DEFAULTS[k] for k in ("n", "pgd_steps", "autoattack", "aa_version")},
                                        "checkpoint": "best"}
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# bounds on what a sweep file may hold, checked before anything is printed, compared or stored (issue 24)
+MAX_TEXT = 256 * 1024           # characters of a sweep file
+MAX_NODES = 20_000              # values in the file once YAML aliases are expanded (a real sweep has < 200)
+MAX_CHARS = 200_000             # characters of all its strings, aliases expanded
+MAX_STRING = 4_096              # characters of one string
+MAX_AXIS = MAX_CELLS            # values on one grid axis (more always exceeds MAX_CELLS runs)
 
 
 # ============================================================================================
@@ -117,18 +123,113 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     return parse_spec(text, fmt="json" if p.suffix.lower() == ".json" else "yaml", source=str(p))
 
 
-def parse_spec(text_or_dict: str | dict, fmt: str = "yaml", source: str = "the sweep") -> SweepSpec:
-    """Validate a sweep given as YAML / JSON text or as a dict."""
-    if isinstance(text_or_dict, dict):
-        raw = text_or_dict
-    else:
+class _TooBig(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that stops composing as soon as the file has too many values or one list is too long, and
+    counts aliases as the values they stand for (a "billion laughs" file is refused while it is read)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._nodes = 0
+        self._sizes: dict[int, int] = {}   # id(node) -> its expanded size
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            anchor = self.peek_event().anchor
+            node = self.anchors.get(anchor)
+            self._nodes += self._sizes.get(id(node), 1) if node is not None else 1
+        else:
+            self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _TooBig(f"it holds more than {MAX_NODES:,} values (YAML aliases counted as what they expand to)")
+        before = self._nodes
+        node = super().compose_node(parent, index)
+        if node is not None and getattr(node, "value", None) is not None and not isinstance(node, yaml.ScalarNode):
+            self._sizes.setdefault(id(node), max(1, self._nodes - before + 1))
+        return node
+
+    def compose_sequence_node(self, anchor):
+        start_event = self.get_event()
+        tag = start_event.tag
+        if tag is None or tag == "!":
+            tag = self.resolve(yaml.SequenceNode, None, start_event.implicit)
+        node = yaml.SequenceNode(tag, [], start_event.start_mark, None, flow_style=start_event.flow_style)
+        if anchor is not None:
+            self.anchors[anchor] = node
+        index = 0
+        while not self.check_event(yaml.SequenceEndEvent):
+            if index >= MAX_AXIS:
+                raise _TooBig(f"a list has more than {MAX_AXIS:,} values")
+            node.value.append(self.compose_node(node, index))
+            index += 1
+        end_event = self.get_event()
+        node.end_mark = end_event.end_mark
+        return node
+
+
+def _check_size(obj: Any) -> None:
+    """Refuse (InputError) a loaded sweep whose expanded size exceeds the bounds; walks at most MAX_NODES values
+    (shared or cyclic references are counted each time they are met, so this stops on any bomb)."""
+    nodes, chars, stack = 0, 0, [(obj, 0)]
+    while stack:
+        x, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise InputError(f"the sweep holds more than {MAX_NODES:,} values once YAML aliases are expanded: a "
+                             "sweep file is a few lines")
+        if depth > 20:
+            raise InputError("the sweep is nested more than 20 levels deep")
+        if isinstance(x, dict):
+            if len(x) > MAX_AXIS:
+                raise InputError(f"a mapping of the sweep has more than {MAX_AXIS:,} keys")
+            stack.extend((v, depth + 1) for kv in x.items() for v in kv)
+        elif isinstance(x, (list, tuple)):
+            if len(x) > MAX_AXIS:
+                raise InputError(f"a list of the sweep has more than {MAX_AXIS:,} values (at most {MAX_CELLS:,} runs)")
+            stack.extend((v, depth + 1) for v in x)
+        elif isinstance(x, str):
+            if len(x) > MAX_STRING:
+                raise InputError(f"a text of the sweep is {len(x):,} characters long (at most {MAX_STRING:,})")
+            chars += len(x)
+            if chars > MAX_CHARS:
+                raise InputError(f"the sweep's texts exceed {MAX_CHARS:,} characters once YAML aliases are expanded")
+        elif isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 64:
+            raise InputError("the sweep holds an integer with more than 64 bits")
+
+
+def _load_text(text: str, fmt: str, source: str) -> Any:
+    if not isinstance(text, str):
+        raise InputError(f"{source} must be YAML or JSON text, got {type(text).__name__}")
+    if len(text) > MAX_TEXT:
+        raise InputError(f"{source} is {len(text):,} characters long (at most {MAX_TEXT:,}): a sweep file is a few "
+                         "lines")
+    try:
+        if fmt == "json":
+            return json.loads(text)
+        loader = _BoundedLoader(text)
         try:
-            if fmt == "json":
-                raw = json.loads(text_or_dict)
-            else:
-                raw = yaml.safe_load(text_or_dict)
-        except Exception as e:  # noqa: BLE001 - yaml.YAMLError, json.JSONDecodeError
-            raise InputError(f"{source} is not valid {fmt.upper()}: {str(e).strip().splitlines()[0]}") from e
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _TooBig as e:
+        raise InputError(f"{source} is refused: {e}") from None
+    except RecursionError:
+        raise InputError(f"{source} is nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError, json.JSONDecodeError
+        raise InputError(f"{source} is not valid {fmt.upper()}: {str(e).strip().splitlines()[0][:300]}") from e
+
+
+def parse_spec(text_or_dict: str | dict, fmt: str = "yaml", source: str = "the sweep", *,
+               allow_setup: bool = True) -> SweepSpec:
+    """Validate a sweep given as YAML / JSON text or as a dict.
+
+    ``allow_setup=False`` (the dashboard, unless the user ticked that they mean it) refuses a Slurm backend's
+    ``setup`` lines, which are arbitrary shell run on the cluster nodes."""
+    raw = text_or_dict if isinstance(text_or_dict, dict) else _load_text(text_or_dict, fmt, source)
+    _check_size(raw)
     if not isinstance(raw, dict):
         raise InputError(f"{source} must hold a mapping with 'base' and 'grid' (got {type(raw).__name__})")
     for k in raw:
@@ -149,13 +250,16 @@ def parse_spec(text_or_dict: str | dict, fmt: str = "yaml", source: str = "the s
                                  "name")
             if k not in fields:
                 raise _unknown(str(k), set(fields) - MANAGED, "training option", where)
+    n = math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())  # before anything is built
+    if n > MAX_CELLS:
+        raise InputError(f"the grid expands to {n:,} runs (more than {MAX_CELLS:,}): check its lists")
     clean_grid: dict[str, list] = {}
     for k, v in grid.items():
         vals = v if isinstance(v, list) else [v]
         if not vals:
             raise InputError(f"grid '{k}' has no values: give a list with at least one")
         if len({json.dumps(x, sort_keys=True, default=str) for x in vals}) != len(vals):
-            raise InputError(f"grid '{k}' lists a value twice: {vals}")
+            raise InputError(f"grid '{k}' lists a value twice: {_short(vals)}")
         if k in base:
             raise InputError(f"'{k}' is both in 'base' and in 'grid': keep it in one")
         clean_grid[str(k)] = list(vals)
@@ -179,6 +283,8 @@ def parse_spec(text_or_dict: str | dict, fmt: str = "yaml", source: str = "the s
         names = ", ".join(f"'{n}'" for n in jobs.backend_names())
         raise InputError(f"'backend' must be {names} or a mapping {{name: slurm, partition: ..., ...}}")
     backend = jobs.check_backend(backend)
+    if not allow_setup:
+        _refuse_setup(backend)
     nproc = raw.get("nproc", 1)
     if isinstance(nproc, bool) or not isinstance(nproc, int) or not 1 <= nproc <= 64:
         raise InputError(f"nproc (processes per run, DDP through torchrun) must be an integer in [1, 64], got {nproc!r}")
@@ -190,6 +296,28 @@ def parse_spec(text_or_dict: str | dict, fmt: str = "yaml", source: str = "the s
     return spec
 
 
+def _short(value: Any, n: int = 200) -> str:
+    """A bounded repr for messages."""
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def _refuse_setup(backend: dict) -> None:
+    if backend.get("setup"):
+        raise InputError("backend 'setup' lines are run as shell commands on the cluster nodes: tick 'I mean to run "
+                         "these shell lines' to submit them from the dashboard (or submit with the command line)")
+
+
+# the kind of each evaluation option (None: also allowed to be null)
+_EVAL_TYPES: dict[str, tuple[type, ...]] = {
+    "n": (int,), "split": (str,), "norm": (str,), "eps": (int, float, type(None)), "pgd_steps": (int,),
+    "pgd_step_size": (int, float, type(None)), "autoattack": (bool,), "aa_version": (str,),
+    "aa_attacks": (list, type(None)), "chunk_size": (int,), "batch_size": (int,), "seed": (int,), "device": (str,),
+    "checkpoint": (str,)}
+_KIND_TEXT = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+              type(None): "null"}
+
+
 def _check_eval(ev: dict) -> dict:
     known = set(EVAL_DEFAULTS) | {"checkpoint"}
     for k in ev:
@@ -197,10 +325,23 @@ def _check_eval(ev: dict) -> dict:
             raise _unknown(str(k), known, "evaluation option", " in 'evaluate'")
     out = {**EVAL_SWEEP_DEFAULTS, **{k: _over_255("eps" if k in ("eps", "pgd_step_size") else k, v)
                                      for k, v in ev.items()}}
+    for k, v in out.items():
+        kinds = _EVAL_TYPES.get(k)
+        if kinds is None:
+            continue
+        ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
+        if ok and k == "aa_attacks" and v is not None:
+            ok = all(isinstance(a, str) for a in v)
+        if not ok:
+            want = " or ".join(_KIND_TEXT[t] for t in kinds) + (" of attack names" if k == "aa_attacks" else "")
+            raise InputError(f"evaluate.{k} must be {want}, got {_short(v)}")
     if out["checkpoint"] not in ("best", "last"):
         raise InputError(f"evaluate.checkpoint must be 'best' or 'last', got {out['checkpoint']!r}")
 
-    resolve_config({k: v for k, v in out.items() if k != "checkpoint"})  # raises InputError with the reason
+    try:
+        resolve_config({k: v for k, v in out.items() if k != "checkpoint"})  # raises InputError with the reason
+    except (TypeError, ValueError) as e:
+        raise InputError(f"evaluate: {str(e)[:300]}") from e
     return out
 
 
@@ -328,15 +469,48 @@ def _job_name(spec: SweepSpec, cell: dict) -> str:
     return f"{spec.name} · " + " · ".join(f"{k} {v}" if k == "seed" else str(v) for k, v in cell.items())
 
 
-def submit_sweep(spec: SweepSpec | dict | str, runs_dir=None, *, backend: str | dict | None = None) -> dict:
-    """Expand ``spec`` and submit every run to its backend; returns the stored sweep record."""
+def _stop_marker(root: Path, sweep_id: str) -> Path:
+    p = _sweep_path(root, sweep_id)
+    return p.with_name(p.stem + ".stop")
+
+
+class _SubmissionStopped(Exception):
+    """stop_sweep asked, while the sweep was being submitted, that no further run be submitted."""
+
+
+class _Recorder(list):
+    """The job ids a backend appends while it submits: each one is written into the sweep file at once (so that
+    ``sweep stop`` finds it), then the stop marker is checked (so that stop prevents further submission)."""
+
+    def __init__(self, root: Path, rec: dict):
+        super().__init__()
+        self.root, self.rec = root, rec
+
+    def append(self, job_id) -> None:
+        super().append(job_id)
+        self.rec["cells"][len(self) - 1]["job_id"] = job_id
+        _write_sweep(self.root, self.rec)
+        if _stop_marker(self.root, self.rec["id"]).exists():
+            raise _SubmissionStopped()
+
+
+def submit_sweep(spec: SweepSpec | dict | str, runs_dir=None, *, backend: str | dict | None = None,
+                 allow_setup: bool = True) -> dict:
+    """Expand ``spec`` and submit every run to its backend; returns the stored sweep record.
+
+    Each job id is written into the sweep file as soon as the job exists; :func:`stop_sweep` during the submission
+    stops the jobs submitted so far and no further one is submitted. A backend that fails (sbatch missing, an
+    unwritable folder, ...) leaves its rows failed with the reason, and raises JobError.
+    ``allow_setup=False`` refuses a Slurm ``setup`` (arbitrary shell lines), as :func:`parse_spec` does."""
     if not isinstance(spec, SweepSpec):
-        spec = parse_spec(spec)
+        spec = parse_spec(spec, allow_setup=allow_setup)
     if backend is not None:
         b = {"name": backend} if isinstance(backend, str) else dict(backend)
         if b.get("name") == spec.backend.get("name"):
             b = {**spec.backend, **b}
         spec.backend = jobs.check_backend(b)
+    if not allow_setup:
+        _refuse_setup(spec.backend)
     root = _root(runs_dir)
     runs = expand(spec)
     sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_SAFE.sub('-', spec.name).strip('-')[:40] or 'sweep'}-" \
@@ -349,14 +523,44 @@ def submit_sweep(spec: SweepSpec | dict | str, runs_dir=None, *, backend: str | 
     jobs_in = [{"config": r["config"], "name": _job_name(spec, r["cell"]),
                 "sweep": {"id": sweep_id, "cell": r["cell"], "evaluate": spec.evaluate, "nproc": spec.nproc}}
                for r in runs]
-    ids: list[str] = []
+    ids = _Recorder(root, rec)
     try:
         be.submit(jobs_in, root, sweep_id, ids)
+    except _SubmissionStopped:
+        rec["stopped"] = f"stopped during its submission after {len(ids)} of {len(runs)} runs"
+        _stop_jobs(root, list(ids))
+    except EnergyLensError as e:
+        _fail_rows(root, list(ids), str(e))
+        raise
+    except Exception as e:  # noqa: BLE001 - a backend's OSError / RuntimeError: the rows say why, no traceback
+        msg = f"submitting the sweep failed: {type(e).__name__}: {str(e).strip()[:500]}"
+        _fail_rows(root, list(ids), msg)
+        raise JobError(msg) from e
     finally:  # record what was submitted, even when the backend failed half-way
         for c, jid in zip(rec["cells"], ids):
             c["job_id"] = jid
-        _write_sweep(root, rec)
+        with contextlib.suppress(JobError):
+            _write_sweep(root, rec)
     return rec
+
+
+def _fail_rows(root: Path, ids: list[str], reason: str) -> None:
+    """Rows a failed submission left queued become failed with ``reason`` (rows already run or failed stay)."""
+    for jid in ids:
+        with contextlib.suppress(EnergyLensError, OSError):
+            jobs.store.mark(root, jid, "failed", "could not be submitted", error=reason, only_if=("queued",))
+
+
+def _stop_jobs(root: Path, ids: list[str]) -> int:
+    n = 0
+    for jid in ids:
+        try:
+            if jobs.peek_job(jid, root).active:
+                jobs.stop_job(jid, root, grace=5.0)
+                n += 1
+        except EnergyLensError:
+            continue
+    return n
 
 
 # ============================================================================================
@@ -522,19 +726,15 @@ def table(sweep_id: str, runs_dir=None):
 
 
 def stop_sweep(sweep_id: str, runs_dir=None) -> int:
-    """Stop every queued or running job of the sweep; returns how many were stopped."""
+    """Stop every queued or running job of the sweep; returns how many were stopped. A sweep still being submitted
+    submits no further run (a stop marker, checked after each job is created, written before the jobs are read)."""
     root = _root(runs_dir)
+    load_sweep(sweep_id, root)  # an unknown id is refused before any marker is written
+    marker = _stop_marker(root, sweep_id)
+    try:
+        atomic_write_text(marker, f"{time.time()}\n")
+    except OSError as e:
+        raise JobError(f"cannot write the stop marker {marker}: {e}") from e
     rec = load_sweep(sweep_id, root)
-    n = 0
-    for c in rec["cells"]:
-        jid = c.get("job_id")
-        if not jid:
-            continue
-        try:
-            if jobs.peek_job(jid, root).active:
-                jobs.stop_job(jid, root, grace=5.0)
-                n += 1
-        except EnergyLensError:
-            continue
-    return n
+    return _stop_jobs(root, [c.get("job_id") for c in rec["cells"] if c.get("job_id")])
 

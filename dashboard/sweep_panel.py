@@ -68,9 +68,16 @@ def _form_spec() -> dict | str:
     mode = st.radio("Describe the sweep", ["with the form", "as a sweep file (YAML or JSON)"], horizontal=True,
                     key="sw_mode")
     if mode != "with the form":
-        return st.text_area("Sweep file", value=example(), height=260, key="sw_text",
+        text = st.text_area("Sweep file", value=example(), height=260, key="sw_text",
                             help="The same file `python -m core.jobs sweep FILE.yaml` takes: base (training options), "
                                  "grid (lists to combine), evaluate, backend. See examples/table1a_cifar10.yaml.")
+        st.checkbox("I mean to run the shell lines of backend 'setup'", value=False, key="sw_allow_setup",
+                    help="A Slurm backend's `setup` lines are arbitrary shell commands, run on every cluster node "
+                         "before each run, with your account's rights. A sweep file that has them is refused unless "
+                         "this is ticked: read them first.")
+        st.caption("⚠ `backend.setup` is arbitrary shell, run on the cluster nodes: only tick the box above for lines "
+                   "you wrote or have read.")
+        return text
     c1, c2, c3 = st.columns(3)
     methods = c1.multiselect("Methods", list(METHODS), default=["sat", "trades"], key="sw_methods")
     datasets = c2.multiselect("Datasets", list(DATASETS), default=[DEFAULT_DATASET], key="sw_datasets")
@@ -124,13 +131,14 @@ def _submit_block() -> None:
         if spec is None or not (go or check):
             return
         with common.guard("submitting the sweep" if go else "checking the sweep"):
-            parsed = sweep.parse_spec(spec) if isinstance(spec, dict) else sweep.parse_spec(spec, fmt="yaml",
-                                                                                              source="the sweep file")
+            allow = bool(st.session_state.get("sw_allow_setup")) and not isinstance(spec, dict)
+            parsed = sweep.parse_spec(spec, allow_setup=False) if isinstance(spec, dict) else \
+                sweep.parse_spec(spec, fmt="yaml", source="the sweep file", allow_setup=allow)
             runs = sweep.expand(parsed)
             if check:
                 st.success(f"The sweep is valid: {len(runs)} runs on the {parsed.backend['name']} backend.")
                 return
-            rec = sweep.submit_sweep(parsed)
+            rec = sweep.submit_sweep(parsed, allow_setup=allow)
             st.session_state["sw_view_request"] = rec["id"]
             st.success(f"Submitted sweep **{common.plain(rec['name'])}** ({rec['id']}): {len(rec['cells'])} runs on the "
                        f"{rec['backend']['name']} backend.")

@@ -18,10 +18,17 @@ from core.models import device_of
 
 lm, meta, classes, default_eps = common.require_model("Attack Lab")
 tour.banner("attack")
-restored = persist.restore("attack")  # the last result of this browser session survives a page reload
-if restored is not None and "atk_result" not in st.session_state:
+model_key = st.session_state["model_ref"].key
+# the last result of this browser session survives a page reload, under the model that made it only
+restored = persist.restore("attack", accept=lambda m: m.get("model_key") == model_key) \
+    if "atk_result" not in st.session_state else None
+if restored is not None:
     with common.guard("restoring the last result"):
-        st.session_state["atk_result"], st.session_state["atk_history"] = persist.unpack_attack(*restored)
+        try:
+            st.session_state["atk_result"], st.session_state["atk_history"] = persist.unpack_attack(
+                *restored, num_classes=meta.num_classes)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            persist.discard("attack", str(e)[:200] or type(e).__name__)
 
 with st.expander("What am I looking at?", expanded=False):
     st.markdown(
@@ -163,7 +170,7 @@ def on_done(task):
     # a new run is shown on the step curve; runs the user took off stay off (the selector is drawn after this)
     if "atk_curves" in st.session_state:
         st.session_state["atk_curves"] = [k for k in st.session_state["atk_curves"] if k in hist] + new
-    persist.keep("attack", *persist.pack_attack(r, hist))
+    persist.keep("attack", *persist.pack_attack(r, hist, model_key=model_key))
 
 
 if st.session_state.pop("atk_autorun", False):  # set by the guided tour: run with the widgets it set
@@ -290,6 +297,7 @@ elif r is not None:
                          f"E(x*)={t.marginal[-1][i]:.2f}", width="stretch")
             st.image(fig.to_uint8_image(fig.amplify(r["x_adv"][i] - r["x"][i])), caption="perturbation (amplified)",
                      width="stretch")
+    persist.unsaved_notice("attack")
     d1, d2, d3 = st.columns(3)
     with d3:
         persist.clear_button("attack", ("atk_result", "atk_history", "atk_curves"))

@@ -166,6 +166,7 @@ kind = c2.radio("Plot", ["violin", "box"], horizontal=True, key="land_kind")
 pts = c3.checkbox("Show points", value=False, key="land_pts")
 with c3:
     persist.clear_button("landscape", ("land_results", "land_job", "land_job_loaded"))
+persist.unsaved_notice("landscape")
 with common.guard("drawing the landscape"):
     st.plotly_chart(af.landscape_figure(results, c=c, kind=kind, show_points=pts), width="stretch",
                     key="land_fig", config={"displaylogo": False})

@@ -323,6 +323,7 @@ else:
     if st.session_state.get("sgld_last"):
         st.caption(f"Last action: {st.session_state['sgld_last']}.")
         persist.clear_button("sgld", ("sgld_sampler", "sgld_model_key", "sgld_last"), "Clear the chains")
+    persist.unsaved_notice("sgld")
 
     tr = sampler.trace
     pick = st.selectbox("Energy plot for", ["all chains"] + [names[c] for c in sampler.classes], key="sgld_plot_cls")

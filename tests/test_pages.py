@@ -362,3 +362,109 @@ def test_the_app_starts_the_umap_warm_up_at_launch(monkeypatch, flag, expected):
     monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", flag)
     fresh_app()
     assert bool(calls) is expected
+
+
+# ------------------------------------------------------------------------------------ issue 24: saved results
+def _reload(sid: str, model: str | None = None) -> AppTest:
+    """A new browser session on the same ?s=<id> (a page reload), optionally with another bundled model."""
+    at = AppTest.from_file(ENTRY, default_timeout=120)
+    at.query_params["s"] = sid
+    if model is not None:
+        at.session_state["model_source"] = "Bundled"
+        at.session_state["pick-Bundled"] = model
+    at.run()
+    at.switch_page("../pages/attack_lab.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert not [e for e in at.error if "Unexpected error" in e.value], [e.value for e in at.error]
+    return at
+
+
+def _sid(at: AppTest) -> str:
+    sid = at.query_params["s"]
+    return sid[0] if isinstance(sid, list) else sid
+
+
+def test_attack_lab_restores_a_result_only_under_its_model_and_drops_crafted_ones(monkeypatch, tmp_path):
+    import numpy as np
+
+    from core import saved
+
+    monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
+    at = fresh_app()
+    at.switch_page("../pages/attack_lab.py").run()
+    run_attack_and_wait(at)
+    sid, first = _sid(at), at.session_state["model_ref"].name
+    other = "digits-sat" if not first.startswith("digits") else "cifar10-demo-sat"
+    arrays, meta = saved.load(sid, "attack")
+    assert meta["model_key"] == at.session_state["model_ref"].key
+
+    # under another model: not shown (a digits result must not get CIFAR-10 class names), and kept on disk
+    at2 = _reload(sid, other)
+    assert "atk_result" not in at2.session_state
+    assert saved.load(sid, "attack") is not None
+    assert "atk_result" in _reload(sid).session_state, "restored under its own model"
+
+    path = saved.sessions_dir() / sid / "attack.npz"
+    crafted = {
+        "labels >= the model's classes": ({**arrays, "a_labels": arrays["a_labels"] + 50}, meta,
+                                          "labels outside the model's 10 classes"),
+        "trace shape does not match its labels": ({**arrays, "a_labels": arrays["a_labels"][:3]}, meta,
+                                                  "labels of shape (3,)"),
+        "images do not match the trace": ({**arrays, "x_adv": arrays["x_adv"][:1]}, meta, "do not match"),
+        "spec of the wrong kind": (arrays, {**meta, "spec": [1, 2]}, "could not be used"),
+    }
+    for what, (arr, m, needle) in crafted.items():
+        saved.save(sid, "attack", arr, m)
+        at3 = _reload(sid)
+        assert "atk_result" not in at3.session_state, what
+        notes = [w.value for w in at3.warning if "could not be used" in w.value]
+        assert notes and needle in notes[0] and "\n" not in notes[0], (what, [w.value for w in at3.warning])
+        assert not path.exists(), what
+
+    # metadata nested 100,000 deep: removed with a one-line notice, the page draws
+    with open(path, "wb") as f:
+        np.savez(f, x=np.zeros(1), __meta__=np.array("[" * 100_000 + "]" * 100_000))
+    at4 = _reload(sid)
+    assert any("nested too deeply" in w.value and "was removed" in w.value for w in at4.warning), \
+        [w.value for w in at4.warning]
+    assert not path.exists()
+
+
+def test_attack_lab_says_when_a_result_could_not_be_saved(monkeypatch, tmp_path):
+    from core import saved
+
+    monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    at = fresh_app()
+    at.switch_page("../pages/attack_lab.py").run()
+    monkeypatch.setattr(saved, "save", disk_full)
+    run_attack_and_wait(at)
+    assert at.session_state["atk_result"] is not None, "the result stays on screen"
+    assert at.metric, "and is drawn"
+    notes = [w.value for w in at.warning if "was not saved" in w.value]
+    assert notes and "No space left on device" in notes[0], [w.value for w in at.warning]
+
+
+@pytest.mark.parametrize("field, value", [("history", 5), ("trace_meta", [1]), ("spec", {"name": None}),
+                                          ("seconds", {}), ("b", 3), ("notes", 7)])
+def test_unpack_attack_refuses_fields_of_the_wrong_kind_with_value_error(field, value):
+    """Found by scripts/fuzz_loaders.py: a saved result whose meta fields had the wrong kind raised AttributeError
+    (the page caught only ValueError, KeyError, TypeError and IndexError)."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "dashboard"))
+    import persist
+
+    n, s1 = 4, 3
+    t = {f"a_{k}": np.zeros((s1, n), np.float32) for k in ("marginal", "joint", "loss")}
+    t.update(a_pred=np.zeros((s1, n), np.int64), a_labels=np.zeros(n, np.int64), a_steps=np.arange(s1))
+    arrays = {**t, "x": np.zeros((n, 3, 8, 8), np.float32), "x_adv": np.zeros((n, 3, 8, 8), np.float32)}
+    meta = {"spec": {"name": "pgd"}, "model": "m", "seconds": 1.0, "notes": [], "trace_meta": {}, "history": {}}
+    persist.unpack_attack(arrays, meta, num_classes=10)  # the valid one
+    with pytest.raises(ValueError):
+        persist.unpack_attack(arrays, {**meta, field: value}, num_classes=10)

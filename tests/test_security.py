@@ -437,3 +437,150 @@ def test_dataset_pickles_cannot_run_code(tmp_path):
         load_dataset("cifar10", "test", root=tmp_path)
     assert "makedirs" in str(info.value) and "refusing" in str(info.value), str(info.value)
     assert not marker.exists()
+
+
+# ============================================================================================ issue 24 (round 3)
+# saved results (core.saved): a crafted file is removed with a one-line reason, never raised or read in full
+SID = "ef" * 12
+
+
+@pytest.fixture
+def saved_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
+    from core import saved
+
+    path = saved.sessions_dir() / SID / "attack.npz"
+    path.parent.mkdir(parents=True)
+    return path
+
+
+def _npz(path: Path, members: dict[str, bytes]) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def _npy(a) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(a))
+    return buf.getvalue()
+
+
+def _zip_bomb(path: Path, mb: int) -> None:
+    """An npz whose one array declares (and really holds, compressed to almost nothing) ``mb`` MB of zeros."""
+    import zipfile
+
+    import numpy as np
+
+    n = mb * 2 ** 20 // 4
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (n,)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        with z.open("x.npy", "w", force_zip64=True) as f:
+            f.write(head.getvalue())  # the magic string and the header
+            chunk = bytes(2 ** 22)
+            for _ in range(n * 4 // len(chunk)):
+                f.write(chunk)
+        z.writestr("__meta__.npy", _npy("{}"))
+
+
+def test_saved_meta_nested_100k_deep_is_removed_with_a_notice(saved_cache):
+    from core import saved
+
+    _npz(saved_cache, {"x.npy": _npy([1.0]), "__meta__.npy": _npy("[" * 100_000 + "]" * 100_000)})
+    problems: list[str] = []
+    assert saved.load(SID, "attack", problems) is None
+    assert not saved_cache.exists()
+    assert problems == ["the saved attack result could not be read (its metadata is nested too deeply) and was "
+                        "removed"]
+
+
+def test_saved_npz_declaring_a_huge_array_is_refused_before_reading(saved_cache):
+    from core import saved
+
+    import numpy as np
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**9,)})
+    _npz(saved_cache, {"x.npy": header.getvalue(), "__meta__.npy": _npy("{}")})
+    problems: list[str] = []
+    assert saved.load(SID, "attack", problems) is None and not saved_cache.exists()
+    assert "declares 7,629 MB" in problems[0], problems
+
+
+_SAVED_CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+from core import saved
+def kb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+cap = kb("VmSize") * 1024 + 200 * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+base, t0, problems = kb("VmRSS"), time.process_time(), []
+try:
+    try:
+        res = saved.load(sys.argv[1], "attack", problems)
+    except TypeError:  # a version without the problems argument
+        res = saved.load(sys.argv[1], "attack")
+    out = {"result": res is None, "problems": problems}
+except BaseException as e:
+    out = {"error": type(e).__name__}
+out.update(cpu_ms=1000 * (time.process_time() - t0), growth_mb=(kb("VmHWM") - base) / 1024)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_saved_zip_bomb_is_refused_in_bounded_time_and_memory(saved_cache):
+    import json
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc to cap the child's address space")
+    _zip_bomb(saved_cache, 160)  # over the 64 MB limit; the cap would let the code before issue 24 read it
+    assert saved_cache.stat().st_size < 2 * 2 ** 20, "a small file"
+    r = subprocess.run([sys.executable, "-c", _SAVED_CHILD, SID], cwd=str(REPO), capture_output=True, text=True,
+                       timeout=120, env=os.environ.copy())
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, r.stderr[-2000:]
+    res = json.loads(line[7:])
+    assert res.get("result") is True and "declares 160 MB" in res["problems"][0], res
+    assert res["cpu_ms"] < 1000 and res["growth_mb"] < 50, res
+    assert not saved_cache.exists()
+
+
+def test_saved_refuses_oversized_metadata_on_save(saved_cache):
+    from core import saved
+    from core.errors import InputError
+
+    with pytest.raises(InputError, match="metadata too large"):
+        saved.save(SID, "attack", {}, {"notes": "x" * (saved.MAX_META + 1)})
+
+
+def test_saved_file_with_any_one_byte_corrupted_is_removed_never_raised(saved_cache):
+    """Found by scripts/fuzz_loaders.py: a byte flipped inside a deflate stream raised zlib.error out of load()."""
+    import numpy as np
+
+    from core import saved
+
+    rng = np.random.default_rng(0)
+    saved.save(SID, "attack", {"x": rng.normal(size=(4, 8)).astype(np.float32), "labels": np.arange(4)},
+               {"model": "m", "notes": ["a", "b"]})
+    good = saved_cache.read_bytes()
+    removed = 0
+    for i in range(0, len(good)):
+        bad = bytearray(good)
+        bad[i] ^= 0xFF
+        saved_cache.write_bytes(bytes(bad))
+        problems: list[str] = []
+        res = saved.load(SID, "attack", problems)   # never raises
+        if res is None:
+            removed += 1
+            assert len(problems) == 1 and "\n" not in problems[0] and not saved_cache.exists(), (i, problems)
+    assert removed > len(good) // 2

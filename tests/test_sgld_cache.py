@@ -110,3 +110,52 @@ def test_warm_up_reports_a_failure_on_its_handle(fresh, monkeypatch):
     retry = sgld_cache.warm_up(model, ds)
     assert retry is not w                                       # ... but retried later, not cached
     assert retry.wait(timeout=120) and retry.error                # (still failing here)
+
+
+def _poison(d: dict, how: str) -> str:
+    import json
+
+    cls = d["classes"]
+    if how == "nan":
+        cls["1"]["joint"] = float("nan")
+    elif how == "1e308":
+        cls["2"]["marginal"] = -1e308
+    elif how == "negative count":
+        cls["3"]["n"] = -5
+    elif how == "other count":
+        cls["3"]["n"] += 1
+    elif how == "extra class":
+        cls["10"] = dict(cls["0"])
+    elif how == "missing class":
+        del cls["1"]
+    elif how == "marginal above joint":
+        cls["4"]["marginal"] = cls["4"]["joint"] + 5.0
+    elif how == "count of the wrong kind":
+        cls["5"]["n"] = True
+    elif how == "100k deep":
+        return "[" * 100_000 + "]" * 100_000
+    return json.dumps(d)
+
+
+@pytest.mark.parametrize("how", ["nan", "1e308", "negative count", "other count", "extra class", "missing class",
+                                 "marginal above joint", "count of the wrong kind", "100k deep"])
+def test_a_poisoned_reference_file_is_recomputed_not_used(fresh, how):
+    import json
+
+    cache, calls = fresh
+    model, ds = _model(), _digits()
+    good = sgld_cache.reference_energies_cached(model, ds)
+    (f,) = cache.glob("sgldref-*.json")
+    f.write_text(_poison(json.loads(f.read_text()), how))
+    sgld_cache.clear_memory()
+    got = sgld_cache.reference_energies_cached(model, ds)      # never a RecursionError, never the poisoned values
+    assert len(calls) == 2, "recomputed"
+    assert got.keys() == good.keys()
+    for c in good:
+        assert got[c]["joint"] == pytest.approx(good[c]["joint"]) and got[c]["n"] == good[c]["n"]
+    assert sgld_cache.reference_energies_cached(model, ds, [1])[1] == got[1]   # class 1 is there
+    if how == "100k deep":  # the warm-up (which read it first) succeeds too
+        f.write_text(_poison({"classes": {}}, how))
+        sgld_cache.clear_memory()
+        w = sgld_cache.warm_up(model, ds)
+        assert w.wait(300) and w.error is None, w.error

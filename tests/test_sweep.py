@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from core import jobs, sweep
-from core.errors import InputError
+from core.errors import InputError, JobError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "table1a_cifar10.yaml"
@@ -314,3 +314,190 @@ def test_cli_options_after_the_file_and_before_it(runs):
     h = subprocess.run([sys.executable, "-m", "core.jobs", "sweep", "--help"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert h.returncode == 0 and "{submit,list,status,table,stop}" in h.stdout
+
+
+# ============================================================================================ issue 24 (round 3)
+def _laughs(depth: int = 9, where: str = "grid") -> str:
+    """A 'billion laughs' sweep file: anchors nested ``depth`` deep, 9 aliases per level (9**depth leaves)."""
+    lines = ['a0: &a0 "lol"']
+    for i in range(1, depth + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    anchors = "\n".join("  " + ln for ln in lines)
+    top = {"grid": f"grid:\n  seed: [0, *a{depth}]\n",
+           "name": f"name: *a{depth}\ngrid:\n  seed: [0]\n",
+           "axis": f"grid:\n  seed: *a{depth}\n",
+           "base": "grid:\n  seed: [0]\n"}[where]
+    base = "base:\n" + anchors + ("\n  dataset: *a%d\n" % depth if where == "base" else "\n")
+    return base + top  # anchors first: YAML refers back only
+
+
+_SWEEP_CHILD = r"""
+import json, resource, sys, time
+from core import sweep
+from core.errors import EnergyLensError
+sweep.parse_spec({"grid": {"seed": [0]}})  # warm up lazy imports
+
+def status_kb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+cap = status_kb("VmSize") * 1024 + 300 * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+out = []
+for f in sys.argv[1:]:
+    base = status_kb("VmRSS")
+    t0 = time.process_time()
+    try:
+        sweep.load_spec(f)
+        res = {"ok": True}
+    except EnergyLensError as e:
+        res = {"error": type(e).__name__, "msg": str(e)[:300]}
+    except BaseException as e:
+        res = {"error": type(e).__name__, "msg": str(e)[:300], "unexpected": True}
+    res["cpu_ms"] = 1000 * (time.process_time() - t0)
+    res["peak_growth_mb"] = (status_kb("VmHWM") - base) / 1024
+    out.append(res)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _parse_capped(paths: list[Path]) -> list[dict]:
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc to cap the child's address space")
+    try:
+        r = subprocess.run([sys.executable, "-c", _SWEEP_CHILD, *map(str, paths)], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("parsing the hostile sweep files did not end in 120 s") from None
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert r.returncode == 0 and line, f"child failed (rc {r.returncode}): {r.stderr[-2000:]}"
+    return json.loads(line[len("RESULT "):])
+
+
+def test_billion_laughs_and_huge_axes_are_refused_in_bounded_time_and_memory(tmp_path):
+    files = []
+    for where in ("grid", "name", "axis", "base"):
+        files.append(tmp_path / f"laughs-{where}.yaml")
+        files[-1].write_text(_laughs(9, where))
+        assert files[-1].stat().st_size < 2048
+    big_yaml = tmp_path / "axis-1e5.yaml"          # 100,000 values on one axis (under the 256 KiB text bound)
+    big_yaml.write_text("grid:\n  seed: [" + ",".join(["0"] * 100_000) + "]\n")
+    big_json = tmp_path / "axis-1e6.json"          # 10**6 values: refused by the text bound before parsing
+    big_json.write_text(json.dumps({"grid": {"seed": list(range(10**6))}}))
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"grid": {"seed": ' + "[" * 100_000 + "]" * 100_000 + "}}")
+    cyclic = tmp_path / "cycle.yaml"
+    cyclic.write_text("grid:\n  seed: &s [0, *s]\n")
+    res = _parse_capped(files + [big_yaml, big_json, deep, cyclic])
+    for f, r in zip(files + [big_yaml, big_json, deep, cyclic], res):
+        assert r.get("error") == "InputError", (f.name, r)
+        assert r["cpu_ms"] < 2000 and r["peak_growth_mb"] < 100, (f.name, r)
+    assert all("YAML aliases" in r["msg"] for r in res[:4]), res[:4]
+    assert "more than 2,000 values" in res[4]["msg"], res[4]
+    assert "characters long" in res[5]["msg"], res[5]
+
+
+def test_axis_lengths_are_counted_before_values_are_compared():
+    with pytest.raises(InputError, match="expands to 3,600 runs"):
+        sweep.parse_spec({"grid": {"seed": list(range(60)), "lr": [0.1] * 60}})  # counted before the repeat is seen
+    with pytest.raises(InputError, match="a list of the sweep has more than 2,000 values"):
+        sweep.parse_spec({"grid": {"seed": [0] * 3000}})
+    with pytest.raises(InputError, match="a text of the sweep is 5,000 characters long"):
+        sweep.parse_spec({"name": "x" * 5000, "grid": {"seed": [0]}})
+
+
+@pytest.mark.parametrize("evaluate, message", [
+    ({"n": [5]}, "evaluate.n must be an integer, got [5]"),
+    ({"pgd_steps": "abc"}, "evaluate.pgd_steps must be an integer, got 'abc'"),
+    ({"autoattack": "yes"}, "evaluate.autoattack must be true or false"),
+    ({"aa_attacks": [1, 2]}, "evaluate.aa_attacks must be a list or null of attack names"),
+    ({"eps": {"a": 1}}, "evaluate.eps must be an integer or a number or null"),
+    ({"n": True}, "evaluate.n must be an integer, got True"),
+])
+def test_evaluate_options_are_type_checked(evaluate, message):
+    with pytest.raises(InputError) as e:
+        sweep.parse_spec({"grid": {"seed": [0]}, "evaluate": evaluate})
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_evaluate_of_the_wrong_type_is_one_line_not_a_traceback(tmp_path):
+    f = tmp_path / "ev.yaml"
+    f.write_text("grid:\n  seed: [0]\nevaluate:\n  n: [5]\n")
+    r = sweep.cli([str(f), "--dry-run"], runs_dir=tmp_path / "runs")
+    assert r == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"exclusive\n#SBATCH --wrap=touch /tmp/pwned": True}, "is not an sbatch option name"),
+    ({"comment": "x\ntouch /tmp/pwned"}, "one-line string without control characters"),
+    ({"comment": "x\rtouch"}, "one-line string without control characters"),
+    ({"comment": ["a"]}, "one-line string"),
+    ({"--mail": "x"}, "is not an sbatch option name"),
+])
+def test_slurm_extra_refuses_newlines_and_odd_keys(extra, message):
+    with pytest.raises(InputError, match="slurm backend extra") as e:
+        sweep.parse_spec({"grid": {"seed": [0]}, "backend": {"name": "slurm", "extra": extra}})
+    assert message in str(e.value)
+    ok = sweep.parse_spec({"grid": {"seed": [0]}, "backend": {"name": "slurm",
+                                                               "extra": {"exclusive": True, "comment": "a b"}}})
+    assert ok.backend["extra"] == {"exclusive": True, "comment": "a b"}
+
+
+def test_slurm_setup_needs_an_explicit_yes_from_the_dashboard(tmp_path):
+    spec = {"grid": {"seed": [0]}, "backend": {"name": "slurm", "setup": ["module load cuda"]}}
+    with pytest.raises(InputError, match="run as shell commands on the cluster nodes"):
+        sweep.parse_spec(spec, allow_setup=False)
+    with pytest.raises(InputError, match="run as shell commands"):
+        sweep.submit_sweep(sweep.parse_spec(spec), tmp_path / "runs", allow_setup=False)
+    assert sweep.parse_spec(spec, allow_setup=True).backend["setup"] == ["module load cuda"]
+    assert sweep.parse_spec({"grid": {"seed": [0]}, "backend": "slurm"}, allow_setup=False)  # no setup: fine
+
+
+def _slurm_local(tmp_path: Path, **kw) -> dict:
+    return {"name": "sweep-x", "base": {**TINY_BASE}, "grid": {"seed": list(range(10))}, "evaluate": False,
+            "backend": {"name": "slurm", "cluster": "local", **kw}}
+
+
+def test_stop_during_submission_stops_what_exists_and_submits_nothing_more(tmp_path, monkeypatch):
+    from core.jobs import api, slurm
+
+    root = tmp_path / "runs"
+    created: list[str] = []
+    real_submit = api.submit
+    batches: list = []
+
+    def submit_then_stop(*a, **kw):
+        info = real_submit(*a, **kw)
+        created.append(info.id)
+        if len(created) == 3:  # 'sweep stop' from another process, while the submission is under way
+            (sid,) = [p.stem for p in (root / "sweeps").glob("*.json")]
+            assert sweep.stop_sweep(sid, root) == 2  # the two ids recorded so far
+        return info
+
+    monkeypatch.setattr(api, "submit", submit_then_stop)
+    monkeypatch.setattr(slurm.SlurmScheduler, "executor", lambda *a, **k: batches.append(a) or (_ for _ in ()).throw(
+        AssertionError("nothing may reach the scheduler after stop")))
+    rec = sweep.submit_sweep(sweep.parse_spec(_slurm_local(tmp_path)), root)
+    assert len(created) == 3 and not batches
+    assert [c["job_id"] for c in rec["cells"]][:3] == created and rec["cells"][3]["job_id"] is None
+    assert "stopped during its submission after 3 of 10 runs" in rec["stopped"]
+    on_disk = sweep.load_sweep(rec["id"], root)
+    assert [c["job_id"] for c in on_disk["cells"]][:3] == created
+    assert {jobs.peek_job(j, root).status for j in created} == {"stopped"}
+    assert len(jobs.list_jobs(root)) == 3
+
+
+def test_a_submission_that_fails_marks_its_rows_failed_with_the_reason(tmp_path):
+    root = tmp_path / "runs"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    spec = sweep.parse_spec(_slurm_local(tmp_path, folder=str(blocker / "submitit")))
+    with pytest.raises(JobError, match="submitting") as e:
+        sweep.submit_sweep(spec, root)
+    assert "Traceback" not in str(e.value)
+    (sid,) = [p.stem for p in (root / "sweeps").glob("*.json")]
+    s = sweep.status(sid, root)
+    assert s["counts"] == {"failed": 10}, s["counts"]
+    assert all("submitting" in c["message"] and "Not a directory" in c["message"] for c in s["cells"]), s["cells"][0]

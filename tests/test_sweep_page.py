@@ -116,3 +116,37 @@ def test_submit_a_tiny_sweep_and_read_its_table_1(runs):
     job_ids = [c["job_id"] for c in status["cells"]]
     for jid in job_ids:  # ordinary training jobs: the Runs list shows them too
         assert json.loads((runs / jid / "job.json").read_text())["kind"] == "train"
+
+
+# ============================================================================================ issue 24 (round 3)
+def _check_file(at, text: str):
+    at.radio(key="sw_mode").set_value("as a sweep file (YAML or JSON)").run()
+    at.text_area(key="sw_text").set_value(text).run()
+    at.button(key="sw_check").click().run()
+    no_crash(at)
+    return at
+
+
+def test_setup_shell_lines_need_the_tick_and_the_box_says_they_are_shell(runs):
+    text = "grid:\n  seed: [0]\nbackend:\n  name: slurm\n  setup: ['module load cuda']\n"
+    at = _check_file(open_page(), text)
+    assert any("run as shell commands on the cluster nodes" in e.value for e in at.error), [e.value for e in at.error]
+    assert any("arbitrary shell" in c.value for c in at.caption)
+    at.checkbox(key="sw_allow_setup").check().run()
+    at.button(key="sw_check").click().run()
+    no_crash(at)
+    assert any("The sweep is valid: 1 runs on the slurm backend." in s.value for s in at.success)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("base:\n  a0: &a0 lol\n" + "".join(f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))
+     + "grid:\n  seed: [0, *a9]\n", "YAML aliases"),
+    ("grid:\n  seed: [0]\nevaluate:\n  n: [5]\n", "evaluate.n must be an integer, got [5]"),
+    ("grid:\n  seed: [0]\nevaluate:\n  pgd_steps: abc\n", "evaluate.pgd_steps must be an integer, got 'abc'"),
+    ("grid:\n  seed: [0]\nbackend:\n  name: slurm\n  extra: {\"a\\nb\": 1}\n", "is not an sbatch option name"),
+])
+def test_hostile_sweep_files_get_one_line_answers(runs, text, needle):
+    at = _check_file(open_page(), text)
+    errs = [e.value for e in at.error]
+    assert any(needle in e and "\n" not in e for e in errs), errs
+    assert not (runs / "sweeps").exists()

@@ -45,6 +45,7 @@ __all__ = ["SlurmScheduler", "NodeTask", "parse_time_minutes", "slurm_available"
 
 BACKEND_FILE = "backend.json"
 RECONCILE_EVERY_S = 10.0
+_EXTRA_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "FINISHED", "INTERRUPTED"}
 
@@ -140,6 +141,17 @@ class SlurmScheduler(Scheduler):
         extra = b.get("extra") or {}
         if not isinstance(extra, dict):
             raise InputError("slurm backend extra must be a mapping of further sbatch options, e.g. {exclusive: true}")
+        for k, v in extra.items():  # each becomes a '#SBATCH --key=value' line: one line, nothing else
+            if not isinstance(k, str) or not _EXTRA_KEY.fullmatch(k):
+                raise InputError(f"slurm backend extra: {str(k)[:80]!r} is not an sbatch option name (letters, "
+                                 "digits, '-' and '_')")
+            if isinstance(v, bool) or v is None:
+                continue
+            if isinstance(v, (int, float)):
+                continue
+            if not isinstance(v, str) or len(v) > 1000 or any(ord(c) < 32 or ord(c) == 127 for c in v):
+                raise InputError(f"slurm backend extra {k} must be true, a number or a one-line string without "
+                                 f"control characters, got {str(v)[:80]!r}")
         out["extra"] = dict(extra)
         return out
 
@@ -192,8 +204,8 @@ class SlurmScheduler(Scheduler):
                               target=RUNNER, extra={"sweep": r["sweep"], "backend": self.params})
             new.append(info.id)
             ids.append(info.id)
-        ex, folder = self.executor(root, sweep_id)
         try:
+            ex, folder = self.executor(root, sweep_id)  # inside: an unwritable folder fails the rows, not the page
             with ex.batch():  # one array job on Slurm
                 tasks = [ex.submit(NodeTask(str(root), jid)) for jid in new]
         except Exception as e:  # noqa: BLE001 - sbatch errors come as RuntimeError / FailedJobError / OSError
@@ -217,6 +229,9 @@ class SlurmScheduler(Scheduler):
         row = store.row(root, job_id)
         if row is None:
             raise JobError(f"unknown job '{job_id}' in {root}")
+        if row["status"] == "queued" and not bk.get("scheduler_id"):  # not (yet) handed to the scheduler
+            store.mark(root, job_id, "stopped", "stopped by user before it was submitted to the scheduler")
+            return store.get(root, job_id)
         here = bk.get("host") == socket.gethostname()
         if row["status"] == "running" and here and _local_alive(row["pid"], row["proc_start"]):
             process.signal_group(int(row["pid"]), signal.SIGTERM)  # the job process unwinds and records 'stopped'
@@ -249,8 +264,8 @@ class SlurmScheduler(Scheduler):
             if why:
                 store.mark(root, job_id, "failed", "could not be submitted", error=f"cannot submit to Slurm: {why}")
                 raise JobError(f"cannot submit to Slurm: {why}")
-        ex, folder = be.executor(root, sweep_id, array=False)
         try:
+            ex, folder = be.executor(root, sweep_id, array=False)
             task = ex.submit(NodeTask(str(root), job_id))
         except Exception as e:  # noqa: BLE001
             msg = f"resubmitting failed: {str(e).strip()[:500]}"
