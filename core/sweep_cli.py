@@ -15,7 +15,8 @@ from pathlib import Path
 from . import jobs
 from .errors import EnergyLensError
 from .storage import atomic_write_text
-from .sweep import _label, expand, list_sweeps, load_spec, status, stop_sweep, submit_sweep, table
+from .sweep import list_sweeps, status, stop_sweep, submit_sweep, table
+from .sweep_spec import _label, expand, load_spec
 
 __all__ = ["cli", "ACTIONS"]
 

@@ -425,7 +425,8 @@ def test_evaluate_options_are_type_checked(evaluate, message):
 def test_cli_evaluate_of_the_wrong_type_is_one_line_not_a_traceback(tmp_path):
     f = tmp_path / "ev.yaml"
     f.write_text("grid:\n  seed: [0]\nevaluate:\n  n: [5]\n")
-    r = sweep.cli([str(f), "--dry-run"], runs_dir=tmp_path / "runs")
+    from core.sweep_cli import cli
+    r = cli([str(f), "--dry-run"], runs_dir=tmp_path / "runs")
     assert r == 2
 
 
