@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from apptest_helpers import open_page as switch_to
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = str(REPO / "dashboard" / "Home.py")
@@ -57,8 +56,14 @@ def wait_done(job_id: str, timeout: float = 300.0):
     raise AssertionError(f"job {job_id} did not finish in {timeout:.0f} s: {jobs.read_log_tail(job_id, 30)}")
 
 
-# The chart reader is imported inside these functions: job processes import this file by path (the
+# The AppTest helpers are imported inside these functions: job processes import this file by path (the
 # fake runner below), without tests/ on sys.path.
+def switch_to(at, key: str):
+    from apptest_helpers import open_page
+
+    return open_page(at, key)
+
+
 def charts(at) -> list[Chart]:
     from apptest_helpers import charts as decoded
 
