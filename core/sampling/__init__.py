@@ -62,6 +62,7 @@ The package, one job per module:
 * :mod:`.stats`     per-class PCA statistics of the training images (:class:`ClassStats`, cached on disk) and the
   reference energies Ē(x, y), Ē(x) of real images;
 * :mod:`.sampler`   :class:`SGLDSampler`, its :class:`SGLDTrace` and :class:`StepOutput`;
+* :mod:`.diversity` :func:`within_class_diversity`, the mean pairwise L2 distance within a class (next to FID);
 * :mod:`.job`       the batch job (:class:`SGLDJobConfig`, :func:`check_job_config`, :func:`run_job`).
 
 Every public name is re-exported here: ``from core.sampling import X`` and the stored runner path
@@ -70,8 +71,10 @@ Every public name is re-exported here: ``from core.sampling import X`` and the s
 
 
 from .defaults import (CIFAR_DEFAULTS, DEFAULT_PCA_SIGMA, DEFAULTS, DIGITS_DEFAULTS, INITS, MAX_CHAINS,
-                       MAX_INTERACTIVE_CHAINS, MAX_STEPS, NORMS, STATS_VERSION, dataset_family, sgld_defaults,
-                       sigma_from_official, validate_hyperparams, validate_sampler_settings, validate_steps)
+                       MAX_INTERACTIVE_CHAINS, MAX_STEPS, NORMS, STATS_VERSION, STOP_AT_REFERENCE, dataset_family,
+                       sgld_defaults, sigma_from_official, validate_hyperparams, validate_sampler_settings,
+                       validate_steps)
+from .diversity import DIVERSITY_MAX_PER_CLASS, within_class_diversity
 from .job import SGLDJobConfig, check_job_config, run_job
 from .sampler import SGLDSampler, SGLDTrace, StepOutput
 from .stats import (ClassMoments, ClassStats, Progress, dataset_fingerprint, default_cache_dir, reference_energies,
@@ -85,4 +88,5 @@ __all__ = [
     "SGLDTrace", "StepOutput", "SGLDSampler", "validate_hyperparams", "validate_steps", "validate_sampler_settings",
     "MAX_INTERACTIVE_CHAINS", "reference_energies",
     "reference_joint_energy", "SGLDJobConfig", "check_job_config", "run_job",
+    "STOP_AT_REFERENCE", "within_class_diversity", "DIVERSITY_MAX_PER_CLASS",
 ]
