@@ -93,10 +93,10 @@ c1, c2, c3 = st.columns([3, 1, 1])
 sel = c1.multiselect("Classes", list(range(K)), default=list(range(min(K, 10))), format_func=lambda i: names[i],
                      key="sgld_classes")
 chains = int(c2.number_input("Chains per class", value=4, step=1, key="sgld_chains"))
-INIT_HELP = ("PCA (the paper's start) begins near the class mean: good-looking images fast, but the chains of one class "
-             "stay near-copies of each other (compare the within-class diversity with the real images' below). The "
-             "paper's Table 2b shows the trade-off: the Gaussian start gets the better FID, PCA the better IS. "
-             "Random noise (JEM) needs many more steps. docs/METHODS.md has the measurements.")
+INIT_HELP = ("PCA (the paper's start) begins near the class mean: good-looking images fast, but the chains of one "
+             "class stay near-copies of each other (compare the within-class diversity with the real images' "
+             "below). The paper's Table 2b shows the trade-off: the Gaussian start gets the better FID, PCA the "
+             "better IS. Random noise (JEM) needs many more steps. docs/METHODS.md has the measurements.")
 init = c3.selectbox("Initialisation", inits, format_func=lambda k: INIT_LABELS[k], key="sgld_init_kind",
                     help=INIT_HELP)
 # η, ζ, γ start at the defaults of the model's dataset family (core.sampling.sgld_defaults); switching to a model

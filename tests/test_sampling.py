@@ -526,8 +526,8 @@ def test_run_job_scores_with_inception_when_its_weights_are_present(tmp_path, mo
 
 # ------------------------------------------------------------------------- stopping at Ē(x, y) (issue 23)
 class Ramp(nn.Module):
-    """logits_k = w·sum(x) with w = 0.1 for every class: E(x, y) = −0.1·Σx, ∇ₓE = −0.1. Plain SGLD (ζ = γ = 0,
-    η = 1) then raises every pixel by 0.05 a step, so E(x, y) falls by exactly 0.1·4·0.05 = 0.02 a step."""
+    """logits_k = w·sum(x) with w = 0.1 for every class: E(x, y) = −0.1·Σx, ∇ₓE = −0.1. Plain SGLD
+    (ζ = γ = 0, η = 1) then raises every pixel by 0.05 a step, so E(x, y) falls by exactly 0.02 a step."""
 
     def forward(self, x):
         return 0.1 * x.flatten(1).sum(1, keepdim=True).expand(-1, 2)
