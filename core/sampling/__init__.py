@@ -49,6 +49,11 @@ SVHN, Tiny-ImageNet and any unknown or ``npz:`` dataset) get η = 0.025, ζ = 0.
 (:data:`CIFAR_DEFAULTS`: FID 30 -> 17 after 100 steps). The measurements are in docs/METHODS.md. The
 official code used η ∈ [0.025, 0.8], ζ ∈ {0, 0.8}, γ = 0.001 and 20-500 steps on CIFAR-10 models.
 
+**Stopping rule** (on by default, ``sgld_defaults()["stop_at_reference"]``): given the real images' Ē(x, y)
+(``reference=`` or :meth:`SGLDSampler.set_reference`), each chain stops -- image and velocity frozen -- at the first
+step at which its E(x, y) reaches its class's Ē(x, y), and a run ends once every chain has stopped. Without it the
+chains overshoot Ē and the FID worsens (docs/METHODS.md, "SGLD stopping rule"); ``steps`` is then the run's cap.
+
 :class:`SGLDSampler` is step-wise: ``step(n)`` continues the chain, returning the images and the
 energies of every step (E(x, y) of the target class, E(x, y') of all classes, E(x)), which also
 accumulate in ``.trace`` (Fig. 5e). :func:`reference_joint_energy` gives the reference level

@@ -145,6 +145,9 @@ class SGLDSampler:
 
     Each step costs one forward and one backward pass: the gradient at the current images is
     computed together with their energies and kept for the next update.
+
+    ``reference`` (Ē(x, y) per class) and ``stop_at_reference`` (None: the default of the model's dataset, on) set
+    the stopping rule: :meth:`set_reference`, :attr:`stopped_at`, :meth:`stop_report`.
     """
 
     def __init__(self, model, classes: Sequence[int], n_per_class: int | Sequence[int] = 8, init: str = "pca",
