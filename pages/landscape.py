@@ -192,10 +192,7 @@ with common.guard("drawing the landscape"):
                            key="land_dl")
     with b:
         st.plotly_chart(af.landscape_trend(table), width="stretch", key="land_trend", config={"displaylogo": False})
-        if trend["n_models"] >= 3:
-            s = trend["dE_abs_mean"]["spearman"]
-            st.caption(f"Across {trend['n_models']} models, Spearman(robust accuracy, mean |ΔE(x)|) = {s:+.2f}, "
-                       f"Spearman(robust accuracy, std ΔE(x)) = {trend['dE_std']['spearman']:+.2f} "
-                       "(negative: the drift shrinks as robustness grows).")
-        else:
-            st.caption("Compare at least 3 models to see the trend's rank correlation.")
+        # the verdict is computed by core (rank correlation, permutation p-value, bootstrap interval over images)
+        st.caption(trend["text"], help=trend["rule"])
+        if trend["robust"]["n"] >= 2:
+            st.caption(trend["robust"]["text"])

@@ -93,13 +93,20 @@ c1, c2, c3 = st.columns([3, 1, 1])
 sel = c1.multiselect("Classes", list(range(K)), default=list(range(min(K, 10))), format_func=lambda i: names[i],
                      key="sgld_classes")
 chains = int(c2.number_input("Chains per class", value=4, step=1, key="sgld_chains"))
-init = c3.selectbox("Initialisation", inits, format_func=lambda k: INIT_LABELS[k], key="sgld_init_kind")
+INIT_HELP = ("PCA (the paper's start) begins near the class mean: good-looking images fast, but the chains of one "
+             "class stay near-copies of each other (compare the within-class diversity with the real images' "
+             "below). The paper's Table 2b shows the trade-off: the Gaussian start gets the better FID, PCA the "
+             "better IS. Random noise (JEM) needs many more steps. docs/METHODS.md has the measurements.")
+init = c3.selectbox("Initialisation", inits, format_func=lambda k: INIT_LABELS[k], key="sgld_init_kind",
+                    help=INIT_HELP)
 # η, ζ, γ start at the defaults of the model's dataset family (core.sampling.sgld_defaults); switching to a model
 # of another family puts them back to that family's defaults, while edits within a family are kept
 sg_def = sampling.sgld_defaults(lm)
 if st.session_state.get("sgld_defaults_family") != sg_def["family"]:
     for k in ("eta", "zeta", "gamma"):
         st.session_state[f"sgld_{k}"] = float(sg_def[k])
+    st.session_state["sgld_n"] = int(sg_def["steps"])
+    st.session_state["sgld_stop"] = bool(sg_def["stop_at_reference"])
     st.session_state["sgld_defaults_family"] = sg_def["family"]
 FAMILY_LABEL = {"digits": "digits", "cifar": "natural images (CIFAR-like)"}
 c4, c5, c6, c7, c8 = st.columns(5)
@@ -109,8 +116,12 @@ zeta = float(c5.number_input("Momentum ζ", step=0.1, format="%.3f", key="sgld_z
                              help=f"0 = plain SGLD; must be in [0, 1); default {sg_def['zeta']:g}"))
 gamma = float(c6.number_input("Noise γ (std)", step=0.001, format="%.4f", key="sgld_gamma",
                               help=f"default {sg_def['gamma']:g}"))
-n_run = int(c7.number_input("N (Run N steps)", value=100, step=50, key="sgld_n"))
+n_run = int(c7.number_input("N (Run N steps)", step=50, key="sgld_n", help=f"default {sg_def['steps']}"))
 seed = int(c8.number_input("Seed", value=0, step=1, key="sgld_seed"))
+stop_rule = st.checkbox("Stop each chain where its E(x, y) reaches Ē(x, y) of real images", key="sgld_stop",
+                        help="The paper's target level: past it the chains leave the real images' energy behind and "
+                             "FID worsens. A stopped chain keeps its image; a run ends once every chain has stopped. "
+                             f"Default: {'on' if sg_def['stop_at_reference'] else 'off'}.")
 with st.expander("Initialisation and constraint settings"):
     e1, e2, e3, e4 = st.columns(4)
     pca_sigma = float(e1.number_input("PCA σ (in data stds)", value=sampling.DEFAULT_PCA_SIGMA, step=0.05,
@@ -165,10 +176,37 @@ def _check_settings(n_chains: int, init_kind: str) -> None:
 
 
 def _new_sampler(init_kind: str, n_chains: int, stats=None):
-    return sampling.SGLDSampler(
+    return _arm(sampling.SGLDSampler(
         lm, sel, n_chains, init=init_kind, eta=eta, zeta=zeta, gamma=gamma, bound=bound, seed=seed,
         stats=(stats or _stats()) if init_kind != "random" else None, pca_sigma=pca_sigma, pca_variance=pca_var,
-        pca_components=pca_k, gaussian_ridge=ridge)
+        pca_components=pca_k, gaussian_ridge=ridge, stop_at_reference=stop_rule))
+
+
+def _arm(s):
+    """The stopping rule as the checkbox says, with Ē(x, y) once the background preparation has it."""
+    s.stop_at_reference = stop_rule
+    if stop_rule and ds_train is not None and s.stop_report()["rule"] != "on":
+        r = _reference(s.classes)
+        if r is not None:
+            s.set_reference(r)
+    return s
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _real_diversity(dataset_name: str, n_images: int, classes: tuple, _ds) -> float:
+    sel = np.flatnonzero(np.isin(_ds.y.numpy(), classes))
+    return sampling.within_class_diversity(_ds.x[sel], _ds.y[sel])["mean"]
+
+
+def _diversity_text(x, y, classes) -> str:
+    """Within-class diversity of these images next to the real images' of the same classes."""
+    d = sampling.within_class_diversity(x, y)["mean"]
+    if not np.isfinite(d):
+        return ""
+    real = _real_diversity(ds_train.name, len(ds_train), tuple(sorted(classes)), ds_train) if ds_train is not None \
+        else float("nan")
+    return (f"within-class diversity (mean pairwise L2 between images of a class) {d:.1f}"
+            + (f" vs {real:.1f} for real images" if np.isfinite(real) else ""))
 
 
 def _initialised(sampler_, seconds: float) -> None:
@@ -235,7 +273,7 @@ for n, clicked in ((1, do_1), (10, do_10)):
         with common.guard("stepping the chains"):
             s = _require_sampler()
             s.set_params(eta=eta, zeta=zeta, gamma=gamma)   # validated: nothing changes on a bad value
-            out = s.step(n)
+            out = _arm(s).step(n)
             st.session_state["sgld_last"] = f"{n} step{'s' if n > 1 else ''} in {out.seconds:.2f} s"
             st.session_state["sgld_dirty"] = True
 
@@ -244,6 +282,7 @@ if do_run:
         s = _require_sampler()
         steps = sampling.validate_steps(n_run)
         s.set_params(eta=eta, zeta=zeta, gamma=gamma)
+        _arm(s)
         task = common.start_task("sgld_task", f"SGLD, {steps} steps", lambda t: s.step(steps, progress=t.progress))
         common.wait_briefly(task, 1.0)
 
@@ -256,7 +295,8 @@ if do_reset:
 
 def _run_done(task):
     out = task.result
-    st.session_state["sgld_last"] = f"run finished at step {out.steps_done} ({out.seconds:.1f} s)"
+    st.session_state["sgld_last"] = (f"run finished at step {out.steps_done} ({out.seconds:.1f} s)"
+                                     + (": every chain had reached Ē(x, y)" if out.stopped_early else ""))
     st.session_state["sgld_dirty"] = True
 
 
@@ -297,7 +337,9 @@ if sampler is None:
                + ("give recognisable digits after about 50 steps with the bundled robust model."
                   if sg_def["family"] == "digits" else
                   "improved the FID of PCA-started chains on CIFAR-10 over 100 steps, where the digits' η = 1 "
-                  "made them worse (docs/METHODS.md).")))
+                  "made them worse (docs/METHODS.md)."))
+            + (" Each chain stops where its E(x, y) reaches Ē(x, y) of real images (the checkbox above)."
+               if sg_def["stop_at_reference"] else ""))
 else:
     @st.fragment(run_every=1.0 if _task_running("sgld_task") else None)
     def _live():
@@ -307,8 +349,13 @@ else:
         tr = s.trace
         summ = tr.summary()
         ref_j, _ = _ref_for(s)
-        m = st.columns(4)
+        m = st.columns(5)
         m[0].metric("Steps", f"{s.steps_done}")
+        rep = s.stop_report()
+        m[4].metric("Stopped at Ē(x, y)", f"{rep['stopped']}/{rep['n_chains']}" if rep["rule"] == "on" else
+                    "rule off" if rep["rule"] == "off" else "waiting for Ē",
+                    help="chains whose E(x, y) reached their class's Ē(x, y); they keep that image"
+                         + (f" (median step {rep['median_step']:g})" if rep["median_step"] is not None else ""))
         m[1].metric("mean E(x, y) now", f"{summ['target_mean'][-1]:.2f}",
                     delta=f"{summ['target_mean'][-1] - summ['target_mean'][0]:+.2f} since x₀", delta_color="off")
         m[2].metric("Ē(x, y) of real images", ("computing…" if warm is not None and not warm.done else "n/a")
@@ -318,6 +365,9 @@ else:
                  caption=f"{s.n_chains} chains after {s.steps_done} steps — one row per class "
                          f"({', '.join(names[c] for c in s.classes)}); init {s.config()['init']}",
                  width="content")
+        div = _diversity_text(s.images(), s.labels.cpu(), s.classes)
+        if div:
+            st.caption(div[0].upper() + div[1:] + ".")
 
     _live()
     if st.session_state.get("sgld_last"):
@@ -376,7 +426,8 @@ def _compare_job(task, samplers: dict, steps: int):
     for i, (name, s) in enumerate(samplers.items()):
         s.step(steps, progress=lambda f, m, i=i, name=name: task.progress((i + f) / len(samplers), f"{name}: {m}"))
         out[name] = {"x0": s.x0.cpu().numpy(), "x": s.images().numpy(), "summary": s.trace.summary(),
-                     "ncol": s.counts[0], "classes": list(s.classes)}
+                     "ncol": s.counts[0], "classes": list(s.classes), "y": s.labels.cpu().numpy(),
+                     "stop": s.stop_report()}
     return out
 
 
@@ -401,6 +452,8 @@ if cmp:
             st.image(_grid_png(r["x"], r["ncol"]),
                      caption=f"after {int(r['summary']['step'][-1])} steps — mean E(x, y) "
                              f"{r['summary']['target_mean'][-1]:.2f}", width="stretch")
+            if "y" in r:
+                st.caption(_diversity_text(r["x"], r["y"], r["classes"]))
     with common.guard("drawing the comparison"):
         first = next(iter(cmp.values()))
         rj = None
@@ -461,7 +514,7 @@ else:
             if ref is None:
                 raise InputError("no model selected")
             cfg = {"model": dataclasses.asdict(ref), "classes": list(sel), "n_per_class": job_n, "init": init,
-                   "eta": eta, "zeta": zeta, "gamma": gamma, "steps": job_steps,
+                   "eta": eta, "zeta": zeta, "gamma": gamma, "steps": job_steps, "stop_at_reference": stop_rule,
                    "bound": list(bound) if bound else None, "seed": seed, "pca_sigma": pca_sigma,
                    "pca_variance": pca_var, "pca_components": pca_k, "gaussian_ridge": ridge,
                    "device": st.session_state.get("device", "auto"),
@@ -483,11 +536,15 @@ else:
                          else " (real-vs-real floor: n/a)")
             c2.markdown(f"IS **{m['IS']:.2f}** · FID **{m['FID']:.2f}**{floor_txt} · KID **{m['KID']:.4f}**"
                         + (f" · LPIPS **{m['LPIPS']:.3f}**" if m.get("LPIPS") is not None else "")
+                        + (f"  \nwithin-class diversity **{m['diversity']:.1f}**"
+                           + (f" (real images: {m['diversity_real']:.1f})" if m.get("diversity_real") is not None
+                              else "") if m.get("diversity") is not None else "")
                         + f"  \nfeatures: `{m['features']}`"
                         + "".join(f"  \n{note}" for note in m.get("notes") or [] if "generating model" in note))
             row = {"job": j.name, "init": j.result["config"]["init"], "steps": j.result["config"]["steps"],
                    "N": j.result["n_samples"], "features": m["features"], "IS": m["IS"], "FID": m["FID"],
-                   "FID real vs real": floor, "KID": m["KID"], "label agreement": m.get("label_agreement")}
+                   "FID real vs real": floor, "KID": m["KID"], "diversity": m.get("diversity"),
+                   "diversity (real)": m.get("diversity_real"), "label agreement": m.get("label_agreement")}
         else:
             c2.markdown(f"{j.result.get('n_samples', '?')} samples (no metrics)"
                         + (f"  \n{j.result['metrics_note']}" if j.result.get("metrics_note") else ""))

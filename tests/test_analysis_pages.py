@@ -126,6 +126,8 @@ def test_landscape_computes_for_two_bundled_models(env):
     assert not _errors(at), _errors(at)
     _assert_landscape(_charts(at)[0], 2)
     assert at.dataframe, "the table behind the plot is shown"
+    # the trend's verdict is core's sentence (two models: a rank test cannot tell), never a bare correlation
+    assert any("not enough models to tell" in c.value for c in at.caption), [c.value for c in at.caption]
     # the same request again is served from the disk cache
     at.button(key="FormSubmitter:land_form-Compute landscape").click().run()
     assert list((env / "cache" / "landscape").glob("*.npz"))

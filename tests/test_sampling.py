@@ -381,7 +381,8 @@ def test_run_job_writes_samples_and_labelled_metrics(tmp_path, cache):
     with np.load(tmp_path / "run" / "samples.npz", allow_pickle=False) as z:
         assert z["x"].shape == (12, 3, 32, 32) and z["x"].dtype == np.uint8
         assert sorted(z["y"].tolist()) == [1] * 6 + [4] * 6
-        assert z["curve_target"].shape == z["curve_steps"].shape == (4,)
+        n_rows = z["curve_steps"].shape[0]
+        assert z["curve_target"].shape == (n_rows,) and z["curve_steps"].tolist() == list(range(n_rows))
     ds = load_dataset(f"npz:{tmp_path / 'run' / 'samples.npz'}", "train")   # usable as a dataset
     assert len(ds) == 12
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -393,8 +394,22 @@ def test_run_job_writes_samples_and_labelled_metrics(tmp_path, cache):
     assert saved["metrics"]["FID_floor"] >= 0 and saved["metrics"]["FID_floor_n"] == 12   # min(12 fakes, half of real)
     assert set(saved["energy"]["reference_E_xy"]) == {"1", "4"}
     assert saved["config"]["eta"] == S.DIGITS_DEFAULTS["eta"]                         # the digits defaults, recorded
+    # the stopping rule (on by default): the run ends when every chain has reached its class's Ē(x, y)
+    stop = saved["stop"]
+    assert saved["config"]["stop_at_reference"] is True and stop["rule"] == "on" and stop["n_chains"] == 12
+    assert stop["steps_run"] == n_rows - 1 <= 3
+    assert stop["steps_run"] == 3 or stop["stopped"] == 12
+    # within-class diversity next to FID, for the samples and the real images of the same classes
+    assert saved["metrics"]["diversity"] == saved["diversity"]["samples"] > 0
+    assert saved["metrics"]["diversity_real"] == saved["diversity"]["real"] > 0
     assert res["metrics"]["features"] == saved["metrics"]["features"]
     assert reports[-1] == 1.0 and all(b >= a - 1e-9 for a, b in zip(reports, reports[1:]))
+    # the rule off: every chain runs all the steps
+    S.run_job({**cfg, "stop_at_reference": False, "metrics": {"enabled": False}}, tmp_path / "run2", lambda f, m: None)
+    off = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert off["stop"] == {"rule": "off", "stopped": 0, "n_chains": 12, "median_step": None, "steps_run": 3}
+    with pytest.raises(InputError, match="stop_at_reference"):
+        S.run_job({**cfg, "stop_at_reference": "yes"}, tmp_path / "bad", lambda f, m: None)
     with pytest.raises(InputError, match="unknown"):
         S.run_job({**cfg, "bogus": 1}, tmp_path / "bad", lambda f, m: None)
     with pytest.raises(InputError, match="η"):
@@ -507,3 +522,74 @@ def test_run_job_scores_with_inception_when_its_weights_are_present(tmp_path, mo
            "metrics": {"kid_subset_size": 10, "kid_subsets": 5, "is_splits": 2}}
     m = S.run_job(cfg, tmp_path / "run", lambda f, m: None)["metrics"]
     assert m["features"] == "inception-v3" and m["FID_floor"] is not None and m["FID_floor_n"] == 12
+
+
+# ------------------------------------------------------------------------- stopping at Ē(x, y) (issue 23)
+class Ramp(nn.Module):
+    """logits_k = w·sum(x) with w = 0.1 for every class: E(x, y) = −0.1·Σx, ∇ₓE = −0.1. Plain SGLD
+    (ζ = γ = 0, η = 1) then raises every pixel by 0.05 a step, so E(x, y) falls by exactly 0.02 a step."""
+
+    def forward(self, x):
+        return 0.1 * x.flatten(1).sum(1, keepdim=True).expand(-1, 2)
+
+
+def _ramp(stop=True, reference=None):
+    x0 = torch.full((4, 1, 2, 2), 0.1)        # E0 = −0.04; the clamp at 1 is 18 steps away
+    return S.SGLDSampler(Ramp(), [0, 1], 2, init="random", eta=1.0, zeta=0.0, gamma=0.0, image_shape=(1, 2, 2),
+                         num_classes=2, x0=x0, reference=reference, stop_at_reference=stop)
+
+
+def test_stopping_rule_stops_each_chain_where_it_reaches_its_class_level():
+    # class 0 reaches Ē = −0.04 − 0.02·4.5 after 5 steps, class 1 reaches −0.04 − 0.02·9.5 after 10
+    ref = {0: -0.04 - 0.02 * 4.5, 1: {"joint": -0.04 - 0.02 * 9.5, "marginal": 0.0}}
+    s = _ramp(reference=ref)
+    out = s.step(50)
+    assert s.stopped_at.tolist() == [5, 5, 10, 10]
+    assert out.steps_done == 10 and out.stopped_early           # every chain stopped: the run ends at step 10
+    e = s.trace.joint
+    np.testing.assert_allclose(e[:, 0], -0.04 - 0.02 * np.minimum(np.arange(11), 5), atol=1e-5)   # flat after 5
+    np.testing.assert_allclose(e[:, 2], -0.04 - 0.02 * np.arange(11), atol=1e-5)
+    np.testing.assert_allclose(s.images()[:2].numpy(), 0.1 + 0.05 * 5, atol=1e-6)   # frozen at step 5
+    rep = s.stop_report()
+    assert rep == {"rule": "on", "stopped": 4, "n_chains": 4, "median_step": 7.5, "first_step": 5, "last_step": 10}
+    assert s.trace.meta["stopped_at"] == [5, 5, 10, 10] and s.trace.meta["sampler"]["stop_at_reference"] is True
+    # the rule off, or no Ē known: the chains run every step asked for
+    off = _ramp(stop=False, reference=ref)
+    assert off.step(15).steps_done == 15 and off.stopped_at.tolist() == [-1] * 4
+    assert off.stop_report()["rule"] == "off"
+    blind = _ramp(reference=None)
+    assert blind.step(12).steps_done == 12 and blind.stop_report()["rule"] == "on, no Ē(x, y) yet"
+    blind.set_reference(ref)                                   # arriving late: chains already below stop now
+    assert blind.stopped_at.tolist() == [12, 12, 12, 12]
+    # a saved and restored sampler keeps the rule, its level and the chains' stops
+    s2 = S.SGLDSampler.from_state(Ramp(), *s.state())
+    assert s2.stopped_at.tolist() == [5, 5, 10, 10] and s2.stopping and s2.step(5).stopped_early
+    with pytest.raises(InputError, match="class 1"):
+        _ramp(reference={0: -1.0})
+
+
+def test_stopping_rule_is_on_by_default_and_reset_clears_it():
+    assert S.sgld_defaults(dataset="cifar10")["stop_at_reference"] is True
+    s = S.SGLDSampler(Ramp(), [0, 1], 2, init="random", eta=1.0, zeta=0.0, gamma=0.0, image_shape=(1, 2, 2),
+                      num_classes=2, x0=torch.full((4, 1, 2, 2), 0.1), reference={0: -0.1, 1: -0.1})
+    assert s.stopping
+    s.step(20)
+    assert s.steps_done == 3 and s.stopped_at.tolist() == [3] * 4     # −0.04 − 0.02·3 = −0.1
+    s.reset()
+    assert s.stopped_at.tolist() == [-1] * 4 and s.steps_done == 0
+
+
+def test_within_class_diversity_on_known_images():
+    # class 0: three images at 0, 3 and 4 along one pixel -> pairs 3, 4, 1 -> mean 8/3; class 1: two equal images
+    x = torch.zeros(5, 1, 1, 2)
+    x[1, 0, 0, 0], x[2, 0, 0, 0] = 0.3, 0.4
+    d = S.within_class_diversity(x * 10, [0, 0, 0, 1, 1])
+    assert d["per_class"][0] == pytest.approx(8 / 3) and d["per_class"][1] == 0.0
+    assert d["mean"] == pytest.approx(4 / 3) and d["n_pairs"] == 4
+    # uint8 images are read as /255; a class with one image is left out
+    u = torch.tensor([[[[0, 255]]], [[[255, 0]]], [[[7, 7]]]], dtype=torch.uint8)
+    d = S.within_class_diversity(u, [2, 2, 5])
+    assert d["per_class"] == {2: pytest.approx(math.sqrt(2))} and d["mean"] == pytest.approx(math.sqrt(2))
+    assert math.isnan(S.within_class_diversity(u[:1], [0])["mean"])
+    with pytest.raises(InputError, match="labels"):
+        S.within_class_diversity(u, [0, 1])

@@ -32,6 +32,8 @@ def app(runs_dir, tmp_path, monkeypatch):
         pick.select_index(sat[0]).run()
     at.number_input(key="sgld_chains").set_value(2).run()
     at.multiselect(key="sgld_classes").set_value([0, 1, 2]).run()
+    # these tests count steps: the stopping rule (on by default) would end the digits chains early
+    at.checkbox(key="sgld_stop").set_value(False).run()
     return at
 
 
@@ -224,13 +226,20 @@ def test_step_defaults_follow_the_models_dataset_family(runs_dir, tmp_path, monk
         _ok(at)
         assert at.session_state["model_ref"].name == prefix
 
+    from core import sampling as S
+
     pick_bundled("digits-sat")
     assert at.number_input(key="sgld_eta").value == 1.0 and at.number_input(key="sgld_zeta").value == 0.5
+    # the steps and the stopping rule the page starts with are core's (sgld_defaults)
+    d = S.sgld_defaults(dataset="digits")
+    assert at.number_input(key="sgld_n").value == d["steps"]
+    assert at.checkbox(key="sgld_stop").value is d["stop_at_reference"] is True
     at.sidebar.radio(key="model_source").set_value("Local checkpoints").run()
     _ok(at)
     assert at.session_state["model_ref"].name.endswith("best")
     assert at.number_input(key="sgld_eta").value == 0.025 and at.number_input(key="sgld_zeta").value == 0.8
     assert at.number_input(key="sgld_gamma").value == 0.001
+    assert at.number_input(key="sgld_n").value == S.sgld_defaults(dataset="cifar10")["steps"]
     at.sidebar.radio(key="model_source").set_value("Bundled").run()   # (the sidebar pick starts over)
     pick_bundled("digits-sat")
     assert at.number_input(key="sgld_eta").value == 1.0
@@ -241,13 +250,20 @@ def test_step_defaults_follow_the_models_dataset_family(runs_dir, tmp_path, monk
 
 def test_energy_plot_marks_when_the_chain_passed_the_real_data_level(app):
     at = app
+    at.checkbox(key="sgld_stop").set_value(True).run()      # the default: each chain stops at its class's Ē(x, y)
     _initialise(at)
     at.number_input(key="sgld_n").set_value(40).run()
     at.button(key="sgld_btn_run").click().run()
-    _run_until(at, lambda: at.session_state["sgld_task"].done and _sampler(at).steps_done == 40)
+    _run_until(at, lambda: at.session_state["sgld_task"].done)
     at.run()
     _ok(at)
     s = _sampler(at)
+    rep = s.stop_report()
+    assert rep["rule"] == "on" and rep["stopped"] >= 1                    # digits-sat, η = 1: chains reach Ē fast
+    assert s.steps_done == 40 or rep["stopped"] == s.n_chains             # a run ends early only when all stopped
+    assert any(m.label == "Stopped at Ē(x, y)" and m.value == f"{rep['stopped']}/{s.n_chains}" for m in at.metric)
+    assert any("Within-class diversity" in c.value and "for real images" in c.value for c in at.caption), \
+        [c.value for c in at.caption]
     from core import sampling as S
     from core.data import load_dataset
 

@@ -5,6 +5,9 @@
   Results are cached on disk per (model file SHA-256, attack spec, N, seed, images) under
   ``<repo>/checkpoints/cache/landscape/`` as ``.npz`` (never pickle); a changed model file has a
   different hash, so stale results are never reused. :func:`run_landscape_job` is the job runner.
+* :mod:`.trend`      Fig. 4's trend as a test that can fail: :func:`robustness_trend` (Spearman with an exact
+  permutation p-value and a bootstrap interval over the images; "not enough models to tell" otherwise) and the
+  order among the robust models alone (:func:`robust_order`, SEs from the image counts).
 * :mod:`.samples`    Fig. 5 b-d: :func:`sample_stats`, :func:`margin_correlations`, :func:`per_class_stats`.
 * :mod:`.subsets`    Fig. 5a: :func:`select_subsets` picks the three same-size training subsets;
   :func:`run_subset_job` / :func:`launch_subset_jobs` retrain without each of them (jobs of kind
@@ -35,10 +38,12 @@ from .samples import (Correlation, PerClassStats, SampleStats, correlation, entr
 from .subsets import (SUBSET_LABELS, SUBSETS, SubsetSelection, base_train_config, compute_subset_selection,
                       launch_subset_jobs, run_subset_job, select_subsets, subset_comparison, subset_train_configs,
                       validate_subset_request, write_subset_files)
+from .trend import TREND_RULE, bootstrap_spearman, permutation_p_value, rank_trend, robust_order, spearman, trend_text
 
 __all__ = [
     "Progress",
     "LandscapeResult", "landscape", "drift_summary", "DRIFT_MAX_IMAGES", "landscape_table", "robustness_trend",
+    "TREND_RULE", "permutation_p_value", "bootstrap_spearman", "rank_trend", "robust_order", "spearman", "trend_text",
     "default_cache_dir", "model_sha256", "weights_sha256", "file_sha256", "describe_ref", "validate_landscape_request",
     "sample_images", "load_landscape_results", "save_landscape_results", "run_landscape_job",
     "SampleStats", "Correlation", "PerClassStats", "probabilistic_margin", "entropy", "correlation",

@@ -29,7 +29,7 @@ from ..paths import cache_dir
 from ..runtime import resolve_device
 from ..storage import atomic_write
 from .common import Progress, _fast_layout, _model_name, _model_ref, _noop
-from .samples import Correlation, correlation
+from .trend import robustness_trend
 
 
 # =============================================================================================
@@ -296,22 +296,6 @@ def landscape_table(results: Sequence[LandscapeResult], sort: bool = True) -> li
     if sort:
         rows.sort(key=lambda r: (r["robust_acc"], r["natural_acc"]))
     return rows
-
-
-def robustness_trend(results: Sequence[LandscapeResult]) -> dict[str, Any]:
-    """Across models: does |Delta E(x)| (mean, spread) shrink as robust accuracy grows?
-
-    Returns Spearman / Pearson correlations of robust accuracy with mean |Delta E(x)| and with the std
-    of Delta E(x) (negative = shrinks with robustness); NaN with fewer than 3 models.
-    """
-    rows = [r.summary() for r in results]
-    rob = np.array([r["robust_acc"] for r in rows], float)
-    out: dict[str, Any] = {"n_models": len(rows)}
-    for key in ("dE_abs_mean", "dE_std", "dEy_abs_mean"):
-        v = np.array([r[key] for r in rows], float)
-        c = correlation(rob, v) if len(rows) >= 3 else Correlation(float("nan"), float("nan"), len(rows))
-        out[key] = {"pearson": c.pearson, "spearman": c.spearman}
-    return out
 
 
 def save_landscape_results(path: str | os.PathLike, results: Sequence[LandscapeResult]) -> Path:

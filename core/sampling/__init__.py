@@ -49,6 +49,11 @@ SVHN, Tiny-ImageNet and any unknown or ``npz:`` dataset) get η = 0.025, ζ = 0.
 (:data:`CIFAR_DEFAULTS`: FID 30 -> 17 after 100 steps). The measurements are in docs/METHODS.md. The
 official code used η ∈ [0.025, 0.8], ζ ∈ {0, 0.8}, γ = 0.001 and 20-500 steps on CIFAR-10 models.
 
+**Stopping rule** (on by default, ``sgld_defaults()["stop_at_reference"]``): given the real images' Ē(x, y)
+(``reference=`` or :meth:`SGLDSampler.set_reference`), each chain stops -- image and velocity frozen -- at the first
+step at which its E(x, y) reaches its class's Ē(x, y), and a run ends once every chain has stopped. Without it the
+chains overshoot Ē and the FID worsens (docs/METHODS.md, "SGLD stopping rule"); ``steps`` is then the run's cap.
+
 :class:`SGLDSampler` is step-wise: ``step(n)`` continues the chain, returning the images and the
 energies of every step (E(x, y) of the target class, E(x, y') of all classes, E(x)), which also
 accumulate in ``.trace`` (Fig. 5e). :func:`reference_joint_energy` gives the reference level
@@ -62,6 +67,7 @@ The package, one job per module:
 * :mod:`.stats`     per-class PCA statistics of the training images (:class:`ClassStats`, cached on disk) and the
   reference energies Ē(x, y), Ē(x) of real images;
 * :mod:`.sampler`   :class:`SGLDSampler`, its :class:`SGLDTrace` and :class:`StepOutput`;
+* :mod:`.diversity` :func:`within_class_diversity`, the mean pairwise L2 distance within a class (next to FID);
 * :mod:`.job`       the batch job (:class:`SGLDJobConfig`, :func:`check_job_config`, :func:`run_job`).
 
 Every public name is re-exported here: ``from core.sampling import X`` and the stored runner path
@@ -70,8 +76,10 @@ Every public name is re-exported here: ``from core.sampling import X`` and the s
 
 
 from .defaults import (CIFAR_DEFAULTS, DEFAULT_PCA_SIGMA, DEFAULTS, DIGITS_DEFAULTS, INITS, MAX_CHAINS,
-                       MAX_INTERACTIVE_CHAINS, MAX_STEPS, NORMS, STATS_VERSION, dataset_family, sgld_defaults,
-                       sigma_from_official, validate_hyperparams, validate_sampler_settings, validate_steps)
+                       MAX_INTERACTIVE_CHAINS, MAX_STEPS, NORMS, STATS_VERSION, STOP_AT_REFERENCE, dataset_family,
+                       sgld_defaults, sigma_from_official, validate_hyperparams, validate_sampler_settings,
+                       validate_steps)
+from .diversity import DIVERSITY_MAX_PER_CLASS, within_class_diversity
 from .job import SGLDJobConfig, check_job_config, run_job
 from .sampler import SGLDSampler, SGLDTrace, StepOutput
 from .stats import (ClassMoments, ClassStats, Progress, dataset_fingerprint, default_cache_dir, reference_energies,
@@ -85,4 +93,5 @@ __all__ = [
     "SGLDTrace", "StepOutput", "SGLDSampler", "validate_hyperparams", "validate_steps", "validate_sampler_settings",
     "MAX_INTERACTIVE_CHAINS", "reference_energies",
     "reference_joint_energy", "SGLDJobConfig", "check_job_config", "run_job",
+    "STOP_AT_REFERENCE", "within_class_diversity", "DIVERSITY_MAX_PER_CLASS",
 ]

@@ -20,8 +20,13 @@ DEFAULT_PCA_SIGMA = 0.35     # = official σ 0.005 × √(5000 − 1) for a CIFA
 _INIT_DEFAULTS = {"pca_sigma": DEFAULT_PCA_SIGMA, "pca_variance": 0.95, "gaussian_ridge": 1e-4}
 # η, ζ, γ per dataset family (docs/METHODS.md, "SGLD step defaults", has the measurements). The model's robustness
 # does not change them: a plain model's chains turn into adversarial noise with either setting.
-DIGITS_DEFAULTS = {"eta": 1.0, "zeta": 0.5, "gamma": 0.001, **_INIT_DEFAULTS}
-CIFAR_DEFAULTS = {"eta": 0.025, "zeta": 0.8, "gamma": 0.001, **_INIT_DEFAULTS}
+# ``steps``: the page's "Run N steps" and the batch job's length; ``stop_at_reference``: each chain stops where its
+# E(x, y) reaches the real images' Ē(x, y) of its class (docs/METHODS.md, "SGLD stopping rule")
+STOP_AT_REFERENCE = True
+DIGITS_DEFAULTS = {"eta": 1.0, "zeta": 0.5, "gamma": 0.001, "steps": 100, "stop_at_reference": STOP_AT_REFERENCE,
+                   **_INIT_DEFAULTS}
+CIFAR_DEFAULTS = {"eta": 0.025, "zeta": 0.8, "gamma": 0.001, "steps": 100, "stop_at_reference": STOP_AT_REFERENCE,
+                  **_INIT_DEFAULTS}
 _FAMILY_DEFAULTS = {"digits": DIGITS_DEFAULTS, "cifar": CIFAR_DEFAULTS}
 # dataset name -> family; names not listed (npz: files, new datasets) are natural images: the 'cifar' family
 _FAMILIES = {"digits": "digits", "cifar10": "cifar", "cifar100": "cifar", "cifar10-demo": "cifar", "svhn": "cifar",

@@ -20,6 +20,7 @@ from ..runtime import resolve_device
 from ..storage import atomic_write_bytes, atomic_write_json
 from .defaults import (DEFAULT_PCA_SIGMA, DEFAULTS, INITS, MAX_CHAINS, _positive_int, _seeds, _validate_bound,
                        _validate_classes, _validate_init_params, sgld_defaults, validate_hyperparams, validate_steps)
+from .diversity import within_class_diversity
 from .sampler import SGLDSampler
 from .stats import ClassStats, Progress, reference_energies
 
@@ -43,7 +44,8 @@ class SGLDJobConfig:
     eta: float | None = None                  # None: sgld_defaults() of the model's dataset (set by run_job)
     zeta: float | None = None
     gamma: float | None = None
-    steps: int = 100
+    steps: int | None = None                  # None: sgld_defaults()["steps"] of the model's dataset
+    stop_at_reference: bool | None = None     # None: the default (on): each chain stops where E(x, y) reaches Ē(x, y)
     bound: list | None = None
     seed: int = 0
     pca_sigma: float = DEFAULT_PCA_SIGMA
@@ -77,7 +79,10 @@ class SGLDJobConfig:
         d = DEFAULTS  # stand-ins for the settings left to the model's defaults, which are valid by construction
         validate_hyperparams(d["eta"] if self.eta is None else self.eta, d["zeta"] if self.zeta is None else self.zeta,
                              d["gamma"] if self.gamma is None else self.gamma)
-        validate_steps(self.steps)
+        if self.steps is not None:
+            validate_steps(self.steps)
+        if self.stop_at_reference is not None and not isinstance(self.stop_at_reference, bool):
+            raise InputError(f"stop_at_reference must be true or false, got {self.stop_at_reference!r}")
         _validate_bound(self.bound)
         _seeds(self.seed, 1)
         if self.init not in INITS:
@@ -106,6 +111,12 @@ class SGLDJobConfig:
         if not isinstance(self.model, dict) or "source" not in self.model or "name" not in self.model:
             raise InputError("model must be a model reference dict with at least 'source' and 'name'")
         return self
+
+
+def _on_axis(steps: np.ndarray, values: np.ndarray, axis: np.ndarray) -> np.ndarray:
+    """``values`` recorded at ``steps``, read at every step of ``axis`` (the last value carried forward)."""
+    i = np.clip(np.searchsorted(steps, axis, side="right") - 1, 0, len(steps) - 1)
+    return np.asarray(values)[i]
 
 
 def _load_ref(d: dict, device: str):
@@ -185,8 +196,9 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
     lm = _load_ref(cfg.model, device)
     meta = lm.meta
     d = sgld_defaults(lm)   # settings left out take the defaults of the model's dataset; the result records them
-    cfg.eta, cfg.zeta, cfg.gamma = (d[k] if getattr(cfg, k) is None else getattr(cfg, k)
-                                    for k in ("eta", "zeta", "gamma"))
+    cfg.eta, cfg.zeta, cfg.gamma, cfg.steps, cfg.stop_at_reference = (
+        d[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in ("eta", "zeta", "gamma", "steps",
+                                                                        "stop_at_reference"))
     classes = list(range(meta.num_classes)) if cfg.classes is None else [int(c) for c in cfg.classes]
     ds = None
     try:
@@ -197,20 +209,26 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
     stats = ClassStats(ds) if ds is not None and cfg.init != "random" else None
     if stats is not None:
         stats.prepare(classes, lambda f, m: report(0.02 * f, m))
+    # Ē(x, y) of the real images: the stopping rule's target and the reference of the result
+    ref = reference_energies(lm, ds, classes, device=device) if ds is not None else None
+    job_notes: list[str] = []  # out-of-memory retries, the stopping rule without a reference
+    if cfg.stop_at_reference and ref is None:
+        job_notes.append("the stopping rule needs Ē(x, y) of real images, and none are available: every chain ran "
+                         f"all {cfg.steps} steps")
 
     labels_all = np.repeat(np.asarray(classes, np.int64), cfg.n_per_class)
     chunks = [labels_all[i:i + cfg.batch_size] for i in range(0, len(labels_all), cfg.batch_size)]
     seeds = _seeds(cfg.seed, len(chunks))
     total_steps = cfg.steps * len(chunks)
     gen_share = 0.85 if cfg.metrics.get("enabled", True) else 0.98
-    xs, ys, finals_j, finals_m, curves = [], [], [], [], []
-    job_notes: list[str] = []  # out-of-memory retries
+    xs, ys, finals_j, finals_m, curves, stops = [], [], [], [], [], []
     for ci, lab in enumerate(chunks):
         cls, cnt = np.unique(lab, return_counts=True)
         sampler = SGLDSampler(lm, cls.tolist(), cnt.tolist(), init=cfg.init, eta=cfg.eta, zeta=cfg.zeta,
                               gamma=cfg.gamma, bound=tuple(cfg.bound) if cfg.bound else None, seed=seeds[ci],
                               device=device, stats=stats, pca_sigma=cfg.pca_sigma, pca_variance=cfg.pca_variance,
-                              pca_components=cfg.pca_components, gaussian_ridge=cfg.gaussian_ridge)
+                              pca_components=cfg.pca_components, gaussian_ridge=cfg.gaussian_ridge,
+                              reference=ref, stop_at_reference=cfg.stop_at_reference)
         done = ci * cfg.steps
 
         def prog(f, msg, done=done, ci=ci):
@@ -222,6 +240,7 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
         xs.append(out.images)
         ys.append(sampler.labels.cpu())
         tr = sampler.trace
+        stops.append(sampler.stopped_at)
         finals_j.append(tr.joint[-1])
         finals_m.append(tr.marginal[-1])
         s = tr.summary()
@@ -229,10 +248,12 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
                        s["marginal_mean"] * len(lab), len(lab)))
     x = torch.cat(xs)
     y = torch.cat(ys)
-    # mean curves over all chains (rows of all batches share the same steps)
-    steps_axis = curves[0][0]
+    # mean curves over all chains on the longest batch's steps: a batch whose chains all stopped early ended there,
+    # and its frozen chains keep their last energies (carried forward)
+    steps_axis = max((c[0] for c in curves), key=len)
     w = sum(c[4] for c in curves)
-    curve = {nm: sum(c[i] for c in curves) / w for i, nm in ((1, "target"), (2, "others"), (3, "marginal"))}
+    curve = {nm: sum(_on_axis(c[0], c[i], steps_axis) for c in curves) / w
+             for i, nm in ((1, "target"), (2, "others"), (3, "marginal"))}
     e_xy, e_x = np.concatenate(finals_j), np.concatenate(finals_m)
 
     buf = io.BytesIO()
@@ -250,8 +271,14 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
                    "curve_others": curve["others"].tolist(), "curve_marginal": curve["marginal"].tolist()},
         "metrics": None,
     }
-    if ds is not None:
-        ref = reference_energies(lm, ds, classes, device=device)
+    stopped_at = np.concatenate(stops)
+    hit = stopped_at[stopped_at >= 0]
+    result["stop"] = {"rule": "off" if not cfg.stop_at_reference else "on" if ref is not None else "on, no Ē(x, y)",
+                      "stopped": int(len(hit)), "n_chains": int(len(stopped_at)),
+                      "median_step": float(np.median(hit)) if len(hit) else None,
+                      "steps_run": int(steps_axis[-1])}
+    result["diversity"] = {"samples": within_class_diversity(x, y)["mean"]}
+    if ref is not None:
         result["energy"]["reference_E_xy"] = {str(c): v["joint"] for c, v in ref.items()}
         result["energy"]["reference_E_x"] = {str(c): v["marginal"] for c, v in ref.items()}
         below = [c for c in classes if float(e_xy[y.numpy() == c].mean()) < ref[c]["joint"]]
@@ -259,11 +286,17 @@ def run_job(config: dict, run_dir, report: Progress) -> dict:
         hit = np.nonzero(gap_curve <= 0)[0]
         result["energy"]["classes_below_reference"] = len(below)
         result["energy"]["reference_passed_at_step"] = int(steps_axis[hit[0]]) if hit.size else None
+    if ds is not None:
+        sel = torch.nonzero(torch.isin(ds.y, torch.tensor(classes))).squeeze(1)
+        result["diversity"]["real"] = within_class_diversity(ds.x[sel], ds.y[sel], seed=cfg.seed)["mean"]
     if cfg.metrics.get("enabled", True):
         result["metrics"], note = _score_samples(
             cfg, lm, ds, x, y, classes, device, lambda f, msg: report(0.02 + gen_share + (0.98 - gen_share) * f, msg))
         if note is not None:
             result["metrics_note"] = note
+        if result["metrics"] is not None:   # within-class diversity next to FID (samples vs real images)
+            result["metrics"]["diversity"] = result["diversity"]["samples"]
+            result["metrics"]["diversity_real"] = result["diversity"].get("real")
     result["notes"] = job_notes
     result["seconds"] = round(time.time() - t0, 3)
     atomic_write_json(RunDir(run_dir).sample_metrics, result)

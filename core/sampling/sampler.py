@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -125,6 +125,7 @@ class StepOutput:
     steps_done: int           # chain length after the call
     seconds: float
     notes: list[str] = field(default_factory=list)  # e.g. out-of-memory retries with fewer chains at a time
+    stopped_early: bool = False  # every chain had reached its class's Ē(x, y) (the stopping rule) before n steps
 
 
 # =============================================================================================
@@ -144,6 +145,9 @@ class SGLDSampler:
 
     Each step costs one forward and one backward pass: the gradient at the current images is
     computed together with their energies and kept for the next update.
+
+    ``reference`` (Ē(x, y) per class) and ``stop_at_reference`` (None: the default of the model's dataset, on) set
+    the stopping rule: :meth:`set_reference`, :attr:`stopped_at`, :meth:`stop_report`.
     """
 
     def __init__(self, model, classes: Sequence[int], n_per_class: int | Sequence[int] = 8, init: str = "pca",
@@ -153,7 +157,8 @@ class SGLDSampler:
                  pca_variance: float | None = DEFAULTS["pca_variance"], pca_components: int | None = None,
                  gaussian_ridge: float = DEFAULTS["gaussian_ridge"], image_shape: Sequence[int] | None = None,
                  num_classes: int | None = None, x0: torch.Tensor | None = None,
-                 trace_budget_bytes: int = 64 * 2 ** 20):
+                 trace_budget_bytes: int = 64 * 2 ** 20, reference: Mapping | None = None,
+                 stop_at_reference: bool | None = None):
         meta = getattr(model, "meta", None)
         net = getattr(model, "model", model)
         if not isinstance(net, nn.Module):
@@ -166,6 +171,7 @@ class SGLDSampler:
         self.eta, self.zeta, self.gamma = validate_hyperparams(d["eta"] if eta is None else eta,
                                                                d["zeta"] if zeta is None else zeta,
                                                                d["gamma"] if gamma is None else gamma)
+        self.stop_at_reference = bool(d["stop_at_reference"] if stop_at_reference is None else stop_at_reference)
         self.bound = _validate_bound(bound)
         if init not in INITS:
             raise InputError(f"initialisation must be one of {', '.join(INITS)}, got '{init}'")
@@ -224,6 +230,9 @@ class SGLDSampler:
         self._chunk: int | None = None   # chains per forward/backward pass (None = all), halved on out of memory
         self._progress: Progress | None = None
         self.x0 = self._check_x0(x0) if x0 is not None else self._draw_init()
+        self._level: torch.Tensor | None = None    # Ē(x, y) of each chain's class (the stopping rule's target)
+        self._stop_step = np.full(self.n_chains, -1, np.int64)
+        self.set_reference(reference)
         self.reset()
 
     # ---- public state ------------------------------------------------------------------------
@@ -246,7 +255,57 @@ class SGLDSampler:
                 "bound": list(self.bound) if self.bound else None, "seed": self.seed,
                 "pca_sigma": self.pca_sigma, "pca_variance": self.pca_variance, "pca_components": self.pca_components,
                 "pca_k": {str(c): k for c, k in self.pca_k.items()}, "gaussian_ridge": self.gaussian_ridge,
-                "steps_done": self._step, "device": str(self.device)}
+                "stop_at_reference": self.stop_at_reference, "steps_done": self._step, "device": str(self.device)}
+
+    # ---- the stopping rule ----------------------------------------------------------------------
+    def set_reference(self, reference: Mapping | None) -> None:
+        """Ē(x, y) per class (``{class: Ē}`` or ``{class: {'joint': Ē, ...}}`` as :func:`reference_energies`
+        returns it), the stopping rule's target; None removes it (chains then run every step asked for).
+
+        With ``stop_at_reference`` on, a chain stops -- its image and velocity are frozen -- at the first recorded
+        step at which its E(x, y) is at or below its class's Ē(x, y); ``step()`` ends once every chain has stopped.
+        A chain already at or below Ē when the reference arrives stops at the current step."""
+        if reference is None:
+            self._level = None
+            return
+        try:
+            level = [float(v["joint"] if isinstance(v, dict) else v) for v in (reference[int(c)] for c in
+                                                                                   self.labels.tolist())]
+        except KeyError as e:
+            raise InputError(f"no reference energy Ē(x, y) for class {e.args[0]}") from None
+        except (TypeError, ValueError):
+            raise InputError("the reference energies must be numbers per class") from None
+        if not np.all(np.isfinite(level)):
+            raise InputError("the reference energies Ē(x, y) must be finite")
+        self._level = torch.tensor(level, dtype=torch.float32, device=self.device)
+        if getattr(self, "_rows", None):
+            self._check_stop(self._step, self._rows[-1][1])
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the stopping rule is in force (switched on and Ē(x, y) known)."""
+        return self.stop_at_reference and self._level is not None
+
+    @property
+    def stopped_at(self) -> np.ndarray:
+        """(N,) the step at which each chain reached Ē(x, y) and stopped; -1 while it runs."""
+        return self._stop_step.copy()
+
+    def stop_report(self) -> dict[str, Any]:
+        """What the stopping rule did: ``rule`` ('on' | 'off' | 'on, no Ē(x, y) yet'), ``stopped`` / ``n_chains``,
+        the ``median_step`` / ``first_step`` / ``last_step`` among the stopped chains (None when none stopped)."""
+        st = self._stop_step[self._stop_step >= 0]
+        rule = "off" if not self.stop_at_reference else "on" if self._level is not None else "on, no Ē(x, y) yet"
+        return {"rule": rule, "stopped": int(len(st)), "n_chains": self.n_chains,
+                "median_step": float(np.median(st)) if len(st) else None,
+                "first_step": int(st.min()) if len(st) else None, "last_step": int(st.max()) if len(st) else None}
+
+    def _check_stop(self, step: int, logits: torch.Tensor) -> None:
+        if not self.stopping:
+            return
+        e_xy = -logits.float().gather(1, self.labels[:, None]).squeeze(1)
+        reached = (e_xy <= self._level).cpu().numpy() & (self._stop_step < 0)
+        self._stop_step[reached] = step
 
     def set_params(self, eta: float | None = None, zeta: float | None = None, gamma: float | None = None) -> None:
         """Change η, ζ, γ for the following steps (validated first; nothing changes on error)."""
@@ -270,7 +329,9 @@ class SGLDSampler:
             self._rows: list[tuple[int, torch.Tensor]] = []
             self._trace_cache: SGLDTrace | None = None
             self._grad = grad
+            self._stop_step = np.full(self.n_chains, -1, np.int64)
             self._record(0, logits)
+            self._check_stop(0, logits)
         finally:
             self._lock.release()
 
@@ -296,10 +357,16 @@ class SGLDSampler:
         start = self._step
         notes_before = len(self.notes)
         self._progress = progress
+        early = False
         try:
             with eval_mode(self.model), torch.enable_grad():
                 last_report = t0
                 for i in range(n):
+                    if self.stopping and bool((self._stop_step >= 0).all()):
+                        early = True     # every chain has reached Ē(x, y): nothing moves any more
+                        if progress is not None:
+                            progress(1.0, f"every chain reached Ē(x, y): stopped at step {self._step}")
+                        break
                     self._frac = i / n
                     self._one_step()
                     if progress is not None and (time.perf_counter() - last_report > 0.25 or i == n - 1):
@@ -310,7 +377,7 @@ class SGLDSampler:
             self._lock.release()
         rows = [r for r in self._rows if r[0] > start]
         return StepOutput(self.images(), self._build_trace(rows), self._step, time.perf_counter() - t0,
-                          list(self.notes[notes_before:]))
+                          list(self.notes[notes_before:]), early)
 
     # ---- internals ---------------------------------------------------------------------------
     def _probe_num_classes(self, meta) -> int:
@@ -391,6 +458,11 @@ class SGLDSampler:
         if self.gamma > 0:
             x = x + self.gamma * torch.randn(x.shape, generator=self._gen, device=self.device, dtype=x.dtype)
         x = project(x, self.x0, self.bound[1], self.bound[0]) if self.bound else x.clamp_(0.0, 1.0)
+        frozen = None
+        if self.stopping and (self._stop_step >= 0).any():   # stopped chains keep their image and velocity
+            frozen = torch.from_numpy(self._stop_step >= 0).to(self.device)
+            keep = frozen.view(-1, *([1] * (x.dim() - 1)))
+            x, v = torch.where(keep, self.x, x), torch.where(keep, self.v, v)
         logits, grad = self._energy_grad(x)
         if not self._finite(logits, grad):
             raise InputError(f"SGLD diverged at step {self._step + 1}: the energies or their gradients became NaN "
@@ -398,6 +470,7 @@ class SGLDSampler:
         self.x, self.v, self._grad = x, v, grad
         self._step += 1
         self._record(self._step, logits)
+        self._check_stop(self._step, logits)
 
     def _record(self, step: int, logits: torch.Tensor) -> None:
         if len(self._rows) >= self._max_rows:  # thin: keep every other row (row 0 kept)
@@ -409,14 +482,17 @@ class SGLDSampler:
         n, k = self.n_chains, self.num_classes
         if not rows:
             return SGLDTrace(np.zeros(0, np.int64), np.zeros((0, n), np.float32), np.zeros((0, n, k), np.float32),
-                             np.zeros((0, n), np.float32), self.labels.cpu().numpy(), {"sampler": self.config()})
+                             np.zeros((0, n), np.float32), self.labels.cpu().numpy(), self._trace_meta())
         lg = torch.stack([r[1] for r in rows]).float()        # (S, N, K)
         joint_all = -lg
         joint = joint_all.gather(2, self.labels.view(1, -1, 1).expand(lg.shape[0], -1, 1)).squeeze(2)
         marginal = -torch.logsumexp(lg, dim=2)
         return SGLDTrace(steps=np.asarray([r[0] for r in rows], np.int64), joint=joint.cpu().numpy(),
                          joint_all=joint_all.cpu().numpy(), marginal=marginal.cpu().numpy(),
-                         labels=self.labels.cpu().numpy(), meta={"sampler": self.config()})
+                         labels=self.labels.cpu().numpy(), meta=self._trace_meta())
+
+    def _trace_meta(self) -> dict[str, Any]:
+        return {"sampler": self.config(), "stop": self.stop_report(), "stopped_at": self._stop_step.tolist()}
 
     def to_npz_dict(self) -> dict[str, np.ndarray]:
         """Images (uint8 'x', loadable as an ``npz:`` dataset), labels, start images and the trace."""
@@ -437,7 +513,9 @@ class SGLDSampler:
                       "v": self.v.detach().cpu().numpy(), "grad": self._grad.detach().cpu().numpy(),
                       "row_steps": np.asarray([r[0] for r in self._rows], np.int64),
                       "row_logits": torch.stack([r[1] for r in self._rows]).float().cpu().numpy(),
-                      "noise_state": self._gen.get_state().cpu().numpy()}
+                      "noise_state": self._gen.get_state().cpu().numpy(), "stop_step": self._stop_step.copy()}
+            if self._level is not None:
+                arrays["stop_level"] = self._level.cpu().numpy()
             meta = {**self.config(), "init": self.init, "custom_start": self.custom_start,
                     "image_shape": list(self.image_shape), "num_classes": self.num_classes}
         return arrays, meta
@@ -449,7 +527,8 @@ class SGLDSampler:
             bound = tuple(meta["bound"]) if meta.get("bound") else None
             s = cls(model, meta["classes"], meta["n_per_class"], init="random", eta=meta["eta"], zeta=meta["zeta"],
                     gamma=meta["gamma"], bound=bound, seed=meta["seed"], image_shape=meta["image_shape"],
-                    num_classes=meta["num_classes"], x0=torch.from_numpy(np.asarray(arrays["x0"], np.float32)))
+                    num_classes=meta["num_classes"], x0=torch.from_numpy(np.asarray(arrays["x0"], np.float32)),
+                    stop_at_reference=bool(meta.get("stop_at_reference", False)))  # saved before the rule: off
             shape = tuple(s.x0.shape)
             x, v, g = (torch.from_numpy(np.asarray(arrays[k], np.float32)) for k in ("x", "v", "grad"))
             logits = torch.from_numpy(np.asarray(arrays["row_logits"], np.float32))
@@ -465,4 +544,8 @@ class SGLDSampler:
         s._rows = [(t, lg.to(s.device)) for t, lg in zip(steps, logits)]
         s._step, s._trace_cache = steps[-1], None
         s._gen.set_state(torch.from_numpy(np.asarray(arrays["noise_state"], np.uint8)))
+        if "stop_step" in arrays and np.shape(arrays["stop_step"]) == (s.n_chains,):
+            s._stop_step = np.asarray(arrays["stop_step"], np.int64).copy()
+        if "stop_level" in arrays and np.shape(arrays["stop_level"]) == (s.n_chains,):
+            s._level = torch.from_numpy(np.asarray(arrays["stop_level"], np.float32)).to(s.device)
         return s
