@@ -593,3 +593,16 @@ def test_within_class_diversity_on_known_images():
     assert math.isnan(S.within_class_diversity(u[:1], [0])["mean"])
     with pytest.raises(InputError, match="labels"):
         S.within_class_diversity(u, [0, 1])
+
+
+def test_the_sgld_image_family_is_the_dataset_catalogue_s():
+    """Defaults stated once (issue 26): each dataset's SGLD default set is its DatasetSpec.sgld_family."""
+    from core.data import DATASETS, SGLD_FAMILIES
+    from core.sampling import dataset_family, sgld_defaults
+    from core.sampling.defaults import _FAMILY_DEFAULTS
+
+    assert set(_FAMILY_DEFAULTS) == set(SGLD_FAMILIES)
+    for name, spec in DATASETS.items():
+        assert dataset_family(name) == spec.sgld_family
+        assert sgld_defaults(dataset=name) == {**_FAMILY_DEFAULTS[spec.sgld_family], "family": spec.sgld_family,
+                                               "dataset": name}

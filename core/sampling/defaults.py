@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data import DATASETS
 from ..errors import InputError
 
 INITS = ("random", "gaussian", "pca")
@@ -28,18 +29,16 @@ DIGITS_DEFAULTS = {"eta": 1.0, "zeta": 0.5, "gamma": 0.001, "steps": 100, "stop_
 CIFAR_DEFAULTS = {"eta": 0.025, "zeta": 0.8, "gamma": 0.001, "steps": 100, "stop_at_reference": STOP_AT_REFERENCE,
                   **_INIT_DEFAULTS}
 _FAMILY_DEFAULTS = {"digits": DIGITS_DEFAULTS, "cifar": CIFAR_DEFAULTS}
-# dataset name -> family; names not listed (npz: files, new datasets) are natural images: the 'cifar' family
-_FAMILIES = {"digits": "digits", "cifar10": "cifar", "cifar100": "cifar", "cifar10-demo": "cifar", "svhn": "cifar",
-             "tinyimagenet": "cifar"}
 DEFAULTS = CIFAR_DEFAULTS    # for a model whose dataset is unknown
 
 
 def dataset_family(dataset: str | None) -> str:
-    """'digits' for the embedded digits (and names starting with 'digits'), 'cifar' for every other dataset:
-    CIFAR-10/100, their demo subsets, SVHN, Tiny-ImageNet, ``npz:`` files and unknown names."""
+    """The SGLD default set of a dataset: its catalogue entry's ``sgld_family`` (core.data.DatasetSpec: 'digits'
+    for the embedded digits, 'cifar' for natural photos); names not in the catalogue ('digits…' variants aside,
+    ``npz:`` files, unknown names) are natural images: 'cifar'."""
     name = str(dataset or "").strip().lower()
-    if name in _FAMILIES:
-        return _FAMILIES[name]
+    if name in DATASETS:
+        return DATASETS[name].sgld_family
     if name.startswith("digits"):
         return "digits"
     return "cifar"
