@@ -160,11 +160,28 @@ def wait_briefly(task: Task, seconds: float = 1.5) -> None:
         task.thread.join(timeout=seconds)
 
 
+# Polling backs off: every 0.5 s while a task is young (a quick action answers quickly), then every 1 s, then every
+# 2 s. Each poll is a fragment rerun (only the progress block) that takes the GIL from the worker thread for a moment.
+POLL_STEPS: tuple[tuple[float, float], ...] = ((5.0, 0.5), (30.0, 1.0))
+POLL_SLOWEST = 2.0
+
+
+def poll_every(elapsed: float) -> float:
+    """Seconds between progress polls of a task that has run for ``elapsed`` seconds (never shorter later on)."""
+    for until, every in POLL_STEPS:
+        if elapsed < until:
+            return every
+    return POLL_SLOWEST
+
+
 def task_panel(key: str, on_done: Callable[[Task], None]) -> None:
-    """Show progress of a running task (polled every 0.5 s); call ``on_done`` once when finished.
+    """Show progress of a running task (polled by a fragment, at :func:`poll_every`'s backing-off interval); call
+    ``on_done`` once when finished.
 
     A finished task is handled in the main script run, so results render in the same rerun; only a
-    completion noticed by the polling fragment triggers one full rerun.
+    completion noticed by the polling fragment triggers one full rerun. A fragment's interval is fixed when the
+    page script defines it, so when the task grows into a slower polling step the fragment asks for one full rerun,
+    which defines it again with the longer interval.
     """
     task = st.session_state.get(key)
     if not isinstance(task, Task):
@@ -182,13 +199,15 @@ def task_panel(key: str, on_done: Callable[[Task], None]) -> None:
             st.error(err)
         return
 
-    @st.fragment(run_every=0.5)
+    every = poll_every(task.elapsed)
+
+    @st.fragment(run_every=every)
     def _poll():
         t = st.session_state.get(key)
         if not isinstance(t, Task):
             return
-        if t.done:
-            st.rerun()  # full rerun: the branch above handles the result
+        if t.done or poll_every(t.elapsed) != every:
+            st.rerun()  # full rerun: the branch above handles the result, or the fragment polls less often
         c1, c2 = st.columns([5, 1])
         c1.progress(t.fraction, text=f"{t.label}: {t.message} ({t.elapsed:.0f} s)")
         if c2.button("Cancel", key=f"{key}-cancel"):

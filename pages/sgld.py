@@ -299,7 +299,9 @@ if sampler is None:
                   "improved the FID of PCA-started chains on CIFAR-10 over 100 steps, where the digits' η = 1 "
                   "made them worse (docs/METHODS.md).")))
 else:
-    @st.fragment(run_every=1.0 if _task_running("sgld_task") else None)
+    # the live view redraws while a run goes on, no more often than the progress bar polls (common.poll_every)
+    _run = st.session_state.get("sgld_task")
+    @st.fragment(run_every=max(1.0, common.poll_every(_run.elapsed)) if _task_running("sgld_task") else None)
     def _live():
         s = st.session_state.get("sgld_sampler")
         if s is None:
