@@ -90,9 +90,12 @@ def _task_running(key: str) -> bool:
 INIT_LABELS = {"pca": "PCA per class (paper)", "gaussian": "Gaussian per class", "random": "random noise (JEM)"}
 inits = ["pca", "gaussian", "random"] if ds_train is not None else ["random"]
 c1, c2, c3 = st.columns([3, 1, 1])
-sel = c1.multiselect("Classes", list(range(K)), default=list(range(min(K, 10))), format_func=lambda i: names[i],
-                     key="sgld_classes")
-chains = int(c2.number_input("Chains per class", value=4, step=1, key="sgld_chains"))
+# defaults through session state, never as default=/value= as well: the guided tour sets these keys (a widget given
+# both logs Streamlit's "created with a default value but also had its value set via the Session State API")
+common.widget_default("sgld_classes", list(range(min(K, 10))), scope=K)
+common.widget_default("sgld_chains", 4)
+sel = c1.multiselect("Classes", list(range(K)), format_func=lambda i: names[i], key="sgld_classes")
+chains = int(c2.number_input("Chains per class", step=1, key="sgld_chains"))
 init = c3.selectbox("Initialisation", inits, format_func=lambda k: INIT_LABELS[k], key="sgld_init_kind")
 # η, ζ, γ start at the defaults of the model's dataset family (core.sampling.sgld_defaults); switching to a model
 # of another family puts them back to that family's defaults, while edits within a family are kept
@@ -270,6 +273,18 @@ for note in getattr(sampler, "notes", None) or []:  # e.g. out of memory: fewer 
 
 
 # ---------------------------------------------------------------- results
+def _npz_bytes(s) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **s.to_npz_dict())
+    return buf.getvalue()
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _file_bytes(path: str, mtime: float) -> bytes:
+    """A finished job's samples file (read once per file version, not on every poll of the job list)."""
+    return Path(path).read_bytes()
+
+
 def _grid_png(x: np.ndarray, ncol: int) -> bytes:
     return fig.image_grid_png(x, ncol=max(1, ncol), scale=2 if x.shape[-1] <= 32 else 1)
 
@@ -348,20 +363,18 @@ else:
     with common.guard("preparing the downloads"):
         d1, d2, d3 = st.columns(3)
         ncol = sampler.counts[0] if len(set(sampler.counts)) == 1 else 8
+        # the files' bytes are made in this run (never deferred callables: a deferred file is forgotten by the
+        # next rerun, so quick successive clicks failed with "MediaFileStorageError: Deferred file ... not found"),
+        # and a click does not rerun the page (on_click="ignore"), so the file served is the one on screen
         d1.download_button("Download grid (PNG)", _grid_png(sampler.images().numpy(), ncol),
                            file_name=f"sgld_{meta.name}_{sampler.steps_done}steps.png", mime="image/png",
-                           key="sgld_dl_png")
-        def _npz(s=sampler) -> bytes:   # built only when the button is clicked
-            buf = io.BytesIO()
-            np.savez_compressed(buf, **s.to_npz_dict())
-            return buf.getvalue()
-
-        d2.download_button("Download samples (.npz)", _npz,
+                           key="sgld_dl_png", on_click="ignore")
+        d2.download_button("Download samples (.npz)", _npz_bytes(sampler),
                            file_name=f"sgld_{meta.name}_{sampler.steps_done}steps.npz",
-                           mime="application/octet-stream", key="sgld_dl_npz",
+                           mime="application/octet-stream", key="sgld_dl_npz", on_click="ignore",
                            help="x (uint8, loadable as dataset npz:<file>), y, x0, x_float and the energy trace")
-        d3.download_button("Download energy trace (CSV)", lambda t=tr: t.to_energy_trace().to_csv(),
-                           file_name="sgld_trace.csv", mime="text/csv", key="sgld_dl_csv")
+        d3.download_button("Download energy trace (CSV)", tr.to_energy_trace().to_csv(),
+                           file_name="sgld_trace.csv", mime="text/csv", key="sgld_dl_csv", on_click="ignore")
 
 # ---------------------------------------------------------------- compare initialisations
 st.divider()
@@ -494,8 +507,9 @@ else:
                         + (f"  \n{j.result['metrics_note']}" if j.result.get("metrics_note") else ""))
         path = j.result.get("samples")
         if path and os.path.isfile(path):
-            c3.download_button("npz", lambda p=path: Path(p).read_bytes(), file_name=f"{j.id}_samples.npz",
-                               key=f"sgld_dl_{j.id}", help="the generated samples (uint8 x, y, energies)")
+            c3.download_button("npz", _file_bytes(path, os.path.getmtime(path)), file_name=f"{j.id}_samples.npz",
+                               key=f"sgld_dl_{j.id}", on_click="ignore",
+                               help="the generated samples (uint8 x, y, energies)")
         elif path:
             c3.caption("samples file missing")
         return row

@@ -77,3 +77,79 @@ def test_task_panel_polls_a_long_task_less_often(monkeypatch, age, expected):
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     assert seen == [expected], seen
+
+
+# ---------------------------------------------------------------------------------------------------- item 6
+HOME = str(REPO / "dashboard" / "Home.py")
+
+
+@pytest.fixture
+def sgld_app(runs_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", "0")
+    at = AppTest.from_file(HOME, default_timeout=180)
+    at.run()
+    return at
+
+
+def test_tour_values_on_the_sgld_page_raise_no_widget_warning(sgld_app, monkeypatch):
+    """Tour step 7 sets sgld_classes and sgld_chains through session state: the widgets must not also get a
+    default (Streamlit then logs 'created with a default value but also had its value set via the Session State
+    API')."""
+    import logging
+
+    from streamlit.elements.lib import policies
+
+    monkeypatch.setattr(policies, "_shown_default_value_warning", False)
+    seen: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    sys.path.insert(0, str(REPO / "dashboard"))
+    import dataclasses
+
+    import tour
+
+    k = next(i for i, s in enumerate(tour.STEPS) if s.page == "sgld")
+    step = tour.STEPS[k]
+    assert {"sgld_classes", "sgld_chains"} <= set(step.widgets)
+    # the step as the tour defines it, without pressing Initialise for us (PCA statistics are slow on a CPU)
+    quiet = dataclasses.replace(step, widgets={kk: v for kk, v in step.widgets.items() if kk != "sgld_autorun"})
+    monkeypatch.setattr(tour, "STEPS", tour.STEPS[:k] + [quiet] + tour.STEPS[k + 1:])
+    h = Grab()
+    policies._LOGGER.addHandler(h)
+    try:
+        at = sgld_app
+        at.button(key=f"tour_go_{k}").click().run()      # the tour's button: its callback sets the widgets' keys
+        assert not at.exception, [e.message for e in at.exception]
+    finally:
+        policies._LOGGER.removeHandler(h)
+    assert not [m for m in seen if "default value" in m], seen
+    assert at.multiselect(key="sgld_classes").value == step.widgets["sgld_classes"]
+    assert at.number_input(key="sgld_chains").value == step.widgets["sgld_chains"]
+
+
+def test_sgld_downloads_are_eager_files_not_deferred_callables(sgld_app):
+    """A deferred download (a callable as data) is dropped by the next rerun: three quick clicks failed with
+    MediaFileStorageError. Every SGLD download carries its file; a click does not rerun the page."""
+    at = sgld_app
+    pick = at.sidebar.selectbox(key="pick-Bundled")
+    digits = [o for o in pick.options if str(o).startswith("digits-sat")]
+    if digits:
+        pick.set_value(digits[0]).run()
+    at.switch_page("../pages/sgld.py").run()
+    at.selectbox(key="sgld_init_kind").set_value("random").run()
+    at.multiselect(key="sgld_classes").set_value([0]).run()
+    at.number_input(key="sgld_chains").set_value(1).run()
+    at.button(key="sgld_btn_init").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert "sgld_sampler" in at.session_state
+    buttons = [e.proto for e in at.get("download_button")]
+    labels = {b.label for b in buttons}
+    assert {"Download grid (PNG)", "Download samples (.npz)", "Download energy trace (CSV)"} <= labels, labels
+    for b in buttons:
+        assert not b.HasField("deferred_file_id"), f"{b.label}: deferred download"
+        assert b.url, f"{b.label}: no file"
+        assert b.ignore_rerun, f"{b.label}: a click reruns the page"
