@@ -473,6 +473,39 @@ def test_energies(lm, n: int | None = None):
     return _test_energies_cached(getattr(ref, "key", lm.meta.name), lm, lm.meta.dataset, n)
 
 
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _forward_s_per_image(ref_key: str, _lm) -> float:
+    """Seconds per image of one forward pass of the model, measured here (32 images, after one warm-up pass)."""
+    import torch
+
+    from core.models import device_of
+
+    shape = tuple(_lm.meta.input_shape or (3, 32, 32))
+    x = torch.rand((32, *shape), generator=torch.Generator().manual_seed(0)).to(device_of(_lm.model))
+    model = _lm.model.eval()
+    with torch.no_grad():
+        model(x[:4])
+        t0 = time.perf_counter()
+        model(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / len(x)
+
+
+# a gradient step (forward + backward) costs about three forward passes
+PASSES_PER_GRADIENT_STEP = 3
+
+
+def time_promise(lm, n: int, passes: float) -> str:
+    """'about 4 s' for ``passes`` forward-pass equivalents over ``n`` images, from a forward pass of this model timed
+    on this machine (the in-app time promises come from measurements, not from a figure written on another CPU)."""
+    ref = st.session_state.get("model_ref")
+    per = _forward_s_per_image(getattr(ref, "key", lm.meta.name), lm)
+    secs = per * max(n, 1) * max(passes, 1)
+    text = f"{secs:.1f} s" if secs < 10 else f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.0f} min"
+    return f"about {text} here (estimated from a forward pass of this model timed on this machine)"
+
+
 def require_split(lm, split: str, n: int):
     """The model's dataset split holding at least ``n`` images, or an InputError saying why not (the count's
     rules: core.attacks.budget.check_interactive_images)."""

@@ -28,10 +28,11 @@ class Step:
     text: str                       # what to look at (two or three sentences, markdown)
     model: str | None = None        # bundled model to select in the sidebar
     widgets: dict = field(default_factory=dict)
+    natural_view: bool = False      # the Attack Lab shows the natural energies of its images (even over a result)
 
 
 STEPS: list[Step] = [
-    Step("Energies of real images (Eq. 2 and 3)", "attack", model=PLAIN, widgets={**ATTACK},
+    Step("Energies of real images (Eq. 2 and 3)", "attack", model=PLAIN, widgets={**ATTACK}, natural_view=True,
          text="Each dot is a CIFAR-10 test image at its marginal energy E(x) = −logsumexp f(x) and its joint energy "
               "E(x, y) = −f(x)[y]. Their difference is the cross-entropy (Eq. 3), so every dot lies on or above the "
               "dashed zero-loss line; misclassified images sit far above it."),
@@ -118,6 +119,14 @@ def step_list() -> None:
             c1.markdown(f"**{k + 1}. {step.title}**  \n{step.text}")
             c2.button(f"Open step {k + 1}", key=f"tour_go_{k}", type="primary" if k == 0 else "secondary", on_click=start, args=(k,))
     follow()
+
+
+def current(page_key: str) -> Step | None:
+    """The tour step being followed, when it belongs to the page ``page_key``."""
+    k = st.session_state.get("tour_step")
+    if not isinstance(k, int) or not 0 <= k < len(STEPS) or STEPS[k].page != page_key:
+        return None
+    return STEPS[k]
 
 
 def banner(page_key: str) -> None:

@@ -60,7 +60,13 @@ with tab_b:
 
     r = st.session_state.get("ana_result")
     if r is None or r.get("model") != meta.name:
-        st.info("Press **Analyse**. The whole digits training set (1,438 images) takes about a second on CPU.")
+        ds_hint = common.model_dataset(lm, split, quiet=True)
+        n_hint = (n or len(ds_hint)) if ds_hint is not None else n
+        st.info("Press **Analyse**. " + (
+            f"The {split} images of **{meta.dataset}** are not available here; choose the other split."
+            if ds_hint is None else
+            f"{'All ' if not n else ''}{n_hint:,} {split} images of **{meta.dataset}** take "
+            + common.time_promise(lm, n_hint, 1 + (10 * common.PASSES_PER_GRADIENT_STEP if adv else 0)) + "."))
     else:
         s = r["stats"]
         with common.guard("drawing the analysis"):

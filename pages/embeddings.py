@@ -128,8 +128,9 @@ common.task_panel("emb_task", lambda t: st.session_state.__setitem__("emb_data",
 
 data = st.session_state.get("emb_data")
 if not data or data.get("model") != meta.name:
-    st.info("Press **Compute features**. 300 test images plus their PGD versions take a few seconds on CPU; the PCA "
-            "map appears at once.")
+    _passes = 2 + (10 * common.PASSES_PER_GRADIENT_STEP + 2 if with_adv else 0)
+    st.info(f"Press **Compute features**. {n:,} {split} images{' plus their PGD versions' if with_adv else ''} take "
+            f"{common.time_promise(lm, n, _passes)}; the PCA map appears at once.")
     st.stop()
 
 c1, c2 = st.columns(2)

@@ -153,3 +153,113 @@ def test_sgld_downloads_are_eager_files_not_deferred_callables(sgld_app):
         assert not b.HasField("deferred_file_id"), f"{b.label}: deferred download"
         assert b.url, f"{b.label}: no file"
         assert b.ignore_rerun, f"{b.label}: a click reruns the page"
+
+
+# ---------------------------------------------------------------------------------------------------- items 4, 5
+def _attack_app(runs_dir_unused=None) -> AppTest:
+    import streamlit as st
+
+    st.cache_data.clear()
+    at = AppTest.from_file(HOME, default_timeout=180)
+    at.run()
+    at.switch_page("../pages/attack_lab.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def _press(at: AppTest, label: str) -> AppTest:
+    next(b for b in at.button if b.label == label).click().run()
+    return at
+
+
+def _wait(at: AppTest, cond, timeout: float = 300.0) -> AppTest:
+    from conftest import wait_until
+
+    def step():
+        at.run()
+        assert not at.exception, [e.message for e in at.exception]
+        return cond()
+
+    wait_until(step, timeout=timeout, what="the page", every=0.3)
+    at.run()
+    return at
+
+
+def _png(seed: int = 0) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_tour_step_1_shows_the_natural_energy_scatter_over_an_earlier_result(runs_dir, monkeypatch):
+    from apptest_helpers import charts
+
+    monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", "0")
+    at = _attack_app()
+    at.number_input(key="atk_n").set_value(8)
+    _press(at, "Run attack")
+    _wait(at, lambda: "atk_result" in at.session_state)
+    at.switch_page("../pages/home.py").run()
+    at.button(key="tour_go_0").click().run()          # tour step 1: "Each dot is a CIFAR-10 test image ..."
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.session_state["tour_step"] == 0 and "atk_result" in at.session_state
+    titles = [c.title for c in charts(at)]
+    assert any(t.startswith("Natural energies of the chosen test images") for t in titles), titles
+    assert any(t.startswith("Energy drift") for t in titles), "the earlier result stays below"
+
+
+def test_a_refused_upload_clears_the_previous_result_and_disables_the_upload_attack(runs_dir, monkeypatch):
+    monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", "0")
+    at = _attack_app()
+    label = "Attack my uploaded image (below) with these settings"
+    at.number_input(key="atk_steps").set_value(2)
+    at.file_uploader(key="atk_upload").upload("x.png", _png(), "image/png").run()
+    assert not next(b for b in at.button if b.label == label).disabled
+    _press(at, label)
+    _wait(at, lambda: at.session_state["atk_upload_task"].done)
+    assert at.session_state["atk_upload_result"] is not None
+    at.file_uploader(key="atk_upload").upload("broken.png", b"\x89PNG\r\n\x1a\n not an image", "image/png").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.error, "the refusal is shown"
+    assert at.session_state["atk_upload_result"] is None if "atk_upload_result" in at.session_state else True
+    assert not [m for m in at.markdown if "ε = 8/255, 2 steps" in m.value], "the previous image's result is gone"
+    assert not [i for i in at.get("imgs")], "no image of the previous upload is shown"
+    assert next(b for b in at.button if b.label == label).disabled, "a refused file cannot be attacked"
+
+
+def test_an_attack_that_outlasts_its_script_run_finishes_over_an_earlier_result(runs_dir, monkeypatch):
+    """The background attack calls the page's `who(meta)` when it ends; the results block of the same script run
+    (drawn while the attack still runs, over the earlier result) rebound `who` to a caption string, so any attack
+    slower than the page (APGD-T, FAB, Square over an earlier PGD result) failed with "'str' object is not
+    callable" and never showed. The attack is held until the script run has ended."""
+    import threading
+
+    import core.attacks as attacks
+
+    monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", "0")
+    release = threading.Event()
+    release.set()
+    real = attacks.run_attack
+
+    def held(*a, **kw):
+        assert release.wait(300)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(attacks, "run_attack", held)
+    at = _attack_app()
+    at.number_input(key="atk_n").set_value(8)
+    at.number_input(key="atk_steps").set_value(2)
+    _press(at, "Run attack")
+    _wait(at, lambda: len(at.session_state["atk_history"] if "atk_history" in at.session_state else {}) == 1)
+    release.clear()
+    _press(at, "Run attack")                     # the run ends (results drawn) while the attack waits
+    assert at.session_state["atk_task"].done is False
+    release.set()
+    _wait(at, lambda: at.session_state["atk_task"].done)
+    assert not at.session_state["atk_task"].error, at.session_state["atk_task"].error
+    assert len(at.session_state["atk_history"]) == 2
