@@ -541,6 +541,20 @@ def _default_bundled(good, problem: str | None) -> int:
     return 0
 
 
+def _select_model(ident: dict) -> None:
+    """Set the sidebar's widgets (before they are drawn) to the model ``ident`` (a ModelRef as a dict)."""
+    source = ident.get("source")
+    if source in ("bundled", "local"):
+        label = "Bundled" if source == "bundled" else "Local checkpoints"
+        st.session_state["model_source"] = label
+        st.session_state[f"pick-{label}"] = ident.get("name")
+    elif source == "zoo":
+        st.session_state["model_source"] = "RobustBench zoo"
+        st.session_state["zoo_ds"] = ident.get("dataset")
+        st.session_state["zoo_tm"] = ident.get("threat_model")
+        st.session_state["zoo_name"] = ident.get("name")
+
+
 def model_picker() -> None:
     """Sidebar: source, model, device. Stores a ModelRef in st.session_state['model_ref'].
 
@@ -549,6 +563,9 @@ def model_picker() -> None:
     by the guided tour)."""
     from core.models.registry import ModelRef, list_bundled, list_local
 
+    request = st.session_state.pop("_model_request", None)   # dashboard.persist: a reload restores a result's model
+    if isinstance(request, dict):
+        _select_model(request)
     sb = st.sidebar
     sb.markdown("### Model")
     source = sb.radio("Source", ["Bundled", "Local checkpoints", "RobustBench zoo"], key="model_source",

@@ -203,7 +203,8 @@ if do_init:
 
 common.task_panel("sgld_init_task", lambda task: _initialised(*task.result))
 
-restored = persist.restore("sgld")  # the chains of this browser session survive a page reload
+# the chains of this browser session survive a page reload, with the model they were made with
+restored = persist.restore_with_model("sgld")
 if restored is not None and "sgld_sampler" not in st.session_state:
     arr, smeta = restored
     if smeta.get("model") == (ref.key if ref is not None else meta.name):
@@ -211,13 +212,15 @@ if restored is not None and "sgld_sampler" not in st.session_state:
             st.session_state["sgld_sampler"] = sampling.SGLDSampler.from_state(lm, arr, smeta)
             st.session_state["sgld_model_key"] = model_key
             st.session_state["sgld_last"] = f"restored at step {smeta.get('steps_done', '?')} after a reload"
+persist.restored_note("sgld", "the SGLD chains")
 
 
 def _keep_chains() -> None:
     smp = st.session_state.get("sgld_sampler")
     if smp is not None:
         arr, smeta = smp.state()
-        persist.keep("sgld", arr, {**smeta, "model": ref.key if ref is not None else meta.name})
+        persist.keep("sgld", arr, {**smeta, "model": ref.key if ref is not None else meta.name,
+                                   "model_ref": persist.model_identity(ref)})
 
 
 sampler = st.session_state.get("sgld_sampler")

@@ -263,3 +263,76 @@ def test_an_attack_that_outlasts_its_script_run_finishes_over_an_earlier_result(
     _wait(at, lambda: at.session_state["atk_task"].done)
     assert not at.session_state["atk_task"].error, at.session_state["atk_task"].error
     assert len(at.session_state["atk_history"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------- item 3
+def _session_on(model_prefix: str, page: str, monkeypatch, tmp_path) -> AppTest:
+    monkeypatch.setenv("ENERGYLENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", "0")
+    at = AppTest.from_file(HOME, default_timeout=180)
+    at.run()
+    pick = at.sidebar.selectbox(key="pick-Bundled")
+    name = next(o for o in pick.options if str(o).startswith(model_prefix))
+    pick.set_value(name).run()
+    at.switch_page(page).run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def _reload(at: AppTest, page: str) -> AppTest:
+    """A page reload: a new Streamlit session with the same ?s=<id> in the URL (the sidebar opens on its default)."""
+    sid = at.session_state["_persist_sid"]
+    new = AppTest.from_file(HOME, default_timeout=180)
+    new.query_params["s"] = sid
+    new.run()
+    assert new.sidebar.selectbox(key="pick-Bundled").value != at.sidebar.selectbox(key="pick-Bundled").value, \
+        "the test needs a model other than the default"
+    new.switch_page(page).run()
+    assert not new.exception, [e.message for e in new.exception]
+    return new
+
+
+def test_sgld_chains_come_back_after_a_reload_with_their_model(runs_dir, monkeypatch, tmp_path):
+    at = _session_on("digits-sat", "../pages/sgld.py", monkeypatch, tmp_path)
+    at.selectbox(key="sgld_init_kind").set_value("random").run()
+    at.multiselect(key="sgld_classes").set_value([3]).run()
+    at.number_input(key="sgld_chains").set_value(2).run()
+    at.button(key="sgld_btn_init").click().run()
+    at.button(key="sgld_btn_step10").click().run()
+    assert at.session_state["sgld_sampler"].steps_done == 10
+    model = at.sidebar.selectbox(key="pick-Bundled").value
+    new = _reload(at, "../pages/sgld.py")
+    assert new.sidebar.selectbox(key="pick-Bundled").value == model, "the reload restores the chains' model"
+    s = new.session_state["sgld_sampler"]
+    assert s.steps_done == 10 and list(s.classes) == [3]
+    assert any(model in i.value for i in new.info), [i.value for i in new.info]
+
+
+def test_sample_analysis_comes_back_after_a_reload_with_its_model(runs_dir, monkeypatch, tmp_path):
+    at = _session_on("digits-sat", "../pages/analysis.py", monkeypatch, tmp_path)
+    at.selectbox(key="ana_split").set_value("test")
+    at.number_input(key="ana_n").set_value(60)
+    next(b for b in at.button if b.label == "Analyse").click().run()
+    _wait(at, lambda: "ana_result" in at.session_state)
+    before = at.session_state["ana_result"]
+    new = _reload(at, "../pages/analysis.py")
+    assert new.sidebar.selectbox(key="pick-Bundled").value == at.sidebar.selectbox(key="pick-Bundled").value
+    r = new.session_state["ana_result"]
+    assert r["model"] == before["model"] and r["split"] == "test" and r["stats"].n == 60
+    assert (r["stats"].e_xy == before["stats"].e_xy).all()
+    assert [m for m in new.metric if m.label == "Images" and m.value == "60"]
+
+
+def test_embedding_features_come_back_after_a_reload_with_their_model(runs_dir, monkeypatch, tmp_path):
+    at = _session_on("digits-sat", "../pages/embeddings.py", monkeypatch, tmp_path)
+    at.number_input(key="emb_n").set_value(40)
+    at.checkbox(key="emb_adv").uncheck()
+    next(b for b in at.button if b.label == "Compute features").click().run()
+    _wait(at, lambda: "emb_data" in at.session_state)
+    before = at.session_state["emb_data"]
+    new = _reload(at, "../pages/embeddings.py")
+    assert new.sidebar.selectbox(key="pick-Bundled").value == at.sidebar.selectbox(key="pick-Bundled").value
+    d = new.session_state["emb_data"]
+    assert d["model"] == before["model"] and len(d["energy"]) == 40
+    assert abs(d["pca"] - before["pca"]).max() < 1e-6
+    assert abs(d["x"] - before["x"]).max() <= 0.5 / 255 + 1e-6
