@@ -241,7 +241,7 @@ def natural_preview() -> None:
 
 
 tour_step = tour.current("attack")
-if r is not None and not attacking and tour_step is not None and tour_step.natural_view:
+if r is not None and not attacking and tour_step is not None and tour_step.focus == "natural":
     # the tour's first step describes this scatter: show it even when the session already holds an attack result
     st.subheader("Natural energies of the chosen test images")
     natural_preview()

@@ -336,3 +336,37 @@ def test_embedding_features_come_back_after_a_reload_with_their_model(runs_dir, 
     assert d["model"] == before["model"] and len(d["energy"]) == 40
     assert abs(d["pca"] - before["pca"]).max() < 1e-6
     assert abs(d["x"] - before["x"]).max() <= 0.5 / 255 + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------- item 2 (tour 5)
+def test_tour_fig3_step_lands_on_the_chart_and_its_sentences_agree(runs_dir, monkeypatch):
+    monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", "0")
+    sys.path.insert(0, str(REPO / "dashboard"))
+    import tour
+
+    from core import overfitting
+    from core.recorded import list_recorded
+
+    k = next(i for i, s in enumerate(tour.STEPS) if s.page == "training" and "Fig. 3" in s.title)
+    at = AppTest.from_file(HOME, default_timeout=300)
+    at.run()
+    at.button(key=f"tour_go_{k}").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    heads = [h.value for h in at.subheader]
+    fig3 = next(i for i, h in enumerate(heads) if h.startswith("Fig. 3 on real images"))
+    assert fig3 < heads.index("New training run"), f"the chart comes first under the tour banner: {heads}"
+    texts = [e.value for kind in ("warning", "info", "caption", "markdown") for e in getattr(at, kind)]
+    assert not [t for t in texts if "No robust overfitting detected" in t or "rose again (robust overfitting)" in t]
+    # the run the step opens: one verdict, from core.overfitting, under its ΔE chart
+    view = at.session_state["tr_view"]
+    run = next(r for r in list_recorded() if r.id == view)
+    from core.rundir import RunDir
+
+    recs = RunDir(run.run_dir).read_metrics()
+    o = overfitting.summarize(recs, run.config.get("method"), run.config.get("eval_samples"))
+    verdict = overfitting.sentence(o)
+    assert sum(t.startswith(verdict) for t in texts) >= 1, "the run's verdict is shown"
+    phase_lines = [t for t in texts if t.startswith("ΔE(x) of the training data:")]
+    assert phase_lines and all("initial transient" in t for t in phase_lines), phase_lines
+    if o.phase3_start is not None:
+        assert any("phase 3 (steep fall" in t for t in phase_lines)
