@@ -236,7 +236,8 @@ def natural_preview() -> None:
         if prev[0] == pkey:
             nat0 = prev[1].natural()
             st.plotly_chart(fig.natural_energies(nat0["marginal"], nat0["joint"],
-                                                 [classes[int(i)] for i in prev[1].labels], class_order=classes),
+                                                 [classes[int(i)] for i in prev[1].labels], class_order=classes,
+                                                 preds=[classes[int(i)] for i in nat0["pred"]]),
                             width="stretch", config=fig.PLOT_CONFIG, key="fig_preview")
 
 
@@ -262,6 +263,9 @@ elif r is not None:
     xr = fig.shared_range(*[t.marginal[[0, -1]] for _, t, *_ in runs])
     yr = fig.shared_range(*[t.joint[[0, -1]] for _, t, *_ in runs])
     both = fig.shared_range(xr, yr)
+    # side by side, both drift colour bars share one scale (the longer run's longest arrow)
+    drift_max = max(float(np.nanmax(np.hypot(t.marginal[-1] - t.marginal[0], t.joint[-1] - t.joint[0])))
+                    for _, t, *_ in runs) if b else None
     whos = [r.get("who") or {}] + ([b.get("who") or {}] if b else [])
     cols = st.columns(len(runs))
     for col, who_, (model_name, t, secs, notes, _) in zip(cols, whos, runs):
@@ -297,6 +301,8 @@ elif r is not None:
             nat, fin = t.natural(), t.final()
             st.plotly_chart(fig.energy_arrows(nat["marginal"], nat["joint"], fin["marginal"], fin["joint"],
                                               labels=[classes[int(i)] for i in t.labels],
+                                              pred_nat=[classes[int(i)] for i in nat["pred"]],
+                                              pred_adv=[classes[int(i)] for i in fin["pred"]], drift_max=drift_max,
                                               title=f"Energy drift — {model_name}" if b else
                                               "Energy drift: natural → adversarial",
                                               x_range=both if b else None, y_range=both if b else None),

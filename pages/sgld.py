@@ -288,8 +288,15 @@ def _file_bytes(path: str, mtime: float) -> bytes:
     return Path(path).read_bytes()
 
 
-def _grid_png(x: np.ndarray, ncol: int) -> bytes:
-    return fig.image_grid_png(x, ncol=max(1, ncol), scale=2 if x.shape[-1] <= 32 else 1)
+def _grid_png(x: np.ndarray, ncol: int, classes=None) -> bytes:
+    """The chains as a grid, one row per class labelled with its name when ``classes`` (one per row) is given."""
+    labels = [names[int(c)] for c in classes] if classes is not None else None
+    return fig.image_grid_png(x, ncol=max(1, ncol), scale=2 if x.shape[-1] <= 32 else 1, row_labels=labels)
+
+
+def _row_classes(s):
+    """The class of each grid row when every class has the same number of chains (one row per class), else None."""
+    return list(s.classes) if len(set(s.counts)) == 1 else None
 
 
 def _ref_for(s, classes=None):
@@ -334,7 +341,7 @@ else:
         m[2].metric("Ē(x, y) of real images", ("computing…" if warm is not None and not warm.done else "n/a")
                     if ref_j is None else f"{ref_j:.2f}")
         m[3].metric("Classified as target", f"{summ['target_hit'][-1]:.0%}")
-        st.image(_grid_png(s.images().numpy(), s.counts[0] if len(set(s.counts)) == 1 else 8),
+        st.image(_grid_png(s.images().numpy(), s.counts[0] if len(set(s.counts)) == 1 else 8, _row_classes(s)),
                  caption=f"{s.n_chains} chains after {s.steps_done} steps — one row per class "
                          f"({', '.join(names[c] for c in s.classes)}); init {s.config()['init']}",
                  width="content")
@@ -369,7 +376,7 @@ else:
         # the files' bytes are made in this run (never deferred callables: a deferred file is forgotten by the
         # next rerun, so quick successive clicks failed with "MediaFileStorageError: Deferred file ... not found"),
         # and a click does not rerun the page (on_click="ignore"), so the file served is the one on screen
-        d1.download_button("Download grid (PNG)", _grid_png(sampler.images().numpy(), ncol),
+        d1.download_button("Download grid (PNG)", _grid_png(sampler.images().numpy(), ncol, _row_classes(sampler)),
                            file_name=f"sgld_{meta.name}_{sampler.steps_done}steps.png", mime="image/png",
                            key="sgld_dl_png", on_click="ignore")
         d2.download_button("Download samples (.npz)", _npz_bytes(sampler),

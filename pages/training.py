@@ -565,8 +565,17 @@ def arrows_block(info, recs) -> None:
         st.metric("mean ΔE(x) at this epoch", f"{float(np.mean(d)):+.4f}")
         st.metric("mean ΔE(x, y) at this epoch", f"{float(np.mean(dj)):+.4f}")
         if "correct_nat" in pr and "correct_adv" in pr:
+            cfg = info.config or {}
+            kl = cfg.get("inner") == "kl" or (cfg.get("inner") in (None, "default")
+                                             and str(cfg.get("method", "")).startswith(("trades", "mail-trades")))
+            eps = cfg.get("eps")
+            measured = (f"{'TRADES-KL' if kl else 'PGD'}-{cfg.get('attack_steps', '?')}"
+                        + (f" at ε = {float(eps) * 255:.0f}/255" if isinstance(eps, (int, float)) else "")
+                        + ", the run's training attack")
             st.metric("probe accuracy natural → adversarial",
-                      f"{float(np.mean(pr['correct_nat'])):.1%} → {float(np.mean(pr['correct_adv'])):.1%}")
+                      f"{float(np.mean(pr['correct_nat'])):.1%} → {float(np.mean(pr['correct_adv'])):.1%}",
+                      help=f"adversarial = under {measured}")
+            st.caption(f"Adversarial probe accuracy measured with {measured}.")
         st.caption("Short arrows = natural and adversarial energies stay aligned (what TRADES and WEAT aim for); "
                    "long leftward arrows = adversarial points look *more* likely to the model than the data.")
     st.session_state["tr_probe_epoch"] = epoch

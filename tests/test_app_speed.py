@@ -370,3 +370,80 @@ def test_tour_fig3_step_lands_on_the_chart_and_its_sentences_agree(runs_dir, mon
     assert phase_lines and all("initial transient" in t for t in phase_lines), phase_lines
     if o.phase3_start is not None:
         assert any("phase 3 (steep fall" in t for t in phase_lines)
+
+
+# ---------------------------------------------------------------------------------------------------- item 7 polish
+def _figs():
+    sys.path.insert(0, str(REPO / "dashboard"))
+    import analysis_figures as af
+    import figures as fig
+
+    return fig, af
+
+
+def test_arrows_hover_names_true_and_predicted_class_and_side_by_side_share_one_colour_scale():
+    import numpy as np
+
+    fig, _ = _figs()
+    e = np.array([1.0, 2.0, 3.0])
+    f = fig.energy_arrows(e, e + 1, e - 0.5, e + 2, labels=["cat", "dog", "ship"], pred_nat=["cat", "cat", "ship"],
+                          pred_adv=["frog", "cat", "bird"], drift_max=7.5)
+    pts = next(t for t in f.data if t.name == "drift")
+    assert "true dog" in pts.text[2] and "predicted cat → cat" in pts.text[2], pts.text[2]
+    assert "true ship" in pts.text[4] and "→ bird" in pts.text[4]
+    assert pts.marker.cmax == 7.5 and pts.marker.cmin == 0
+    nat = fig.natural_energies(e, e + 1, ["cat", "dog", "cat"], preds=["cat", "cat", "dog"])
+    tmpl = " ".join(t.hovertemplate for t in nat.data if t.hovertemplate)
+    assert "true cat" in tmpl and "predicted %{customdata[1]}" in tmpl
+    cat = next(t for t in nat.data if t.name == "cat")
+    assert [list(r) for r in cat.customdata] == [["0", "cat", ""], ["2", "dog", " (misclassified)"]]
+
+
+def test_zero_loss_and_zero_lines_are_not_black_so_dark_mode_shows_them():
+    import numpy as np
+
+    fig, af = _figs()
+    e = np.array([1.0, 2.0])
+    for f in (fig.energy_arrows(e, e + 1, e, e + 2), fig.natural_energies(e, e + 1, ["a", "b"])):
+        line = next(t for t in f.data if t.name and t.name.startswith("zero loss"))
+        assert line.line.color not in ("black", "#000", "#000000")
+
+
+def test_step_curve_does_not_put_steps_and_queries_on_one_axis():
+    import numpy as np
+
+    fig, _ = _figs()
+    pgd = {"step": np.arange(11), "mean": np.zeros(11), "std": np.zeros(11)}
+    sq = {"step": np.array([0, 300]), "mean": np.zeros(2), "std": np.zeros(2)}
+    f = fig.step_curve({"m · PGD, Linf ε = 8/255, 10 steps (1)": pgd, "m · Square, Linf ε = 8/255, 300 queries (2)": sq})
+    xs = [np.asarray(t.x, float) for t in f.data if t.mode == "lines+markers"]
+    assert all(x.max() <= 1.0 + 1e-9 for x in xs), "both runs on the share of their own budget"
+    assert "budget" in f.layout.xaxis.title.text
+    only = fig.step_curve({"m · PGD, 10 steps (1)": pgd})
+    assert only.layout.xaxis.title.text == "attack step" and np.asarray(only.data[1].x).max() == 10
+
+
+def test_analysis_axis_reads_in_words_and_landscape_labels_take_turns():
+    import numpy as np
+
+    _, af = _figs()
+    f = af.pm_scatter(np.array([0.1, -0.2]), np.array([1.0, 2.0]), np.array([True, False]), "E(x, y)")
+    title = f.layout.yaxis.title.text
+    assert "max_{" not in title and "p_y" not in title and "probabilistic margin" in title
+    rows = [{"model": f"m{i}", "robust_acc": 0.3 + 0.001 * i, "dE_abs_mean": 1.0, "dE_std": 0.1, "dEy_abs_mean": 1.0}
+            for i in range(3)]
+    t = af.landscape_trend(rows).data[0]
+    assert len(set(t.textposition)) == 3, t.textposition
+
+
+def test_sample_analysis_hint_names_the_selected_dataset(runs_dir, monkeypatch):
+    monkeypatch.setenv("ENERGYLENS_UMAP_WARMUP", "0")
+    at = AppTest.from_file(HOME, default_timeout=180)
+    at.run()
+    at.switch_page("../pages/analysis.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    ds = at.session_state["model_ref"].name
+    hint = " ".join(i.value for i in at.info)
+    meta_ds = "cifar10-demo" if ds.startswith("cifar10-demo") else "digits"
+    assert meta_ds in hint and "digits training set (1,438" not in hint, hint
+    assert "measured" in hint or "timed" in hint or "not available" in hint, "time promises come from a measurement"
