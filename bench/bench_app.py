@@ -64,7 +64,10 @@ def effective_post_script_gc() -> str:
 @contextmanager
 def server(runs: str, extra: list[str] | None = None):
     port = _port()
+    # a fresh runs folder and a fresh cache: the app computes what the engine column computes (no result the engine
+    # column just wrote to the shared cache, e.g. a landscape, is read back instead)
     env = {**os.environ, "STREAMLIT_SERVER_HEADLESS": "true", "ENERGYLENS_RUNS": runs,
+           "ENERGYLENS_CACHE": os.path.join(runs, "cache"),
            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     log = open(os.path.join(runs, "server.log"), "wb")
     t0 = time.perf_counter()
@@ -198,7 +201,8 @@ def landscape_rows(page, env) -> list[dict]:
         models = [load_model_ref(r, device="cpu") for r in refs]
         eps = round(evaluation.default_eps(models[0].meta, "Linf") * 255, 2) / 255
         spec = AttackSpec("pgd", eps=eps, steps=10, seed=0, batch_size=128)
-        analysis.landscape(models, None, None, spec, n=128, seed=0, split="test", names=[r.name for r in refs])
+        analysis.landscape(models, None, None, spec, n=128, seed=0, split="test", names=[r.name for r in refs],
+                           use_cache=False)
 
     app, eng = sandwich(work, lambda: timed_click(
         page, "Compute landscape",
