@@ -146,6 +146,7 @@ def attack_rows(page, env) -> list[dict]:
     import torch
 
     from core.attacks import AttackSpec, budget, interactive_batch_size, run_attack
+    from core.claims import marginal_claim
 
     lm, ds = env.model("cifar10-demo-plain"), env.data("cifar10-demo", "test")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:64]   # the page's draw (seed 0)
@@ -162,7 +163,13 @@ def attack_rows(page, env) -> list[dict]:
         spec = AttackSpec(name=name, norm="Linf", eps=8 / 255, steps=steps, seed=0, target_class=0,
                           batch_size=interactive_batch_size(name),
                           extra={"targets": budget.INTERACTIVE_TARGETS} if name in budget.TARGETED else {})
-        app, eng = sandwich(lambda: run_attack(lm.model, x, y, spec), lambda: timed_click(
+        def work(spec=spec, label=label):   # the attack and what the page computes from it (claim, step curve)
+            tr = run_attack(lm.model, x, y, spec).trace
+            marginal_claim(tr, label=label, method=lm.meta.method, source=lm.meta.source, model_name=lm.meta.name)
+            tr.step_statistics("marginal")
+            tr.delta_summary()
+
+        app, eng = sandwich(work, lambda: timed_click(
             page, "Run attack", lambda p: p.get_by_role("heading", name=head).first.wait_for(timeout=TIMEOUT_MS)))
         what = f"{steps} queries" if name == "square" else f"{steps} iterations"
         rows.append(env.row(f"Attack Lab: {label}, {what}, 64 images", app, eng))
@@ -219,9 +226,11 @@ def analysis_rows(page, env) -> list[dict]:
     select(page, "Data", "test")
     lm, ds = env.model("cifar10-demo-plain"), env.data("cifar10-demo", "test")
 
-    def work():
+    def work():   # the statistics and what the page computes from them
         idx = probe_indices(ds, len(ds), seed=0)
-        analysis.sample_stats(lm.model, ds.images(idx), ds.labels(idx), attack=None)
+        s = analysis.sample_stats(lm.model, ds.images(idx), ds.labels(idx), attack=None)
+        analysis.margin_correlations(s)
+        analysis.per_class_stats(s, lm.meta.class_names)
 
     app, eng = sandwich(work, lambda: timed_click(
         page, "Analyse", lambda p: p.get_by_text("Pearson(PM, E(x,y))").first.wait_for(timeout=TIMEOUT_MS)))
