@@ -358,8 +358,6 @@ elif r is not None:
 st.divider()
 st.subheader("Your own image")
 up = st.file_uploader("PNG or JPEG (at most 10 MB, 16 megapixels)", type=["png", "jpg", "jpeg"], key="atk_upload")
-if up is not None and (upload is None or upload[0] != (getattr(up, "file_id", None) or f"{up.name}:{up.size}")):
-    upload = decoded_upload()   # (the uploader's value changed since the form was drawn)
 if up is not None and upload is not None and upload[3] is not None:
     st.error(upload[3])
     st.caption("The previous image's result was cleared; upload another PNG or JPEG to attack it.")
