@@ -59,7 +59,7 @@ def landscape_figure(results: Sequence[Any], c: float = 1.0, kind: str = "violin
             else:
                 fig.add_trace(go.Violin(box_visible=True, meanline_visible=True, points="all" if show_points else False,
                                         spanmode="hard", scalemode="width", width=0.9, **common), row=row, col=col)
-        fig.add_hline(y=0, line=dict(color="black", width=0.6, dash="dot"), row=row, col=col)
+        fig.add_hline(y=0, line=dict(color="rgba(140,140,140,0.95)", width=1, dash="dot"), row=row, col=col)
     # an explicit range over every (transformed) value: the auto range clipped the top of a long violin
     t_all = symlog(allv, c) if allv.size else np.zeros(1)
     t_lo, t_hi = min(float(t_all.min()), 0.0), max(float(t_all.max()), 0.0)
@@ -80,8 +80,14 @@ def landscape_trend(rows: Sequence[dict]) -> go.Figure:
     fig = go.Figure()
     if rows:
         x = [r["robust_acc"] for r in rows]
+        # neighbours in x take turns above / below / beside their point, so close models' names do not overlap
+        spots = ["top center", "bottom center", "middle right", "middle left", "top right", "bottom left"]
+        order = sorted(range(len(rows)), key=lambda i: (x[i], rows[i]["dE_abs_mean"]))
+        pos = [""] * len(rows)
+        for rank, i in enumerate(order):
+            pos[i] = spots[rank % len(spots)]
         fig.add_trace(go.Scatter(x=x, y=[r["dE_abs_mean"] for r in rows], mode="markers+text", name="mean |ΔE(x)|",
-                                 text=[r["model"] for r in rows], textposition="top center",
+                                 text=[r["model"] for r in rows], textposition=pos, cliponaxis=False,
                                  error_y=dict(type="data", array=[r["dE_std"] for r in rows], visible=True),
                                  marker=dict(color=MARG_COLOR, size=10)))
         fig.add_trace(go.Scatter(x=x, y=[r["dEy_abs_mean"] for r in rows], mode="markers", name="mean |ΔE(x,y)|",
@@ -108,7 +114,7 @@ def pm_scatter(pm: np.ndarray, energy: np.ndarray, correct: np.ndarray, energy_l
     title = f"PM vs {energy_label}"
     if corr is not None:
         title += f" — Pearson {corr.pearson:+.2f}, Spearman {corr.spearman:+.2f}"
-    fig.update_layout(title=title, xaxis_title=energy_label, yaxis_title="probabilistic margin p_y − max_{k≠y} p_k",
+    fig.update_layout(title=title, xaxis_title=energy_label, yaxis_title="probabilistic margin: p(true class) − p(likeliest other class)",
                       legend=dict(orientation="h", y=-0.2))
     fig.update_yaxes(range=[-1.05, 1.05])
     return _margin(fig, 380, top=50)

@@ -143,11 +143,28 @@ def wait_briefly(task: Task, seconds: float = 1.5) -> None:
         task.thread.join(timeout=seconds)
 
 
+# Polling backs off: every 0.5 s while a task is young (a quick action answers quickly), then every 1 s, then every
+# 2 s. Each poll is a fragment rerun (only the progress block) that takes the GIL from the worker thread for a moment.
+POLL_STEPS: tuple[tuple[float, float], ...] = ((5.0, 0.5), (30.0, 1.0))
+POLL_SLOWEST = 2.0
+
+
+def poll_every(elapsed: float) -> float:
+    """Seconds between progress polls of a task that has run for ``elapsed`` seconds (never shorter later on)."""
+    for until, every in POLL_STEPS:
+        if elapsed < until:
+            return every
+    return POLL_SLOWEST
+
+
 def task_panel(key: str, on_done: Callable[[Task], None]) -> None:
-    """Show progress of a running task (polled every 0.5 s); call ``on_done`` once when finished.
+    """Show progress of a running task (polled by a fragment, at :func:`poll_every`'s backing-off interval); call
+    ``on_done`` once when finished.
 
     A finished task is handled in the main script run, so results render in the same rerun; only a
-    completion noticed by the polling fragment triggers one full rerun.
+    completion noticed by the polling fragment triggers one full rerun. A fragment's interval is fixed when the
+    page script defines it, so when the task grows into a slower polling step the fragment asks for one full rerun,
+    which defines it again with the longer interval.
     """
     task = st.session_state.get(key)
     if not isinstance(task, Task):
@@ -165,13 +182,15 @@ def task_panel(key: str, on_done: Callable[[Task], None]) -> None:
             st.error(err)
         return
 
-    @st.fragment(run_every=0.5)
+    every = poll_every(task.elapsed)
+
+    @st.fragment(run_every=every)
     def _poll():
         t = st.session_state.get(key)
         if not isinstance(t, Task):
             return
-        if t.done:
-            st.rerun()  # full rerun: the branch above handles the result
+        if t.done or poll_every(t.elapsed) != every:
+            st.rerun()  # full rerun: the branch above handles the result, or the fragment polls less often
         c1, c2 = st.columns([5, 1])
         c1.progress(t.fraction, text=f"{t.label}: {t.message} ({t.elapsed:.0f} s)")
         if c2.button("Cancel", key=f"{key}-cancel"):
@@ -437,6 +456,39 @@ def test_energies(lm, n: int | None = None):
     return _test_energies_cached(getattr(ref, "key", lm.meta.name), lm, lm.meta.dataset, n)
 
 
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _forward_s_per_image(ref_key: str, _lm) -> float:
+    """Seconds per image of one forward pass of the model, measured here (32 images, after one warm-up pass)."""
+    import torch
+
+    from core.models import device_of
+
+    shape = tuple(_lm.meta.input_shape or (3, 32, 32))
+    x = torch.rand((32, *shape), generator=torch.Generator().manual_seed(0)).to(device_of(_lm.model))
+    model = _lm.model.eval()
+    with torch.no_grad():
+        model(x[:4])
+        t0 = time.perf_counter()
+        model(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / len(x)
+
+
+# a gradient step (forward + backward) costs about three forward passes
+PASSES_PER_GRADIENT_STEP = 3
+
+
+def time_promise(lm, n: int, passes: float) -> str:
+    """'about 4 s' for ``passes`` forward-pass equivalents over ``n`` images, from a forward pass of this model timed
+    on this machine (the in-app time promises come from measurements, not from a figure written on another CPU)."""
+    ref = st.session_state.get("model_ref")
+    per = _forward_s_per_image(getattr(ref, "key", lm.meta.name), lm)
+    secs = per * max(n, 1) * max(passes, 1)
+    text = f"{secs:.1f} s" if secs < 10 else f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.0f} min"
+    return f"about {text} here (estimated from a forward pass of this model timed on this machine)"
+
+
 def require_split(lm, split: str, n: int):
     """The model's dataset split holding at least ``n`` images, or an InputError saying why not (the count's
     rules: core.attacks.budget.check_interactive_images)."""
@@ -472,6 +524,20 @@ def _default_bundled(good, problem: str | None) -> int:
     return 0
 
 
+def _select_model(ident: dict) -> None:
+    """Set the sidebar's widgets (before they are drawn) to the model ``ident`` (a ModelRef as a dict)."""
+    source = ident.get("source")
+    if source in ("bundled", "local"):
+        label = "Bundled" if source == "bundled" else "Local checkpoints"
+        st.session_state["model_source"] = label
+        st.session_state[f"pick-{label}"] = ident.get("name")
+    elif source == "zoo":
+        st.session_state["model_source"] = "RobustBench zoo"
+        st.session_state["zoo_ds"] = ident.get("dataset")
+        st.session_state["zoo_tm"] = ident.get("threat_model")
+        st.session_state["zoo_name"] = ident.get("name")
+
+
 def model_picker() -> None:
     """Sidebar: source, model, device. Stores a ModelRef in st.session_state['model_ref'].
 
@@ -480,6 +546,9 @@ def model_picker() -> None:
     by the guided tour)."""
     from core.models.registry import ModelRef, list_bundled, list_local
 
+    request = st.session_state.pop("_model_request", None)   # dashboard.persist: a reload restores a result's model
+    if isinstance(request, dict):
+        _select_model(request)
     sb = st.sidebar
     sb.markdown("### Model")
     source = sb.radio("Source", ["Bundled", "Local checkpoints", "RobustBench zoo"], key="model_source",

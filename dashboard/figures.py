@@ -11,6 +11,8 @@ from plotly.subplots import make_subplots
 
 NAT_COLOR = "#1f77b4"
 ADV_COLOR = "#d62728"
+# guide lines (zero loss, zero) in a mid grey: visible on the light and on the dark theme (black vanished on dark)
+GUIDE_COLOR = "rgba(140,140,140,0.95)"
 PLOT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2, "filename": "energylens"}}
 
 
@@ -30,17 +32,20 @@ def _zero_loss_line(fig: go.Figure, xr: list[float], yr: list[float]) -> None:
     from the points (e.g. at epoch 1, E(x,y) well above E(x)) no longer squashes them into a corner."""
     lo, hi = min(xr[0], yr[0]), max(xr[1], yr[1])
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="zero loss: E(x,y) = E(x)",
-                             line=dict(color="black", dash="dash", width=1)))
+                             line=dict(color=GUIDE_COLOR, dash="dash", width=1.5)))
     fig.update_xaxes(range=xr)
     fig.update_yaxes(range=yr)
 
 
 def energy_arrows(e_nat: np.ndarray, ey_nat: np.ndarray, e_adv: np.ndarray, ey_adv: np.ndarray,
                   title: str = "Energy drift: natural → adversarial", max_arrows: int = 2000, labels=None,
-                  x_range: tuple[float, float] | None = None, y_range: tuple[float, float] | None = None) -> go.Figure:
+                  x_range: tuple[float, float] | None = None, y_range: tuple[float, float] | None = None,
+                  pred_nat=None, pred_adv=None, drift_max: float | None = None) -> go.Figure:
     """Fig. 1 b-d: arrows in the (E(x), E(x,y)) plane, base natural, tip adversarial, coloured by
     drift length; dashed line E(x,y) = E(x) is zero cross-entropy (points live above it).
-    ``x_range`` / ``y_range`` fix the axes (side-by-side views share them)."""
+    ``x_range`` / ``y_range`` fix the axes and ``drift_max`` the colour scale (side-by-side views share them).
+    Hovering a point shows its image number, true class (``labels``) and the predicted classes (``pred_nat`` /
+    ``pred_adv``, names), so "misclassified images sit far above the line" can be checked on screen."""
     n = min(len(e_nat), max_arrows)
     e_nat, ey_nat, e_adv, ey_adv = (np.asarray(a[:n], dtype=float) for a in (e_nat, ey_nat, e_adv, ey_adv))
     length = np.hypot(e_adv - e_nat, ey_adv - ey_nat)
@@ -61,13 +66,22 @@ def energy_arrows(e_nat: np.ndarray, ey_nat: np.ndarray, e_adv: np.ndarray, ey_a
         sym = np.tile(["circle", "arrow"], n)
         size = np.tile([4, 10], n)
         col = np.repeat(length, 2)
-        text = [f"sample {i}<br>E(x): {e_nat[i]:.2f} → {e_adv[i]:.2f}<br>E(x,y): {ey_nat[i]:.2f} → {ey_adv[i]:.2f}"
-                + (f"<br>label {labels[i]}" if labels is not None else "") for i in np.repeat(np.arange(n), 2)]
+        def who(i: int) -> str:
+            parts = [f"image {i}"]
+            if labels is not None:
+                parts.append(f"true {labels[i]}")
+            if pred_nat is not None:
+                parts.append(f"predicted {pred_nat[i]}" + (f" → {pred_adv[i]} after the attack"
+                                                           if pred_adv is not None else ""))
+            return " · ".join(parts)
+
+        text = [f"{who(i)}<br>E(x): {e_nat[i]:.2f} → {e_adv[i]:.2f}<br>E(x,y): {ey_nat[i]:.2f} → {ey_adv[i]:.2f}"
+                for i in np.repeat(np.arange(n), 2)]
         fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="markers", name="drift",
+            x=xs, y=ys, mode="markers", name="drift", customdata=np.repeat(np.arange(n), 2),
             marker=dict(symbol=sym, size=size, angleref="previous", color=col, colorscale="Blues", cmin=0,
-                        colorbar=dict(title="drift"), line=dict(width=0)),
-            text=text, hoverinfo="text", showlegend=False))
+                        cmax=drift_max if drift_max else None, colorbar=dict(title="drift"), line=dict(width=0)),
+            text=text, hovertemplate="%{text}<extra></extra>", showlegend=False))
         _zero_loss_line(fig, _padded(e_nat, e_adv), _padded(ey_nat, ey_adv))
     fig.update_layout(title=title, xaxis_title="marginal energy E(x)", yaxis_title="joint energy E(x, y)",
                       height=480, margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.15))
@@ -90,16 +104,23 @@ def shared_range(*arrays, pad: float = 0.05) -> tuple[float, float]:
 
 
 def natural_energies(e_nat: np.ndarray, ey_nat: np.ndarray, labels: list[str], class_order: list[str] | None = None,
-                     title: str = "Natural energies of the chosen test images (the arrows start here)") -> go.Figure:
+                     title: str = "Natural energies of the chosen test images (the arrows start here)",
+                     preds: list[str] | None = None) -> go.Figure:
     """The bases of Fig. 1's arrows before any attack: one point per image, coloured by class (legend in
-    ``class_order``, else in order of appearance)."""
+    ``class_order``, else in order of appearance). Hover: image number, true and predicted class (``preds``)."""
     e_nat, ey_nat = np.asarray(e_nat, dtype=float), np.asarray(ey_nat, dtype=float)
     order = [c for c in (class_order or []) if c in set(labels)] or sorted(set(labels), key=labels.index)
     fig = go.Figure()
     for c in order:
         sel = np.array([lab == c for lab in labels])
+        idx = np.flatnonzero(sel)
+        pred = [preds[i] if preds is not None else "" for i in idx]
+        wrong = [" (misclassified)" if preds is not None and preds[i] != labels[i] else "" for i in idx]
         fig.add_trace(go.Scatter(x=e_nat[sel], y=ey_nat[sel], mode="markers", name=str(c), marker=dict(size=6),
-                                 hovertemplate="E(x) %{x:.2f}<br>E(x,y) %{y:.2f}"))
+                                 customdata=np.column_stack([idx, pred, wrong]) if len(idx) else None,
+                                 hovertemplate=f"image %{{customdata[0]}} · true {c}"
+                                 + (" · predicted %{customdata[1]}%{customdata[2]}" if preds is not None else "")
+                                 + "<br>E(x) %{x:.2f}<br>E(x,y) %{y:.2f}<extra></extra>"))
     if len(e_nat):
         _zero_loss_line(fig, _padded(e_nat), _padded(ey_nat))
     fig.update_layout(title=title, xaxis_title="marginal energy E(x)", yaxis_title="joint energy E(x, y)", height=420,
@@ -111,16 +132,26 @@ def step_curve(series: dict[str, dict[str, np.ndarray]], energy: str = "E(x)") -
     """Fig. 1a: mean energy (band = ±1 std) against the attack step, one line per run/model."""
     fig = go.Figure()
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    # a query-based run (Square: hundreds of queries) and an iteration-based one (10 steps) do not share an x axis:
+    # when both are shown, x is the fraction of each run's budget
+    units = {name: ("queries" if "queries" in name else "steps") for name in series}
+    mixed = len(set(units.values())) > 1
     for i, (name, s) in enumerate(series.items()):
         c = palette[i % len(palette)]
-        x, m, sd = s["step"], s["mean"], s["std"]
+        x, m, sd = np.asarray(s["step"], dtype=float), s["mean"], s["std"]
+        if mixed:
+            x = x / max(float(np.nanmax(x)) if len(x) else 1.0, 1.0)
         fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([m + sd, (m - sd)[::-1]]),
                                  fill="toself", fillcolor=c, opacity=0.15, line=dict(width=0), hoverinfo="skip",
                                  showlegend=False))
         fig.add_trace(go.Scatter(x=x, y=m, mode="lines+markers", name=name, line=dict(color=c)))
-    fig.update_layout(title=f"{energy} along the attack (mean ± std)", xaxis_title="attack step",
+    xtitle = ("share of each run's budget (its steps, or its queries for a query-based attack)" if mixed else
+              "query" if units and all(u == "queries" for u in units.values()) else "attack step")
+    fig.update_layout(title=f"{energy} along the attack (mean ± std)", xaxis_title=xtitle,
                       yaxis_title=f"mean {energy}", height=380, margin=dict(l=10, r=10, t=50, b=10),
                       legend=dict(orientation="h", y=-0.2))
+    if mixed:
+        fig.update_xaxes(tickformat=".0%", range=[0, 1.02])
     return fig
 
 

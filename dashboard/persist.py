@@ -103,6 +103,90 @@ def clear_button(kind: str, keys: tuple[str, ...], label: str = "Clear results")
         st.rerun()
 
 
+# ------------------------------------------------------------------------------------------- the model of a result
+MODEL_REQUEST = "_model_request"   # read by common.model_picker at the start of the next run
+
+
+def model_identity(ref) -> dict[str, Any] | None:
+    """What a saved result stores about the model it was made with (a ModelRef as a dict)."""
+    if ref is None:
+        return None
+    return {"source": ref.source, "name": ref.name, "path": ref.path, "dataset": ref.dataset,
+            "threat_model": ref.threat_model}
+
+
+def _ref_key(ident: dict) -> str:
+    from core.models.registry import ModelRef
+
+    return ModelRef(**{k: ident.get(k) for k in ("source", "name", "path", "dataset", "threat_model")}).key
+
+
+def restore_with_model(kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """:func:`restore`, and a reload brings back the model too: when the saved result (its meta's ``model_ref``,
+    :func:`model_identity`) was made with another model than the sidebar's, the sidebar is switched to that model
+    (one more run, :data:`MODEL_REQUEST`) and the result is handed to the page on that run."""
+    pending = f"_persist_pending_{kind}"
+    if pending in st.session_state:
+        return st.session_state.pop(pending)
+    got = restore(kind)
+    if got is None:
+        return None
+    ident = got[1].get("model_ref")
+    cur = st.session_state.get("model_ref")
+    if isinstance(ident, dict) and ident.get("source") and ident.get("name") and (
+            cur is None or _ref_key(ident) != cur.key):
+        st.session_state[pending] = got
+        st.session_state[MODEL_REQUEST] = ident
+        st.session_state["_model_switched_for"] = (kind, ident.get("name"))
+        st.rerun()
+    return got
+
+
+def restored_note(kind: str, what: str) -> None:
+    """Say once that a reload switched the sidebar to the model a restored result was made with."""
+    sw = st.session_state.get("_model_switched_for")
+    if isinstance(sw, tuple) and sw[0] == kind:
+        st.session_state.pop("_model_switched_for", None)
+        st.info(f"Restored {what} of this session after a reload, with the model they were made with "
+                f"(**{sw[1]}**, now chosen in the sidebar).")
+
+
+# ------------------------------------------------------------------------------------------- Embedding / analysis
+def pack_embedding(data: dict) -> tuple[dict[str, np.ndarray], dict]:
+    x = np.asarray(data["x"])
+    arrays = {"x_u8": np.clip(np.rint(x * 255), 0, 255).astype(np.uint8),  # images are only shown
+              "y": np.asarray(data["y"]), "groups": np.asarray(data["groups"]).astype(str),
+              "features": np.asarray(data["features"], dtype=np.float32), "energy": np.asarray(data["energy"]),
+              "pred": np.asarray(data["pred"]), "pca": np.asarray(data["pca"])}
+    if data.get("umap") is not None:
+        arrays["umap"] = np.asarray(data["umap"])
+    return arrays, {"model": data["model"], "kind": data["kind"]}
+
+
+def unpack_embedding(arrays: dict, meta: dict) -> dict:
+    return {"x": arrays["x_u8"].astype(np.float32) / 255, "y": arrays["y"], "groups": arrays["groups"].astype(object),
+            "features": arrays["features"], "energy": arrays["energy"], "pred": arrays["pred"], "pca": arrays["pca"],
+            "umap": arrays.get("umap"), "model": meta["model"], "kind": meta["kind"]}
+
+
+def pack_analysis(r: dict) -> tuple[dict[str, np.ndarray], dict]:
+    import dataclasses
+
+    s = r["stats"]
+    arrays = {f"s_{f.name}": np.asarray(getattr(s, f.name)) for f in dataclasses.fields(s)
+              if isinstance(getattr(s, f.name), np.ndarray)}
+    scalars = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f"s_{f.name}" not in arrays}
+    return arrays, {"split": r["split"], "adv": bool(r["adv"]), "model": r["model"], "scalars": scalars}
+
+
+def unpack_analysis(arrays: dict, meta: dict) -> dict:
+    from core.analysis import SampleStats
+
+    fields = {k[2:]: v for k, v in arrays.items() if k.startswith("s_")}
+    return {"stats": SampleStats(**fields, **meta["scalars"]), "split": meta["split"], "adv": meta["adv"],
+            "model": meta["model"]}
+
+
 # ------------------------------------------------------------------------------------------- Attack Lab
 def pack_attack(r: dict, history: dict, model_key: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """An Attack Lab result (and the step-curve history) as arrays + meta; ``model_key`` (the sidebar's model

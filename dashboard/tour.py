@@ -28,10 +28,12 @@ class Step:
     text: str                       # what to look at (two or three sentences, markdown)
     model: str | None = None        # bundled model to select in the sidebar
     widgets: dict = field(default_factory=dict)
+    focus: str = ""                 # what the page puts first for this step: "natural" (the Attack Lab's natural-
+                                    # energy scatter, even over a result), "fig3" (the Training studio's Fig. 3 chart)
 
 
 STEPS: list[Step] = [
-    Step("Energies of real images (Eq. 2 and 3)", "attack", model=PLAIN, widgets={**ATTACK},
+    Step("Energies of real images (Eq. 2 and 3)", "attack", model=PLAIN, widgets={**ATTACK}, focus="natural",
          text="Each dot is a CIFAR-10 test image at its marginal energy E(x) = −logsumexp f(x) and its joint energy "
               "E(x, y) = −f(x)[y]. Their difference is the cross-entropy (Eq. 3), so every dot lies on or above the "
               "dashed zero-loss line; misclassified images sit far above it."),
@@ -52,7 +54,7 @@ STEPS: list[Step] = [
               "distribution right, out of distribution; compare the histograms, and read the line under the arrows "
               "for what it does here. (Targeted PGD with cross-entropy can go either way: on a confident model it "
               "raises the target logit so far that E(x) falls; try it with the Targeted box.)"),
-    Step("Fig. 3: the three phases of robust overfitting", "training",
+    Step("Fig. 3: the three phases of robust overfitting", "training", focus="fig3",
          widgets={"tr_view": FIG3 + "sat", "tr_compare": [FIG3 + "sat", FIG3 + "trades", FIG3 + "weat-adv"]},
          text="Real SAT, TRADES and WEAT runs on 2,000 CIFAR-10 training images without augmentation, where a small "
               "model can memorise its training set under attack. The paper reports that ΔE(x) = E(x) − E(x*) of "
@@ -118,6 +120,14 @@ def step_list() -> None:
             c1.markdown(f"**{k + 1}. {step.title}**  \n{step.text}")
             c2.button(f"Open step {k + 1}", key=f"tour_go_{k}", type="primary" if k == 0 else "secondary", on_click=start, args=(k,))
     follow()
+
+
+def current(page_key: str) -> Step | None:
+    """The tour step being followed, when it belongs to the page ``page_key``."""
+    k = st.session_state.get("tour_step")
+    if not isinstance(k, int) or not 0 <= k < len(STEPS) or STEPS[k].page != page_key:
+        return None
+    return STEPS[k]
 
 
 def banner(page_key: str) -> None:

@@ -13,6 +13,29 @@ DEY_COLOR = "#98df8a"       # ΔE(x, y), light green
 ROB_COLOR = "#1f77b4"       # robust test error, blue as in the paper's figure
 NAT_COLOR = "#7f7f7f"       # natural test error
 PHASE_COLORS = ("rgba(31,119,180,0.07)", "rgba(44,160,44,0.07)", "rgba(214,39,40,0.10)")
+# the paper's names of the three phases of ΔE(x) on the training data (Sec. 3.2, Fig. 3)
+PHASE_NAMES = ("phase 1 · initial transient", "phase 2 · plateau", "phase 3 · steep fall")
+
+
+def phase_sentence(res) -> str:
+    """What the ΔE(x) detector (core.phase) found, as the paper names the phases, and nothing else: whether the run
+    overfits is said once, by the robust test accuracy (core.overfitting.sentence), never here."""
+    if res is None:
+        return "Too few epochs to place the phases of ΔE(x)."
+    p1 = (f"phase 1 (initial transient) ends at epoch {res.phase1_end:g}" if res.phase1_end is not None
+          else "no distinct phase 1 (initial transient)")
+    if res.phase3_start is not None:
+        return (f"ΔE(x) of the training data: {p1}; phase 2 (plateau) until epoch {res.phase3_start:g}; phase 3 "
+                f"(steep fall, the paper's mark of robust overfitting) from epoch {res.phase3_start:g} "
+                f"(detector confidence {res.confidence:.0%}).")
+    why = ""
+    expl = str(getattr(res, "explanation", "") or "")
+    if "fall after a plateau (" in expl:   # the detector's first failed test, e.g. "the last piece does not fall"
+        tail = expl.split("fall after a plateau (", 1)[1]
+        for stop in (". Phase 1", ". No distinct"):
+            tail = tail.split(stop, 1)[0]
+        why = ": " + (tail[:-1] if tail.endswith(")") else tail)
+    return f"ΔE(x) of the training data: {p1}; no phase 3 (no steep sustained fall after the plateau{why})."
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 LAYOUT = dict(margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.2))
 
@@ -63,7 +86,7 @@ def phase_figure(epochs: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndar
         x0, x1 = float(epochs.min()), float(epochs.max())
         p1 = phase.phase1_end if phase.phase1_end is not None else x0
         p3 = phase.phase3_start if phase.phase3_start is not None else x1
-        spans = [("phase 1", x0, p1), ("phase 2", p1, p3), ("phase 3", p3, x1)]
+        spans = [(PHASE_NAMES[0], x0, p1), (PHASE_NAMES[1], p1, p3), (PHASE_NAMES[2], p3, x1)]
         for (label, a, b), color in zip(spans, PHASE_COLORS):
             if b > a:
                 fig.add_vrect(x0=a, x1=b, fillcolor=color, line_width=0, layer="below",
@@ -71,7 +94,7 @@ def phase_figure(epochs: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndar
                               annotation=dict(font_size=11, font_color="#555"))
         if phase.phase3_start is not None:
             fig.add_vline(x=phase.phase3_start, line=dict(color="#d62728", width=2, dash="dash"),
-                          annotation_text=f"overfitting from epoch {phase.phase3_start:g}",
+                          annotation_text=f"steep fall from epoch {phase.phase3_start:g}",
                           annotation_position="bottom right", annotation_font_color="#d62728")
     fig.update_layout(title=title, height=height, hovermode="x unified", **LAYOUT)
     fig.update_xaxes(title_text="epoch")
@@ -235,11 +258,11 @@ def overfitting_story_figure(runs: dict[str, dict], phase=None, phase_run: str |
         p1 = phase.phase1_end if phase.phase1_end is not None else x0
         p3 = phase.phase3_start if phase.phase3_start is not None else x1
         who = f" ({phase_run})" if phase_run else ""
-        for (label, a, b), color in zip((("phase 1", x0, p1), ("phase 2", p1, p3), (f"phase 3{who}", p3, x1)),
-                                        PHASE_COLORS):
+        for (label, a, b), color in zip(((PHASE_NAMES[0], x0, p1), (PHASE_NAMES[1], p1, p3),
+                                         (f"{PHASE_NAMES[2]}{who}", p3, x1)), PHASE_COLORS):
             if b > a:
                 fig.add_vrect(x0=a, x1=b, fillcolor=color, line_width=0, layer="below", row="all", col=1,
-                              annotation_text=label if label != "phase 1" or b - a > 2 else "",
+                              annotation_text=label if label != PHASE_NAMES[0] or b - a > 2 else "",
                               annotation_position="top left", annotation=dict(font_size=11, font_color="#555"))
     fig.update_layout(height=height, hovermode="x unified", **LAYOUT)
     fig.update_xaxes(title_text="epoch", row=2, col=1)

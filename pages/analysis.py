@@ -7,11 +7,18 @@ import common
 import streamlit as st
 
 import analysis_figures as af
+import persist
 from core import analysis
 from core.attacks import AttackSpec
 from core.errors import EnergyLensError, InputError
 
 lm, meta, classes, default_eps = common.require_model("Sample analysis")
+# the last analysis of this browser session survives a page reload, with the model it was made with
+restored = persist.restore_with_model("analysis")
+if restored is not None and "ana_result" not in st.session_state:
+    with common.guard("restoring the last analysis"):
+        st.session_state["ana_result"] = persist.unpack_analysis(*restored)
+persist.restored_note("analysis", "the sample analysis")
 
 tab_b, tab_a = st.tabs(["Margins, entropy and energy (Fig. 5 b–d)", "Removing subsets (Fig. 5a)"])
 
@@ -56,11 +63,23 @@ with tab_b:
                                      lambda t: _run(t, x, y, spec))
             common.wait_briefly(task, 2.0)
 
-    common.task_panel("ana_task", lambda t: st.session_state.__setitem__("ana_result", t.result))
+    def _ana_done(t) -> None:
+        st.session_state["ana_result"] = t.result
+        arrays, ameta = persist.pack_analysis(t.result)
+        persist.keep("analysis", arrays,
+                     {**ameta, "model_ref": persist.model_identity(st.session_state.get("model_ref"))})
+
+    common.task_panel("ana_task", _ana_done)
 
     r = st.session_state.get("ana_result")
     if r is None or r.get("model") != meta.name:
-        st.info("Press **Analyse**. The whole digits training set (1,438 images) takes about a second on CPU.")
+        ds_hint = common.model_dataset(lm, split, quiet=True)
+        n_hint = (n or len(ds_hint)) if ds_hint is not None else n
+        st.info("Press **Analyse**. " + (
+            f"The {split} images of **{meta.dataset}** are not available here; choose the other split."
+            if ds_hint is None else
+            f"{'All ' if not n else ''}{n_hint:,} {split} images of **{meta.dataset}** take "
+            + common.time_promise(lm, n_hint, 1 + (10 * common.PASSES_PER_GRADIENT_STEP if adv else 0)) + "."))
     else:
         s = r["stats"]
         with common.guard("drawing the analysis"):

@@ -62,6 +62,37 @@ if compare and others:
     name_b = cmp_cols[1].selectbox("Second model", list(by_b), key="atk_model_b",
                                    format_func=lambda n: f"{n} ({meta_b[n].method})")
     ref_b = by_b[name_b]
+def decoded_upload():
+    """The file in the uploader decoded for this model, once per (file, model): ``(file_id, x1, notes, error)``, or
+    None when the uploader is empty. Decoded before the form is drawn, so that a refused file (error) leaves
+    "Attack my uploaded image" disabled; a refused or new file clears the previous image's result."""
+    up_ = st.session_state.get("atk_upload")
+    if up_ is None:
+        st.session_state.pop("atk_upload_result", None)
+        return None
+    fid = getattr(up_, "file_id", None) or f"{up_.name}:{up_.size}"
+    key_ = (fid, st.session_state["model_ref"].key if st.session_state.get("model_ref") else meta.name)
+    cached = st.session_state.get("_atk_upload_decoded")
+    if cached is None or cached[0] != key_:
+        from core.errors import EnergyLensError
+        from core.uploads import decode_image
+
+        shape_ = tuple(meta.input_shape[1:]) if meta.input_shape else (32, 32)
+        notes_: list[str] = []  # what decoding changed: alpha on white, EXIF rotation, 16-bit, MPO
+        try:
+            out = (fid, decode_image(up_.getvalue(), size=shape_, notes=notes_), notes_, None)
+        except EnergyLensError as e:
+            out = (fid, None, [], str(e))
+        except Exception as e:  # noqa: BLE001 - an odd file must never show a traceback
+            out = (fid, None, [], f"could not read the image: {type(e).__name__}: {e}")
+        cached = (key_, out)
+        st.session_state["_atk_upload_decoded"] = cached
+    if st.session_state.get("_atk_upload_result_for") != cached[0] or cached[1][3] is not None:
+        st.session_state.pop("atk_upload_result", None)   # the result belongs to another (or a refused) image
+    return cached[1]
+
+
+upload = decoded_upload()
 names = list(ATTACKS)
 SQUARE_QUERIES = 300  # ~20 s on 64 digits images on a busy 2-core CPU (issue 13); AutoAttack uses 5,000
 # defaults live in session state (the guided tour sets the same keys); ε follows the model's dataset
@@ -115,8 +146,9 @@ with st.form("attack_form"):
     # form values reach the server only with a submit: attacking an upload needs its own submit button,
     # so that it uses the settings on screen
     upload_submitted = b2.form_submit_button("Attack my uploaded image (below) with these settings",
-                                             disabled=st.session_state.get("atk_upload") is None,
-                                             help="Upload a PNG or JPEG under 'Your own image' first")
+                                             disabled=upload is None or upload[3] is not None,
+                                             help="Upload a PNG or JPEG under 'Your own image' first (a file "
+                                                  "that was refused cannot be attacked)")
 
 st.caption(ATTACKS[name].description)
 
@@ -195,10 +227,10 @@ common.task_panel("atk_task", on_done)
 r = st.session_state.get("atk_result")
 atk_task = st.session_state.get("atk_task")
 attacking = isinstance(atk_task, common.Task) and not atk_task.done
-if r is None and not attacking:
-    st.info("Set the attack and press **Run attack**. The defaults run PGD-10 on 64 test images in about a second on CPU.")
-    # before any attack: where the chosen images start (this also loads the data and the chart library, so the
-    # first run only has to attack). Not while an attack runs: two threads computing at once only slow both down.
+def natural_preview() -> None:
+    """Where the chosen images start: their natural energies (tour step 1's scatter). Also loads the data and the
+    chart library, so the first run only has to attack. Not while an attack runs: two threads computing at once
+    only slow both down."""
     ds_prev = common.model_dataset(lm, "test")
     params = sum(p.numel() for p in lm.model.parameters())
     on_gpu = device_of(lm.model).type == "cuda"
@@ -213,8 +245,21 @@ if r is None and not attacking:
         if prev[0] == pkey:
             nat0 = prev[1].natural()
             st.plotly_chart(fig.natural_energies(nat0["marginal"], nat0["joint"],
-                                                 [classes[int(i)] for i in prev[1].labels], class_order=classes),
+                                                 [classes[int(i)] for i in prev[1].labels], class_order=classes,
+                                                 preds=[classes[int(i)] for i in nat0["pred"]]),
                             width="stretch", config=fig.PLOT_CONFIG, key="fig_preview")
+
+
+tour_step = tour.current("attack")
+if r is not None and not attacking and tour_step is not None and tour_step.focus == "natural":
+    # the tour's first step describes this scatter: show it even when the session already holds an attack result
+    st.subheader("Natural energies of the chosen test images")
+    natural_preview()
+    st.caption("The last attack result of this session is below.")
+if r is None and not attacking:
+    st.info("Set the attack and press **Run attack**. The defaults run PGD-10 on 64 test images in "
+            + common.time_promise(lm, 64, 1 + 10 * common.PASSES_PER_GRADIENT_STEP) + ".")
+    natural_preview()
 elif r is not None:
     s = r["spec"]
     tr: EnergyTrace = r["trace"]
@@ -227,6 +272,9 @@ elif r is not None:
     xr = fig.shared_range(*[t.marginal[[0, -1]] for _, t, *_ in runs])
     yr = fig.shared_range(*[t.joint[[0, -1]] for _, t, *_ in runs])
     both = fig.shared_range(xr, yr)
+    # side by side, both drift colour bars share one scale (the longer run's longest arrow)
+    drift_max = max(float(np.nanmax(np.hypot(t.marginal[-1] - t.marginal[0], t.joint[-1] - t.joint[0])))
+                    for _, t, *_ in runs) if b else None
     whos = [r.get("who") or {}] + ([b.get("who") or {}] if b else [])
     cols = st.columns(len(runs))
     for col, who_, (model_name, t, secs, notes, _) in zip(cols, whos, runs):
@@ -262,6 +310,8 @@ elif r is not None:
             nat, fin = t.natural(), t.final()
             st.plotly_chart(fig.energy_arrows(nat["marginal"], nat["joint"], fin["marginal"], fin["joint"],
                                               labels=[classes[int(i)] for i in t.labels],
+                                              pred_nat=[classes[int(i)] for i in nat["pred"]],
+                                              pred_adv=[classes[int(i)] for i in fin["pred"]], drift_max=drift_max,
                                               title=f"Energy drift — {model_name}" if b else
                                               "Energy drift: natural → adversarial",
                                               x_range=both if b else None, y_range=both if b else None),
@@ -292,8 +342,8 @@ elif r is not None:
             st.image(fig.to_uint8_image(r["x"][i]), caption=f"true {classes[int(tr.labels[i])]} → pred "
                      f"{classes[int(nat['pred'][i])]}, E(x)={nat['marginal'][i]:.2f}", width="stretch")
             for model_name, t, _, _, xadv in runs:
-                who = f"{model_name}: " if b else ""
-                st.image(fig.to_uint8_image(xadv[i]), caption=f"{who}adv pred {classes[int(t.pred[-1][i])]}, "
+                by = f"{model_name}: " if b else ""
+                st.image(fig.to_uint8_image(xadv[i]), caption=f"{by}adv pred {classes[int(t.pred[-1][i])]}, "
                          f"E(x*)={t.marginal[-1][i]:.2f}", width="stretch")
             st.image(fig.to_uint8_image(fig.amplify(r["x_adv"][i] - r["x"][i])), caption="perturbation (amplified)",
                      width="stretch")
@@ -318,13 +368,13 @@ elif r is not None:
 st.divider()
 st.subheader("Your own image")
 up = st.file_uploader("PNG or JPEG (at most 10 MB, 16 megapixels)", type=["png", "jpg", "jpeg"], key="atk_upload")
-if up is not None:
+if up is not None and upload is not None and upload[3] is not None:
+    st.error(upload[3])
+    st.caption("The previous image's result was cleared; upload another PNG or JPEG to attack it.")
+elif up is not None and upload is not None:
     with common.guard("reading the uploaded image"):
-        from core.uploads import decode_image
-
         shape = tuple(meta.input_shape[1:]) if meta.input_shape else (32, 32)
-        upload_notes: list[str] = []  # what decoding changed: alpha on white, EXIF rotation, 16-bit, MPO
-        x1 = decode_image(up.getvalue(), size=shape, notes=upload_notes)
+        x1, upload_notes = upload[1], upload[2]
         for note in upload_notes:
             st.info(f"Note: {note}.")
         dev = device_of(lm.model)
@@ -362,6 +412,7 @@ if up is not None:
                 return x1.numpy(), res.x_adv.numpy(), res.trace, what
 
             # off the script thread: the page answers at once and shows progress with a Cancel button
+            st.session_state["_atk_upload_result_for"] = st.session_state["_atk_upload_decoded"][0]
             common.wait_briefly(common.start_task("atk_upload_task", "attacking your image", _upload_job), 1.5)
         common.task_panel("atk_upload_task", lambda task: st.session_state.__setitem__("atk_upload_result", task.result))
         if not upload_submitted and st.session_state.get("atk_upload_result") is None:

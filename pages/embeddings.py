@@ -9,12 +9,19 @@ import torch
 
 import analysis_figures as af
 import figures as fig
+import persist
 from core import analysis
 from core.attacks import AttackSpec, run_attack
 from core.errors import EnergyLensError, InputError
 from core.models import device_of
 
 lm, meta, classes, default_eps = common.require_model("Embedding explorer")
+# the last features of this browser session survive a page reload, with the model they were made with
+restored = persist.restore_with_model("embedding")
+if restored is not None and "emb_data" not in st.session_state:
+    with common.guard("restoring the last features"):
+        st.session_state["emb_data"] = persist.unpack_embedding(*restored)
+persist.restored_note("embedding", "the features")
 
 
 # ---------------------------------------------------------------- UMAP warm-up, once per server process
@@ -124,12 +131,23 @@ if go:
         common.wait_briefly(task, 2.0)
         st.session_state.pop("emb_umap_task", None)
 
-common.task_panel("emb_task", lambda t: st.session_state.__setitem__("emb_data", t.result))
+def _keep_embedding(data: dict) -> None:
+    arrays, emeta = persist.pack_embedding(data)
+    persist.keep("embedding", arrays, {**emeta, "model_ref": persist.model_identity(st.session_state.get("model_ref"))})
+
+
+def _emb_done(t) -> None:
+    st.session_state["emb_data"] = t.result
+    _keep_embedding(t.result)
+
+
+common.task_panel("emb_task", _emb_done)
 
 data = st.session_state.get("emb_data")
 if not data or data.get("model") != meta.name:
-    st.info("Press **Compute features**. 300 test images plus their PGD versions take a few seconds on CPU; the PCA "
-            "map appears at once.")
+    _passes = 2 + (10 * common.PASSES_PER_GRADIENT_STEP + 2 if with_adv else 0)
+    st.info(f"Press **Compute features**. {n:,} {split} images{' plus their PGD versions' if with_adv else ''} take "
+            f"{common.time_promise(lm, n, _passes)}; the PCA map appears at once.")
     st.stop()
 
 c1, c2 = st.columns(2)
@@ -158,7 +176,11 @@ if method == "UMAP":
                 analysis.preimport_umap_dependencies()   # (before a thread imports umap: see there)
                 task = common.start_task("emb_umap_task", "UMAP", lambda t: _umap(t, data["features"]))
                 common.wait_briefly(task, 1.0)
-        common.task_panel("emb_umap_task", lambda t: data.__setitem__("umap", t.result))
+        def _umap_done(t) -> None:
+            data["umap"] = t.result
+            _keep_embedding(data)
+
+        common.task_panel("emb_umap_task", _umap_done)
         if data.get("umap") is None:
             st.caption(f"Showing PCA until UMAP is ready ({_promise(len(data['features']))}).")
     if data.get("umap") is not None:

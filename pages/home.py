@@ -27,8 +27,8 @@ on the model and images you choose, with real CIFAR-10 images by default.
 """
 )
 st.subheader("Start here: a guided tour in seven clicks")
-st.caption("Each step opens a page with its settings made, runs what it needs (about a second on a CPU) and says "
-           "what to look at.")
+st.caption("Each step opens a page with its settings made, runs what it needs (each page says how long its work "
+           "took on this machine) and says what to look at.")
 tour.step_list()
 st.markdown("**Where to go**")
 c = st.columns(3)

@@ -155,8 +155,15 @@ if job_id:
 # ---------------------------------------------------------------- results
 results = st.session_state.get("land_results")
 if not results:
-    st.info("Choose two or more models and press **Compute landscape**. On CPU the bundled digits models take a "
-            "few seconds for 128 images each.")
+    promise = ""
+    if chosen and chosen[0] in options:
+        try:
+            promise = (f" With {options[chosen[0]].name}, {n:,} images and {steps} attack steps take "
+                       + common.time_promise(common.load_ref(options[chosen[0]]), n,
+                                             2 + steps * common.PASSES_PER_GRADIENT_STEP) + " per model.")
+        except EnergyLensError:
+            promise = ""
+    st.info("Choose two or more models and press **Compute landscape**." + promise)
     st.stop()
 
 c1, c2, c3 = st.columns(3)

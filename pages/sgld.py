@@ -90,9 +90,12 @@ def _task_running(key: str) -> bool:
 INIT_LABELS = {"pca": "PCA per class (paper)", "gaussian": "Gaussian per class", "random": "random noise (JEM)"}
 inits = ["pca", "gaussian", "random"] if ds_train is not None else ["random"]
 c1, c2, c3 = st.columns([3, 1, 1])
-sel = c1.multiselect("Classes", list(range(K)), default=list(range(min(K, 10))), format_func=lambda i: names[i],
-                     key="sgld_classes")
-chains = int(c2.number_input("Chains per class", value=4, step=1, key="sgld_chains"))
+# defaults through session state, never as default=/value= as well: the guided tour sets these keys (a widget given
+# both logs Streamlit's "created with a default value but also had its value set via the Session State API")
+common.widget_default("sgld_classes", list(range(min(K, 10))), scope=K)
+common.widget_default("sgld_chains", 4)
+sel = c1.multiselect("Classes", list(range(K)), format_func=lambda i: names[i], key="sgld_classes")
+chains = int(c2.number_input("Chains per class", step=1, key="sgld_chains"))
 INIT_HELP = ("PCA (the paper's start) begins near the class mean: good-looking images fast, but the chains of one "
              "class stay near-copies of each other (compare the within-class diversity with the real images' "
              "below). The paper's Table 2b shows the trade-off: the Gaussian start gets the better FID, PCA the "
@@ -238,7 +241,8 @@ if do_init:
 
 common.task_panel("sgld_init_task", lambda task: _initialised(*task.result))
 
-restored = persist.restore("sgld")  # the chains of this browser session survive a page reload
+# the chains of this browser session survive a page reload, with the model they were made with
+restored = persist.restore_with_model("sgld")
 if restored is not None and "sgld_sampler" not in st.session_state:
     arr, smeta = restored
     if smeta.get("model") == (ref.key if ref is not None else meta.name):
@@ -246,13 +250,15 @@ if restored is not None and "sgld_sampler" not in st.session_state:
             st.session_state["sgld_sampler"] = sampling.SGLDSampler.from_state(lm, arr, smeta)
             st.session_state["sgld_model_key"] = model_key
             st.session_state["sgld_last"] = f"restored at step {smeta.get('steps_done', '?')} after a reload"
+persist.restored_note("sgld", "the SGLD chains")
 
 
 def _keep_chains() -> None:
     smp = st.session_state.get("sgld_sampler")
     if smp is not None:
         arr, smeta = smp.state()
-        persist.keep("sgld", arr, {**smeta, "model": ref.key if ref is not None else meta.name})
+        persist.keep("sgld", arr, {**smeta, "model": ref.key if ref is not None else meta.name,
+                                   "model_ref": persist.model_identity(ref)})
 
 
 sampler = st.session_state.get("sgld_sampler")
@@ -310,8 +316,27 @@ for note in getattr(sampler, "notes", None) or []:  # e.g. out of memory: fewer 
 
 
 # ---------------------------------------------------------------- results
-def _grid_png(x: np.ndarray, ncol: int) -> bytes:
-    return fig.image_grid_png(x, ncol=max(1, ncol), scale=2 if x.shape[-1] <= 32 else 1)
+def _npz_bytes(s) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **s.to_npz_dict())
+    return buf.getvalue()
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _file_bytes(path: str, mtime: float) -> bytes:
+    """A finished job's samples file (read once per file version, not on every poll of the job list)."""
+    return Path(path).read_bytes()
+
+
+def _grid_png(x: np.ndarray, ncol: int, classes=None) -> bytes:
+    """The chains as a grid, one row per class labelled with its name when ``classes`` (one per row) is given."""
+    labels = [names[int(c)] for c in classes] if classes is not None else None
+    return fig.image_grid_png(x, ncol=max(1, ncol), scale=2 if x.shape[-1] <= 32 else 1, row_labels=labels)
+
+
+def _row_classes(s):
+    """The class of each grid row when every class has the same number of chains (one row per class), else None."""
+    return list(s.classes) if len(set(s.counts)) == 1 else None
 
 
 def _ref_for(s, classes=None):
@@ -341,7 +366,9 @@ if sampler is None:
             + (" Each chain stops where its E(x, y) reaches Ē(x, y) of real images (the checkbox above)."
                if sg_def["stop_at_reference"] else ""))
 else:
-    @st.fragment(run_every=1.0 if _task_running("sgld_task") else None)
+    # the live view redraws while a run goes on, no more often than the progress bar polls (common.poll_every)
+    _run = st.session_state.get("sgld_task")
+    @st.fragment(run_every=max(1.0, common.poll_every(_run.elapsed)) if _task_running("sgld_task") else None)
     def _live():
         s = st.session_state.get("sgld_sampler")
         if s is None:
@@ -361,7 +388,7 @@ else:
         m[2].metric("Ē(x, y) of real images", ("computing…" if warm is not None and not warm.done else "n/a")
                     if ref_j is None else f"{ref_j:.2f}")
         m[3].metric("Classified as target", f"{summ['target_hit'][-1]:.0%}")
-        st.image(_grid_png(s.images().numpy(), s.counts[0] if len(set(s.counts)) == 1 else 8),
+        st.image(_grid_png(s.images().numpy(), s.counts[0] if len(set(s.counts)) == 1 else 8, _row_classes(s)),
                  caption=f"{s.n_chains} chains after {s.steps_done} steps — one row per class "
                          f"({', '.join(names[c] for c in s.classes)}); init {s.config()['init']}",
                  width="content")
@@ -397,20 +424,18 @@ else:
     with common.guard("preparing the downloads"):
         d1, d2, d3 = st.columns(3)
         ncol = sampler.counts[0] if len(set(sampler.counts)) == 1 else 8
-        d1.download_button("Download grid (PNG)", _grid_png(sampler.images().numpy(), ncol),
+        # the files' bytes are made in this run (never deferred callables: a deferred file is forgotten by the
+        # next rerun, so quick successive clicks failed with "MediaFileStorageError: Deferred file ... not found"),
+        # and a click does not rerun the page (on_click="ignore"), so the file served is the one on screen
+        d1.download_button("Download grid (PNG)", _grid_png(sampler.images().numpy(), ncol, _row_classes(sampler)),
                            file_name=f"sgld_{meta.name}_{sampler.steps_done}steps.png", mime="image/png",
-                           key="sgld_dl_png")
-        def _npz(s=sampler) -> bytes:   # built only when the button is clicked
-            buf = io.BytesIO()
-            np.savez_compressed(buf, **s.to_npz_dict())
-            return buf.getvalue()
-
-        d2.download_button("Download samples (.npz)", _npz,
+                           key="sgld_dl_png", on_click="ignore")
+        d2.download_button("Download samples (.npz)", _npz_bytes(sampler),
                            file_name=f"sgld_{meta.name}_{sampler.steps_done}steps.npz",
-                           mime="application/octet-stream", key="sgld_dl_npz",
+                           mime="application/octet-stream", key="sgld_dl_npz", on_click="ignore",
                            help="x (uint8, loadable as dataset npz:<file>), y, x0, x_float and the energy trace")
-        d3.download_button("Download energy trace (CSV)", lambda t=tr: t.to_energy_trace().to_csv(),
-                           file_name="sgld_trace.csv", mime="text/csv", key="sgld_dl_csv")
+        d3.download_button("Download energy trace (CSV)", tr.to_energy_trace().to_csv(),
+                           file_name="sgld_trace.csv", mime="text/csv", key="sgld_dl_csv", on_click="ignore")
 
 # ---------------------------------------------------------------- compare initialisations
 st.divider()
@@ -550,8 +575,9 @@ else:
                         + (f"  \n{j.result['metrics_note']}" if j.result.get("metrics_note") else ""))
         path = j.result.get("samples")
         if path and os.path.isfile(path):
-            c3.download_button("npz", lambda p=path: Path(p).read_bytes(), file_name=f"{j.id}_samples.npz",
-                               key=f"sgld_dl_{j.id}", help="the generated samples (uint8 x, y, energies)")
+            c3.download_button("npz", _file_bytes(path, os.path.getmtime(path)), file_name=f"{j.id}_samples.npz",
+                               key=f"sgld_dl_{j.id}", on_click="ignore",
+                               help="the generated samples (uint8 x, y, energies)")
         elif path:
             c3.caption("samples file missing")
         return row

@@ -290,10 +290,11 @@ def test_precomputed_run_renders_all_plots(runs, monkeypatch):
     no_crash(at)
     figs = charts(at)
     fig3 = fig3_of(figs)
-    assert "overfitting from epoch 28" in fig3.annotations          # detected phase 3 is marked
-    assert {"phase 1", "phase 3"} <= set(fig3.annotations)          # phases shaded
+    assert "steep fall from epoch 28" in fig3.annotations           # detected phase 3 is marked
+    # phases shaded, named as the paper names them (initial transient, plateau, steep fall)
+    assert {"phase 1 · initial transient", "phase 3 · steep fall"} <= set(fig3.annotations)
     assert {"robust test error", "natural test error"} <= set(fig3.trace_names)
-    assert any("Robust overfitting" in w.value for w in at.warning)
+    assert any("robust overfitting" in w.value.lower() for w in at.warning)
     assert any(c.title.endswith("(Fig. 1 b–d)") for c in figs)
     weights = chart_with(figs, "WEAT weight of the probe samples")
     assert "training-batch weights per epoch" in weights.annotations  # w_mean/min/max panel
