@@ -24,8 +24,10 @@ from core.train import TrainConfig, TrainingStopped, config_from_args, evaluate,
 REPO = Path(__file__).resolve().parents[1]
 
 # a tiny but complete run: 4 batches per epoch on the embedded digits
+# measure_every=1: these tests read every epoch's held-out accuracy (the default evaluates every k epochs, k chosen
+# from measured times: tests/test_measure_every.py)
 TINY = dict(dataset="digits", arch="smallcnn", batch_size=64, train_limit=256, attack_steps=1, eval_samples=32,
-            eval_steps=1, probe_size=16, lr=0.05)
+            eval_steps=1, probe_size=16, lr=0.05, measure_every=1)
 
 METRIC_KEYS = {"epoch", "lr", "nat_acc", "pgd_acc", "nat_err", "rob_err", "train_time", "probe_time",
                "train_ce", "train_kl", "train_loss", "E_nat_mean", "E_adv_mean", "probe_nat_acc", "probe_adv_acc",

@@ -3,23 +3,26 @@ natural vs adversarial energies of the probe set of training images (Delta E, pa
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from ..attacks import AttackSpec, run_attack
 from ..models import device_of
 from ..runtime import eval_mode
-from .config import PROBE_MAX, PROBE_PER_CLASS_MIN, PROBE_SHARE
+from .config import MEASURE_SHARE, PROBE_MAX, PROBE_PER_CLASS_MIN, PROBE_SHARE
 
-__all__ = ["evaluate", "auto_probe_size", "probe_energies", "quantile_stats"]
+__all__ = ["evaluate", "auto_probe_size", "probe_energies", "quantile_stats", "auto_measure_every", "measure_due"]
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, batch_size: int = 256,
-             norm: str = "Linf") -> dict:
-    """Natural and PGD accuracy (eval mode)."""
+             norm: str = "Linf", num_classes: int | None = None) -> dict:
+    """Natural and PGD accuracy (eval mode). With an attack, both come from its trace: the natural accuracy from
+    the forward that also gives the natural energies (step 0), the PGD accuracy from the final one."""
     if eps > 0:
         spec = AttackSpec("pgd", norm=norm, eps=eps, step_size=step, steps=steps, batch_size=batch_size, seed=0)
-        tr = run_attack(model, x, y, spec).trace
+        tr = run_attack(model, x, y, spec, num_classes=num_classes).trace
         return {"nat_acc": tr.natural_accuracy(), "pgd_acc": tr.robust_accuracy()}
     with eval_mode(model), torch.no_grad():
         dev = device_of(model)
@@ -39,11 +42,13 @@ def auto_probe_size(n_train: int, num_classes: int) -> int:
     return int(min(PROBE_MAX, n, n_train))
 
 
-def probe_energies(model, x, y, eps: float, step: float, steps: int, inner: str) -> dict[str, np.ndarray]:
-    """Natural vs adversarial energies of the probe set under the training attack."""
+def probe_energies(model, x, y, eps: float, step: float, steps: int, inner: str,
+                   num_classes: int | None = None) -> dict[str, np.ndarray]:
+    """Natural vs adversarial energies of the probe set under the training attack (its inner loss, budget, step
+    and number of steps)."""
     name = "trades-kl" if inner == "kl" else "pgd"
     spec = AttackSpec(name, eps=eps, step_size=step, steps=steps, seed=0, batch_size=256)
-    tr = run_attack(model, x, y, spec).trace
+    tr = run_attack(model, x, y, spec, num_classes=num_classes).trace
     return {"e_nat": tr.marginal[0], "e_adv": tr.marginal[-1], "ej_nat": tr.joint[0], "ej_adv": tr.joint[-1],
             "correct_nat": (tr.pred[0] == tr.labels), "correct_adv": (tr.pred[-1] == tr.labels)}
 
@@ -53,3 +58,25 @@ def quantile_stats(v: np.ndarray, prefix: str) -> dict:
     return {f"{prefix}_mean": float(v.mean()), f"{prefix}_std": float(v.std()),
             **{f"{prefix}_q{int(p * 100)}": float(x) for p, x in zip([0.1, 0.25, 0.5, 0.75, 0.9], q)}}
 
+
+
+def auto_measure_every(train_s: float, eval_s: float, probe_s: float, epochs: int,
+                       share: float = MEASURE_SHARE) -> int:
+    """The evaluation period k (epochs) that keeps the measurement of an average epoch -- the evaluation every k
+    epochs (``eval_s`` / k) plus the probe every epoch (``probe_s``) -- at most ``share`` of that epoch's time
+    (``train_s`` + measurement), from the costs measured on one epoch. 1 when evaluating every epoch fits; at most
+    ``epochs`` (then only the first and the last epoch are evaluated)."""
+    epochs = max(1, int(epochs))
+    budget = share / (1.0 - share) * max(float(train_s), 0.0) - max(float(probe_s), 0.0)
+    eval_s = max(float(eval_s), 0.0)
+    if eval_s <= budget:
+        return 1
+    if budget <= 0:
+        return epochs
+    return int(min(epochs, max(1, math.ceil(eval_s / budget))))
+
+
+def measure_due(epoch: int, epochs: int, every: int | None) -> bool:
+    """Whether epoch ``epoch`` (from 1) evaluates the held-out images: every ``every`` epochs and at the last;
+    ``every`` None (auto, not chosen yet) evaluates, so that the first epoch measures what the evaluation costs."""
+    return every is None or epoch == epochs or epoch % int(every) == 0
