@@ -12,7 +12,7 @@ import torch
 from core.errors import InputError
 from core.train import TrainConfig, train
 from core.training.config import MEASURE_SHARE
-from core.training.measure import auto_measure_every, evaluate, measure_due
+from core.training.measure import auto_measure_every, estimate_eval_time, evaluate, measure_due
 
 TINY = dict(dataset="digits", arch="smallcnn", batch_size=64, train_limit=256, attack_steps=1, eval_samples=32,
             eval_steps=1, probe_size=16, lr=0.05, method="sat")
@@ -48,7 +48,13 @@ def test_auto_period_when_the_probe_alone_exceeds_the_share():
                                                    (5, 3, [3]), (2, 1, [1])])
 def test_measure_due_every_k_epochs_and_the_last(every, epochs, expected):
     assert [e for e in range(1, epochs + 1) if measure_due(e, epochs, every)] == expected
-    assert measure_due(1, epochs, None)  # auto, not chosen yet: the first epoch measures
+    # auto, not chosen yet (the first epoch): only when it is the last
+    assert [e for e in range(1, epochs + 1) if measure_due(e, epochs, None)] == [epochs]
+
+
+def test_the_evaluation_estimate_scales_the_probe_time_by_images_and_steps():
+    assert estimate_eval_time(2.0, 40, 5, 500, 20) == pytest.approx(2.0 * 500 * 21 / (40 * 6))
+    assert estimate_eval_time(1.0, 16, 1, 16, 1) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5])
@@ -96,18 +102,28 @@ def test_evaluating_less_often_changes_nothing_else(pair):
             assert (x["nat_acc"], x["pgd_acc"]) == (y["nat_acc"], y["pgd_acc"])
 
 
-def test_auto_evaluates_the_first_epoch_then_every_k_it_chose(tmp_path):
+def test_auto_chooses_the_period_from_the_first_epoch_and_evaluates_every_k(tmp_path):
     out = tmp_path / "auto"
     train(TrainConfig(**TINY, epochs=4, out_dir=str(out)))
     recs = _lines(out / "metrics.jsonl")
     first = recs[0]
     k = first["measure_every"]
-    # the period the first epoch's own costs give (the record keeps them)
-    assert k == auto_measure_every(first["train_time"], first["eval_time"], first["probe_time"] - first["eval_time"],
-                                   4)
+    # the first epoch does not evaluate (unless it is the last): its training and probe times choose k
+    assert "pgd_acc" not in first and "eval_time" not in first
+    assert first["eval_time_estimate"] == pytest.approx(
+        estimate_eval_time(first["probe_time"], TINY["probe_size"], TINY["attack_steps"], TINY["eval_samples"],
+                           TINY["eval_steps"]))
+    assert k == auto_measure_every(first["train_time"], first["eval_time_estimate"], first["probe_time"], 4)
     assert all(r["measure_every"] == k for r in recs)
-    assert [r["epoch"] for r in recs if "pgd_acc" in r] == sorted({1, 4, *range(k, 5, k)})
+    assert "eval_time_estimate" not in recs[1]
+    assert [r["epoch"] for r in recs if "pgd_acc" in r] == sorted({4, *(e for e in range(2, 5) if e % k == 0)})
     assert torch.load(out / "state.pt", weights_only=True)["measure_every"] == k
+
+
+def test_a_one_epoch_run_evaluates_its_epoch(tmp_path):
+    out = tmp_path / "one"
+    rec = train(TrainConfig(**TINY, epochs=1, out_dir=str(out)))
+    assert "pgd_acc" in rec and "eval_time" in rec and (out / "best.safetensors").is_file()
 
 
 def test_evaluate_gives_the_same_with_the_class_count_passed():

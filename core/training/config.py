@@ -85,7 +85,8 @@ class TrainConfig:
     eval_samples: int = _opt(512, "held-out images evaluated after every epoch")
     measure_every: int | None = _opt(None, "evaluate the held-out images (natural / PGD accuracy) every N epochs and "
                                      "at the last; the probe Delta E stays every epoch (default: auto, N chosen "
-                                     "after the first epoch so that measuring costs at most 25% of an epoch)")
+                                     "from the first epoch's training and probe times so that measuring costs at "
+                                     "most 25% of an epoch)")
     probe_size: int | None = _opt(None, "training images whose Delta E is probed after every epoch (default: 3% of "
                                   "the training set, at least 4 per class, at most 256)")
     snapshot_every: int = _opt(1, "write the probe set's energies (arrow plots) every N epochs")

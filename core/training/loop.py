@@ -40,7 +40,8 @@ from ..tensorio import atomic_torch_save, safe_torch_load
 from ..train_progress import TrainClock, progress_message
 from .config import TrainConfig
 from .data import load_splits, make_scheduler
-from .measure import auto_measure_every, auto_probe_size, evaluate, measure_due, probe_energies, quantile_stats
+from .measure import (auto_measure_every, auto_probe_size, estimate_eval_time, evaluate, measure_due, probe_energies,
+                      quantile_stats)
 from .step import CompiledForward, TrainingStopped, oom_safe_step
 
 __all__ = ["train", "Run", "setup", "resume", "run_epoch", "evaluate_epoch", "probe", "record", "checkpoint",
@@ -324,11 +325,12 @@ def probe(r: Run) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------------------------------- record
 def record(r: Run, epoch: int, ep: EpochResult, ev: dict | None, pe: dict, probe_time: float,
-           eval_time: float | None = None) -> dict:
+           eval_time: float | None = None, eval_estimate: float | None = None) -> dict:
     """The epoch's metrics record (appended to ``metrics.jsonl``) and, every ``snapshot_every`` epochs and at the
     last, the probe vectors (``probe/epoch_XXXX.npz``). Returns the record. ``ev`` None (no held-out evaluation
     this epoch): the record has no ``nat_acc`` / ``pgd_acc`` / ``nat_err`` / ``rob_err`` (readers see a gap).
-    ``probe_time``: seconds of the whole measurement (evaluation + probe), ``eval_time``: of the evaluation."""
+    ``probe_time``: seconds of the whole measurement (evaluation + probe), ``eval_time``: of the evaluation,
+    ``eval_estimate``: the evaluation seconds the automatic period was chosen from (the first epoch)."""
     cfg = r.cfg
     d_marg, d_joint = pe["e_nat"] - pe["e_adv"], pe["ej_nat"] - pe["ej_adv"]
     held_out = {} if ev is None else {"nat_acc": ev["nat_acc"], "pgd_acc": ev["pgd_acc"],
@@ -337,6 +339,7 @@ def record(r: Run, epoch: int, ep: EpochResult, ev: dict | None, pe: dict, probe
         "epoch": epoch + 1, "lr": float(r.opt.param_groups[0]["lr"]), **held_out,
         "train_time": ep.train_time, "probe_time": probe_time, "probe_size": int(len(r.pidx)),
         **({"eval_time": eval_time} if eval_time is not None else {}),
+        **({"eval_time_estimate": eval_estimate} if eval_estimate is not None else {}),
         **({"measure_every": int(r.measure_every)} if r.measure_every is not None else {}),
         **({"compile": r.net.note} if r.net is not None else {}),
         **{f"train_{k}": v / max(r.steps_per_epoch, 1) for k, v in ep.sums.items()},
@@ -409,9 +412,14 @@ def train(cfg: TrainConfig, progress: Progress | None = None, should_stop: Calla
         t2 = time.time()
         pe = probe(r)
         t3 = time.time()
-        if r.measure_every is None:  # auto: the period from this (first) epoch's costs
-            r.measure_every = auto_measure_every(ep.train_time, t2 - t1, t3 - t2, cfg.epochs)
-        last = record(r, epoch, ep, ev, pe, probe_time=t3 - t1, eval_time=(t2 - t1) if due else None)
+        measure_s, eval_s = t3 - t1, (t2 - t1) if due else None
+        estimate = None
+        if r.measure_every is None:  # auto: the period from this (first) epoch's training and probe times
+            probe_s = measure_s - (eval_s or 0.0)
+            estimate = eval_s if due else estimate_eval_time(probe_s, len(r.pidx), cfg.attack_steps, len(r.yv),
+                                                             cfg.eval_steps)
+            r.measure_every = auto_measure_every(ep.train_time, estimate, probe_s, cfg.epochs)
+        last = record(r, epoch, ep, ev, pe, probe_time=measure_s, eval_time=eval_s, eval_estimate=estimate)
         checkpoint(r, epoch, last)
         r.clock.end_eval()
         _report_epoch(r, epoch, last, progress)

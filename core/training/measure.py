@@ -13,7 +13,8 @@ from ..models import device_of
 from ..runtime import eval_mode
 from .config import MEASURE_SHARE, PROBE_MAX, PROBE_PER_CLASS_MIN, PROBE_SHARE
 
-__all__ = ["evaluate", "auto_probe_size", "probe_energies", "quantile_stats", "auto_measure_every", "measure_due"]
+__all__ = ["evaluate", "auto_probe_size", "probe_energies", "quantile_stats", "auto_measure_every", "measure_due",
+           "estimate_eval_time"]
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, batch_size: int = 256,
@@ -76,7 +77,18 @@ def auto_measure_every(train_s: float, eval_s: float, probe_s: float, epochs: in
     return int(min(epochs, max(1, math.ceil(eval_s / budget))))
 
 
+def estimate_eval_time(probe_s: float, probe_images: int, probe_steps: int, eval_images: int,
+                       eval_steps: int) -> float:
+    """The seconds the held-out evaluation would take, from the measured seconds of the probe attack: both are
+    gradient attacks through the same code on the same model, so their cost goes with images x (steps + 1) (the
+    trace's natural and final forwards together cost about one step). The probe's smaller batches cost more per
+    image, so this errs towards a longer evaluation (a longer period)."""
+    work = lambda n, s: max(int(n), 0) * (max(int(s), 0) + 1)  # noqa: E731
+    return float(probe_s) * work(eval_images, eval_steps) / max(work(probe_images, probe_steps), 1)
+
+
 def measure_due(epoch: int, epochs: int, every: int | None) -> bool:
-    """Whether epoch ``epoch`` (from 1) evaluates the held-out images: every ``every`` epochs and at the last;
-    ``every`` None (auto, not chosen yet) evaluates, so that the first epoch measures what the evaluation costs."""
-    return every is None or epoch == epochs or epoch % int(every) == 0
+    """Whether epoch ``epoch`` (from 1) evaluates the held-out images: every ``every`` epochs and at the last.
+    ``every`` None (auto, not chosen yet: the first epoch of a run) evaluates only when it is the last; the first
+    epoch's training and probe times choose the period (:func:`auto_measure_every`, :func:`estimate_eval_time`)."""
+    return epoch == epochs if every is None else (epoch == epochs or epoch % int(every) == 0)
