@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from core.errors import InputError
 from core.train import TrainConfig, train
 from core.training.config import MEASURE_SHARE
-from core.training.measure import auto_measure_every, estimate_eval_time, evaluate, measure_due
+from core.training.measure import auto_measure_every, estimate_eval_time, evaluate, measure_due, measurement_cost
 
 TINY = dict(dataset="digits", arch="smallcnn", batch_size=64, train_limit=256, attack_steps=1, eval_samples=32,
             eval_steps=1, probe_size=16, lr=0.05, method="sat")
@@ -134,3 +135,24 @@ def test_evaluate_gives_the_same_with_the_class_count_passed():
     model = build_model("smallcnn", 10).eval()
     x, y = torch.rand(24, 3, 32, 32), torch.randint(0, 10, (24,))
     assert evaluate(model, x, y, 8 / 255, 2 / 255, 2) == evaluate(model, x, y, 8 / 255, 2 / 255, 2, num_classes=10)
+
+
+def test_measurement_cost_from_records():
+    recs = [{"epoch": 1, "train_time": 10.0, "probe_time": 0.5, "eval_time_estimate": 9.0, "measure_every": 3},
+            {"epoch": 2, "train_time": 12.0, "probe_time": 0.5, "measure_every": 3},
+            {"epoch": 3, "train_time": 11.0, "probe_time": 8.5, "eval_time": 8.0, "measure_every": 3}]
+    mc = measurement_cost(recs)
+    assert mc["every"] == 3 and mc["train_s"] == pytest.approx(11.0) and mc["eval_s"] == pytest.approx(8.0)
+    assert mc["probe_s"] == pytest.approx(0.5) and mc["eval_estimate_s"] == pytest.approx(9.0)
+    assert mc["share"] == pytest.approx((8.0 / 3 + 0.5) / (11.0 + 8.0 / 3 + 0.5))
+    assert measurement_cost([]) is None and measurement_cost([{"epoch": 1}]) is None
+
+
+def test_fig3_joins_the_test_error_over_epochs_without_evaluation():
+    import training_figures as tfig
+
+    epochs = np.arange(1, 7, dtype=float)
+    rob = np.array([np.nan, np.nan, 0.7, np.nan, np.nan, 0.6])
+    f = tfig.phase_figure(epochs, {"ΔE(x)": (np.linspace(0, 1, 6), None)}, {"robust test error": rob})
+    tr = next(t for t in f.data if t.name == "robust test error")
+    assert tr.connectgaps and "markers" in tr.mode  # two evaluations are a visible line, not two lone gaps

@@ -14,7 +14,7 @@ from ..runtime import eval_mode
 from .config import MEASURE_SHARE, PROBE_MAX, PROBE_PER_CLASS_MIN, PROBE_SHARE
 
 __all__ = ["evaluate", "auto_probe_size", "probe_energies", "quantile_stats", "auto_measure_every", "measure_due",
-           "estimate_eval_time"]
+           "estimate_eval_time", "measurement_cost"]
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, batch_size: int = 256,
@@ -92,3 +92,28 @@ def measure_due(epoch: int, epochs: int, every: int | None) -> bool:
     ``every`` None (auto, not chosen yet: the first epoch of a run) evaluates only when it is the last; the first
     epoch's training and probe times choose the period (:func:`auto_measure_every`, :func:`estimate_eval_time`)."""
     return epoch == epochs if every is None else (epoch == epochs or epoch % int(every) == 0)
+
+
+def measurement_cost(records) -> dict | None:
+    """What measuring cost a run, from its metrics records: the evaluation period ``every`` (None when not
+    recorded), the mean seconds of a training epoch (``train_s``), of one held-out evaluation (``eval_s``, None
+    before the first; else the first epoch's estimate in ``eval_estimate_s``), of the probe (``probe_s``), and
+    the measurement's share of an average epoch at that period (``share``). None without records."""
+    recs = [r for r in records if isinstance(r, dict) and isinstance(r.get("train_time"), (int, float))]
+    if not recs:
+        return None
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    train_s = mean([float(r["train_time"]) for r in recs])
+    evals = [float(r["eval_time"]) for r in recs if isinstance(r.get("eval_time"), (int, float))]
+    probe_s = mean([float(r.get("probe_time", 0.0)) - float(r.get("eval_time", 0.0)) for r in recs])
+    every = next((int(r["measure_every"]) for r in reversed(recs) if isinstance(r.get("measure_every"), int)), None)
+    est = next((float(r["eval_time_estimate"]) for r in recs if isinstance(r.get("eval_time_estimate"), (int, float))),
+               None)
+    eval_s = mean(evals)
+    per_eval = eval_s if eval_s is not None else est
+    share = None
+    if per_eval is not None and every:
+        m = per_eval / every + (probe_s or 0.0)
+        share = m / (train_s + m) if train_s + m > 0 else None
+    return {"every": every, "train_s": train_s, "eval_s": eval_s, "eval_estimate_s": est, "probe_s": probe_s,
+            "share": share}
