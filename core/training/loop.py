@@ -3,8 +3,8 @@
 :func:`setup` (check the settings, start the process group, read the data, build model / optimizer / schedule),
 :func:`resume` (from ``state.pt``), then per epoch :func:`run_epoch` (the batches, with the batch log and
 progress), :func:`evaluate_epoch` (natural / PGD accuracy on held-out images, every ``measure_every`` epochs
-and at the last), :func:`probe` (Delta E of the probe set, every epoch), :func:`record` (``metrics.jsonl`` and the arrow snapshot) and :func:`checkpoint` (last / best /
-every N, ``state.pt``), and :func:`finish`. Everything a step needs is in one :class:`Run`.
+and at the last), :func:`probe` (Delta E of the probe set, every epoch), :func:`record` (``metrics.jsonl`` and
+the arrow snapshot) and :func:`checkpoint` (last / best / every N, ``state.pt``), and :func:`finish`. Everything a step needs is in one :class:`Run`.
 
 Randomness is derived from (seed, epoch), so a run resumed from an epoch boundary reproduces an uninterrupted run
 exactly on the same device. Several processes: every batch's samples are split over them and the gradients are
