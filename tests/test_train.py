@@ -386,3 +386,16 @@ def test_width_reaches_the_model_and_its_checkpoint(tmp_path):
     n_params = sum(p.numel() for p in lm.model.parameters())
     from core.models import build_model
     assert n_params == sum(p.numel() for p in build_model("demonet", 10, width=8).parameters())
+
+
+def test_gpu_fast_path_flags_run_on_a_cpu(tmp_path):
+    """The GPU rows' code paths (channels-last, bf16 autocast) stay exercised where no GPU is lent: channels-last
+    training on a CPU reaches the same weights up to float rounding, and the autocast flag is a no-op off CUDA."""
+    runs = {}
+    for name, kw in (("plain", {}), ("cl", {"channels_last": True}), ("amp", {"amp": True})):
+        out = tmp_path / name
+        train(TrainConfig(**TINY, epochs=1, out_dir=str(out), **kw))
+        runs[name] = _weights(out / "last.safetensors")
+    assert all(torch.equal(runs["plain"][k], runs["amp"][k]) for k in runs["plain"])
+    for k, v in runs["plain"].items():
+        torch.testing.assert_close(runs["cl"][k].contiguous(), v, rtol=1e-3, atol=1e-3, msg=k)
