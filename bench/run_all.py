@@ -1,7 +1,13 @@
-"""Run every benchmark, print their tables and rewrite BENCHMARKS.md from bench/results/*.json.
+"""Run every benchmark, print one table of ratios (project / reference, min and median over interleaved repeats)
+and rewrite BENCHMARKS.md from bench/results/*.json.
 
     python bench/run_all.py            # all benchmarks
-    python bench/run_all.py --only attack app
+    python bench/run_all.py --only attack epoch
+    python bench/run_all.py --report   # no benchmark: the table and BENCHMARKS.md from the results there are
+
+Every benchmark runs the project's path and its reference side by side in one process; rows with ``ratio_min`` /
+``ratio_median`` (time(ours) / time(reference): < 1 means ours is faster) go into the one table, each with the
+reference named and its median time beside it.
 """
 
 from __future__ import annotations
@@ -13,18 +19,69 @@ import sys
 
 import _util
 
-BENCHES = ["attack", "train", "fastpaths", "sgld", "landscape", "app", "sgld_page", "attack_lab", "umap",
+BENCHES = ["epoch", "attack", "train", "fastpaths", "sgld", "landscape", "app", "sgld_page", "attack_lab", "umap",
            "training_live"]
 
 
-def to_markdown() -> str:
-    out = ["# Benchmarks", "", "Latest figures written by `python bench/run_all.py` (each benchmark runs the project's path "
-           "and its reference side by side in one process). Raw JSON: `bench/results/`.", ""]
+GPU_NOTE = ("No GPU was lent to the sessions that made these figures: the GPU rows (bf16 autocast + channels-last "
+            "training step vs fp32, model FLOP utilisation of ResNet-18 at batch 512; `bench/bench_train.py` (c)) are "
+            "not measured. Their code paths run on the CPU in the tests (channels-last training, the amp flag, the "
+            "folded view's channels-last weights).")
+
+
+def _results() -> dict[str, dict]:
+    out = {}
     for name in BENCHES:
         f = _util.RESULTS / f"{name}.json"
-        if not f.exists():
+        if f.exists():
+            out[name] = json.loads(f.read_text())
+    return out
+
+
+def ratio_rows(results: dict[str, dict]) -> list[dict]:
+    """Every result row with a ratio, as one table: benchmark, what, model, reference (+ its median time),
+    ratio min / median, repeats, target."""
+    rows = []
+    for name, d in results.items():
+        for r in d.get("rows", []):
+            if r.get("ratio_median") is None and "skipped" not in str(r.get("note", "")):
+                continue
+            ref = r.get("reference") or ""
+            if r.get("reference_median_s") is not None:
+                ref += f" ({r['reference_median_s']:.3g} s median)"
+            rows.append({"benchmark": name, "what": r.get("what"), "model": r.get("model"), "images": r.get("images"),
+                         "reference": ref, "ratio_min": r.get("ratio_min"), "ratio_median": r.get("ratio_median"),
+                         "repeats": r.get("repeats"), "target": r.get("target"), "note": r.get("note") or None})
+    return rows
+
+
+def _md_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    cols = [c for c in dict.fromkeys(k for r in rows for k in r) if any(r.get(c) is not None for r in rows)]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_util._fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return out
+
+
+def to_markdown() -> str:
+    results = _results()
+    out = ["# Benchmarks", "", "Written by `python bench/run_all.py` (each benchmark runs the project's path and its "
+           "reference side by side in one process). Raw JSON: `bench/results/`.", "",
+           "## Ratios (project / reference)", "",
+           "time(ours) / time(reference): < 1 means ours is faster; min and median over interleaved repeats or "
+           "back-to-back pairs on the machine named in each benchmark's section (a loaded 2-core CPU: the medians "
+           "are the figures to read).", ""]
+    out += _md_table(ratio_rows(results))
+    out += ["", f"**GPU**: {GPU_NOTE}", ""]
+    missing = [n for n in BENCHES if n not in results]
+    if missing:
+        out += [f"Not rerun for these figures (their last tables are in this file's git history): "
+                f"{', '.join(missing)}.", ""]
+    for name in BENCHES:
+        if name not in results:
             continue
-        d = json.loads(f.read_text())
+        d = results[name]
         env = d.get("environment", {})
         out += [f"## {name}", "", f"{env.get('device')}, {env.get('threads')} threads, torch {env.get('torch')}, "
                 f"{env.get('date')}", ""]
@@ -45,9 +102,10 @@ def to_markdown() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=BENCHES)
+    ap.add_argument("--report", action="store_true", help="run nothing: print the table, rewrite BENCHMARKS.md")
     args = ap.parse_args()
     failed = []
-    for name in args.only:
+    for name in ([] if args.report else args.only):
         script = _util.REPO / "bench" / f"bench_{name}.py"
         if not script.exists():
             print(f"(no {script.name})")
@@ -56,6 +114,8 @@ def main() -> None:
         r = subprocess.run([sys.executable, str(script)], cwd=script.parent)
         if r.returncode:
             failed.append(name)
+    _util.print_table("Ratios (time(ours) / time(reference); < 1 means ours is faster)", ratio_rows(_results()))
+    print(f"\nGPU: {GPU_NOTE}")
     (_util.REPO / "BENCHMARKS.md").write_text(to_markdown())
     print("\nBENCHMARKS.md updated" + (f"; failed: {failed}" if failed else ""))
     sys.exit(1 if failed else 0)

@@ -215,7 +215,8 @@ class TraceRecorder:
     """Accumulates logits step by step and builds an :class:`EnergyTrace` at the end.
 
     ``record(step, logits, loss=None)`` stores detached energies on the logits' device (no host
-    sync); ``finish()`` stacks and copies them to numpy once.
+    sync); ``finish()`` stacks and copies them to numpy once, rows in step order (a step may be recorded
+    late: the attacks record the natural step 0 with their final forward).
     """
 
     def __init__(self, labels: torch.Tensor, targets: torch.Tensor | None = None, meta: dict | None = None):
@@ -250,15 +251,18 @@ class TraceRecorder:
         if not self._steps:
             raise InputError("no step was recorded")
         n = self.labels.numel()
+        order = sorted(range(len(self._steps)), key=self._steps.__getitem__)  # stable: equal steps keep their order
         losses = [torch.full((n,), float("nan"), device=self._marg[0].device) if l is None else l for l in self._loss]
-        to_np = lambda ts, dt=np.float32: torch.stack(ts).cpu().numpy().astype(dt, copy=False)  # noqa: E731
+        def to_np(ts, dt=np.float32):
+            return torch.stack([ts[i] for i in order]).cpu().numpy().astype(dt, copy=False)
+
         return EnergyTrace(
             marginal=to_np(self._marg),
             joint=to_np(self._joint),
             pred=to_np(self._pred, np.int64),
             loss=to_np(losses),
             labels=self.labels.cpu().numpy(),
-            steps=np.asarray(self._steps, dtype=np.int64),
+            steps=np.asarray([self._steps[i] for i in order], dtype=np.int64),
             targets=None if self.targets is None else self.targets.cpu().numpy(),
             joint_target=to_np(self._jt) if self._jt else None,
             meta=self.meta,

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m core.train") -> i
     except EnergyLensError as e:
         return error_exit(e)
     if rec:
-        print(json.dumps({k: rec[k] for k in ("epoch", "nat_acc", "pgd_acc", "dE_mean", "dEy_mean")}))
+        print(json.dumps({k: rec.get(k) for k in ("epoch", "nat_acc", "pgd_acc", "dE_mean", "dEy_mean")}))
     return 0
 
 
@@ -121,8 +121,9 @@ def run_job(config: dict, run_dir, report: Callable[[float, str], None]) -> dict
         msg = p.get("message") or f"epoch {p.get('epoch')}/{cfg.epochs}"
         if "metrics" in p:
             m = p["metrics"]
-            msg = (f"epoch {p.get('epoch')}/{cfg.epochs} done — nat {m['nat_acc']:.1%}, PGD {m['pgd_acc']:.1%}, "
-                   f"ΔE(x) {m['dE_mean']:+.3f}")
+            acc = (f"nat {m['nat_acc']:.1%}, PGD {m['pgd_acc']:.1%}, " if "pgd_acc" in m
+                   else "no test evaluation this epoch, ")   # measure_every > 1: between two evaluations
+            msg = f"epoch {p.get('epoch')}/{cfg.epochs} done — {acc}ΔE(x) {m['dE_mean']:+.3f}"
             if p.get("eta_s") is not None and p.get("epoch", 0) < cfg.epochs:
                 msg += f" · ETA {format_eta(p['eta_s'])}"
         report(float(p.get("fraction", 0.0)), msg)

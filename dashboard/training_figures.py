@@ -77,7 +77,9 @@ def phase_figure(epochs: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndar
         if not _finite(vals):
             continue
         c = ROB_COLOR if j == 0 else NAT_COLOR
-        fig.add_trace(go.Scatter(x=epochs, y=vals, mode="lines", name=label,
+        # evaluated every k epochs (TrainConfig.measure_every): the epochs between are NaN, joined over
+        fig.add_trace(go.Scatter(x=epochs, y=vals, mode="lines+markers", name=label, connectgaps=True,
+                                 marker=dict(size=4, color=c),
                                  line=dict(color=c, width=1.8, dash="solid" if j == 0 else "dash"),
                                  hovertemplate=f"{label}: %{{y:.1%}}<extra></extra>"), secondary_y=True)
     # phases are shaded only when the detector found a boundary: with too few epochs (or no distinct phase 1

@@ -20,6 +20,7 @@ from core.errors import EnergyLensError
 from core.losses import INNERS, METHODS, OUTERS, WEIGHTINGS
 from core.models import ARCHITECTURES
 from core.train import SCHEDULES, TrainConfig
+from core.training.measure import measurement_cost
 from core.rundir import RunDir
 
 st.title("Training studio")
@@ -193,6 +194,12 @@ with st.form(f"tr_form_{ver}"):
                                           "near 3% of the epoch time.")
         snap = g4.number_input("Arrow snapshot every N epochs", value=int(pv("snapshot_every", 1)), step=1,
                                key=f"tr_snap_{sfx}")
+        measure_every = g1.number_input(
+            "Evaluate every N epochs (0 = auto)", value=int(pv("measure_every", 0) or 0), min_value=0, step=1,
+            key=f"tr_measure_{sfx}",
+            help="The held-out PGD evaluation (natural / robust test accuracy) runs every N epochs and at the last; "
+                 "the probe ΔE(x) of Fig. 3 is measured every epoch. Auto: N is chosen after the first epoch from "
+                 "its training and probe times, so that measuring costs at most 25% of an epoch.")
         h1, h2, h3, h4 = st.columns(4)
         train_limit = h1.number_input("Training images (0 = all)", value=int(P.get("train_limit") or 0), step=256,
                                       key=f"tr_limit_{sfx}")
@@ -217,6 +224,8 @@ def form_config() -> dict:
            "snapshot_every": int(snap), "augment": bool(augment), "amp": bool(amp)}
     if probe_size:  # 0 = auto: left out, so the trainer sizes the probe set to the training set
         cfg["probe_size"] = int(probe_size)
+    if measure_every:  # 0 = auto: left out, so the trainer chooses the period from the first epoch's costs
+        cfg["measure_every"] = int(measure_every)
     if compile_:
         cfg["compile"] = True
     if float(beta) != lcfg.beta:
@@ -501,6 +510,24 @@ def fmt(v: float | None, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def measuring_caption(cfg: dict, recs) -> None:
+    """The evaluation period (set or auto) and what measuring costs the run."""
+    mc = measurement_cost(recs)
+    if not mc or not mc["every"]:
+        return
+    k = mc["every"]
+    how = "set" if cfg.get("measure_every") else "auto"
+    text = f"Test accuracy evaluated every {k} epoch{'s' if k > 1 else ''} ({how}) and at the last; ΔE every epoch."
+    per = mc["eval_s"] if mc["eval_s"] is not None else mc["eval_estimate_s"]
+    if per is not None and mc["train_s"]:
+        text += (f" One evaluation {'takes' if mc['eval_s'] is not None else 'should take (estimate)'} "
+                 f"{per:.1f} s = {per / mc['train_s']:.2f}× a training epoch ({mc['train_s']:.1f} s)")
+        if mc["share"] is not None:
+            text += f"; measuring (evaluation ÷ {k} + probe) is {mc['share']:.0%} of an average epoch"
+        text += "."
+    st.caption(text)
+
+
 def fig3_block(info, recs) -> None:
     ep, de = series(recs, f"dE_{skey}")
     _, dey = series(recs, f"dEy_{skey}")
@@ -522,6 +549,7 @@ def fig3_block(info, recs) -> None:
     st.plotly_chart(tfig.phase_figure(ep, curves, {"robust test error": rob, "natural test error": nat}, res,
                                       title=f"ΔE during training — {info.name} ({cfg.get('method', '?')})"),
                     width="stretch", config=fig.PLOT_CONFIG, key="tr_fig3")
+    measuring_caption(cfg, recs)
     # one verdict: whether the run overfits is judged by its robust test accuracy (core.overfitting: a drop beyond
     # SIGNIFICANT_SE standard errors); the ΔE(x) phases are described under it, named as the paper names them
     o = overfitting.summarize(recs, cfg.get("method"), cfg.get("eval_samples"), key=f"dE_{skey}")

@@ -24,8 +24,10 @@ from core.train import TrainConfig, TrainingStopped, config_from_args, evaluate,
 REPO = Path(__file__).resolve().parents[1]
 
 # a tiny but complete run: 4 batches per epoch on the embedded digits
+# measure_every=1: these tests read every epoch's held-out accuracy (the default evaluates every k epochs, k chosen
+# from measured times: tests/test_measure_every.py)
 TINY = dict(dataset="digits", arch="smallcnn", batch_size=64, train_limit=256, attack_steps=1, eval_samples=32,
-            eval_steps=1, probe_size=16, lr=0.05)
+            eval_steps=1, probe_size=16, lr=0.05, measure_every=1)
 
 METRIC_KEYS = {"epoch", "lr", "nat_acc", "pgd_acc", "nat_err", "rob_err", "train_time", "probe_time",
                "train_ce", "train_kl", "train_loss", "E_nat_mean", "E_adv_mean", "probe_nat_acc", "probe_adv_acc",
@@ -384,3 +386,16 @@ def test_width_reaches_the_model_and_its_checkpoint(tmp_path):
     n_params = sum(p.numel() for p in lm.model.parameters())
     from core.models import build_model
     assert n_params == sum(p.numel() for p in build_model("demonet", 10, width=8).parameters())
+
+
+def test_gpu_fast_path_flags_run_on_a_cpu(tmp_path):
+    """The GPU rows' code paths (channels-last, bf16 autocast) stay exercised where no GPU is lent: channels-last
+    training on a CPU reaches the same weights up to float rounding, and the autocast flag is a no-op off CUDA."""
+    runs = {}
+    for name, kw in (("plain", {}), ("cl", {"channels_last": True}), ("amp", {"amp": True})):
+        out = tmp_path / name
+        train(TrainConfig(**TINY, epochs=1, out_dir=str(out), **kw))
+        runs[name] = _weights(out / "last.safetensors")
+    assert all(torch.equal(runs["plain"][k], runs["amp"][k]) for k in runs["plain"])
+    for k, v in runs["plain"].items():
+        torch.testing.assert_close(runs["cl"][k].contiguous(), v, rtol=1e-3, atol=1e-3, msg=k)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 
 class SmallCNN(nn.Module):
-    # input layout for gradient attacks on the CPU (core.attacks.run_attack): channels-last makes PGD on this
-    # CNN ~1.5x faster, while it makes a CIFAR ResNet-18 ~8% slower, so the others keep the default
+    # input layout for gradient attacks on the CPU (core.attacks.run_attack) and the weight layout of their
+    # BatchNorm-folded view (core.models.folding): channels-last makes PGD on this CNN ~1.5x faster, and on a CIFAR
+    # ResNet-18 ~15% faster when the weights are channels-last too (input alone: ~8% slower)
     cpu_input_layout = torch.channels_last
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 32):
@@ -87,6 +88,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    cpu_input_layout = torch.channels_last  # see SmallCNN
+
     def __init__(self, block, num_blocks, num_classes: int = 10, width: int = 64):
         super().__init__()
         self.in_planes = width
@@ -193,6 +196,8 @@ class NetworkBlock(nn.Module):
 
 class WideResNet(nn.Module):
     """TRADES/RobustBench-style WideResNet (depth = 6n + 4)."""
+
+    cpu_input_layout = torch.channels_last  # see SmallCNN
 
     def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, drop_rate: float = 0.0,
                  sub_block1: bool = False):

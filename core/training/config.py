@@ -18,7 +18,7 @@ from ..losses import INNERS, METHODS, OUTERS, WEIGHT_LOGITS, WEIGHT_NORMS, WEIGH
 from ..models import ARCHITECTURES
 
 __all__ = ["TrainConfig", "field_choices", "SCHEDULES", "WIDTH_ARCHS", "MAX_EVAL_SAMPLES", "MAX_PROBE_SIZE",
-           "PROBE_SHARE", "PROBE_MAX", "PROBE_PER_CLASS_MIN"]
+           "PROBE_SHARE", "PROBE_MAX", "PROBE_PER_CLASS_MIN", "MEASURE_SHARE"]
 
 SCHEDULES = ("onecycle", "piecewise", "cosine", "constant")
 WIDTH_ARCHS = ("smallcnn", "demonet")   # architectures with a width option
@@ -26,6 +26,9 @@ MAX_EVAL_SAMPLES = 100_000   # held-out images attacked after every epoch (CIFAR
 MAX_PROBE_SIZE = 10_000      # probe images attacked after every epoch
 # the default probe set (auto_probe_size): 3% of the training set, at least 4 images per class, at most 256
 PROBE_SHARE, PROBE_MAX, PROBE_PER_CLASS_MIN = 0.03, 256, 4
+# measure_every unset (auto): the held-out evaluation runs every k epochs, k chosen after the first epoch so that the
+# per-epoch measurement (evaluation / k + probe) costs at most this share of an average epoch
+MEASURE_SHARE = 0.25
 
 
 def _opt(default, help: str, *, choices=None, fraction: bool = False):
@@ -80,6 +83,10 @@ class TrainConfig:
     burn_in: int | None = _opt(None, "MAIL: epochs with uniform sample weights (default: the method's)")
     eval_steps: int = _opt(20, "PGD steps of the evaluation after every epoch")
     eval_samples: int = _opt(512, "held-out images evaluated after every epoch")
+    measure_every: int | None = _opt(None, "evaluate the held-out images (natural / PGD accuracy) every N epochs and "
+                                     "at the last; the probe Delta E stays every epoch (default: auto, N chosen "
+                                     "from the first epoch's training and probe times so that measuring costs at "
+                                     "most 25% of an epoch)")
     probe_size: int | None = _opt(None, "training images whose Delta E is probed after every epoch (default: 3% of "
                                   "the training set, at least 4 per class, at most 256)")
     snapshot_every: int = _opt(1, "write the probe set's energies (arrow plots) every N epochs")
@@ -158,9 +165,9 @@ class TrainConfig:
         if self.beta is not None and not (self.beta >= 0):
             raise InputError(f"beta must be >= 0, got {self.beta}")
         for k in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_samples", "probe_size", "snapshot_every",
-                  "checkpoint_every"):
+                  "checkpoint_every", "measure_every"):
             v = getattr(self, k)
-            if (k == "probe_size" and v is None) or (k == "checkpoint_every" and v == 0):
+            if (k in ("probe_size", "measure_every") and v is None) or (k == "checkpoint_every" and v == 0):
                 continue
             if int(v) != v or v <= 0:
                 raise InputError(f"{k.replace('_', ' ')} must be a positive integer, got {v}")

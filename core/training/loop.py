@@ -2,9 +2,9 @@
 
 :func:`setup` (check the settings, start the process group, read the data, build model / optimizer / schedule),
 :func:`resume` (from ``state.pt``), then per epoch :func:`run_epoch` (the batches, with the batch log and
-progress), :func:`evaluate_epoch` (natural / PGD accuracy on held-out images), :func:`probe` (Delta E of the
-probe set), :func:`record` (``metrics.jsonl`` and the arrow snapshot) and :func:`checkpoint` (last / best /
-every N, ``state.pt``), and :func:`finish`. Everything a step needs is in one :class:`Run`.
+progress), :func:`evaluate_epoch` (natural / PGD accuracy on held-out images, every ``measure_every`` epochs
+and at the last), :func:`probe` (Delta E of the probe set, every epoch), :func:`record` (``metrics.jsonl`` and
+the arrow snapshot) and :func:`checkpoint` (last / best / every N, ``state.pt``), and :func:`finish`. Everything a step needs is in one :class:`Run`.
 
 Randomness is derived from (seed, epoch), so a run resumed from an epoch boundary reproduces an uninterrupted run
 exactly on the same device. Several processes: every batch's samples are split over them and the gradients are
@@ -40,7 +40,8 @@ from ..tensorio import atomic_torch_save, safe_torch_load
 from ..train_progress import TrainClock, progress_message
 from .config import TrainConfig
 from .data import load_splits, make_scheduler
-from .measure import auto_probe_size, evaluate, probe_energies, quantile_stats
+from .measure import (auto_measure_every, auto_probe_size, estimate_eval_time, evaluate, measure_due, probe_energies,
+                      quantile_stats)
 from .step import CompiledForward, TrainingStopped, oom_safe_step
 
 __all__ = ["train", "Run", "setup", "resume", "run_epoch", "evaluate_epoch", "probe", "record", "checkpoint",
@@ -81,6 +82,8 @@ class Run:
     clock: TrainClock
     start_epoch: int = 0
     best: float = -1.0            # the best PGD accuracy so far (best.safetensors)
+    measure_every: int | None = None   # the evaluation period (epochs); None: auto, chosen after the first epoch
+    num_classes: int | None = None
     oom: dict = field(default_factory=dict)   # {'micro_batch': k} once a training step ran out of memory
 
     @property
@@ -164,7 +167,7 @@ def setup(cfg: TrainConfig) -> Run:
                steps_per_epoch=steps_per_epoch, per_rank_bs=cfg.batch_size // world,
                xv=val_ds.images(val_idx), yv=val_ds.labels(val_idx), pidx=pidx, xp=train_ds.images(pidx),
                yp=train_ds.labels(pidx), amp=cfg.amp and device.type == "cuda", meta=meta, atk_spec=atk_spec,
-               clock=clock)
+               clock=clock, measure_every=cfg.measure_every, num_classes=train_ds.num_classes)
 
 
 def _prepare_folder(cfg: TrainConfig, run: RunDir) -> None:
@@ -191,6 +194,8 @@ def resume(r: Run) -> None:
         r.opt.load_state_dict(st["optimizer"])
         r.sched.load_state_dict(st["scheduler"])
         r.start_epoch, r.best = int(st["epoch"]), float(st["best"])
+        if r.cfg.measure_every is None and st.get("measure_every"):  # auto: keep the period chosen before
+            r.measure_every = int(st["measure_every"])
         if r.is_main:  # drop the metrics and batches written after the checkpoint we resume from
             r.run.keep_epochs(r.start_epoch)
     elif r.is_main:
@@ -289,8 +294,9 @@ def _report_batch(r: Run, epoch: int, b: int, lt, progress: Progress | None) -> 
 
 
 # --------------------------------------------------------------------------------------------------- evaluate
-def evaluate_epoch(r: Run, epoch: int, progress: Progress | None = None) -> dict:
-    """Announce the evaluation phase, then natural and PGD accuracy on the held-out images (rank 0)."""
+def evaluate_epoch(r: Run, epoch: int, progress: Progress | None = None, held_out: bool = True) -> dict | None:
+    """Announce the evaluation phase, then natural and PGD accuracy on the held-out images (rank 0); None without
+    them (``held_out`` False: an epoch between two evaluations, see ``TrainConfig.measure_every``)."""
     cfg, clock, spe = r.cfg, r.clock, r.steps_per_epoch
     clock.start_eval()
     eta = clock.eta_after_eval(epoch + 1)
@@ -301,29 +307,40 @@ def evaluate_epoch(r: Run, epoch: int, progress: Progress | None = None) -> dict
     if progress:
         progress({"epoch": epoch + 1, "batch": spe, "batches": spe, "fraction": (epoch + 1) / cfg.epochs,
                   "eta_s": eta, "message": msg})
-    return evaluate(r.model, r.xv, r.yv, r.eps, cfg.eval_step_size() if cfg.eval_steps else r.step, cfg.eval_steps)
+    if not held_out:
+        return None
+    return evaluate(r.model, r.xv, r.yv, r.eps, cfg.eval_step_size() if cfg.eval_steps else r.step, cfg.eval_steps,
+                    num_classes=r.num_classes)
 
 
 # --------------------------------------------------------------------------------------------------- probe
 def probe(r: Run) -> dict[str, np.ndarray]:
     """Natural vs adversarial energies of the probe set under the training attack, and its WEAT weights."""
-    pe = probe_energies(r.model, r.xp, r.yp, r.eps, r.step, r.cfg.attack_steps, "kl" if r.lcfg.inner == "kl" else "ce")
+    pe = probe_energies(r.model, r.xp, r.yp, r.eps, r.step, r.cfg.attack_steps, "kl" if r.lcfg.inner == "kl" else "ce",
+                        num_classes=r.num_classes)
     # WEAT weights of the probe set, whatever the method (for the weight histogram); w depends on E(x) only
     pe["w_probe"] = weat_weight(torch.from_numpy(-pe["e_nat"][:, None].astype(np.float32))).numpy()
     return pe
 
 
 # --------------------------------------------------------------------------------------------------- record
-def record(r: Run, epoch: int, ep: EpochResult, ev: dict, pe: dict, probe_time: float) -> dict:
+def record(r: Run, epoch: int, ep: EpochResult, ev: dict | None, pe: dict, probe_time: float,
+           eval_time: float | None = None, eval_estimate: float | None = None) -> dict:
     """The epoch's metrics record (appended to ``metrics.jsonl``) and, every ``snapshot_every`` epochs and at the
-    last, the probe vectors (``probe/epoch_XXXX.npz``). Returns the record."""
+    last, the probe vectors (``probe/epoch_XXXX.npz``). Returns the record. ``ev`` None (no held-out evaluation
+    this epoch): the record has no ``nat_acc`` / ``pgd_acc`` / ``nat_err`` / ``rob_err`` (readers see a gap).
+    ``probe_time``: seconds of the whole measurement (evaluation + probe), ``eval_time``: of the evaluation,
+    ``eval_estimate``: the evaluation seconds the automatic period was chosen from (the first epoch)."""
     cfg = r.cfg
     d_marg, d_joint = pe["e_nat"] - pe["e_adv"], pe["ej_nat"] - pe["ej_adv"]
+    held_out = {} if ev is None else {"nat_acc": ev["nat_acc"], "pgd_acc": ev["pgd_acc"],
+                                      "nat_err": 1 - ev["nat_acc"], "rob_err": 1 - ev["pgd_acc"]}
     rec = {
-        "epoch": epoch + 1, "lr": float(r.opt.param_groups[0]["lr"]),
-        "nat_acc": ev["nat_acc"], "pgd_acc": ev["pgd_acc"],
-        "nat_err": 1 - ev["nat_acc"], "rob_err": 1 - ev["pgd_acc"],
+        "epoch": epoch + 1, "lr": float(r.opt.param_groups[0]["lr"]), **held_out,
         "train_time": ep.train_time, "probe_time": probe_time, "probe_size": int(len(r.pidx)),
+        **({"eval_time": eval_time} if eval_time is not None else {}),
+        **({"eval_time_estimate": eval_estimate} if eval_estimate is not None else {}),
+        **({"measure_every": int(r.measure_every)} if r.measure_every is not None else {}),
         **({"compile": r.net.note} if r.net is not None else {}),
         **{f"train_{k}": v / max(r.steps_per_epoch, 1) for k, v in ep.sums.items()},
         **quantile_stats(d_marg, "dE"), **quantile_stats(d_joint, "dEy"),
@@ -348,15 +365,18 @@ def checkpoint(r: Run, epoch: int, rec: dict) -> None:
     (highest PGD accuracy) and ``state.pt`` (what ``--resume`` continues from), in that order."""
     cfg = r.cfg
     r.meta.epoch = epoch + 1
-    r.meta.metrics = {k: rec[k] for k in ("nat_acc", "pgd_acc", "dE_mean", "dEy_mean")}
+    # accuracies of the last evaluated epoch (an epoch between two evaluations has none of its own)
+    r.meta.metrics = {**(r.meta.metrics or {}), **{k: rec[k] for k in ("nat_acc", "pgd_acc", "dE_mean", "dEy_mean")
+                                                    if k in rec}}
     save_checkpoint(r.run.last, r.model, r.meta)
     if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
         save_checkpoint(r.run.epoch_checkpoint(epoch + 1), r.model, r.meta)
-    if rec["pgd_acc"] > r.best:
+    if "pgd_acc" in rec and rec["pgd_acc"] > r.best:
         r.best = rec["pgd_acc"]
         save_checkpoint(r.run.best, r.model, r.meta)
     atomic_torch_save(r.run.state, {"model": r.model.state_dict(), "optimizer": r.opt.state_dict(),
-                                    "scheduler": r.sched.state_dict(), "epoch": epoch + 1, "best": r.best})
+                                    "scheduler": r.sched.state_dict(), "epoch": epoch + 1, "best": r.best,
+                                    "measure_every": r.measure_every})
 
 
 def _report_epoch(r: Run, epoch: int, rec: dict, progress: Progress | None) -> None:
@@ -387,9 +407,19 @@ def train(cfg: TrainConfig, progress: Progress | None = None, should_stop: Calla
         if not r.is_main:
             continue
         t1 = time.time()
-        ev = evaluate_epoch(r, epoch, progress)
+        due = measure_due(epoch + 1, cfg.epochs, r.measure_every)
+        ev = evaluate_epoch(r, epoch, progress, held_out=due)
+        t2 = time.time()
         pe = probe(r)
-        last = record(r, epoch, ep, ev, pe, probe_time=time.time() - t1)
+        t3 = time.time()
+        measure_s, eval_s = t3 - t1, (t2 - t1) if due else None
+        estimate = None
+        if r.measure_every is None:  # auto: the period from this (first) epoch's training and probe times
+            probe_s = measure_s - (eval_s or 0.0)
+            estimate = eval_s if due else estimate_eval_time(probe_s, len(r.pidx), cfg.attack_steps, len(r.yv),
+                                                             cfg.eval_steps)
+            r.measure_every = auto_measure_every(ep.train_time, estimate, probe_s, cfg.epochs)
+        last = record(r, epoch, ep, ev, pe, probe_time=measure_s, eval_time=eval_s, eval_estimate=estimate)
         checkpoint(r, epoch, last)
         r.clock.end_eval()
         _report_epoch(r, epoch, last, progress)
