@@ -12,7 +12,7 @@ import figures as fig
 import persist
 from core import analysis
 from core.attacks import AttackSpec, run_attack
-from core.errors import EnergyLensError, InputError
+from core.errors import InputError
 from core.models import device_of
 
 lm, meta, classes, default_eps = common.require_model("Embedding explorer")

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import pytest
 import torch
 

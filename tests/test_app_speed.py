@@ -299,12 +299,13 @@ def test_sgld_chains_come_back_after_a_reload_with_their_model(runs_dir, monkeyp
     at.number_input(key="sgld_chains").set_value(2).run()
     at.button(key="sgld_btn_init").click().run()
     at.button(key="sgld_btn_step10").click().run()
-    assert at.session_state["sgld_sampler"].steps_done == 10
+    done = at.session_state["sgld_sampler"].steps_done
+    assert 0 < done <= 10   # fewer when every chain reached its class's reference energy first (the stopping rule)
     model = at.sidebar.selectbox(key="pick-Bundled").value
     new = _reload(at, "../pages/sgld.py")
     assert new.sidebar.selectbox(key="pick-Bundled").value == model, "the reload restores the chains' model"
     s = new.session_state["sgld_sampler"]
-    assert s.steps_done == 10 and list(s.classes) == [3]
+    assert s.steps_done == done and list(s.classes) == [3]
     assert any(model in i.value for i in new.info), [i.value for i in new.info]
 
 

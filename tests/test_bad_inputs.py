@@ -185,8 +185,6 @@ def _meta_json(**changes) -> str:
 
 def _relabelled(good: Path, path: Path, **changes) -> Path:
     """The good checkpoint's real weights with altered metadata."""
-    import json
-
     from safetensors.torch import load_file, save
 
     path.write_bytes(save(load_file(str(good)), metadata={"energylens": _meta_json(**changes)}))

@@ -38,7 +38,7 @@ EPOCHS = 3
 CFG = dict(method="sat", dataset="digits", arch="smallcnn", epochs=EPOCHS, batch_size=32, train_limit=256, lr=0.05,
            attack_steps=2, eval_steps=2, eval_samples=64, probe_size=32, seed=0, device="cpu",
            measure_every=1)  # every epoch's accuracy is compared (auto would choose the period from timings)
-TIMING_KEYS = {"train_time", "probe_time"}
+TIMING_KEYS = {"train_time", "probe_time", "eval_time", "eval_time_estimate"}
 JOB_TIMEOUT = 240.0
 SUMMARY: list[str] = []
 GRACEFUL = 3  # trials 0-2 are SIGKILLed; trial 3 is stopped with stop_job (SIGTERM) instead

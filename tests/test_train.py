@@ -208,7 +208,7 @@ def test_exploding_learning_rate_stops_without_bad_checkpoints(tmp_path):
 # the CLI and what it writes
 CLI_ARGS = ["--method", "sat", "--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--train-limit", "256",
             "--attack-steps", "2", "--eval-samples", "48", "--eval-steps", "2", "--probe-size", "20", "--lr", "0.05",
-            "--name", "cli-sat"]
+            "--name", "cli-sat", "--measure-every", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from apptest_helpers import Chart
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = str(REPO / "dashboard" / "Home.py")
@@ -343,7 +347,7 @@ def test_run_list_shows_material_icons_and_no_running_time_while_queued(runs, mo
                                                               "sleepy": f"{fixtures}:sleepy"}))
     monkeypatch.setenv("ENERGYLENS_MAX_JOBS_PER_DEVICE", "1")
     # holds the cpu slot until the test stops it (not for a fixed time the page check would have to beat)
-    hold = jobs.submit("sleepy", {"steps": 10**7, "dt": 0.05}, device="cpu", runs_dir=runs)
+    jobs.submit("sleepy", {"steps": 10**7, "dt": 0.05}, device="cpu", runs_dir=runs)
     try:
         queued = jobs.submit("train", {"method": "sat", "dataset": "digits", "epochs": 3}, name="waiting run",
                              device="cpu", runs_dir=runs)
