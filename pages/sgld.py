@@ -14,6 +14,7 @@ import streamlit as st
 import figures as fig
 import persist
 import sgld_figures as sf
+import share
 import tour
 from core import sampling, sgld_cache
 from core.errors import InputError
@@ -111,6 +112,7 @@ if st.session_state.get("sgld_defaults_family") != sg_def["family"]:
     st.session_state["sgld_n"] = int(sg_def["steps"])
     st.session_state["sgld_stop"] = bool(sg_def["stop_at_reference"])
     st.session_state["sgld_defaults_family"] = sg_def["family"]
+share.reapply("sgld")   # a shared link's steps win over the family default
 FAMILY_LABEL = {"digits": "digits", "cifar": "natural images (CIFAR-like)"}
 c4, c5, c6, c7, c8 = st.columns(5)
 eta = float(c4.number_input("Step size η", step=0.01, format="%.4f", key="sgld_eta",

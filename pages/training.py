@@ -474,6 +474,8 @@ by_id = {j.id: j for j in viewable}
 req = st.session_state.pop("tr_view_request", None)
 if req in ids:
     st.session_state["tr_view"] = req
+elif req is not None:   # only a shared link asks for a run that is not here
+    st.info(f"The run {common.plain(req)} of the link is not here: another run is shown.")
 if "tr_compare" in st.session_state:
     st.session_state["tr_compare"] = [i for i in st.session_state["tr_compare"] if i in ids]
 if st.session_state.get("tr_view") not in ids:
