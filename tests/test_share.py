@@ -1,16 +1,23 @@
-"""Issue 27, item 8: a link that reproduces the current view (page, model, settings; no session id)."""
+"""Issue 27, item 8: a link that reproduces the current view (page, model, settings; no session id), and figures for
+slides (Fig. 1, Fig. 3 and the SGLD grid with a caption)."""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 from urllib.parse import parse_qsl, urlsplit
 
+import numpy as np
 import pytest
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from apptest_helpers import HOME  # noqa: E402
+from apptest_helpers import HOME, charts  # noqa: E402
+
+CAPTION_OF = {"attack": "Fig. 1 —", "training": "Fig. 3 —"}
+
 
 @pytest.fixture
 def no_widget_warning(monkeypatch):
@@ -199,3 +206,83 @@ def test_the_link_shown_has_no_session_id_and_reopens_the_same_view(runs_dir, mo
     assert new.session_state["_persist_sid"] != sid, "the link opens a session of its own"
     assert "atk_result" not in new.session_state, "the link shares settings, not results"
     assert _link(new) == link
+
+
+# ------------------------------------------------------------------------------------------------ (d)
+def test_slide_figure_has_the_caption_under_the_plot_and_the_export_config_the_format():
+    import figures as fig
+    import slides
+
+    f = fig.energy_arrows(np.array([0.0, 1.0]), np.array([1.0, 2.0]), np.array([-1.0, 0.5]), np.array([2.0, 3.0]))
+    s = slides.slide_figure(f, "Fig. 1 — model m · PGD (ε = 8/255) · 2 test images")
+    caps = [a for a in s.layout.annotations if a.name == slides.CAPTION_NAME]
+    assert len(caps) == 1 and "8/255" in caps[0].text and "2 test images" in caps[0].text
+    assert caps[0].yref == "paper" and caps[0].y == 0 and caps[0].yanchor == "top", "under the plot"
+    assert s.layout.paper_bgcolor == "white" and s.layout.font.size >= 18
+    assert not [a for a in f.layout.annotations if a.name == slides.CAPTION_NAME], "the original is unchanged"
+    for fmt in ("png", "svg"):
+        opts = slides.export_config(fmt, "fig1 m/pgd")["toImageButtonOptions"]
+        assert opts["format"] == fmt and (opts["width"], opts["height"]) == (1600, 900)
+        assert opts["filename"] == "fig1_m_pgd"
+    with pytest.raises(ValueError):
+        slides.export_config("gif", "x")
+
+
+def _slide_chart(at: AppTest, page: str):
+    chart = [(c, el) for c, el in zip(charts(at), at.get("plotly_chart"))
+             if any(a.startswith(CAPTION_OF[page]) for a in c.annotations)]
+    assert len(chart) == 1, [c.annotations for c in charts(at)]
+    return chart[0][0], json.loads(chart[0][1].proto.config)
+
+
+def test_attack_lab_offers_fig1_for_slides_in_the_chosen_format(runs_dir, monkeypatch, tmp_path):
+    at = _attack_page(monkeypatch, tmp_path)
+    at.number_input(key="atk_steps").set_value(2)
+    at.number_input(key="atk_n").set_value(8)
+    _run_attack(at)
+    chart, config = _slide_chart(at, "attack")
+    cap = next(a for a in chart.annotations if a.startswith("Fig. 1 —"))
+    assert "digits-plain" in cap and "8 test images" in cap and "ε" in cap, cap
+    assert config["toImageButtonOptions"]["format"] == "png"
+    at.radio(key="slide_arrows_fmt").set_value("svg").run()
+    assert _slide_chart(at, "attack")[1]["toImageButtonOptions"]["format"] == "svg"
+    assert any("camera icon" in c.value and "SVG" in c.value for c in at.caption)
+
+
+def test_training_studio_offers_fig3_for_slides(runs_dir, monkeypatch, tmp_path):
+    at = _open({"page": "training", "run": "recorded:cifar10-demo-2k-sat"}, monkeypatch, tmp_path)
+    chart, config = _slide_chart(at, "training")
+    cap = next(a for a in chart.annotations if a.startswith("Fig. 3 —"))
+    assert "cifar10-demo-2k-sat" in cap and "probe" in cap, cap
+    at.radio(key="slide_fig3_fmt").set_value("svg").run()
+    assert _slide_chart(at, "training")[1]["toImageButtonOptions"]["format"] == "svg"
+
+
+def test_sgld_grid_for_slides_is_a_png_with_a_caption_strip(runs_dir, monkeypatch, tmp_path):
+    from PIL import Image
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    files: dict[str, bytes] = {}
+    real = MemoryMediaFileStorage.load_and_get_id
+
+    def keep(self, path_or_data, mimetype, kind, filename=None):
+        if filename and isinstance(path_or_data, bytes):
+            files[filename] = path_or_data
+        return real(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", keep)
+    at = _open({"page": "sgld", "model": "digits-sat", "classes": "3,5", "chains": "2", "init": "random"},
+               monkeypatch, tmp_path)
+    at.button(key="sgld_btn_init").click().run()
+    at.button(key="sgld_btn_step1").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    png = next(v for k, v in files.items() if k.endswith("steps.png"))
+    slide = next(v for k, v in files.items() if k.endswith("_slide.png"))
+    svg = next(v for k, v in files.items() if k.endswith("_slide.svg"))
+    grid, big = Image.open(io.BytesIO(png)), Image.open(io.BytesIO(slide))
+    big.load()
+    assert big.format == "PNG" and big.height > grid.height + 20 and big.width >= grid.width
+    strip = np.asarray(big.convert("L"))[grid.height + 16:]
+    assert (strip < 128).any(), "the caption strip holds text"
+    assert b"<svg" in svg and b"data:image/png;base64," in svg and "digits-sat".encode() in svg
+    assert "η = ".encode() in svg and b"random" in svg
