@@ -7,6 +7,7 @@ import torch
 
 import figures as fig
 import persist
+import slides
 import tour
 from core.attacks import ATTACKS, AttackSpec, attack_slug, describe_attack, format_eps, interactive_batch_size, run_attack
 from core.attacks import budget, pgd_step_size
@@ -308,14 +309,19 @@ elif r is not None:
                           f"{ds_['n']} images: mean ΔE(x) {ds_['dE_mean_all']:+.3f}, mean ΔE(x,y) "
                           f"{ds_['dEy_mean_all']:+.3f}." if some else ""))
             nat, fin = t.natural(), t.final()
-            st.plotly_chart(fig.energy_arrows(nat["marginal"], nat["joint"], fin["marginal"], fin["joint"],
-                                              labels=[classes[int(i)] for i in t.labels],
-                                              pred_nat=[classes[int(i)] for i in nat["pred"]],
-                                              pred_adv=[classes[int(i)] for i in fin["pred"]], drift_max=drift_max,
-                                              title=f"Energy drift — {model_name}" if b else
-                                              "Energy drift: natural → adversarial",
-                                              x_range=both if b else None, y_range=both if b else None),
-                            width="stretch", config=fig.PLOT_CONFIG, key=f"fig_arrows_{model_name}" if b else "fig_arrows")
+            arrows = fig.energy_arrows(nat["marginal"], nat["joint"], fin["marginal"], fin["joint"],
+                                       labels=[classes[int(i)] for i in t.labels],
+                                       pred_nat=[classes[int(i)] for i in nat["pred"]],
+                                       pred_adv=[classes[int(i)] for i in fin["pred"]], drift_max=drift_max,
+                                       title=f"Energy drift — {model_name}" if b else
+                                       "Energy drift: natural → adversarial",
+                                       x_range=both if b else None, y_range=both if b else None)
+            st.plotly_chart(arrows, width="stretch", config=fig.PLOT_CONFIG,
+                            key=f"fig_arrows_{model_name}" if b else "fig_arrows")
+            slides.slide_panel(arrows, f"Fig. 1 — energy drift, natural → adversarial · model {model_name} · "
+                                       f"{describe_attack(s, classes)} · {t.n_samples} test images",
+                               key=f"slide_arrows_{model_name}" if b else "slide_arrows",
+                               name=f"fig1_{model_name}_{attack_slug(s)}")
 
     hist = st.session_state.get("atk_history", {})
     chosen = st.multiselect("Runs on the step curve", list(hist), key="atk_curves",

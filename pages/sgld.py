@@ -14,6 +14,8 @@ import streamlit as st
 import figures as fig
 import persist
 import sgld_figures as sf
+import share
+import slides
 import tour
 from core import sampling, sgld_cache
 from core.errors import InputError
@@ -111,6 +113,7 @@ if st.session_state.get("sgld_defaults_family") != sg_def["family"]:
     st.session_state["sgld_n"] = int(sg_def["steps"])
     st.session_state["sgld_stop"] = bool(sg_def["stop_at_reference"])
     st.session_state["sgld_defaults_family"] = sg_def["family"]
+share.reapply("sgld")   # a shared link's steps win over the family default
 FAMILY_LABEL = {"digits": "digits", "cifar": "natural images (CIFAR-like)"}
 c4, c5, c6, c7, c8 = st.columns(5)
 eta = float(c4.number_input("Step size η", step=0.01, format="%.4f", key="sgld_eta",
@@ -427,7 +430,8 @@ else:
         # the files' bytes are made in this run (never deferred callables: a deferred file is forgotten by the
         # next rerun, so quick successive clicks failed with "MediaFileStorageError: Deferred file ... not found"),
         # and a click does not rerun the page (on_click="ignore"), so the file served is the one on screen
-        d1.download_button("Download grid (PNG)", _grid_png(sampler.images().numpy(), ncol, _row_classes(sampler)),
+        grid = _grid_png(sampler.images().numpy(), ncol, _row_classes(sampler))
+        d1.download_button("Download grid (PNG)", grid,
                            file_name=f"sgld_{meta.name}_{sampler.steps_done}steps.png", mime="image/png",
                            key="sgld_dl_png", on_click="ignore")
         d2.download_button("Download samples (.npz)", _npz_bytes(sampler),
@@ -436,6 +440,14 @@ else:
                            help="x (uint8, loadable as dataset npz:<file>), y, x0, x_float and the energy trace")
         d3.download_button("Download energy trace (CSV)", tr.to_energy_trace().to_csv(),
                            file_name="sgld_trace.csv", mime="text/csv", key="sgld_dl_csv", on_click="ignore")
+        # for slides: the grid with its class labels and a caption strip (model, start, steps, η / ζ / γ)
+        cap = slides.sgld_caption(meta.name, sampler.config(), names, sampler.n_chains)
+        stem = slides.filename(f"sgld_{meta.name}_{sampler.steps_done}steps_slide")
+        s1, s2, _ = st.columns(3)
+        s1.download_button("Figure for slides (PNG with caption)", slides.captioned_png(grid, cap),
+                           file_name=f"{stem}.png", mime="image/png", key="sgld_dl_slide_png", on_click="ignore")
+        s2.download_button("Figure for slides (SVG with caption)", slides.captioned_svg(grid, cap),
+                           file_name=f"{stem}.svg", mime="image/svg+xml", key="sgld_dl_slide_svg", on_click="ignore")
 
 # ---------------------------------------------------------------- compare initialisations
 st.divider()

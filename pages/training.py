@@ -9,6 +9,7 @@ import numpy as np
 import streamlit as st
 
 import figures as fig
+import slides
 import tour
 import training_figures as tfig
 from core import jobs, phase
@@ -474,6 +475,8 @@ by_id = {j.id: j for j in viewable}
 req = st.session_state.pop("tr_view_request", None)
 if req in ids:
     st.session_state["tr_view"] = req
+elif req is not None:   # only a shared link asks for a run that is not here
+    st.info(f"The run {common.plain(req)} of the link is not here: another run is shown.")
 if "tr_compare" in st.session_state:
     st.session_state["tr_compare"] = [i for i in st.session_state["tr_compare"] if i in ids]
 if st.session_state.get("tr_view") not in ids:
@@ -546,9 +549,14 @@ def fig3_block(info, recs) -> None:
     m2.metric("Natural accuracy", fmt(num(last, "nat_acc"), ".1%"))
     m3.metric("PGD accuracy", fmt(num(last, "pgd_acc"), ".1%"))
     m4.metric(f"ΔE(x) ({stat})", fmt(num(last, f"dE_{skey}"), "+.4f"))
-    st.plotly_chart(tfig.phase_figure(ep, curves, {"robust test error": rob, "natural test error": nat}, res,
-                                      title=f"ΔE during training — {info.name} ({cfg.get('method', '?')})"),
-                    width="stretch", config=fig.PLOT_CONFIG, key="tr_fig3")
+    f3 = tfig.phase_figure(ep, curves, {"robust test error": rob, "natural test error": nat}, res,
+                           title=f"ΔE during training — {info.name} ({cfg.get('method', '?')})")
+    st.plotly_chart(f3, width="stretch", config=fig.PLOT_CONFIG, key="tr_fig3")
+    n_probe = num(last, "probe_size") or cfg.get("probe_size")
+    slides.slide_panel(f3, f"Fig. 3 — ΔE(x) = E(x) − E(x*) of the probe training images ({stat}) during training · "
+                           f"run {info.name} · method {cfg.get('method', '?')}"
+                           + (f" · {int(n_probe)} probe images" if n_probe else "") + " · error rates on test images",
+                       key="slide_fig3", name=f"fig3_{info.name}")
     measuring_caption(cfg, recs)
     # one verdict: whether the run overfits is judged by its robust test accuracy (core.overfitting: a drop beyond
     # SIGNIFICANT_SE standard errors); the ΔE(x) phases are described under it, named as the paper names them
