@@ -13,7 +13,7 @@ ratio time(ours) / time(reference) -- min and median over interleaved repeats (`
 * trace cost: PGD-10 + trace / the same PGD-10 without it (target <= 1.05);
 * BN folding: PGD-10 + trace / the same with ``fold_bn=False``.
 
-torchattacks is only needed here (``pip install -e .[bench]`` or ``pip install --no-deps torchattacks``: its
+torchattacks is only needed here (``pip install --no-deps torchattacks`` into the venv: its
 metadata pins an old ``requests``); without it that row says so.
 """
 
