@@ -64,7 +64,7 @@ def _md_table(rows: list[dict]) -> list[str]:
     return out
 
 
-def to_markdown() -> str:
+def to_markdown(previous: str | None = None) -> str:
     results = _results()
     out = ["# Benchmarks", "", "Written by `python bench/run_all.py` (each benchmark runs the project's path and its "
            "reference side by side in one process). Raw JSON: `bench/results/`.", "",
@@ -76,8 +76,8 @@ def to_markdown() -> str:
     out += ["", f"**GPU**: {GPU_NOTE}", ""]
     missing = [n for n in BENCHES if n not in results]
     if missing:
-        out += [f"Not rerun for these figures (their last tables are in this file's git history): "
-                f"{', '.join(missing)}.", ""]
+        out += [f"Not rerun for these figures: {', '.join(missing)}; their last sections are kept at the end of this "
+                f"file, marked as such (and their history is in git).", ""]
     for name in BENCHES:
         if name not in results:
             continue
@@ -96,7 +96,36 @@ def to_markdown() -> str:
             if k not in ("benchmark", "environment", "rows"):
                 out.append(f"\n{k}: {json.dumps(v)}")
         out.append("")
+    kept = previous_sections(previous if previous is not None else _read_benchmarks_md())
+    for head, body in kept.items():
+        name = head.split()[0] if head else ""
+        if name in results or head.startswith("Ratios"):
+            continue
+        out += [f"## {head}", "", "*(Not rerun with the figures above: kept from the previous BENCHMARKS.md.)*",
+                body.strip("\n"), ""]
     return "\n".join(out)
+
+
+def _read_benchmarks_md() -> str:
+    f = _util.REPO / "BENCHMARKS.md"
+    return f.read_text() if f.exists() else ""
+
+
+def previous_sections(text: str) -> dict[str, str]:
+    """The ``## `` sections of an earlier BENCHMARKS.md, heading -> body (a kept section's marker line removed), so
+    that a run of some benchmarks does not drop the others' last figures."""
+    sections: dict[str, str] = {}
+    head, body = None, []
+    for line in text.splitlines():
+        if line.startswith("## "):
+            if head is not None:
+                sections[head] = "\n".join(body)
+            head, body = line[3:].strip(), []
+        elif head is not None and not line.startswith("*(Not rerun with the figures above"):
+            body.append(line)
+    if head is not None:
+        sections[head] = "\n".join(body)
+    return sections
 
 
 def main() -> None:
