@@ -30,7 +30,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is not available")
 
 COMMON = ["--dataset", "digits", "--batch-size", "64", "--train-limit", "256", "--attack-steps", "1",
-          "--eval-samples", "32", "--eval-steps", "1", "--probe-size", "16", "--lr", "0.05", "--device", "cpu"]
+          "--eval-samples", "32", "--eval-steps", "1", "--probe-size", "16", "--lr", "0.05", "--device", "cpu",
+          "--measure-every", "1"]  # every epoch evaluated (auto would choose the period from timings)
 
 # Entry point for the runs that need to look inside the processes: registers a BatchNorm-free
 # architecture, optionally makes the loss NaN on one rank, and dumps each rank's final state.
