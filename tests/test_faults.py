@@ -59,7 +59,9 @@ def test_run_attack_halves_the_batch_and_says_so(tiny_linear_model):
     res = run_attack(model, x, y, AttackSpec("pgd", steps=2, batch_size=12), num_classes=10)
     assert res.x_adv.shape == x.shape
     assert res.notes == ["out of memory: retrying with batch size 6", "out of memory: retrying with batch size 3"]
-    assert seen == [12, 6]
+    # at 3 the attack fits; its one forward of natural + final images (6) does not, and falls back to two forwards
+    # of 3 instead of halving the batch again (core.attacks.gradient._natural_and_final)
+    assert seen[:2] == [12, 6] and set(seen[2:]) <= {6}
     assert res.trace.n_samples == 12, "every image is attacked despite the retries"
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..drift import TraceRecorder
+from ..runtime import is_oom_error
 from .base import AttackInterrupted, AttackSpec, project
 
 __all__ = ["objective", "gradient_attack", "pgd", "trades_kl", "cw_margin"]
@@ -67,6 +68,19 @@ def _random_start(x: torch.Tensor, spec: AttackSpec, kind: str, generator: torch
         r = torch.rand(shape[0], generator=generator).view(-1, 1, 1, 1)
         delta = d * r * spec.eps
     return project(x + delta.to(x.device, x.dtype), x, spec.eps, spec.norm)
+
+
+def _natural_and_final(model, x: torch.Tensor, x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The natural and the final logits in one forward of 2N images; two forwards of N when that one does not fit
+    in memory (the batch size the attack itself runs at must never be halved for this saving)."""
+    try:
+        return model(torch.cat([x, x_adv])).split(x.shape[0])
+    except RuntimeError as e:
+        if not is_oom_error(e):
+            raise
+        if x.is_cuda:
+            torch.cuda.empty_cache()
+        return model(x), model(x_adv)
 
 
 def gradient_attack(model, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, kind: str,
@@ -117,7 +131,7 @@ def gradient_attack(model, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, k
     if recorder is not None:
         with torch.no_grad():
             if defer_nat:
-                nat_logits, logits = model(torch.cat([x, x_adv])).split(x.shape[0])
+                nat_logits, logits = _natural_and_final(model, x, x_adv)
             else:
                 logits = model(x_adv)
         if defer_nat:
