@@ -173,10 +173,15 @@ def test_stop_and_resume_reach_the_scheduler(runs):
     assert jobs.stop_job(jid, runs, grace=10).status == "stopped"
 
 
-def test_a_task_that_dies_without_recording_is_marked_failed(runs):
+def test_a_task_that_dies_without_recording_is_marked_failed(runs, monkeypatch):
     """A node that vanishes (here: every process of the task SIGKILLed) leaves the row 'running'; asking the
     scheduler finds the task gone and marks the row failed with the reason and the log tail."""
+    from core.jobs import slurm
     from core.jobs.slurm import SlurmScheduler
+
+    # only the forced check below asks the scheduler: the throttled one that reading a row triggers (every
+    # RECONCILE_EVERY_S s) would otherwise win the race whenever this machine is slow
+    monkeypatch.setattr(slurm, "RECONCILE_EVERY_S", float("inf"))
 
     base = {**TINY_BASE, "epochs": 40, "train_limit": 512}
     spec = sweep.parse_spec({"name": "dies", "base": base, "grid": {"seed": [0]}, "evaluate": False,
