@@ -51,6 +51,12 @@ def paired_ratio(a: Callable[[], object], b: Callable[[], object], pairs: int = 
     that between repetitions: each ratio compares two runs a second apart, so the drift cancels.
     """
     a(), b()
+    q1, med, q3 = statistics.quantiles(paired_ratios(a, b, pairs), n=4)
+    return {"median": med, "q25": q1, "q75": q3}
+
+
+def paired_ratios(a: Callable[[], object], b: Callable[[], object], pairs: int) -> list[float]:
+    """time(a) / time(b) of each back-to-back pair, the order alternating (no warm-up: the caller's)."""
     ratios = []
     for i in range(pairs):
         t = {}
@@ -59,8 +65,7 @@ def paired_ratio(a: Callable[[], object], b: Callable[[], object], pairs: int = 
             fn()
             t[name] = time.perf_counter() - t0
         ratios.append(t["a"] / t["b"])
-    q1, med, q3 = statistics.quantiles(ratios, n=4)
-    return {"median": med, "q25": q1, "q75": q3}
+    return ratios
 
 
 def bench_parser(reps: int, doc: str | None = None):

@@ -45,18 +45,6 @@ def interleaved(cands: dict, reps: int) -> dict[str, list[float]]:
     return times
 
 
-def paired(a, b, pairs: int) -> list[float]:
-    ratios = []
-    for i in range(pairs):
-        t = {}
-        for name, fn in ((("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a))):
-            t0 = time.perf_counter()
-            fn()
-            t[name] = time.perf_counter() - t0
-        ratios.append(t["a"] / t["b"])
-    return ratios
-
-
 def row(what: str, arch: str, n: int, ratios: list[float], ref_name: str, ref_times: list[float], target=None,
         note: str = "") -> dict:
     return {"what": what, "model": arch, "images": n, "reference": ref_name,
@@ -102,7 +90,7 @@ def main() -> None:
         rows.append(row("BN folding on vs off (both + trace)", arch, n, r("ours", "no_fold"),
                         "EnergyLens PGD-10 + trace, fold_bn=False", t["no_fold"]))
         # the trace costs a few % while this machine's speed drifts by more between repetitions: back-to-back pairs
-        pr = paired(ours, lambda: run_attack(model, x, y, spec, record_trace=False), args.pairs)
+        pr = _util.paired_ratios(ours, lambda: run_attack(model, x, y, spec, record_trace=False), args.pairs)
         rows.append(row("trace cost: PGD-10 + trace vs PGD-10 without it", arch, n, pr,
                         "EnergyLens PGD-10, no trace", [statistics.median(t["ours"]) / statistics.median(pr)],
                         target="<= 1.05"))

@@ -205,3 +205,35 @@ def test_pages_make_no_requests_beyond_localhost(app_url):
     assert not outside, f"requests beyond localhost: {outside}"
     assert icon and all(u.startswith("data:image/") or urllib.parse.urlsplit(u).hostname in ("127.0.0.1", "localhost")
                         for u in icon), icon
+
+
+def test_a_shared_link_opens_its_view_in_a_real_browser(app_url):
+    """A link made by 'Link to this view' (dashboard/share.py), opened in a fresh browser: the page it names, with
+    its model and attack settings; the address bar then keeps only the new session id, and the link the sidebar
+    shows for this view holds the same settings and no session id."""
+    from playwright.sync_api import sync_playwright
+
+    query = {"page": "attack", "model": "digits-sat", "attack": "pgd", "eps": "4", "steps": "7", "n": "24"}
+    with sync_playwright() as p:
+        browser = _launch(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{app_url}/?{urllib.parse.urlencode(query)}", wait_until="domcontentloaded")
+        page.get_by_role("button", name="Run attack").wait_for(timeout=90_000)
+        page.get_by_text("Link to this view").first.click()
+        page.get_by_text("?page=attack").first.wait_for(timeout=30_000)
+        shown = [t for t in page.locator("code").all_inner_texts() if t.strip().startswith("?page=")]
+        address = urllib.parse.parse_qs(urllib.parse.urlparse(page.url).query)
+        sidebar = page.locator("section[data-testid='stSidebar']").inner_text()
+        body = page.inner_text("body")
+        browser.close()
+    assert "Traceback" not in body and "Unexpected error" not in body
+    assert not errors, f"JavaScript errors in the page: {errors}"
+    assert "digits-sat" in sidebar, "the link's model is selected"
+    assert set(address) <= {"s"}, f"the link's settings leave the address bar: {address}"
+    assert shown, "the sidebar shows the link to this view"
+    link = urllib.parse.parse_qs(shown[0].strip().lstrip("?"))
+    assert "s" not in link, "the shared link holds no session id"
+    for k, v in query.items():
+        assert link.get(k) == [v], (k, link.get(k), v)
