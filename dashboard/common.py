@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import streamlit as st
+from persist import MODEL_REQUEST
 
 from core.errors import Cancelled as _CoreCancelled
 from core.errors import EnergyLensError
 from core.errors import InputError
+from core.runtime import eval_mode
 from core.runtime import resolve_device as core_resolve_device
 
 log = logging.getLogger("energylens.dashboard")
@@ -465,8 +467,8 @@ def _forward_s_per_image(ref_key: str, _lm) -> float:
 
     shape = tuple(_lm.meta.input_shape or (3, 32, 32))
     x = torch.rand((32, *shape), generator=torch.Generator().manual_seed(0)).to(device_of(_lm.model))
-    model = _lm.model.eval()
-    with torch.no_grad():
+    # the model is shared by every session (st.cache_resource): eval mode only through core's thread-safe holder
+    with eval_mode(_lm.model) as model, torch.no_grad():
         model(x[:4])
         t0 = time.perf_counter()
         model(x)
@@ -546,7 +548,7 @@ def model_picker() -> None:
     by the guided tour)."""
     from core.models.registry import ModelRef, list_bundled, list_local
 
-    request = st.session_state.pop("_model_request", None)   # dashboard.persist: a reload restores a result's model
+    request = st.session_state.pop(MODEL_REQUEST, None)   # a reload restores a result's model; a shared link
     if isinstance(request, dict):
         _select_model(request)
     sb = st.sidebar

@@ -32,7 +32,6 @@ PARAMS = (PAGE, *MODEL_PARAMS, *ATTACK_PARAMS, *SGLD_PARAMS, *TRAINING_PARAMS)
 SGLD_INITS = ("pca", "gaussian", "random")
 APPLIED = "_share_applied"
 NOTICE = "_share_notice"
-PENDING = "_share_pending"      # values a page sets itself after its own defaults (see :func:`reapply`)
 
 
 class _Bad(ValueError):
@@ -81,35 +80,31 @@ def _shown(v: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def _checkpoints(source: str) -> dict:
-    """name -> ModelMeta of the readable bundled / local checkpoints."""
+def _entries(source: str) -> list:
+    """(ModelRef, ModelMeta) of the readable bundled / local checkpoints."""
     from core.models.registry import list_bundled, list_local
 
     try:
         entries = list_bundled() if source == "bundled" else list_local()
     except Exception:  # noqa: BLE001 - an unreadable folder only means the name is not found
-        return {}
-    return {r.name: m for r, m, err in entries if m is not None}
+        return []
+    return [(r, m) for r, m, err in entries if m is not None]
+
+
+def _checkpoints(source: str) -> dict:
+    """name -> ModelMeta of the readable bundled / local checkpoints."""
+    return {r.name: m for r, m in _entries(source)}
 
 
 def _default_model() -> tuple[dict, int]:
     """The model the sidebar opens on (common.model_picker): its identity and number of classes."""
     import common
 
-    good = [(r, m) for r, m, err in _bundled_entries() if m is not None]
+    good = _entries("bundled")
     if not good:
         return {}, 1000
     r, m = good[common._default_bundled(good, common.demo_pack_problem())]
     return {"source": "bundled", "name": r.name}, int(m.num_classes)
-
-
-def _bundled_entries():
-    from core.models.registry import list_bundled
-
-    try:
-        return list_bundled()
-    except Exception:  # noqa: BLE001
-        return []
 
 
 def _model(q: dict, bad: list[str]) -> tuple[dict | None, int]:
@@ -274,8 +269,6 @@ def apply_shared_view(current_page: str | None) -> None:
         import persist
 
         st.session_state[persist.MODEL_REQUEST] = ident     # common.model_picker selects it in this run
-    if "sgld_n" in values:    # the SGLD page sets its steps from the model's defaults first: it re-applies this
-        st.session_state[PENDING] = {"sgld_n": values["sgld_n"]}
     for key, value in values.items():
         st.session_state[key] = value
         st.session_state.pop(f"_default_scope_{key}", None)   # the link's value wins over a page default
@@ -294,14 +287,6 @@ def notice() -> None:
     if msg:
         st.warning(msg, icon=":material/link_off:")
 
-
-def reapply(page: str) -> None:
-    """For a page that writes its own defaults into a widget key on its first run (the SGLD steps): put the link's
-    value back, after those defaults and before the widget exists."""
-    pending = st.session_state.pop(PENDING, None)
-    if page == "sgld" and isinstance(pending, dict):
-        for k, v in pending.items():
-            st.session_state[k] = v
 
 
 # ------------------------------------------------------------------------------------------------ describe a view

@@ -68,9 +68,12 @@ def _can_render() -> bool:
 
 
 def slide_panel(fig: go.Figure, caption: str, key: str, name: str) -> None:
-    """An expander "Figure for slides": format (PNG / SVG), the slide figure with its camera button set to that
-    format, and a server-made file when kaleido can make one here."""
-    with st.expander("Figure for slides (PNG / SVG, with caption)", icon=":material/slideshow:"):
+    """A toggle "Figure for slides"; when on: format (PNG / SVG), the slide figure with its camera button set to that
+    format, and a server-made file when kaleido can make one here. Off (the default), nothing is built or sent: the
+    second copy of a chart is not paid on every rerun of the page (an expander would still build and send it)."""
+    if not st.toggle("Figure for slides (PNG / SVG, with caption)", key=f"{key}_on"):
+        return
+    with st.container(border=True):
         fmt = st.radio("Format", FORMATS, format_func=str.upper, horizontal=True, key=f"{key}_fmt")
         sfig = slide_figure(fig, caption)
         st.plotly_chart(sfig, config=export_config(fmt, name), key=f"{key}_chart", width="stretch")

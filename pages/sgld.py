@@ -14,7 +14,6 @@ import streamlit as st
 import figures as fig
 import persist
 import sgld_figures as sf
-import share
 import slides
 import tour
 from core import sampling, sgld_cache
@@ -104,16 +103,14 @@ INIT_HELP = ("PCA (the paper's start) begins near the class mean: good-looking i
              "better IS. Random noise (JEM) needs many more steps. docs/METHODS.md has the measurements.")
 init = c3.selectbox("Initialisation", inits, format_func=lambda k: INIT_LABELS[k], key="sgld_init_kind",
                     help=INIT_HELP)
-# η, ζ, γ start at the defaults of the model's dataset family (core.sampling.sgld_defaults); switching to a model
-# of another family puts them back to that family's defaults, while edits within a family are kept
+# η, ζ, γ, steps and the stopping rule start at the defaults of the model's dataset family
+# (core.sampling.sgld_defaults); switching to a model of another family puts them back to that family's defaults,
+# while edits within a family (and the values a shared link or the tour set) are kept
 sg_def = sampling.sgld_defaults(lm)
-if st.session_state.get("sgld_defaults_family") != sg_def["family"]:
-    for k in ("eta", "zeta", "gamma"):
-        st.session_state[f"sgld_{k}"] = float(sg_def[k])
-    st.session_state["sgld_n"] = int(sg_def["steps"])
-    st.session_state["sgld_stop"] = bool(sg_def["stop_at_reference"])
-    st.session_state["sgld_defaults_family"] = sg_def["family"]
-share.reapply("sgld")   # a shared link's steps win over the family default
+for k in ("eta", "zeta", "gamma"):
+    common.widget_default(f"sgld_{k}", float(sg_def[k]), scope=sg_def["family"])
+common.widget_default("sgld_n", int(sg_def["steps"]), scope=sg_def["family"])
+common.widget_default("sgld_stop", bool(sg_def["stop_at_reference"]), scope=sg_def["family"])
 FAMILY_LABEL = {"digits": "digits", "cifar": "natural images (CIFAR-like)"}
 c4, c5, c6, c7, c8 = st.columns(5)
 eta = float(c4.number_input("Step size η", step=0.01, format="%.4f", key="sgld_eta",

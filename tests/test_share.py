@@ -240,6 +240,9 @@ def test_attack_lab_offers_fig1_for_slides_in_the_chosen_format(runs_dir, monkey
     at.number_input(key="atk_steps").set_value(2)
     at.number_input(key="atk_n").set_value(8)
     _run_attack(at)
+    assert not [c for c in charts(at) if any(a.startswith(CAPTION_OF["attack"]) for a in c.annotations)], \
+        "the slide copy is built only when asked for"
+    at.toggle(key="slide_arrows_on").set_value(True).run()
     chart, config = _slide_chart(at, "attack")
     cap = next(a for a in chart.annotations if a.startswith("Fig. 1 —"))
     assert "digits-plain" in cap and "8 test images" in cap and "ε" in cap, cap
@@ -251,6 +254,7 @@ def test_attack_lab_offers_fig1_for_slides_in_the_chosen_format(runs_dir, monkey
 
 def test_training_studio_offers_fig3_for_slides(runs_dir, monkeypatch, tmp_path):
     at = _open({"page": "training", "run": "recorded:cifar10-demo-2k-sat"}, monkeypatch, tmp_path)
+    at.toggle(key="slide_fig3_on").set_value(True).run()
     chart, config = _slide_chart(at, "training")
     cap = next(a for a in chart.annotations if a.startswith("Fig. 3 —"))
     assert "cifar10-demo-2k-sat" in cap and "probe" in cap, cap
